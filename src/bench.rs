@@ -1,0 +1,265 @@
+//! `pipeline bench`: speed and memory of generation and of a DPO training step, on real prompts.
+//! Figures go to docs/PERF.md with the command and the machine; tests never time anything.
+
+use crate::cli::{load_config, Global};
+use crate::model::generate::{generate, Request, Sampling};
+use crate::model::{default_dtype, pick_device, LoadOptions, Model, WeightsMode};
+use crate::stages::{self, Ctx, Plan, Stage};
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use std::time::Instant;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchWhat,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchWhat {
+    /// Batched generation over the first N reviewer prompts (builds scrape + prompts if needed)
+    Generate {
+        /// Number of prompts
+        #[arg(long, default_value_t = 64)]
+        prompts: usize,
+        /// Batch size (repeat or comma-separate to sweep: --batch-size 1,8,16)
+        #[arg(long, value_delimiter = ',', default_value = "16")]
+        batch_size: Vec<usize>,
+        /// New tokens per prompt (every row generates exactly this many)
+        #[arg(long, default_value_t = 64)]
+        new_tokens: usize,
+        /// For GGUF models: quantized or f32 weights
+        #[arg(long, default_value = "f32")]
+        weights: String,
+        /// Use a random-weight model of TinyLlama-1.1B's shape instead of generate.model
+        #[arg(long)]
+        tinyllama_shape: bool,
+        /// Repeat each measurement and report the median
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+    },
+    /// Optimizer steps of DPO + LoRA on real pairs (the split, or prompts with pool reviews)
+    Train {
+        /// Pairs per batch
+        #[arg(long, default_value_t = 4)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 256)]
+        max_length: usize,
+        #[arg(long, default_value_t = 192)]
+        max_prompt_length: usize,
+        /// Steps to time (after one warm-up step)
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+    },
+}
+
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|k| k.parse::<f64>().ok())
+            })
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+pub fn run(g: &Global, a: BenchArgs) -> Result<()> {
+    let loaded = load_config(g)?;
+    let mut ctx = Ctx::new(&loaded, &g.workdir, true);
+    match a.what {
+        BenchWhat::Generate {
+            prompts,
+            batch_size,
+            new_tokens,
+            weights,
+            tinyllama_shape,
+            repeat,
+        } => {
+            let r = stages::run(
+                &mut ctx,
+                &Plan {
+                    until: Some(Stage::Prompts),
+                    ..Default::default()
+                },
+            )?;
+            let rows: Vec<stages::prompts::PromptRow> =
+                crate::fsutil::read_jsonl(&r.dir(Stage::Prompts).join("prompts.jsonl"))?;
+            let device = pick_device(&loaded.settings.generate.device)?;
+            let mut model = if tinyllama_shape {
+                let cfg = crate::model::config::LlamaConfig::tinyllama();
+                let src = ctx.model_source()?;
+                let meta = crate::model::source::load_meta(&src)?;
+                let t = crate::model::random_hf_tensors(&cfg, 0, &device)?;
+                let llama =
+                    crate::model::from_hf_tensors(&cfg, t, &device, default_dtype(&device))?;
+                Model {
+                    llama,
+                    meta,
+                    source: src,
+                }
+            } else {
+                let w = if weights == "quantized" {
+                    WeightsMode::Quantized
+                } else {
+                    WeightsMode::Dense
+                };
+                Model::load(
+                    &ctx.model_source()?,
+                    &LoadOptions {
+                        dtype: default_dtype(&device),
+                        weights: w,
+                        device,
+                    },
+                )?
+            };
+            // Never stop early: every row makes exactly new_tokens tokens.
+            model.meta.tok.eos_id = u32::MAX;
+            model.meta.tok.stop_ids.clear();
+            let vocab = model.llama.cfg.vocab_size as u32;
+            let reqs: Vec<Request> = rows
+                .iter()
+                .take(prompts)
+                .enumerate()
+                .map(|(i, p)| {
+                    let ids = model.meta.tok.encode(&p.prompt, true)?;
+                    Ok(Request {
+                        id: i,
+                        ids: ids.into_iter().map(|t| t % vocab).collect(),
+                    })
+                })
+                .collect::<Result<_>>()?;
+            let s = Sampling {
+                temperature: 0.5,
+                top_k: 50,
+                top_p: 0.95,
+                max_new_tokens: new_tokens,
+                seed: 1,
+            };
+            println!(
+                "model {} ({}), {} prompts ({} prompt tokens), {} new tokens each, device {:?}, dtype {:?}",
+                if tinyllama_shape { "random TinyLlama-1.1B shape".to_string() } else { model.source.spec.clone() },
+                if tinyllama_shape { "dense" } else { weights.as_str() },
+                reqs.len(),
+                reqs.iter().map(|r| r.ids.len()).sum::<usize>(),
+                new_tokens,
+                model.llama.device.location(),
+                model.llama.dtype
+            );
+            println!("| batch | prompt tok/s | generated tok/s | wall s | peak RSS MiB |");
+            println!("|---|---|---|---|---|");
+            for &bs in &batch_size {
+                let mut pre = Vec::new();
+                let mut dec = Vec::new();
+                let mut wall = Vec::new();
+                for _ in 0..repeat.max(1) {
+                    let t0 = Instant::now();
+                    let st = generate(&model, reqs.clone(), &s, bs, |_, _| Ok(()))?;
+                    wall.push(t0.elapsed().as_secs_f64());
+                    pre.push(st.prompt_tokens as f64 / st.prefill_secs);
+                    dec.push(st.generated_tokens as f64 / st.decode_secs.max(1e-9));
+                }
+                println!(
+                    "| {bs} | {:.0} | {:.1} | {:.1} | {:.0} |",
+                    median(pre),
+                    median(dec),
+                    median(wall),
+                    peak_rss_mib()
+                );
+            }
+            Ok(())
+        }
+        BenchWhat::Train {
+            batch_size,
+            max_length,
+            max_prompt_length,
+            steps,
+        } => {
+            let r = stages::run(
+                &mut ctx,
+                &Plan {
+                    until: Some(Stage::Prompts),
+                    ..Default::default()
+                },
+            )?;
+            let pairs: Vec<stages::prompts::PairPromptRow> =
+                crate::fsutil::read_jsonl(&r.dir(Stage::Prompts).join("pair_prompts.jsonl"))?;
+            let pool = &loaded.settings.prompts.pool;
+            let rows: Vec<crate::dpo::data::RawRow> = pairs
+                .iter()
+                .enumerate()
+                .map(|(i, p)| crate::dpo::data::RawRow {
+                    prompt: p.prompt.clone(),
+                    chosen: pool[i % pool.len()].negative.clone(),
+                    rejected: pool[i % pool.len()].positive.clone(),
+                    label: None,
+                })
+                .collect();
+            let mut s = loaded.settings.train.clone();
+            s.batch_size = batch_size;
+            s.max_length = max_length;
+            s.max_prompt_length = max_prompt_length;
+            s.max_steps = steps + 1;
+            s.save_steps = 0;
+            s.eval_steps = 0;
+            s.logging_steps = 1;
+            let mut model = stages::train::load_train_model(&ctx)?;
+            let prep = crate::dpo::trainer::prepare(&model, &s, &rows, &[])?;
+            let refs =
+                crate::dpo::trainer::reference_logps(&model, &prep.train, batch_size, false)?;
+            let vars = crate::dpo::trainer::attach_lora(&mut model, &s)?;
+            let n_params: usize = vars.iter().map(|(_, v)| v.as_tensor().elem_count()).sum();
+            let tokens_per_step: usize = (0..batch_size)
+                .map(|i| {
+                    let e = &prep.train[i % prep.train.len()];
+                    2 * e.prompt.len() + e.chosen.len() + e.rejected.len()
+                })
+                .sum();
+            let tmp = tempdir_in(&g.workdir)?;
+            let tr = crate::dpo::trainer::Trainer {
+                model: &model,
+                s: &s,
+                vars,
+                train: &prep.train,
+                eval: &[],
+                ref_train: &refs,
+                ref_eval: &[],
+                ckpt_dir: tmp.clone(),
+                quiet: true,
+            };
+            let t0 = Instant::now();
+            tr.run(Some(1))?; // warm-up
+            let warm = t0.elapsed().as_secs_f64();
+            let t1 = Instant::now();
+            let out = tr.run(None)?;
+            let secs = t1.elapsed().as_secs_f64() / (out.steps - 1).max(1) as f64;
+            std::fs::remove_dir_all(&tmp).ok();
+            println!(
+                "model {}, LoRA r {} on {:?} ({n_params} trainable), batch {batch_size} pairs, max_length {max_length}",
+                model.source.spec, s.lora.r, s.lora.targets
+            );
+            println!("| s/step | tokens/s | warm-up step s | peak RSS MiB |");
+            println!("|---|---|---|---|");
+            println!(
+                "| {secs:.2} | {:.0} | {warm:.2} | {:.0} |",
+                tokens_per_step as f64 / secs,
+                peak_rss_mib()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn tempdir_in(dir: &std::path::Path) -> Result<std::path::PathBuf> {
+    let p = dir.join(format!(".bench-{}", std::process::id()));
+    std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
+    Ok(p)
+}

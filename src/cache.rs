@@ -1,0 +1,306 @@
+//! The stage cache: `<workdir>/cache/<stage>/<key>/`.
+//!
+//! A stage's key is the hash of everything its output depends on ([`KeyMaterial`]): its name and
+//! format version, its own settings, the templates it reads, the model's identity, and the keys of
+//! its inputs. An output folder is built under a temporary name and renamed into place only when
+//! complete, with a manifest that records checksums; an artifact whose files no longer match their
+//! checksums is reported as damaged and rebuilt, never read.
+
+use crate::fsutil::{sha256_file, sha256_hex, write_json_pretty};
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// Everything a stage's output depends on. Its hash is the stage's cache key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct KeyMaterial {
+    pub stage: String,
+    pub version: u32,
+    /// The stage's own settings (a JSON object, flattened for diffs).
+    pub settings: serde_json::Value,
+    /// Template or data files read by the stage: name -> sha256.
+    pub files: BTreeMap<String, String>,
+    /// Identity of the model the stage uses, if any.
+    pub model: Option<String>,
+    /// Input stage name -> its key.
+    pub inputs: BTreeMap<String, String>,
+}
+
+impl KeyMaterial {
+    pub fn key(&self) -> String {
+        let bytes = serde_json::to_vec(self).expect("key material serializes");
+        sha256_hex(&bytes)[..16].to_string()
+    }
+
+    /// Human-readable differences from an older material: why a stage is stale.
+    pub fn diff(&self, old: &KeyMaterial) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.version != old.version {
+            out.push(format!(
+                "format version {} -> {}",
+                old.version, self.version
+            ));
+        }
+        let (a, b) = (flatten(&old.settings), flatten(&self.settings));
+        for (k, v) in &b {
+            match a.get(k) {
+                Some(o) if o == v => {}
+                Some(o) => out.push(format!("{}.{k} changed ({o} -> {v})", self.stage)),
+                None => out.push(format!("{}.{k} added ({v})", self.stage)),
+            }
+        }
+        for k in a.keys().filter(|k| !b.contains_key(*k)) {
+            out.push(format!("{}.{k} removed", self.stage));
+        }
+        for (k, v) in &self.files {
+            if old.files.get(k) != Some(v) {
+                out.push(format!("file {k} changed"));
+            }
+        }
+        if self.model != old.model {
+            out.push(format!(
+                "model changed ({} -> {})",
+                old.model.as_deref().unwrap_or("none"),
+                self.model.as_deref().unwrap_or("none")
+            ));
+        }
+        for (k, v) in &self.inputs {
+            if old.inputs.get(k) != Some(v) {
+                out.push(format!("input `{k}` changed"));
+            }
+        }
+        out
+    }
+}
+
+fn flatten(v: &serde_json::Value) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    fn walk(p: &str, v: &serde_json::Value, out: &mut BTreeMap<String, String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    let key = if p.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{p}.{k}")
+                    };
+                    walk(&key, v, out);
+                }
+            }
+            other => {
+                let mut s = other.to_string();
+                if s.len() > 60 {
+                    s = format!(
+                        "{}…",
+                        &s[..s.char_indices().nth(57).map(|c| c.0).unwrap_or(57)]
+                    );
+                }
+                out.insert(p.to_string(), s);
+            }
+        }
+    }
+    walk("", v, &mut out);
+    out
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub name: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub stage: String,
+    pub key: String,
+    pub material: KeyMaterial,
+    pub files: Vec<FileEntry>,
+    /// Named row counts ("titles": 1100, "dropped_empty": 3, ...).
+    pub counts: BTreeMap<String, u64>,
+    /// RFC 3339 time the build finished.
+    pub finished_at: String,
+    pub seconds: f64,
+}
+
+impl Manifest {
+    pub fn count(&self, name: &str) -> u64 {
+        self.counts.get(name).copied().unwrap_or(0)
+    }
+}
+
+pub enum Lookup {
+    Fresh(Box<Manifest>),
+    Missing,
+    Damaged(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Cache {
+    pub root: PathBuf,
+}
+
+impl Cache {
+    pub fn new(workdir: &Path) -> Self {
+        Self {
+            root: workdir.join("cache"),
+        }
+    }
+
+    pub fn dir(&self, stage: &str, key: &str) -> PathBuf {
+        self.root.join(stage).join(key)
+    }
+
+    /// A persistent folder for resumable partial work on `key` (e.g. generation chunks).
+    pub fn partial_dir(&self, stage: &str, key: &str) -> PathBuf {
+        self.root.join(stage).join(format!("{key}.partial"))
+    }
+
+    /// Is the artifact present and intact? Checks every file's size and checksum.
+    pub fn lookup(&self, stage: &str, key: &str) -> Lookup {
+        let dir = self.dir(stage, key);
+        let mpath = dir.join("manifest.json");
+        if !dir.exists() {
+            return Lookup::Missing;
+        }
+        let m: Manifest = match fs::read(&mpath)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+        {
+            Some(m) => m,
+            None => {
+                return Lookup::Damaged(format!("{} is missing or unreadable", mpath.display()))
+            }
+        };
+        for f in &m.files {
+            let p = dir.join(&f.name);
+            match fs::metadata(&p) {
+                Ok(md) if md.len() == f.bytes => {}
+                Ok(md) => {
+                    return Lookup::Damaged(format!(
+                        "{} is {} bytes, manifest says {}",
+                        p.display(),
+                        md.len(),
+                        f.bytes
+                    ))
+                }
+                Err(_) => return Lookup::Damaged(format!("{} is missing", p.display())),
+            }
+            match sha256_file(&p) {
+                Ok(h) if h == f.sha256 => {}
+                _ => return Lookup::Damaged(format!("{} fails its checksum", p.display())),
+            }
+        }
+        Lookup::Fresh(Box::new(m))
+    }
+
+    /// The material of the last artifact built for `stage`, to explain staleness.
+    pub fn latest(&self, stage: &str) -> Option<Manifest> {
+        let b = fs::read(self.root.join(stage).join("latest.json")).ok()?;
+        serde_json::from_slice(&b).ok()
+    }
+
+    /// Start building `stage`/`key` in a fresh temporary folder.
+    pub fn begin(&self, stage: &str, key: &str) -> Result<Staging> {
+        let tmp = self
+            .root
+            .join(stage)
+            .join(format!(".tmp-{key}-{}", std::process::id()));
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp)?;
+        }
+        fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        Ok(Staging {
+            dir: tmp,
+            stage: stage.to_string(),
+            key: key.to_string(),
+        })
+    }
+
+    /// Remove temporary folders left by killed runs (never the resumable `.partial` ones).
+    pub fn sweep(&self) {
+        let Ok(stages) = fs::read_dir(&self.root) else {
+            return;
+        };
+        for s in stages.flatten() {
+            let Ok(entries) = fs::read_dir(s.path()) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(rest) = name.strip_prefix(".tmp-") {
+                    let pid = rest.rsplit('-').next().and_then(|p| p.parse::<u32>().ok());
+                    let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+                    if !alive || pid == Some(std::process::id()) {
+                        let _ = fs::remove_dir_all(e.path());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A stage output being built. Nothing is visible under the final key until [`Staging::commit`].
+pub struct Staging {
+    pub dir: PathBuf,
+    stage: String,
+    key: String,
+}
+
+impl Staging {
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Checksum every file, write the manifest, and rename the folder into place.
+    pub fn commit(
+        self,
+        cache: &Cache,
+        material: KeyMaterial,
+        counts: BTreeMap<String, u64>,
+        seconds: f64,
+    ) -> Result<Manifest> {
+        let mut files = Vec::new();
+        let mut names: Vec<_> = fs::read_dir(&self.dir)?
+            .flatten()
+            .filter(|e| e.path().is_file())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "manifest.json" && !n.starts_with('.'))
+            .collect();
+        names.sort();
+        for name in names {
+            let p = self.dir.join(&name);
+            files.push(FileEntry {
+                bytes: fs::metadata(&p)?.len(),
+                sha256: sha256_file(&p)?,
+                name,
+            });
+        }
+        let m = Manifest {
+            stage: self.stage.clone(),
+            key: self.key.clone(),
+            material,
+            files,
+            counts,
+            finished_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                .to_string(),
+            seconds,
+        };
+        write_json_pretty(&self.dir.join("manifest.json"), &m)?;
+        let fin = cache.dir(&self.stage, &self.key);
+        if fin.exists() {
+            // A damaged or forced artifact: move it aside first so the rename is atomic.
+            let old = fin.with_file_name(format!(".old-{}-{}", self.key, std::process::id()));
+            fs::rename(&fin, &old)?;
+            fs::rename(&self.dir, &fin)?;
+            let _ = fs::remove_dir_all(&old);
+        } else {
+            fs::rename(&self.dir, &fin)
+                .with_context(|| format!("moving {} into place", fin.display()))?;
+        }
+        write_json_pretty(&cache.root.join(&self.stage).join("latest.json"), &m)?;
+        Ok(m)
+    }
+}

@@ -1,0 +1,291 @@
+//! The command line: argument parsing and dispatch. Each command is a few lines over the library.
+
+use crate::config::{self, Loaded};
+use crate::stages::{self, Ctx, Plan, Stage};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pipeline",
+    version,
+    about = "Build the reviewer2-1k-paired preference dataset and train Reviewer #2 with DPO",
+    long_about = "Build the reviewer2-1k-paired preference dataset and train the \"Reviewer #2\" bot on it.\n\n\
+Stages: scrape -> prompts -> generate -> merge -> split -> train. Every stage caches its output \
+under <workdir>/cache, keyed by its inputs and settings; `pipeline run` rebuilds only what changed.",
+    after_help = "Examples:\n  pipeline run                                  build everything the recipe describes\n  \
+pipeline run --until split                    the dataset only\n  \
+pipeline run --set generate.temperature=0.7   change one setting; only what depends on it reruns\n  \
+pipeline status                               what is up to date, stale (and why), or missing\n  \
+pipeline export --out reviewer2-1k-paired     a folder ready to upload to the Hub\n  \
+pipeline sample --title \"Attention Is All You Need\" --adapter data/cache/train/<key>"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// The recipe file
+    #[arg(
+        long,
+        global = true,
+        default_value = "pipeline.toml",
+        value_name = "FILE"
+    )]
+    pub config: PathBuf,
+    /// Where stage outputs are cached
+    #[arg(long, global = true, default_value = "data", value_name = "DIR")]
+    pub workdir: PathBuf,
+    /// Override a setting by its dotted name (repeatable), e.g. --set split.seed=7
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Print only errors
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// Print more detail (-vv for debug output)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the stages in order, skipping those that are up to date
+    Run(RunArgs),
+    /// Show each stage: up to date, stale (and why), damaged or missing
+    Status {
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the dataset as a Hugging Face dataset folder (Parquet + dataset card)
+    Export {
+        /// Destination folder
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Overwrite a non-empty folder
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print a review of a paper title from the configured model
+    Sample(SampleArgs),
+    /// Merge a trained LoRA adapter into the base model and write a plain safetensors folder
+    MergeAdapter {
+        /// Adapter folder (adapter_config.json + adapter_model.safetensors)
+        #[arg(long, value_name = "DIR")]
+        adapter: PathBuf,
+        /// Destination folder
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Measure speed: `bench generate` or `bench train`
+    Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Stop after this stage
+    #[arg(long, value_enum, conflicts_with = "only")]
+    pub until: Option<Stage>,
+    /// Run only this stage (its inputs must be up to date)
+    #[arg(long, value_enum)]
+    pub only: Option<Stage>,
+    /// Rebuild this stage even if it is up to date (repeatable; `--force scrape` refetches the page)
+    #[arg(long, value_enum)]
+    pub force: Vec<Stage>,
+}
+
+#[derive(Args, Debug)]
+pub struct SampleArgs {
+    /// Paper title to review
+    #[arg(long)]
+    pub title: String,
+    /// LoRA adapter folder to apply
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+    /// Print the base model's and the adapter's reviews side by side
+    #[arg(long, requires = "adapter")]
+    pub compare: bool,
+    /// Number of reviews to draw
+    #[arg(long, default_value_t = 1)]
+    pub n: usize,
+    /// Sampling seed (default: generate.seed)
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+pub fn load_config(g: &Global) -> Result<Loaded> {
+    let explicit = g.config != std::path::Path::new("pipeline.toml");
+    config::load(&g.config, &g.set, explicit)
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    let g = &cli.global;
+    match cli.command {
+        Command::Run(a) => {
+            let loaded = load_config(g)?;
+            let mut ctx = Ctx::new(&loaded, &g.workdir, g.quiet);
+            let plan = Plan {
+                until: a.until,
+                only: a.only,
+                force: a.force,
+            };
+            let t0 = std::time::Instant::now();
+            stages::run(&mut ctx, &plan)?;
+            ctx.say("Finished", format!("in {:.2}s", t0.elapsed().as_secs_f64()));
+            Ok(())
+        }
+        Command::Status { json } => {
+            let loaded = load_config(g)?;
+            let ctx = Ctx::new(&loaded, &g.workdir, g.quiet);
+            let st = stages::status(&ctx);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                for s in &st {
+                    let counts = s
+                        .counts
+                        .iter()
+                        .map(|(k, v)| format!("{v} {k}"))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    println!(
+                        "{:<9} {:<11} {}",
+                        s.stage.name(),
+                        s.state,
+                        s.key.as_deref().unwrap_or("-")
+                    );
+                    for r in &s.reasons {
+                        println!("            because {r}");
+                    }
+                    if let Some(p) = &s.path {
+                        println!("            at {}", p.display());
+                    }
+                    if !counts.is_empty() {
+                        println!("            {counts}");
+                    }
+                    if let (Some(f), Some(sec)) = (&s.finished_at, s.seconds) {
+                        println!("            built {f} in {sec:.1}s");
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Export { out, force } => {
+            let loaded = load_config(g)?;
+            let ctx = Ctx::new(&loaded, &g.workdir, g.quiet);
+            let st = stages::status(&ctx);
+            let split = st.iter().find(|s| s.stage == Stage::Split).unwrap();
+            if split.state != "up to date" {
+                bail!(
+                    "the split stage is {} ({}); run `pipeline run --until split` first",
+                    split.state,
+                    split.reasons.join("; ")
+                );
+            }
+            let manifests: Vec<_> = st
+                .iter()
+                .filter_map(|s| {
+                    let key = s.key.as_ref()?;
+                    match ctx.cache.lookup(s.stage.name(), key) {
+                        crate::cache::Lookup::Fresh(m) => Some(*m),
+                        _ => None,
+                    }
+                })
+                .collect();
+            let infos = crate::hub::export(
+                split.path.as_ref().unwrap(),
+                &out,
+                force,
+                &loaded.settings,
+                &manifests,
+            )?;
+            ctx.say(
+                "Exported",
+                format!(
+                    "{} ({})",
+                    out.display(),
+                    infos
+                        .iter()
+                        .map(|i| format!("{} {}", i.num_examples, i.name))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+            Ok(())
+        }
+        Command::Sample(a) => sample(g, a),
+        Command::MergeAdapter { adapter, out } => {
+            let loaded = load_config(g)?;
+            let ctx = Ctx::new(&loaded, &g.workdir, g.quiet);
+            let mut model = stages::train::load_train_model(&ctx)?;
+            crate::dpo::adapter::load(&mut model.llama, &adapter)?;
+            crate::dpo::adapter::merge_into(&mut model.llama)?;
+            crate::dpo::adapter::write_hf_folder(&model, &out)?;
+            ctx.say(
+                "Merged",
+                format!("{} into {}", adapter.display(), out.display()),
+            );
+            Ok(())
+        }
+        Command::Bench(a) => crate::bench::run(g, a),
+    }
+}
+
+fn sample(g: &Global, a: SampleArgs) -> Result<()> {
+    use crate::model::generate::{generate, Request};
+    let loaded = load_config(g)?;
+    let ctx = Ctx::new(&loaded, &g.workdir, g.quiet);
+    let messages = stages::prompts::neutral_messages(&loaded, &a.title)?;
+    let mut base = if a.adapter.is_some() {
+        // Adapters are in the HF layout: load dense weights (GGUF q/k are un-permuted on load).
+        stages::train::load_train_model(&ctx)?
+    } else {
+        stages::generate::load_model(&ctx)?
+    };
+    let chat = base
+        .meta
+        .chat
+        .as_ref()
+        .context("the model has no chat template")?;
+    let prompt = chat.render(&messages, true)?;
+    let ids = base.meta.tok.encode(&prompt, true)?;
+    let mut s = stages::generate::sampling(&loaded.settings.generate);
+    if let Some(seed) = a.seed {
+        s.seed = seed;
+    }
+    let reqs: Vec<Request> = (0..a.n)
+        .map(|i| Request {
+            id: i,
+            ids: ids.clone(),
+        })
+        .collect();
+    let draw = |m: &crate::model::Model| -> Result<Vec<String>> {
+        let mut out = vec![String::new(); a.n];
+        generate(m, reqs.clone(), &s, a.n.min(8), |o, _| {
+            out[o.id] = m.meta.tok.decode(&o.tokens, true)?.trim().to_string();
+            Ok(())
+        })?;
+        Ok(out)
+    };
+    if a.compare {
+        let before = draw(&base)?;
+        crate::dpo::adapter::load(&mut base.llama, a.adapter.as_ref().unwrap())?;
+        let after = draw(&base)?;
+        for (i, (b, x)) in before.iter().zip(&after).enumerate() {
+            println!("[{}] base:    {b}\n[{}] adapter: {x}", i + 1, i + 1);
+        }
+    } else {
+        if let Some(ad) = &a.adapter {
+            crate::dpo::adapter::load(&mut base.llama, ad)?;
+        }
+        for t in draw(&base)? {
+            println!("{t}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,204 @@
+//! Tokenization as TRL 0.8.5's DPOTrainer does it: BOS + prompt, response + EOS, prompt tokens
+//! masked; if prompt + longest response exceeds `max_length`, the prompt is cut to
+//! `max_prompt_length` (keep_end keeps its end) and then the responses to
+//! `max_length - max_prompt_length`.
+
+use crate::model::tokenizer::Tok;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Example {
+    pub prompt: Vec<u32>,
+    pub chosen: Vec<u32>,
+    pub rejected: Vec<u32>,
+    /// KTO rows: `chosen` holds the completion, `rejected` is empty, `label` says if desirable.
+    pub label: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Truncation {
+    pub max_length: usize,
+    pub max_prompt_length: usize,
+    pub keep_end: bool,
+}
+
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+pub struct TruncationReport {
+    pub rows: usize,
+    pub prompts_cut: usize,
+    pub responses_cut: usize,
+}
+
+/// Apply TRL's truncation to tokenized parts.
+pub fn truncate(mut ex: Example, t: &Truncation, rep: &mut TruncationReport) -> Example {
+    rep.rows += 1;
+    let longest = ex.chosen.len().max(ex.rejected.len());
+    if ex.prompt.len() + longest > t.max_length {
+        if ex.prompt.len() > t.max_prompt_length {
+            rep.prompts_cut += 1;
+            if t.keep_end {
+                ex.prompt = ex.prompt[ex.prompt.len() - t.max_prompt_length..].to_vec();
+            } else {
+                ex.prompt.truncate(t.max_prompt_length);
+            }
+        }
+    }
+    let longest = ex.chosen.len().max(ex.rejected.len());
+    if ex.prompt.len() + longest > t.max_length {
+        rep.responses_cut += 1;
+        let keep = t.max_length.saturating_sub(t.max_prompt_length);
+        ex.chosen.truncate(keep);
+        ex.rejected.truncate(keep);
+    }
+    ex
+}
+
+pub fn tokenize(tok: &Tok, prompt: &str, chosen: &str, rejected: &str) -> Result<Example> {
+    let mut p = tok.encode(prompt, false)?;
+    if let Some(b) = tok.bos_id {
+        // TRL adds BOS to every prompt, whatever the tokenizer's add_bos_token says.
+        p.insert(0, b);
+    }
+    let resp = |s: &str| -> Result<Vec<u32>> {
+        let mut r = tok.encode(s, false)?;
+        r.push(tok.eos_id);
+        Ok(r)
+    };
+    Ok(Example {
+        prompt: p,
+        chosen: resp(chosen)?,
+        rejected: if rejected.is_empty() {
+            vec![]
+        } else {
+            resp(rejected)?
+        },
+        label: None,
+    })
+}
+
+/// A preference (or KTO) dataset from a Parquet file or a folder of them (`train` / `test` by name).
+pub struct RawSplits {
+    pub train: Vec<RawRow>,
+    pub test: Vec<RawRow>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RawRow {
+    pub prompt: String,
+    pub chosen: String,
+    pub rejected: String,
+    pub label: Option<bool>,
+}
+
+pub fn load_dataset(path: &Path) -> Result<RawSplits> {
+    let files: Vec<std::path::PathBuf> = if path.is_dir() {
+        let mut v: Vec<_> = walk_parquet(path)?;
+        v.sort();
+        v
+    } else if path.is_file() {
+        vec![path.to_path_buf()]
+    } else {
+        bail!("train.dataset {} does not exist", path.display());
+    };
+    if files.is_empty() {
+        bail!("train.dataset {} holds no .parquet file", path.display());
+    }
+    let mut train = Vec::new();
+    let mut test = Vec::new();
+    for f in &files {
+        let rows = read_rows(f)?;
+        let name = f.file_name().unwrap().to_string_lossy().to_string();
+        if name.starts_with("test") || name.starts_with("validation") || name.starts_with("eval") {
+            test.extend(rows);
+        } else {
+            train.extend(rows);
+        }
+    }
+    if train.is_empty() {
+        bail!(
+            "train.dataset {}: no training rows (files named test*/validation* are held out)",
+            path.display()
+        );
+    }
+    Ok(RawSplits { train, test })
+}
+
+fn walk_parquet(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let p = e?.path();
+        if p.is_dir() {
+            out.extend(walk_parquet(&p)?);
+        } else if p.extension().is_some_and(|x| x == "parquet") {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+fn read_rows(path: &Path) -> Result<Vec<RawRow>> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::Array;
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+        .with_context(|| format!("{}: not a Parquet file", path.display()))?
+        .build()?;
+    let mut out = Vec::new();
+    for batch in reader {
+        let batch = batch?;
+        let strings = |name: &str| -> Result<Option<Vec<String>>> {
+            let Some(c) = batch.column_by_name(name) else {
+                return Ok(None);
+            };
+            if let Some(s) = c.as_string_opt::<i32>() {
+                return Ok(Some(
+                    s.iter().map(|v| v.unwrap_or("").to_string()).collect(),
+                ));
+            }
+            if let Some(s) = c.as_string_opt::<i64>() {
+                return Ok(Some(
+                    s.iter().map(|v| v.unwrap_or("").to_string()).collect(),
+                ));
+            }
+            bail!("{}: column `{name}` is not a string column", path.display())
+        };
+        let prompt = strings("prompt")?
+            .with_context(|| format!("{}: no `prompt` column", path.display()))?;
+        if let (Some(c), Some(r)) = (strings("chosen")?, strings("rejected")?) {
+            for i in 0..prompt.len() {
+                out.push(RawRow {
+                    prompt: prompt[i].clone(),
+                    chosen: c[i].clone(),
+                    rejected: r[i].clone(),
+                    label: None,
+                });
+            }
+        } else if let Some(comp) = strings("completion")? {
+            let label = batch.column_by_name("label").with_context(|| {
+                format!(
+                    "{}: KTO data needs a boolean `label` column",
+                    path.display()
+                )
+            })?;
+            let label = label
+                .as_boolean_opt()
+                .with_context(|| format!("{}: `label` must be boolean", path.display()))?;
+            for i in 0..prompt.len() {
+                out.push(RawRow {
+                    prompt: prompt[i].clone(),
+                    chosen: comp[i].clone(),
+                    rejected: String::new(),
+                    label: Some(label.is_valid(i) && label.value(i)),
+                });
+            }
+        } else {
+            bail!(
+                "{}: expected columns prompt/chosen/rejected (DPO) or prompt/completion/label (KTO)",
+                path.display()
+            );
+        }
+    }
+    Ok(out)
+}

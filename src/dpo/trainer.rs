@@ -1,0 +1,552 @@
+//! The training loop: tokenize, precompute reference log-probs once, then optimizer steps with
+//! gradient accumulation and clipping, periodic eval, TRL-named metrics, and checkpoints that a
+//! killed run resumes from (same adapter, optimizer state, schedule position and data order).
+
+use super::data::{truncate, Example, RawRow, Truncation, TruncationReport};
+use super::logps::sequence_logps;
+use super::lora;
+use super::loss::{dpo_loss, kto_loss, PairLoss};
+use super::optim::{lr_factor, AdamW};
+use crate::config::TrainSettings;
+use crate::model::llama::Mode;
+use crate::model::Model;
+use anyhow::{bail, Context, Result};
+use candle_core::{Tensor, Var};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+pub struct Prepared {
+    pub train: Vec<Example>,
+    pub eval: Vec<Example>,
+    pub report: TruncationReport,
+}
+
+pub fn prepare(
+    model: &Model,
+    s: &TrainSettings,
+    train: &[RawRow],
+    eval: &[RawRow],
+) -> Result<Prepared> {
+    let t = Truncation {
+        max_length: s.max_length,
+        max_prompt_length: s.max_prompt_length,
+        keep_end: s.truncation_mode == "keep_end",
+    };
+    let mut report = TruncationReport::default();
+    let tok = &model.meta.tok;
+    let mut conv = |rows: &[RawRow]| -> Result<Vec<Example>> {
+        rows.iter()
+            .map(|r| {
+                let mut ex = super::data::tokenize(tok, &r.prompt, &r.chosen, &r.rejected)?;
+                ex.label = r.label;
+                Ok(truncate(ex, &t, &mut report))
+            })
+            .collect()
+    };
+    let train = conv(train)?;
+    let eval = conv(eval)?;
+    Ok(Prepared {
+        train,
+        eval,
+        report,
+    })
+}
+
+/// Reference log-probs (adapter off) of every example: (chosen, rejected).
+pub fn reference_logps(
+    model: &Model,
+    exs: &[Example],
+    batch: usize,
+    average: bool,
+) -> Result<Vec<(f32, f32)>> {
+    let mode = Mode {
+        train: true,
+        lora: false,
+        dropout_seed: None,
+    };
+    let mut out = Vec::with_capacity(exs.len());
+    for chunk in exs.chunks(batch.max(1)) {
+        let mut seqs: Vec<(&[u32], &[u32])> = chunk
+            .iter()
+            .map(|e| (&e.prompt[..], &e.chosen[..]))
+            .collect();
+        seqs.extend(chunk.iter().map(|e| (&e.prompt[..], &e.rejected[..])));
+        let lp: Vec<f32> = sequence_logps(&model.llama, &seqs, mode, average)?
+            .logps
+            .to_vec1()?;
+        for i in 0..chunk.len() {
+            out.push((lp[i], lp[chunk.len() + i]));
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct State {
+    step: usize,
+    log: Vec<Value>,
+}
+
+/// Metrics of one batch, summed for averaging.
+#[derive(Default, Clone)]
+struct Acc {
+    n: f64,
+    loss: f64,
+    chosen: Vec<f32>,
+    rejected: Vec<f32>,
+    acc: Vec<f32>,
+    logps_c: Vec<f32>,
+    logps_r: Vec<f32>,
+    logits_c: Vec<f32>,
+    logits_r: Vec<f32>,
+}
+
+fn mean(v: &[f32]) -> f64 {
+    if v.is_empty() {
+        0.0
+    } else {
+        v.iter().map(|x| *x as f64).sum::<f64>() / v.len() as f64
+    }
+}
+
+impl Acc {
+    fn to_json(&self, prefix: &str) -> Map<String, Value> {
+        let mut m = Map::new();
+        let k = |s: &str| format!("{prefix}{s}");
+        m.insert(k("loss"), json!(self.loss / self.n.max(1.0)));
+        m.insert(k("rewards/chosen"), json!(mean(&self.chosen)));
+        m.insert(k("rewards/rejected"), json!(mean(&self.rejected)));
+        m.insert(k("rewards/accuracies"), json!(mean(&self.acc)));
+        m.insert(
+            k("rewards/margins"),
+            json!(mean(&self.chosen) - mean(&self.rejected)),
+        );
+        m.insert(k("logps/rejected"), json!(mean(&self.logps_r)));
+        m.insert(k("logps/chosen"), json!(mean(&self.logps_c)));
+        m.insert(k("logits/rejected"), json!(mean(&self.logits_r)));
+        m.insert(k("logits/chosen"), json!(mean(&self.logits_c)));
+        m
+    }
+}
+
+pub struct Trainer<'a> {
+    pub model: &'a Model,
+    pub s: &'a TrainSettings,
+    pub vars: Vec<(String, Var)>,
+    pub train: &'a [Example],
+    pub eval: &'a [Example],
+    pub ref_train: &'a [(f32, f32)],
+    pub ref_eval: &'a [(f32, f32)],
+    /// Checkpoints live here (persistent across a killed run).
+    pub ckpt_dir: PathBuf,
+    pub quiet: bool,
+}
+
+pub struct Outcome {
+    pub log: Vec<Value>,
+    pub steps: usize,
+    pub seconds: f64,
+    pub resumed_from: Option<usize>,
+}
+
+impl Trainer<'_> {
+    fn is_kto(&self) -> bool {
+        self.s.loss == "kto"
+    }
+
+    pub fn total_steps(&self) -> usize {
+        if self.s.max_steps > 0 {
+            return self.s.max_steps;
+        }
+        let per = self.s.batch_size * self.s.gradient_accumulation_steps;
+        self.s.epochs * self.train.len().div_ceil(per)
+    }
+
+    /// Example indices of micro-batch `k` of optimizer step `step`: the epochs' seeded
+    /// permutations laid end to end, so the order depends on nothing but (seed, step).
+    fn batch_indices(&self, step: usize, k: usize) -> (Vec<usize>, f64) {
+        let n = self.train.len();
+        let bs = self.s.batch_size;
+        let first = (step * self.s.gradient_accumulation_steps + k) * bs;
+        let mut out = Vec::with_capacity(bs);
+        let mut epoch = 0;
+        let mut perm_epoch = usize::MAX;
+        let mut perm: Vec<usize> = Vec::new();
+        for g in first..first + bs {
+            epoch = g / n;
+            if epoch != perm_epoch {
+                perm = (0..n).collect();
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+                    self.s.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9),
+                );
+                for i in (1..n).rev() {
+                    let j = (rng.random::<u64>() % (i as u64 + 1)) as usize;
+                    perm.swap(i, j);
+                }
+                perm_epoch = epoch;
+            }
+            out.push(perm[g % n]);
+        }
+        (out, (first + bs) as f64 / n as f64 + 0.0 * epoch as f64)
+    }
+
+    fn batch_loss(
+        &self,
+        exs: &[&Example],
+        refs: &[(f32, f32)],
+        mode: Mode,
+        acc: &mut Acc,
+    ) -> Result<Tensor> {
+        let average = self.s.loss == "ipo";
+        let b = exs.len();
+        let s = self.s;
+        let pl: PairLoss = if self.is_kto() {
+            let seqs: Vec<(&[u32], &[u32])> =
+                exs.iter().map(|e| (&e.prompt[..], &e.chosen[..])).collect();
+            let pol = sequence_logps(&self.model.llama, &seqs, mode, false)?;
+            // KL estimate from mismatched pairs: prompt i+1 with completion i.
+            let kl: Vec<(&[u32], &[u32])> = (0..b)
+                .map(|i| (&exs[(i + 1) % b].prompt[..], &exs[i].chosen[..]))
+                .collect();
+            let no_grad = Mode {
+                train: true,
+                lora: true,
+                dropout_seed: None,
+            };
+            let pk: Vec<f32> = sequence_logps(&self.model.llama, &kl, no_grad, false)?
+                .logps
+                .detach()
+                .to_vec1()?;
+            let rk: Vec<f32> = sequence_logps(
+                &self.model.llama,
+                &kl,
+                Mode {
+                    lora: false,
+                    ..no_grad
+                },
+                false,
+            )?
+            .logps
+            .to_vec1()?;
+            let z = (mean(&pk) - mean(&rk)).max(0.0);
+            let r = Tensor::from_vec(
+                refs.iter().map(|r| r.0).collect::<Vec<_>>(),
+                b,
+                &self.model.llama.device,
+            )?;
+            let labels: Vec<bool> = exs.iter().map(|e| e.label.unwrap_or(true)).collect();
+            let lp: Vec<f32> = pol.logps.detach().to_vec1()?;
+            for (i, &d) in labels.iter().enumerate() {
+                if d {
+                    acc.logps_c.push(lp[i]);
+                    acc.logits_c.push(pol.mean_logits[i]);
+                } else {
+                    acc.logps_r.push(lp[i]);
+                    acc.logits_r.push(pol.mean_logits[i]);
+                }
+            }
+            kto_loss(s.beta, &pol.logps, &r, &labels, z)?
+        } else {
+            let mut seqs: Vec<(&[u32], &[u32])> =
+                exs.iter().map(|e| (&e.prompt[..], &e.chosen[..])).collect();
+            seqs.extend(exs.iter().map(|e| (&e.prompt[..], &e.rejected[..])));
+            let pol = sequence_logps(&self.model.llama, &seqs, mode, average)?;
+            let pc = pol.logps.narrow(0, 0, b)?;
+            let pr = pol.logps.narrow(0, b, b)?;
+            let dev = &self.model.llama.device;
+            let rc = Tensor::from_vec(refs.iter().map(|r| r.0).collect::<Vec<_>>(), b, dev)?;
+            let rr = Tensor::from_vec(refs.iter().map(|r| r.1).collect::<Vec<_>>(), b, dev)?;
+            let lp: Vec<f32> = pol.logps.detach().to_vec1()?;
+            acc.logps_c.extend_from_slice(&lp[..b]);
+            acc.logps_r.extend_from_slice(&lp[b..]);
+            acc.logits_c.extend_from_slice(&pol.mean_logits[..b]);
+            acc.logits_r.extend_from_slice(&pol.mean_logits[b..]);
+            let l = dpo_loss(&s.loss, s.beta, s.label_smoothing, &pc, &pr, &rc, &rr)?;
+            for (c, r) in l.chosen_rewards.iter().zip(&l.rejected_rewards) {
+                acc.acc.push(if c > r { 1.0 } else { 0.0 });
+            }
+            l
+        };
+        acc.n += 1.0;
+        acc.loss += pl.loss.to_scalar::<f32>()? as f64;
+        acc.chosen.extend(pl.chosen_rewards);
+        acc.rejected.extend(pl.rejected_rewards);
+        Ok(pl.loss)
+    }
+
+    pub fn evaluate(&self) -> Result<Map<String, Value>> {
+        let mut acc = Acc::default();
+        let mode = Mode {
+            train: true,
+            lora: true,
+            dropout_seed: None,
+        };
+        let bs = self.s.batch_size;
+        for (i, chunk) in self.eval.chunks(bs).enumerate() {
+            let exs: Vec<&Example> = chunk.iter().collect();
+            let refs = &self.ref_eval[i * bs..i * bs + chunk.len()];
+            self.batch_loss(&exs, refs, mode, &mut acc)?;
+        }
+        Ok(acc.to_json("eval_"))
+    }
+
+    /// Step 0 metrics on one batch without updating anything (used by tests and `bench`).
+    pub fn probe(&self, step: usize) -> Result<Map<String, Value>> {
+        let mut acc = Acc::default();
+        let (idx, _) = self.batch_indices(step, 0);
+        let exs: Vec<&Example> = idx.iter().map(|&i| &self.train[i]).collect();
+        let refs: Vec<(f32, f32)> = idx.iter().map(|&i| self.ref_train[i]).collect();
+        self.batch_loss(
+            &exs,
+            &refs,
+            Mode {
+                train: true,
+                lora: true,
+                dropout_seed: None,
+            },
+            &mut acc,
+        )?;
+        Ok(acc.to_json(""))
+    }
+
+    /// One optimizer step: accumulate gradients over micro-batches, clip, update.
+    fn step(&self, opt: &mut AdamW, step: usize, acc: &mut Acc) -> Result<f64> {
+        let accum = self.s.gradient_accumulation_steps;
+        let vars: Vec<Var> = self.vars.iter().map(|(_, v)| v.clone()).collect();
+        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+        for k in 0..accum {
+            let (idx, _) = self.batch_indices(step, k);
+            let exs: Vec<&Example> = idx.iter().map(|&i| &self.train[i]).collect();
+            let refs: Vec<(f32, f32)> = idx.iter().map(|&i| self.ref_train[i]).collect();
+            let seed = self.s.seed.wrapping_mul(1_000_003)
+                ^ ((step * accum + k) as u64).wrapping_mul(0x2545_F491_4F6C_DD1D);
+            let mode = Mode {
+                train: true,
+                lora: true,
+                dropout_seed: Some(seed),
+            };
+            let loss = self.batch_loss(&exs, &refs, mode, acc)?;
+            let g = (loss / accum as f64)?.backward()?;
+            for (i, v) in vars.iter().enumerate() {
+                let gi = g.get(v.as_tensor()).cloned();
+                grads[i] = match (grads[i].take(), gi) {
+                    (Some(a), Some(b)) => Some((a + b)?),
+                    (a, b) => a.or(b),
+                };
+            }
+        }
+        let grads: Vec<Tensor> = grads
+            .into_iter()
+            .zip(&vars)
+            .map(|(g, v)| g.map(Ok).unwrap_or_else(|| v.as_tensor().zeros_like()))
+            .collect::<candle_core::Result<_>>()?;
+        let mut sq = 0f64;
+        for g in &grads {
+            sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+        let norm = sq.sqrt();
+        let grads = if self.s.max_grad_norm > 0.0 && norm > self.s.max_grad_norm {
+            let c = self.s.max_grad_norm / (norm + 1e-6);
+            grads
+                .iter()
+                .map(|g| g * c)
+                .collect::<candle_core::Result<Vec<_>>>()?
+        } else {
+            grads
+        };
+        opt.lr = self.s.learning_rate
+            * lr_factor(
+                &self.s.lr_scheduler,
+                step,
+                self.total_steps(),
+                self.s.warmup_steps,
+            );
+        opt.update(&vars, &grads)?;
+        Ok(norm)
+    }
+
+    fn latest_checkpoint(&self) -> Option<(usize, PathBuf)> {
+        let rd = std::fs::read_dir(&self.ckpt_dir).ok()?;
+        rd.flatten()
+            .filter_map(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                let step = n.strip_prefix("checkpoint-")?.parse::<usize>().ok()?;
+                e.path()
+                    .join("state.json")
+                    .is_file()
+                    .then_some((step, e.path()))
+            })
+            .max_by_key(|x| x.0)
+    }
+
+    fn save_checkpoint(&self, step: usize, opt: &AdamW, log: &[Value]) -> Result<()> {
+        std::fs::create_dir_all(&self.ckpt_dir)?;
+        let fin = self.ckpt_dir.join(format!("checkpoint-{step}"));
+        let tmp = self
+            .ckpt_dir
+            .join(format!(".tmp-checkpoint-{step}-{}", std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        std::fs::create_dir_all(&tmp)?;
+        let map: std::collections::HashMap<String, Tensor> = self
+            .vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        candle_core::safetensors::save(&map, tmp.join("adapter.safetensors"))?;
+        opt.save(&tmp.join("optimizer.safetensors"))?;
+        crate::fsutil::write_json_pretty(
+            &tmp.join("state.json"),
+            &State {
+                step,
+                log: log.to_vec(),
+            },
+        )?;
+        if fin.exists() {
+            std::fs::remove_dir_all(&fin)?;
+        }
+        std::fs::rename(&tmp, &fin)?;
+        // Keep the newest two.
+        let mut all: Vec<usize> = std::fs::read_dir(&self.ckpt_dir)?
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .strip_prefix("checkpoint-")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        all.sort();
+        for old in all.iter().rev().skip(2) {
+            std::fs::remove_dir_all(self.ckpt_dir.join(format!("checkpoint-{old}"))).ok();
+        }
+        Ok(())
+    }
+
+    fn restore(&self, dir: &Path, opt: &mut AdamW) -> Result<State> {
+        let state: State = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)
+            .with_context(|| format!("{}: unreadable checkpoint state", dir.display()))?;
+        let map = candle_core::safetensors::load(
+            dir.join("adapter.safetensors"),
+            &self.model.llama.device,
+        )?;
+        for (n, v) in &self.vars {
+            let t = map
+                .get(n)
+                .with_context(|| format!("checkpoint {} lacks {n}", dir.display()))?;
+            v.set(t)?;
+        }
+        opt.load(&dir.join("optimizer.safetensors"), state.step)?;
+        Ok(state)
+    }
+
+    /// Train to the end, resuming from the newest checkpoint if there is one.
+    /// `stop_after` ends early after that many steps of this call (tests use it to simulate a kill).
+    pub fn run(&self, stop_after: Option<usize>) -> Result<Outcome> {
+        if self.train.is_empty() {
+            bail!("no training examples");
+        }
+        let vars: Vec<Var> = self.vars.iter().map(|(_, v)| v.clone()).collect();
+        let s = self.s;
+        let mut opt = AdamW::new(
+            &vars,
+            s.learning_rate,
+            s.adam_beta1,
+            s.adam_beta2,
+            s.adam_epsilon,
+            s.weight_decay,
+        )?;
+        let mut log: Vec<Value> = Vec::new();
+        let mut start = 0;
+        let mut resumed_from = None;
+        if let Some((step, dir)) = self.latest_checkpoint() {
+            let st = self.restore(&dir, &mut opt)?;
+            log = st.log;
+            start = step;
+            resumed_from = Some(step);
+            if !self.quiet {
+                eprintln!("{:>12} training from checkpoint-{step}", "Resuming");
+            }
+        }
+        let total = self.total_steps();
+        let bar = if self.quiet {
+            indicatif::ProgressBar::hidden()
+        } else {
+            let b = indicatif::ProgressBar::new(total as u64);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix:>12.cyan.bold} [{bar:30}] {pos}/{len} steps, {msg}, ETA {eta}",
+                )
+                .unwrap()
+                .progress_chars("=> "),
+            );
+            b.set_prefix("Training");
+            b.set_position(start as u64);
+            b
+        };
+        let t0 = Instant::now();
+        let mut window = Acc::default();
+        let mut norms = Vec::new();
+        let mut done_here = 0;
+        for step in start..total {
+            let norm = self.step(&mut opt, step, &mut window)?;
+            norms.push(norm as f32);
+            let n = step + 1;
+            bar.set_message(format!("loss {:.4}", window.loss / window.n.max(1.0)));
+            bar.inc(1);
+            if n % s.logging_steps.max(1) == 0 || n == total {
+                let mut m = window.to_json("");
+                m.insert("grad_norm".into(), json!(mean(&norms)));
+                m.insert("learning_rate".into(), json!(opt.lr));
+                m.insert(
+                    "epoch".into(),
+                    json!(
+                        self.batch_indices(step, s.gradient_accumulation_steps - 1)
+                            .1
+                    ),
+                );
+                m.insert("step".into(), json!(n));
+                log.push(Value::Object(m));
+                window = Acc::default();
+                norms.clear();
+            }
+            if !self.eval.is_empty() && s.eval_steps > 0 && (n % s.eval_steps == 0 || n == total) {
+                let mut m = self.evaluate()?;
+                m.insert("step".into(), json!(n));
+                log.push(Value::Object(m));
+            }
+            if s.save_steps > 0 && n % s.save_steps == 0 && n < total {
+                self.save_checkpoint(n, &opt, &log)?;
+            }
+            done_here += 1;
+            if stop_after.is_some_and(|k| done_here >= k) && n < total {
+                bar.abandon();
+                // Simulated kill: the newest checkpoint is what a restarted run will find.
+                return Ok(Outcome {
+                    log,
+                    steps: n,
+                    seconds: t0.elapsed().as_secs_f64(),
+                    resumed_from,
+                });
+            }
+        }
+        bar.finish_and_clear();
+        Ok(Outcome {
+            log,
+            steps: total,
+            seconds: t0.elapsed().as_secs_f64(),
+            resumed_from,
+        })
+    }
+}
+
+/// Prepare a dense, LoRA-carrying model for training.
+pub fn attach_lora(model: &mut Model, s: &TrainSettings) -> Result<Vec<(String, Var)>> {
+    lora::attach(&mut model.llama, &s.lora, s.seed)?;
+    Ok(lora::vars(&model.llama))
+}

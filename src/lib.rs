@@ -1,0 +1,19 @@
+//! reviewer2: build a synthetic preference dataset (reviewer2-1k-paired) and train on it with DPO.
+//!
+//! The binary `pipeline` is a thin CLI ([`cli`]) over these modules:
+//! - [`config`]: the recipe (`pipeline.toml`), overrides and their validation.
+//! - [`cache`]: the content-addressed stage cache (keys, manifests, atomic writes, verification).
+//! - [`stages`]: one module per pipeline stage, plus the graph that runs them.
+//! - [`model`]: the Llama engine (loading, tokenizer, chat template, forward, batched generation).
+//! - [`dpo`]: LoRA preference training, losses, PEFT adapter export.
+//! - [`hub`]: the Hugging Face dataset folder (Parquet + dataset card).
+
+pub mod bench;
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod dpo;
+pub mod fsutil;
+pub mod hub;
+pub mod model;
+pub mod stages;

@@ -1,0 +1,332 @@
+//! Batched generation: left-padded prefill, KV-cached decode, per-row samplers and stopping.
+//!
+//! Prompts are sorted by length so a batch carries little padding. When a row finishes, its slot
+//! is refilled with the next prompt (prefilled in a sub-batch and spliced into the cache) instead
+//! of decoding a dead row. Each prompt's sampler is seeded from (seed, prompt id), so the text of a
+//! prompt does not depend on batch size, order, or where a resumed run starts.
+
+use super::llama::{build_mask, build_positions, KvCache, Mode};
+use super::Model;
+use anyhow::Result;
+use candle_core::Tensor;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Sampling {
+    /// 0 = greedy.
+    pub temperature: f64,
+    /// 0 = no top-k filter.
+    pub top_k: usize,
+    pub top_p: f64,
+    pub max_new_tokens: usize,
+    pub seed: u64,
+}
+
+impl Sampling {
+    pub fn greedy(max_new_tokens: usize) -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            max_new_tokens,
+            seed: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Stable id: seeds the row's sampler and identifies the output.
+    pub id: usize,
+    pub ids: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Finish {
+    Eos,
+    Length,
+}
+
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub id: usize,
+    pub prompt_tokens: usize,
+    /// Generated ids, without the stop token.
+    pub tokens: Vec<u32>,
+    pub finish: Finish,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stats {
+    pub prompts: usize,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub prefill_secs: f64,
+    pub decode_secs: f64,
+    pub decode_steps: usize,
+}
+
+pub fn row_rng(seed: u64, id: usize) -> ChaCha8Rng {
+    // SplitMix-style mixing so neighbouring ids get unrelated streams.
+    let mut z = seed ^ (id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ChaCha8Rng::seed_from_u64(z ^ (z >> 31))
+}
+
+/// Draw the next token: temperature, then top-k, then top-p (the order transformers uses).
+pub fn sample(logits: &[f32], s: &Sampling, rng: &mut ChaCha8Rng) -> u32 {
+    if s.temperature <= 0.0 {
+        return argmax(logits);
+    }
+    let t = s.temperature as f32;
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+    if s.top_k > 0 && s.top_k < idx.len() {
+        idx.select_nth_unstable_by(s.top_k - 1, by_logit);
+        idx.truncate(s.top_k);
+    }
+    idx.sort_unstable_by(by_logit);
+    let max = logits[idx[0] as usize] / t;
+    let mut probs: Vec<f64> = idx
+        .iter()
+        .map(|&i| ((logits[i as usize] / t - max) as f64).exp())
+        .collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if s.top_p < 1.0 {
+        let mut cum = 0.0;
+        let mut keep = probs.len();
+        for (n, p) in probs.iter().enumerate() {
+            cum += p;
+            if cum >= s.top_p {
+                keep = n + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+        idx.truncate(keep);
+    }
+    let total: f64 = probs.iter().sum();
+    let mut u = rng.random::<f64>() * total;
+    for (n, p) in probs.iter().enumerate() {
+        if u < *p {
+            return idx[n];
+        }
+        u -= p;
+    }
+    idx[probs.len() - 1]
+}
+
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+struct Row {
+    req: Request,
+    rng: ChaCha8Rng,
+    out: Vec<u32>,
+    /// Sampled, not yet fed to the model.
+    pending: u32,
+}
+
+/// Generate for every request; `on_done` gets each output as soon as its row finishes.
+pub fn generate(
+    model: &Model,
+    mut reqs: Vec<Request>,
+    s: &Sampling,
+    batch_size: usize,
+    mut on_done: impl FnMut(Output, &Stats) -> Result<()>,
+) -> Result<Stats> {
+    let tok = &model.meta.tok;
+    let mut stats = Stats {
+        prompts: reqs.len(),
+        ..Default::default()
+    };
+    // Longest first, popped from the back: shortest first, and batches of similar lengths.
+    reqs.sort_by(|a, b| b.ids.len().cmp(&a.ids.len()).then(b.id.cmp(&a.id)));
+    let mut rows: Vec<Row> = Vec::new();
+    let mut start: Vec<usize> = Vec::new();
+    let mut cache: Option<KvCache> = None;
+    let cap_hint =
+        |rs: &[Request]| rs.iter().map(|r| r.ids.len()).max().unwrap_or(1) + s.max_new_tokens + 8;
+
+    loop {
+        // Refill free slots.
+        let free = batch_size.saturating_sub(rows.len());
+        if free > 0 && !reqs.is_empty() {
+            let take: Vec<Request> = (0..free.min(reqs.len()))
+                .filter_map(|_| reqs.pop())
+                .collect();
+            let t0 = Instant::now();
+            let (mut sub, sub_start, logits) = prefill(model, &take, cap_hint(&take))?;
+            stats.prefill_secs += t0.elapsed().as_secs_f64();
+            stats.prompt_tokens += take.iter().map(|r| r.ids.len()).sum::<usize>();
+            let mut sub_start = sub_start;
+            let first = rows.len();
+            for (r, lg) in take.into_iter().zip(logits) {
+                let mut rng = row_rng(s.seed, r.id);
+                let next = sample(&lg, s, &mut rng);
+                rows.push(Row {
+                    req: r,
+                    rng,
+                    out: Vec::new(),
+                    pending: next,
+                });
+            }
+            match cache.as_mut() {
+                None => {
+                    cache = Some(sub);
+                    start = sub_start;
+                }
+                Some(main) => {
+                    // Align lengths by padding the shorter cache at the front, then append rows.
+                    if sub.len < main.len {
+                        let d = main.len - sub.len;
+                        sub.pad_front(d)?;
+                        sub_start.iter_mut().for_each(|x| *x += d);
+                    } else if sub.len > main.len {
+                        let d = sub.len - main.len;
+                        main.pad_front(d)?;
+                        start.iter_mut().for_each(|x| *x += d);
+                    }
+                    append_rows(main, &sub)?;
+                    start.extend(sub_start);
+                }
+            }
+            debug_assert_eq!(rows.len(), first + start.len() - first);
+        }
+        if rows.is_empty() {
+            break;
+        }
+        // Consume each row's pending token: finish, or keep it for the next step.
+        let mut keep = Vec::with_capacity(rows.len());
+        let mut done = Vec::new();
+        for (i, r) in rows.iter_mut().enumerate() {
+            let t = r.pending;
+            if tok.is_stop(t) {
+                done.push((i, Finish::Eos));
+                continue;
+            }
+            r.out.push(t);
+            stats.generated_tokens += 1;
+            if r.out.len() >= s.max_new_tokens {
+                done.push((i, Finish::Length));
+            } else {
+                keep.push(i);
+            }
+        }
+        if !done.is_empty() {
+            let mut taken: Vec<Option<Row>> = rows.drain(..).map(Some).collect();
+            for &(i, finish) in &done {
+                let r = taken[i].take().unwrap();
+                let o = Output {
+                    id: r.req.id,
+                    prompt_tokens: r.req.ids.len(),
+                    tokens: r.out,
+                    finish,
+                };
+                on_done(o, &stats)?;
+            }
+            rows = keep.iter().map(|&i| taken[i].take().unwrap()).collect();
+            start = keep.iter().map(|&i| start[i]).collect();
+            if let Some(c) = cache.as_mut() {
+                if rows.is_empty() {
+                    cache = None;
+                } else {
+                    c.select_rows(&keep)?;
+                }
+            }
+            // Freed slots are refilled at the top of the loop before the next decode step.
+            if !reqs.is_empty() {
+                if let Some(c) = cache.as_mut() {
+                    // Drop leading columns that no remaining row uses.
+                    let m = start.iter().copied().min().unwrap_or(0);
+                    if m > 0 {
+                        c.trim_front(m)?;
+                        start.iter_mut().for_each(|x| *x -= m);
+                    }
+                }
+                continue;
+            }
+            if rows.is_empty() {
+                continue;
+            }
+        }
+        // One decode step for all live rows.
+        let c = cache.as_mut().expect("live rows have a cache");
+        let t0 = Instant::now();
+        let ids: Vec<u32> = rows.iter().map(|r| r.pending).collect();
+        let ids = Tensor::from_vec(ids, (rows.len(), 1), &model.llama.device)?;
+        let mask = build_mask(&start, c.len, 1, model.llama.dtype, &model.llama.device)?;
+        let pos = build_positions(&start, c.len, 1, &model.llama.device)?;
+        let logits = model
+            .llama
+            .forward(&ids, &pos, &mask, Some(c), false, Mode::infer())?;
+        let logits: Vec<Vec<f32>> = logits.to_vec2()?;
+        for (r, lg) in rows.iter_mut().zip(logits) {
+            r.pending = sample(&lg, s, &mut r.rng);
+        }
+        stats.decode_secs += t0.elapsed().as_secs_f64();
+        stats.decode_steps += 1;
+    }
+    Ok(stats)
+}
+
+/// Left-pad and run the prompts; returns their cache, first valid column per row, last logits.
+fn prefill(
+    model: &Model,
+    reqs: &[Request],
+    cap: usize,
+) -> Result<(KvCache, Vec<usize>, Vec<Vec<f32>>)> {
+    let l = reqs.iter().map(|r| r.ids.len()).max().unwrap_or(1).max(1);
+    let pad = model.meta.tok.pad_id;
+    let mut ids = Vec::with_capacity(reqs.len() * l);
+    let mut start = Vec::with_capacity(reqs.len());
+    for r in reqs {
+        let p = l - r.ids.len();
+        start.push(p);
+        ids.extend(std::iter::repeat_n(pad, p));
+        ids.extend_from_slice(&r.ids);
+    }
+    let dev = &model.llama.device;
+    let ids = Tensor::from_vec(ids, (reqs.len(), l), dev)?;
+    let mut cache = KvCache::new(&model.llama, reqs.len(), cap.max(l))?;
+    let mask = build_mask(&start, 0, l, model.llama.dtype, dev)?;
+    let pos = build_positions(&start, 0, l, dev)?;
+    let logits = model
+        .llama
+        .forward(&ids, &pos, &mask, Some(&mut cache), false, Mode::infer())?;
+    Ok((cache, start, logits.to_vec2()?))
+}
+
+fn append_rows(main: &mut KvCache, sub: &KvCache) -> Result<()> {
+    for (m, s) in main
+        .k
+        .iter_mut()
+        .zip(&sub.k)
+        .chain(main.v.iter_mut().zip(&sub.v))
+    {
+        let len = main.len;
+        let a = m.narrow(2, 0, len)?;
+        let b = s.narrow(2, 0, len)?;
+        let joined = Tensor::cat(&[&a, &b], 0)?;
+        let (bb, h, _, d) = joined.dims4()?;
+        let cap = m.dim(2)?.max(s.dim(2)?);
+        let fresh = Tensor::zeros((bb, h, cap, d), joined.dtype(), joined.device())?;
+        fresh.slice_set(&joined.contiguous()?, 2, 0)?;
+        *m = fresh;
+    }
+    main.set_cap_from_tensors();
+    Ok(())
+}

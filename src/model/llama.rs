@@ -1,0 +1,596 @@
+//! A Llama decoder in candle, written for batched generation and for training.
+//!
+//! Unlike candle-transformers' llama, every row carries its own positions and an additive padding
+//! mask, so left-padded batches give each row exactly its solo result; the KV cache is per layer
+//! and preallocated; logits can be returned for every position. `Mode::train` swaps the fused
+//! inference kernels (which silently drop gradients) for composed ops, and multiplies by frozen
+//! base weights through [`FrozenMatmul`], which returns no weight gradient.
+//!
+//! Shapes in comments: B batch, T new tokens, S cached + new tokens, H hidden, nh / nkv heads,
+//! hd head dim, V vocab.
+
+use crate::dpo::lora::Lora;
+use anyhow::{Context, Result};
+use candle_core::quantized::QMatMul;
+use candle_core::{CpuStorage, DType, Device, Layout, Module, Shape, Tensor, D};
+use std::sync::Arc;
+
+use super::config::LlamaConfig;
+
+/// Large finite negative for masked scores: -inf would turn fully masked rows into NaN.
+pub const MASK_NEG: f32 = -1e9;
+
+/// How a forward pass runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Mode {
+    /// Gradient-carrying ops (training); otherwise fused inference kernels.
+    pub train: bool,
+    /// Apply LoRA adapters (off = the reference model).
+    pub lora: bool,
+    /// Seed for LoRA dropout masks this step (`None` = no dropout, as in eval).
+    pub dropout_seed: Option<u64>,
+}
+
+impl Mode {
+    pub fn infer() -> Self {
+        Self {
+            train: false,
+            lora: true,
+            dropout_seed: None,
+        }
+    }
+}
+
+pub enum Weight {
+    /// `[out, in]`, in the model's dtype.
+    Dense(Tensor),
+    Quant(Arc<QMatMul>),
+}
+
+/// A bias-free linear layer with an optional LoRA adapter.
+pub struct Linear {
+    pub weight: Weight,
+    pub lora: Option<Lora>,
+    pub out_features: usize,
+    pub in_features: usize,
+}
+
+impl Linear {
+    pub fn dense(w: Tensor) -> Result<Self> {
+        let (o, i) = w.dims2()?;
+        Ok(Self {
+            weight: Weight::Dense(w),
+            lora: None,
+            out_features: o,
+            in_features: i,
+        })
+    }
+
+    /// x: [B, T, in] -> [B, T, out]
+    pub fn forward(&self, x: &Tensor, mode: Mode, salt: u64) -> Result<Tensor> {
+        let (b, t, i) = x.dims3()?;
+        let x2 = x.reshape((b * t, i))?;
+        let base = match &self.weight {
+            Weight::Dense(w) if mode.train => frozen_matmul(&x2, w)?,
+            Weight::Dense(w) => x2.matmul(&w.t()?)?,
+            Weight::Quant(q) => q.forward(&x2.contiguous()?)?,
+        };
+        let y = match (&self.lora, mode.lora) {
+            (Some(l), true) => (base + l.forward(&x2, mode.dropout_seed.map(|s| s ^ salt))?)?,
+            _ => base,
+        };
+        Ok(y.reshape((b, t, self.out_features))?)
+    }
+
+    /// The base weight as a dense f32 tensor `[out, in]`.
+    pub fn dense_f32(&self) -> Result<Tensor> {
+        Ok(match &self.weight {
+            Weight::Dense(w) => w.to_dtype(DType::F32)?,
+            Weight::Quant(q) => match q.as_ref() {
+                QMatMul::QTensor(t) => t.dequantize(&Device::Cpu)?,
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
+            },
+        })
+    }
+}
+
+/// `x @ w^T` whose backward gives `x` its gradient and computes none for the frozen `w`
+/// (candle's matmul always computes both: a weight-sized matmul per layer for nothing).
+pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let y = x.detach().matmul(&w.t()?)?.contiguous()?;
+    Ok(x.apply_op1(FrozenMatmul { y, w: w.clone() })?)
+}
+
+struct FrozenMatmul {
+    /// The product, computed with ordinary candle ops before the op is applied.
+    y: Tensor,
+    w: Tensor,
+}
+
+impl candle_core::CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (storage, layout) = self.y.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cpu(c) if layout.start_offset() == 0 => {
+                Ok((c.clone(), self.y.shape().clone()))
+            }
+            _ => candle_core::bail!("frozen-matmul: product is not a contiguous CPU tensor"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _s: &candle_core::CudaStorage,
+        _l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (storage, layout) = self.y.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cuda(c) if layout.start_offset() == 0 => {
+                Ok((c.try_clone(layout)?, self.y.shape().clone()))
+            }
+            _ => candle_core::bail!("frozen-matmul: product is not a contiguous CUDA tensor"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        // dL/dx = dL/dy @ w ; [N, out] @ [out, in]
+        Ok(Some(grad.matmul(&self.w)?))
+    }
+}
+
+pub struct Layer {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+    pub input_layernorm: Tensor,
+    pub post_attention_layernorm: Tensor,
+}
+
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    /// [V, H], in the compute dtype.
+    pub embed_tokens: Tensor,
+    pub layers: Vec<Layer>,
+    pub norm: Tensor,
+    pub lm_head: Linear,
+    /// GGUF keeps q/k in the interleaved (GPT-J) RoPE layout; HF checkpoints use rotate-half.
+    pub rope_interleaved: bool,
+    /// [max_pos, hd/2], f32
+    cos: Tensor,
+    sin: Tensor,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+/// Per-layer key/value cache, preallocated and grown by doubling. Row `i` holds valid entries in
+/// columns `[start[i], len)`: rows are left-aligned by padding, so refilled rows fit in.
+pub struct KvCache {
+    pub k: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+    pub len: usize,
+    cap: usize,
+}
+
+impl KvCache {
+    pub fn new(model: &Llama, batch: usize, cap: usize) -> Result<Self> {
+        let c = &model.cfg;
+        let shape = (batch, c.num_key_value_heads, cap.max(1), c.head_dim);
+        let mk = || Tensor::zeros(shape, model.dtype, &model.device);
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        for _ in 0..c.num_hidden_layers {
+            k.push(mk()?);
+            v.push(mk()?);
+        }
+        Ok(Self {
+            k,
+            v,
+            len: 0,
+            cap: cap.max(1),
+        })
+    }
+
+    pub fn batch(&self) -> usize {
+        self.k[0].dim(0).unwrap_or(0)
+    }
+
+    fn ensure(&mut self, extra: usize) -> Result<()> {
+        if self.len + extra <= self.cap {
+            return Ok(());
+        }
+        let new_cap = (self.len + extra).max(self.cap * 2);
+        for t in self.k.iter_mut().chain(self.v.iter_mut()) {
+            let (b, h, _, d) = t.dims4()?;
+            let grown = Tensor::zeros((b, h, new_cap, d), t.dtype(), t.device())?;
+            grown.slice_set(&t.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+            *t = grown;
+        }
+        self.cap = new_cap;
+        Ok(())
+    }
+
+    pub(crate) fn set_cap_from_tensors(&mut self) {
+        self.cap = self.k[0].dim(2).unwrap_or(self.cap);
+    }
+
+    /// Keep only rows `idx` (in that order).
+    pub fn select_rows(&mut self, idx: &[usize]) -> Result<()> {
+        let dev = self.k[0].device().clone();
+        let ids = Tensor::new(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), &dev)?;
+        for t in self.k.iter_mut().chain(self.v.iter_mut()) {
+            *t = t.index_select(&ids, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Shift every row right by `n` columns (prepend padding) so the cache is `n` longer.
+    pub fn pad_front(&mut self, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let len = self.len;
+        let cap = (len + n).max(self.cap);
+        for t in self.k.iter_mut().chain(self.v.iter_mut()) {
+            let (b, h, _, d) = t.dims4()?;
+            let fresh = Tensor::zeros((b, h, cap, d), t.dtype(), t.device())?;
+            if len > 0 {
+                fresh.slice_set(&t.narrow(2, 0, len)?.contiguous()?, 2, n)?;
+            }
+            *t = fresh;
+        }
+        self.cap = cap;
+        self.len = len + n;
+        Ok(())
+    }
+
+    /// Drop the first `n` columns (padding no row uses any more).
+    pub fn trim_front(&mut self, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let len = self.len - n;
+        for t in self.k.iter_mut().chain(self.v.iter_mut()) {
+            let (b, h, _, d) = t.dims4()?;
+            let fresh = Tensor::zeros((b, h, self.cap, d), t.dtype(), t.device())?;
+            if len > 0 {
+                fresh.slice_set(&t.narrow(2, n, len)?.contiguous()?, 2, 0)?;
+            }
+            *t = fresh;
+        }
+        self.len = len;
+        Ok(())
+    }
+
+    /// Replace row `dst` of self by row `src` of `other` (same length).
+    pub fn replace_rows(&mut self, pairs: &[(usize, usize)], other: &KvCache) -> Result<()> {
+        anyhow::ensure!(self.len == other.len, "kv cache lengths differ");
+        let cap = self.cap.max(other.cap);
+        for l in 0..self.k.len() {
+            for (mine, theirs) in [(&mut self.k[l], &other.k[l]), (&mut self.v[l], &other.v[l])] {
+                let b = mine.dim(0)?;
+                let mut rows = Vec::with_capacity(b);
+                for i in 0..b {
+                    let row = match pairs.iter().find(|p| p.0 == i) {
+                        Some(&(_, j)) => theirs.narrow(0, j, 1)?.narrow(2, 0, self.len)?,
+                        None => mine.narrow(0, i, 1)?.narrow(2, 0, self.len)?,
+                    };
+                    rows.push(row);
+                }
+                let joined = Tensor::cat(&rows, 0)?;
+                let (bb, h, _, d) = joined.dims4()?;
+                let fresh = Tensor::zeros((bb, h, cap, d), joined.dtype(), joined.device())?;
+                fresh.slice_set(&joined.contiguous()?, 2, 0)?;
+                *mine = fresh;
+            }
+        }
+        self.cap = cap;
+        Ok(())
+    }
+}
+
+/// Causal + padding mask for `t` new tokens appended after `past` cached columns:
+/// `[B, 1, T, past + T]`, 0 where row `i` may attend, MASK_NEG elsewhere. `start[i]` is the first
+/// valid column of row `i`.
+pub fn build_mask(
+    start: &[usize],
+    past: usize,
+    t: usize,
+    dtype: DType,
+    dev: &Device,
+) -> Result<Tensor> {
+    let s = past + t;
+    let mut m = vec![0f32; start.len() * t * s];
+    for (i, &st) in start.iter().enumerate() {
+        for q in 0..t {
+            for k in 0..s {
+                if k < st || k > past + q {
+                    m[(i * t + q) * s + k] = MASK_NEG;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (start.len(), 1, t, s), dev)?.to_dtype(dtype)?)
+}
+
+/// Positions of `t` new tokens after `past` columns: column - start, clamped at 0 for padding.
+pub fn build_positions(start: &[usize], past: usize, t: usize, dev: &Device) -> Result<Tensor> {
+    let mut p = Vec::with_capacity(start.len() * t);
+    for &st in start {
+        for q in 0..t {
+            p.push((past + q).saturating_sub(st) as u32);
+        }
+    }
+    Ok(Tensor::from_vec(p, (start.len(), t), dev)?)
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, train: bool) -> Result<Tensor> {
+    if train {
+        // Composed: carries gradients (the fused kernel does not).
+        let dt = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = xf.broadcast_div(&(var + eps)?.sqrt()?)?;
+        Ok(y.to_dtype(dt)?.broadcast_mul(w)?)
+    } else {
+        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?)
+    }
+}
+
+impl Llama {
+    pub fn new(
+        cfg: LlamaConfig,
+        embed_tokens: Tensor,
+        layers: Vec<Layer>,
+        norm: Tensor,
+        lm_head: Linear,
+        rope_interleaved: bool,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let half = cfg.head_dim / 2;
+        let max = cfg.max_position_embeddings.max(1);
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1.0 / (cfg.rope_theta as f32).powf(2.0 * i as f32 / cfg.head_dim as f32))
+            .collect();
+        let inv = Tensor::from_vec(inv, (1, half), device)?;
+        let pos = Tensor::arange(0u32, max as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((max, 1))?;
+        let freqs = pos.broadcast_mul(&inv)?;
+        Ok(Self {
+            cos: freqs.cos()?,
+            sin: freqs.sin()?,
+            cfg,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope_interleaved,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// x: [B, heads, T, hd]; cos/sin: [B, T, hd/2].
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, train: bool) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        if !train {
+            return Ok(if self.rope_interleaved {
+                candle_nn::rotary_emb::rope_i(&x, cos, sin)?
+            } else {
+                candle_nn::rotary_emb::rope(&x, cos, sin)?
+            });
+        }
+        let (b, h, t, d) = x.dims4()?;
+        let cos = cos.unsqueeze(1)?; // [B,1,T,hd/2]
+        let sin = sin.unsqueeze(1)?;
+        if self.rope_interleaved {
+            let xr = x.reshape((b, h, t, d / 2, 2))?;
+            let x0 = xr.narrow(D::Minus1, 0, 1)?.squeeze(D::Minus1)?;
+            let x1 = xr.narrow(D::Minus1, 1, 1)?.squeeze(D::Minus1)?;
+            let y0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+            let y1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+            Ok(Tensor::stack(&[y0, y1], D::Minus1)?.reshape((b, h, t, d))?)
+        } else {
+            let cos = Tensor::cat(&[&cos, &cos], D::Minus1)?;
+            let sin = Tensor::cat(&[&sin, &sin], D::Minus1)?;
+            let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+            let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+            let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+            Ok((x.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?)?)
+        }
+    }
+
+    /// ids: [B, T] u32; positions: [B, T] u32; mask: [B, 1, T, S] additive.
+    /// With a cache, the new keys/values are appended to it (S = cache.len + T).
+    /// Returns logits [B, V] of the last position, or [B, T, V] with `all_logits`.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut KvCache>,
+        all_logits: bool,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let t = ids.dim(1)?;
+        let x = self.forward_hidden(ids, positions, mask, cache, mode)?;
+        let x = if all_logits {
+            x
+        } else {
+            x.narrow(1, t - 1, 1)?
+        };
+        let logits = self
+            .lm_head
+            .forward(&x, mode, 0xffff)?
+            .to_dtype(DType::F32)?;
+        Ok(if all_logits {
+            logits
+        } else {
+            logits.squeeze(1)?
+        })
+    }
+
+    /// The final-norm hidden states [B, T, H]: training applies `lm_head` only where it needs
+    /// log-probabilities (the response tokens), which saves most of the vocabulary matmul.
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (b, t) = ids.dims2()?;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let rep = nh / nkv;
+        let flat_pos = positions.flatten_all()?;
+        let cos = self
+            .cos
+            .index_select(&flat_pos, 0)?
+            .reshape((b, t, hd / 2))?
+            .to_dtype(self.dtype)?;
+        let sin = self
+            .sin
+            .index_select(&flat_pos, 0)?
+            .reshape((b, t, hd / 2))?
+            .to_dtype(self.dtype)?;
+        if let Some(kv) = cache.as_deref_mut() {
+            kv.ensure(t)?;
+        }
+        let past = cache.as_ref().map(|kv| kv.len).unwrap_or(0);
+        let mut x = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, c.hidden_size))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mask5 = mask.reshape((b, 1, 1, t, past + t))?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let salt = (li as u64) << 8;
+            let h = rms_norm(&x, &layer.input_layernorm, c.rms_norm_eps, mode.train)?;
+            let q = layer.q_proj.forward(&h, mode, salt + 1)?;
+            let k = layer.k_proj.forward(&h, mode, salt + 2)?;
+            let v = layer.v_proj.forward(&h, mode, salt + 3)?;
+            let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?; // [B,nh,T,hd]
+            let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?; // [B,nkv,T,hd]
+            let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let q = self.rope(&q, &cos, &sin, mode.train)?;
+            let k = self.rope(&k, &cos, &sin, mode.train)?;
+            let (k, v) = match cache.as_deref_mut() {
+                Some(kv) => {
+                    kv.k[li].slice_set(&k, 2, past)?;
+                    kv.v[li].slice_set(&v, 2, past)?;
+                    let len = past + t;
+                    (kv.k[li].narrow(2, 0, len)?, kv.v[li].narrow(2, 0, len)?)
+                }
+                None => (k, v),
+            };
+            // Grouped-query attention without copying K/V: fold the rep query heads that share
+            // a KV head into the row dimension. q: [B,nkv,rep*T,hd]
+            let q = q.reshape((b, nkv, rep * t, hd))?;
+            let att = (q.matmul(&k.t()?)? * scale)?; // [B,nkv,rep*T,S]
+            let att = att
+                .reshape((b, nkv, rep, t, past + t))?
+                .broadcast_add(&mask5)?;
+            let att = if mode.train {
+                candle_nn::ops::softmax(&att.to_dtype(DType::F32)?, D::Minus1)?
+            } else {
+                candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?.contiguous()?)?
+            }
+            .to_dtype(self.dtype)?;
+            let y = att
+                .reshape((b, nkv, rep * t, past + t))?
+                .matmul(&v.contiguous()?)?; // [B,nkv,rep*T,hd]
+            let y = y
+                .reshape((b, nh, t, hd))?
+                .transpose(1, 2)?
+                .reshape((b, t, nh * hd))?;
+            let y = layer.o_proj.forward(&y, mode, salt + 4)?;
+            x = (x + y)?;
+            let h = rms_norm(
+                &x,
+                &layer.post_attention_layernorm,
+                c.rms_norm_eps,
+                mode.train,
+            )?;
+            let g = layer.gate_proj.forward(&h, mode, salt + 5)?;
+            let u = layer.up_proj.forward(&h, mode, salt + 6)?;
+            let act = if mode.train {
+                candle_nn::ops::silu(&g)?
+            } else {
+                g.silu()?
+            };
+            let y = layer.down_proj.forward(&(act * u)?, mode, salt + 7)?;
+            x = (x + y)?;
+        }
+        if let Some(kv) = cache {
+            kv.len = past + t;
+        }
+        rms_norm(&x, &self.norm, c.rms_norm_eps, mode.train)
+    }
+
+    /// Convenience: logits for every position of unpadded rows of equal length.
+    pub fn forward_all(&self, ids: &Tensor, mode: Mode) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let start = vec![0; b];
+        let mask = build_mask(&start, 0, t, self.dtype, &self.device)?;
+        let pos = build_positions(&start, 0, t, &self.device)?;
+        self.forward(ids, &pos, &mask, None, true, mode)
+            .context("forward")
+    }
+
+    /// All LoRA adapters, with their PEFT module path.
+    pub fn loras(&self) -> Vec<(String, &Lora)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            for (name, lin) in l.named() {
+                if let Some(lo) = &lin.lora {
+                    out.push((format!("model.layers.{i}.{name}"), lo));
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Layer {
+    pub fn named(&self) -> [(&'static str, &Linear); 7] {
+        [
+            ("self_attn.q_proj", &self.q_proj),
+            ("self_attn.k_proj", &self.k_proj),
+            ("self_attn.v_proj", &self.v_proj),
+            ("self_attn.o_proj", &self.o_proj),
+            ("mlp.gate_proj", &self.gate_proj),
+            ("mlp.up_proj", &self.up_proj),
+            ("mlp.down_proj", &self.down_proj),
+        ]
+    }
+
+    pub fn named_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
+        [
+            ("self_attn.q_proj", &mut self.q_proj),
+            ("self_attn.k_proj", &mut self.k_proj),
+            ("self_attn.v_proj", &mut self.v_proj),
+            ("self_attn.o_proj", &mut self.o_proj),
+            ("mlp.gate_proj", &mut self.gate_proj),
+            ("mlp.up_proj", &mut self.up_proj),
+            ("mlp.down_proj", &mut self.down_proj),
+        ]
+    }
+}

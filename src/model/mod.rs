@@ -1,0 +1,330 @@
+//! The model engine: loading Llama-architecture checkpoints (Hub id, folder, GGUF), the tokenizer
+//! and chat template, a batched forward pass, and generation. Generation and DPO training share the
+//! same [`llama::Llama`].
+
+pub mod chat;
+pub mod config;
+pub mod generate;
+pub mod llama;
+pub mod source;
+pub mod tokenizer;
+
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::{gguf_file, QMatMul};
+use candle_core::{DType, Device, Tensor};
+use config::LlamaConfig;
+use llama::{Layer, Linear, Llama, Weight};
+use source::{ModelFiles, ModelMeta, ModelSource};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// How to hold a GGUF's weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightsMode {
+    /// Quantized matmuls: least memory, fastest for one row at a time.
+    Quantized,
+    /// Dequantized to the compute dtype: fastest for batches, and required for training.
+    Dense,
+}
+
+pub struct LoadOptions {
+    pub device: Device,
+    pub dtype: DType,
+    pub weights: WeightsMode,
+}
+
+impl LoadOptions {
+    pub fn cpu_f32() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            weights: WeightsMode::Dense,
+        }
+    }
+}
+
+/// `generate.device` -> a candle device (CUDA only when built with `--features cuda`).
+pub fn pick_device(want: &str) -> Result<Device> {
+    match want {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => {
+            if !cfg!(feature = "cuda") {
+                bail!("device \"cuda\" needs a build with `cargo build --release --features cuda`");
+            }
+            Ok(Device::new_cuda(0).context("opening CUDA device 0")?)
+        }
+        _ => {
+            if cfg!(feature = "cuda") {
+                if let Ok(d) = Device::new_cuda(0) {
+                    return Ok(d);
+                }
+            }
+            Ok(Device::Cpu)
+        }
+    }
+}
+
+/// bf16 on a GPU, f32 on the CPU (no fast bf16 matmul there).
+pub fn default_dtype(dev: &Device) -> DType {
+    if dev.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    }
+}
+
+/// A loaded model: network, tokenizer, chat template and where it came from.
+pub struct Model {
+    pub llama: Llama,
+    pub meta: ModelMeta,
+    pub source: ModelSource,
+}
+
+impl Model {
+    pub fn load(src: &ModelSource, opts: &LoadOptions) -> Result<Self> {
+        let (llama, meta) = match &src.files {
+            ModelFiles::Gguf(p) => {
+                let mut f = std::fs::File::open(p)?;
+                let content = gguf_file::Content::read(&mut f).map_err(|e| {
+                    anyhow::anyhow!("{}: not a readable GGUF file: {e}", p.display())
+                })?;
+                let meta = source::meta_from_gguf(&content, p)?;
+                let llama = load_gguf(&content, &mut f, &meta.config, opts)
+                    .with_context(|| format!("loading weights from {}", p.display()))?;
+                (llama, meta)
+            }
+            ModelFiles::Hf { weights, .. } => {
+                let meta = source::load_meta(src)?;
+                let mut map = HashMap::new();
+                for w in weights {
+                    let t = candle_core::safetensors::load(w, &opts.device)
+                        .with_context(|| format!("reading {}", w.display()))?;
+                    map.extend(t);
+                }
+                let llama = from_hf_tensors(&meta.config, map, &opts.device, opts.dtype)?;
+                (llama, meta)
+            }
+        };
+        Ok(Self {
+            llama,
+            meta,
+            source: src.clone(),
+        })
+    }
+}
+
+/// Undo llama.cpp's q/k permutation (interleaved RoPE layout -> HF rotate-half layout).
+/// w: [heads * hd, in]
+pub fn unpermute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    let hd = out / heads;
+    Ok(w.reshape((heads, hd / 2, 2, inp))?
+        .transpose(1, 2)?
+        .reshape((out, inp))?
+        .contiguous()?)
+}
+
+/// The inverse: HF layout -> llama.cpp's interleaved layout.
+pub fn permute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    let hd = out / heads;
+    Ok(w.reshape((heads, 2, hd / 2, inp))?
+        .transpose(1, 2)?
+        .reshape((out, inp))?
+        .contiguous()?)
+}
+
+fn load_gguf(
+    content: &gguf_file::Content,
+    f: &mut std::fs::File,
+    cfg: &LlamaConfig,
+    opts: &LoadOptions,
+) -> Result<Llama> {
+    let dev = &opts.device;
+    let mut get = |name: &str| -> Result<candle_core::quantized::QTensor> {
+        content
+            .tensor(f, name, dev)
+            .map_err(|e| anyhow::anyhow!("tensor {name}: {e}"))
+    };
+    let dense = opts.weights == WeightsMode::Dense;
+    let mut lin = |name: &str, permute_heads: Option<usize>| -> Result<Linear> {
+        let q = get(name)?;
+        let (o, i) = q.shape().dims2()?;
+        if dense {
+            let mut w = q.dequantize(dev)?;
+            if let Some(h) = permute_heads {
+                w = unpermute_qk(&w, h)?;
+            }
+            Linear::dense(w.to_dtype(opts.dtype)?)
+        } else {
+            Ok(Linear {
+                weight: Weight::Quant(Arc::new(QMatMul::from_qtensor(q)?)),
+                lora: None,
+                out_features: o,
+                in_features: i,
+            })
+        }
+    };
+    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("blk.{i}");
+        layers.push(Layer {
+            q_proj: lin(&format!("{p}.attn_q.weight"), Some(cfg.num_attention_heads))?,
+            k_proj: lin(&format!("{p}.attn_k.weight"), Some(cfg.num_key_value_heads))?,
+            v_proj: lin(&format!("{p}.attn_v.weight"), None)?,
+            o_proj: lin(&format!("{p}.attn_output.weight"), None)?,
+            gate_proj: lin(&format!("{p}.ffn_gate.weight"), None)?,
+            up_proj: lin(&format!("{p}.ffn_up.weight"), None)?,
+            down_proj: lin(&format!("{p}.ffn_down.weight"), None)?,
+            input_layernorm: Tensor::zeros(1, DType::F32, dev)?, // filled below
+            post_attention_layernorm: Tensor::zeros(1, DType::F32, dev)?,
+        });
+    }
+    let mut get = |name: &str| -> Result<candle_core::quantized::QTensor> {
+        content
+            .tensor(f, name, dev)
+            .map_err(|e| anyhow::anyhow!("tensor {name}: {e}"))
+    };
+    for (i, l) in layers.iter_mut().enumerate() {
+        l.input_layernorm = get(&format!("blk.{i}.attn_norm.weight"))?
+            .dequantize(dev)?
+            .to_dtype(opts.dtype)?;
+        l.post_attention_layernorm = get(&format!("blk.{i}.ffn_norm.weight"))?
+            .dequantize(dev)?
+            .to_dtype(opts.dtype)?;
+    }
+    let norm = get("output_norm.weight")?
+        .dequantize(dev)?
+        .to_dtype(opts.dtype)?;
+    let embed_q = get("token_embd.weight")?;
+    let embed = embed_q.dequantize(dev)?.to_dtype(opts.dtype)?;
+    let head_q = if content.tensor_infos.contains_key("output.weight") {
+        get("output.weight")?
+    } else {
+        embed_q
+    };
+    let lm_head = if dense {
+        Linear::dense(head_q.dequantize(dev)?.to_dtype(opts.dtype)?)?
+    } else {
+        let (o, i) = head_q.shape().dims2()?;
+        Linear {
+            weight: Weight::Quant(Arc::new(QMatMul::from_qtensor(head_q)?)),
+            lora: None,
+            out_features: o,
+            in_features: i,
+        }
+    };
+    Llama::new(
+        cfg.clone(),
+        embed,
+        layers,
+        norm,
+        lm_head,
+        !dense,
+        dev,
+        opts.dtype,
+    )
+}
+
+/// Build from HF-named tensors (`model.layers.0.self_attn.q_proj.weight`, ...).
+pub fn from_hf_tensors(
+    cfg: &LlamaConfig,
+    mut map: HashMap<String, Tensor>,
+    dev: &Device,
+    dtype: DType,
+) -> Result<Llama> {
+    let mut take = |name: &str| -> Result<Tensor> {
+        let t = map
+            .remove(name)
+            .with_context(|| format!("checkpoint lacks tensor {name}"))?;
+        Ok(t.to_device(dev)?.to_dtype(dtype)?)
+    };
+    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        let mut lin =
+            |n: &str| -> Result<Linear> { Linear::dense(take(&format!("{p}.{n}.weight"))?) };
+        layers.push(Layer {
+            q_proj: lin("self_attn.q_proj")?,
+            k_proj: lin("self_attn.k_proj")?,
+            v_proj: lin("self_attn.v_proj")?,
+            o_proj: lin("self_attn.o_proj")?,
+            gate_proj: lin("mlp.gate_proj")?,
+            up_proj: lin("mlp.up_proj")?,
+            down_proj: lin("mlp.down_proj")?,
+            input_layernorm: take(&format!("{p}.input_layernorm.weight"))?,
+            post_attention_layernorm: take(&format!("{p}.post_attention_layernorm.weight"))?,
+        });
+    }
+    let embed = take("model.embed_tokens.weight")?;
+    let norm = take("model.norm.weight")?;
+    let lm_head = if cfg.tie_word_embeddings {
+        match map.remove("lm_head.weight") {
+            Some(t) => Linear::dense(t.to_device(dev)?.to_dtype(dtype)?)?,
+            None => Linear::dense(embed.clone())?,
+        }
+    } else {
+        Linear::dense(take("lm_head.weight")?)?
+    };
+    Llama::new(cfg.clone(), embed, layers, norm, lm_head, false, dev, dtype)
+}
+
+/// HF-named tensors of a random Llama (tests and speed benchmarks).
+pub fn random_hf_tensors(
+    cfg: &LlamaConfig,
+    seed: u64,
+    dev: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut mk = |shape: (usize, usize), std: f32| -> Result<Tensor> {
+        let n = shape.0 * shape.1;
+        let v: Vec<f32> = (0..n)
+            .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * std)
+            .collect();
+        Ok(Tensor::from_vec(v, shape, dev)?)
+    };
+    let (h, im, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+    let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+    let s = 0.5 / (h as f32).sqrt() * 1.7;
+    let mut m = HashMap::new();
+    m.insert(
+        "model.embed_tokens.weight".into(),
+        mk((cfg.vocab_size, h), 1.0)?,
+    );
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        m.insert(format!("{p}.self_attn.q_proj.weight"), mk((nh * hd, h), s)?);
+        m.insert(
+            format!("{p}.self_attn.k_proj.weight"),
+            mk((nkv * hd, h), s)?,
+        );
+        m.insert(
+            format!("{p}.self_attn.v_proj.weight"),
+            mk((nkv * hd, h), s)?,
+        );
+        m.insert(format!("{p}.self_attn.o_proj.weight"), mk((h, nh * hd), s)?);
+        m.insert(format!("{p}.mlp.gate_proj.weight"), mk((im, h), s)?);
+        m.insert(format!("{p}.mlp.up_proj.weight"), mk((im, h), s)?);
+        m.insert(
+            format!("{p}.mlp.down_proj.weight"),
+            mk((h, im), 0.5 / (im as f32).sqrt() * 1.7)?,
+        );
+        m.insert(
+            format!("{p}.input_layernorm.weight"),
+            Tensor::ones(h, DType::F32, dev)?,
+        );
+        m.insert(
+            format!("{p}.post_attention_layernorm.weight"),
+            Tensor::ones(h, DType::F32, dev)?,
+        );
+    }
+    m.insert(
+        "model.norm.weight".into(),
+        Tensor::ones(h, DType::F32, dev)?,
+    );
+    if !cfg.tie_word_embeddings {
+        m.insert("lm_head.weight".into(), mk((cfg.vocab_size, h), s)?);
+    }
+    Ok(m)
+}

@@ -1,0 +1,244 @@
+//! Stage 3, generate: one review per prompt, written by the model engine.
+//!
+//! Finished records are flushed to `<key>.partial/chunk-NNNNN.jsonl` (atomically) every
+//! `generate.chunk_size` prompts. A killed run resumes from those chunks: prompts already done are
+//! skipped, and because each prompt's sampler is seeded from (seed, prompt id) the final artifact
+//! equals an uninterrupted run's.
+
+use super::prompts::{Polarity, PromptRow};
+use super::{Built, Ctx};
+use crate::cache::KeyMaterial;
+use crate::fsutil::{read_jsonl, write_jsonl};
+use crate::model::generate::{self as gen, Finish, Request, Sampling};
+use crate::model::{default_dtype, pick_device, LoadOptions, Model, WeightsMode};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Instant;
+
+pub const VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GenRow {
+    pub id: usize,
+    pub title_id: usize,
+    pub title: String,
+    pub polarity: Polarity,
+    pub prompt: String,
+    /// Special tokens stripped, trimmed.
+    pub text: String,
+    pub tokens: usize,
+    pub prompt_tokens: usize,
+    pub finish: Finish,
+}
+
+pub fn material(ctx: &Ctx, prompts_key: &str) -> Result<KeyMaterial> {
+    let g = &ctx.settings().generate;
+    let src = ctx.model_source()?;
+    let dev = pick_device(&g.device)?;
+    let weights = weights_mode(g, src.is_gguf());
+    Ok(KeyMaterial {
+        stage: "generate".into(),
+        version: VERSION,
+        settings: serde_json::json!({
+            "max_new_tokens": g.max_new_tokens,
+            "temperature": g.temperature,
+            "top_k": g.top_k,
+            "top_p": g.top_p,
+            "seed": g.seed,
+            "limit": g.limit,
+            // Numerics differ between devices, dtypes and weight formats.
+            "device": if dev.is_cuda() { "cuda" } else { "cpu" },
+            "weights": format!("{weights:?}").to_lowercase(),
+        }),
+        files: BTreeMap::new(),
+        model: Some(src.identity.clone()),
+        inputs: BTreeMap::from([("prompts".to_string(), prompts_key.to_string())]),
+    })
+}
+
+/// Quantized matmuls win at batch 1; dequantized weights win for batches (see docs/PERF.md).
+pub fn weights_mode(g: &crate::config::GenerateSettings, gguf: bool) -> WeightsMode {
+    match g.weights.as_str() {
+        "quantized" if gguf => WeightsMode::Quantized,
+        "auto" if gguf && g.batch_size == 1 => WeightsMode::Quantized,
+        _ => WeightsMode::Dense,
+    }
+}
+
+pub fn load_model(ctx: &Ctx) -> Result<Model> {
+    let g = &ctx.settings().generate;
+    let src = ctx.model_source()?;
+    let device = pick_device(&g.device)?;
+    let opts = LoadOptions {
+        dtype: default_dtype(&device),
+        weights: weights_mode(g, src.is_gguf()),
+        device,
+    };
+    let t0 = Instant::now();
+    let m = Model::load(&src, &opts)?;
+    tracing::info!("loaded {} in {:.1}s", src.spec, t0.elapsed().as_secs_f64());
+    Ok(m)
+}
+
+pub fn sampling(g: &crate::config::GenerateSettings) -> Sampling {
+    Sampling {
+        temperature: g.temperature,
+        top_k: g.top_k,
+        top_p: g.top_p,
+        max_new_tokens: g.max_new_tokens,
+        seed: g.seed,
+    }
+}
+
+pub fn build(ctx: &Ctx, prompts_dir: &Path, key: &str, out: &Path) -> Result<Built> {
+    let g = &ctx.settings().generate;
+    let mut prompts: Vec<PromptRow> = read_jsonl(&prompts_dir.join("prompts.jsonl"))?;
+    if g.limit > 0 {
+        prompts.truncate(g.limit);
+    }
+    let partial = ctx.cache.partial_dir("generate", key);
+    std::fs::create_dir_all(&partial)?;
+    let (mut done, mut n_chunks) = read_chunks(&partial)?;
+    let done_ids: BTreeSet<usize> = done.iter().map(|r| r.id).collect();
+    let todo: Vec<&PromptRow> = prompts
+        .iter()
+        .filter(|p| !done_ids.contains(&p.id))
+        .collect();
+    if !done.is_empty() {
+        ctx.say(
+            "Resuming",
+            format!(
+                "generate: {} of {} prompts already done",
+                done.len(),
+                prompts.len()
+            ),
+        );
+    }
+    if !todo.is_empty() {
+        let model = load_model(ctx)?;
+        let tok = &model.meta.tok;
+        let by_id: BTreeMap<usize, &PromptRow> = todo.iter().map(|p| (p.id, *p)).collect();
+        let reqs = todo
+            .iter()
+            .map(|p| {
+                Ok(Request {
+                    id: p.id,
+                    ids: tok.encode(&p.prompt, true)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let bar = progress_bar(ctx, prompts.len() as u64, done.len() as u64);
+        let t0 = Instant::now();
+        let mut buf: Vec<GenRow> = Vec::new();
+        let s = sampling(g);
+        let stats = gen::generate(&model, reqs, &s, g.batch_size, |o, st| {
+            let p = by_id[&o.id];
+            let text = tok.decode(&o.tokens, true)?.trim().to_string();
+            buf.push(GenRow {
+                id: o.id,
+                title_id: p.title_id,
+                title: p.title.clone(),
+                polarity: p.polarity,
+                prompt: p.prompt.clone(),
+                text,
+                tokens: o.tokens.len(),
+                prompt_tokens: o.prompt_tokens,
+                finish: o.finish,
+            });
+            let secs = t0.elapsed().as_secs_f64().max(1e-9);
+            bar.set_message(format!("{:.1} tok/s", st.generated_tokens as f64 / secs));
+            bar.inc(1);
+            if buf.len() >= g.chunk_size {
+                n_chunks += 1;
+                write_jsonl(&partial.join(format!("chunk-{n_chunks:05}.jsonl")), &buf)?;
+                done.append(&mut buf);
+            }
+            Ok(())
+        })?;
+        if !buf.is_empty() {
+            n_chunks += 1;
+            write_jsonl(&partial.join(format!("chunk-{n_chunks:05}.jsonl")), &buf)?;
+            done.append(&mut buf);
+        }
+        bar.finish_and_clear();
+        let secs = t0.elapsed().as_secs_f64();
+        ctx.say(
+            "Generated",
+            format!(
+                "{} reviews, {} tokens in {secs:.1}s ({:.1} tok/s; prompt {:.0} tok/s)",
+                stats.prompts,
+                stats.generated_tokens,
+                stats.generated_tokens as f64 / stats.decode_secs.max(1e-9),
+                stats.prompt_tokens as f64 / stats.prefill_secs.max(1e-9),
+            ),
+        );
+    }
+    done.sort_by_key(|r| r.id);
+    let ids: Vec<usize> = done.iter().map(|r| r.id).collect();
+    let want: Vec<usize> = {
+        let mut w: Vec<usize> = prompts.iter().map(|p| p.id).collect();
+        w.sort();
+        w
+    };
+    if ids != want {
+        bail!(
+            "generate: chunks in {} do not cover the prompts exactly ({} records for {} prompts); delete that folder to start over",
+            partial.display(),
+            ids.len(),
+            want.len()
+        );
+    }
+    write_jsonl(&out.join("generations.jsonl"), &done)?;
+    let eos = done.iter().filter(|r| r.finish == Finish::Eos).count();
+    let empty = done.iter().filter(|r| r.text.is_empty()).count();
+    Ok(Built::new("generations", done.len())
+        .with("finished_eos", eos)
+        .with("finished_length", done.len() - eos)
+        .with("empty", empty)
+        .with("tokens", done.iter().map(|r| r.tokens).sum()))
+}
+
+/// Finished records from earlier runs. A chunk that does not parse was never renamed into place
+/// by a completed write, so it cannot exist; an unreadable one is an error, not silently skipped.
+fn read_chunks(dir: &Path) -> Result<(Vec<GenRow>, usize)> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("chunk-") && n.ends_with(".jsonl"))
+        .collect();
+    names.sort();
+    let mut rows = Vec::new();
+    let mut seen = BTreeSet::new();
+    let mut max = 0;
+    for n in &names {
+        let idx: usize = n[6..11]
+            .parse()
+            .with_context(|| format!("odd chunk name {n}"))?;
+        max = max.max(idx);
+        for r in read_jsonl::<GenRow>(&dir.join(n))? {
+            if seen.insert(r.id) {
+                rows.push(r);
+            }
+        }
+    }
+    Ok((rows, max))
+}
+
+pub fn progress_bar(ctx: &Ctx, len: u64, pos: u64) -> indicatif::ProgressBar {
+    if ctx.quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix:>12.cyan.bold} [{bar:30}] {pos}/{len} prompts, {msg}, ETA {eta}",
+        )
+        .unwrap()
+        .progress_chars("=> "),
+    );
+    bar.set_prefix("Generating");
+    bar.set_position(pos);
+    bar
+}

@@ -1,0 +1,370 @@
+//! The stage graph: scrape -> prompts -> generate -> merge -> split -> train.
+//!
+//! Each stage module exposes `material` (what its output depends on, cheap to compute) and `build`
+//! (make the output in a staging folder). This module decides what is up to date, builds what is
+//! not, in order, and reports it, cargo-style.
+
+pub mod generate;
+pub mod merge;
+pub mod prompts;
+pub mod scrape;
+pub mod split;
+pub mod train;
+
+use crate::cache::{Cache, KeyMaterial, Lookup, Manifest};
+use crate::config::{Loaded, Settings};
+use crate::model::source::{self, ModelSource};
+use anyhow::{bail, Result};
+use serde::Serialize;
+use std::cell::OnceCell;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    Scrape,
+    Prompts,
+    Generate,
+    Merge,
+    Split,
+    Train,
+}
+
+pub const ALL: [Stage; 6] = [
+    Stage::Scrape,
+    Stage::Prompts,
+    Stage::Generate,
+    Stage::Merge,
+    Stage::Split,
+    Stage::Train,
+];
+
+impl Stage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Scrape => "scrape",
+            Stage::Prompts => "prompts",
+            Stage::Generate => "generate",
+            Stage::Merge => "merge",
+            Stage::Split => "split",
+            Stage::Train => "train",
+        }
+    }
+
+    /// The stages whose outputs this one reads.
+    pub fn inputs(self, s: &Settings) -> Vec<Stage> {
+        match self {
+            Stage::Scrape => vec![],
+            Stage::Prompts => vec![Stage::Scrape],
+            Stage::Generate => vec![Stage::Prompts],
+            Stage::Merge => vec![Stage::Prompts, Stage::Generate],
+            Stage::Split => vec![Stage::Merge],
+            Stage::Train if s.train.dataset.is_empty() => vec![Stage::Split],
+            Stage::Train => vec![],
+        }
+    }
+}
+
+/// What one run of the graph shares.
+pub struct Ctx<'a> {
+    pub loaded: &'a Loaded,
+    pub workdir: PathBuf,
+    pub cache: Cache,
+    pub quiet: bool,
+    /// Fetch the page again even if cached (`--force scrape`).
+    pub refetch: bool,
+    model: OnceCell<ModelSource>,
+}
+
+impl<'a> Ctx<'a> {
+    pub fn new(loaded: &'a Loaded, workdir: &Path, quiet: bool) -> Self {
+        Self {
+            loaded,
+            workdir: workdir.to_path_buf(),
+            cache: Cache::new(workdir),
+            quiet,
+            refetch: false,
+            model: OnceCell::new(),
+        }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.loaded.settings
+    }
+
+    /// `generate.model`, with file paths resolved against the config file's folder.
+    pub fn model_source(&self) -> Result<ModelSource> {
+        if let Some(m) = self.model.get() {
+            return Ok(m.clone());
+        }
+        let g = &self.settings().generate;
+        let spec = resolve_model_spec(self.loaded, &g.model);
+        let m = source::resolve(&spec, &g.revision).map_err(|e| {
+            anyhow::anyhow!(
+                "{e:#}\n  (generate.model set at {})",
+                self.loaded.origin("generate.model")
+            )
+        })?;
+        let _ = self.model.set(m.clone());
+        Ok(m)
+    }
+
+    pub fn say(&self, verb: &str, msg: impl AsRef<str>) {
+        if !self.quiet {
+            eprintln!("{verb:>12} {}", msg.as_ref());
+        }
+    }
+}
+
+/// A path-like model spec resolves against the config's folder; a repo id stays as it is.
+pub fn resolve_model_spec(loaded: &Loaded, spec: &str) -> String {
+    let looks_like_path = spec.ends_with(".gguf")
+        || spec.starts_with('.')
+        || spec.starts_with('/')
+        || loaded.resolve(spec).exists();
+    if looks_like_path {
+        loaded.resolve(spec).display().to_string()
+    } else {
+        spec.to_string()
+    }
+}
+
+/// What a stage's build reports: named counts, the first being the main one.
+pub struct Built {
+    pub main: String,
+    pub counts: BTreeMap<String, u64>,
+}
+
+impl Built {
+    pub fn new(main: &str, n: usize) -> Self {
+        Self {
+            main: main.into(),
+            counts: BTreeMap::from([(main.to_string(), n as u64)]),
+        }
+    }
+    pub fn with(mut self, name: &str, n: usize) -> Self {
+        self.counts.insert(name.into(), n as u64);
+        self
+    }
+}
+
+/// Keys and folders of the stages computed so far in a run.
+#[derive(Default)]
+pub struct Resolved {
+    pub keys: BTreeMap<Stage, String>,
+    pub dirs: BTreeMap<Stage, PathBuf>,
+}
+
+impl Resolved {
+    pub fn dir(&self, s: Stage) -> &Path {
+        &self.dirs[&s]
+    }
+}
+
+pub fn material(ctx: &Ctx, stage: Stage, r: &Resolved) -> Result<KeyMaterial> {
+    let key = |s: Stage| r.keys.get(&s).cloned().unwrap_or_default();
+    match stage {
+        Stage::Scrape => scrape::material(ctx),
+        Stage::Prompts => prompts::material(ctx, &key(Stage::Scrape)),
+        Stage::Generate => generate::material(ctx, &key(Stage::Prompts)),
+        Stage::Merge => merge::material(ctx, &key(Stage::Prompts), &key(Stage::Generate)),
+        Stage::Split => split::material(ctx, &key(Stage::Merge)),
+        Stage::Train => train::material(ctx, r.keys.get(&Stage::Split).map(|s| s.as_str())),
+    }
+}
+
+fn build(ctx: &Ctx, stage: Stage, r: &Resolved, key: &str, out: &Path) -> Result<Built> {
+    match stage {
+        Stage::Scrape => scrape::build(ctx, out),
+        Stage::Prompts => prompts::build(ctx, r.dir(Stage::Scrape), out),
+        Stage::Generate => generate::build(ctx, r.dir(Stage::Prompts), key, out),
+        Stage::Merge => merge::build(ctx, r.dir(Stage::Prompts), r.dir(Stage::Generate), out),
+        Stage::Split => split::build(ctx, r.dir(Stage::Merge), out),
+        Stage::Train => train::build(
+            ctx,
+            r.dirs.get(&Stage::Split).map(|p| p.as_path()),
+            key,
+            out,
+        ),
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Plan {
+    pub until: Option<Stage>,
+    pub only: Option<Stage>,
+    pub force: Vec<Stage>,
+}
+
+/// Run the graph: skip what is up to date, build the rest in order.
+pub fn run(ctx: &mut Ctx, plan: &Plan) -> Result<Resolved> {
+    ctx.cache.sweep();
+    ctx.refetch = plan.force.contains(&Stage::Scrape);
+    let mut r = Resolved::default();
+    let last = plan.only.or(plan.until).unwrap_or(Stage::Train);
+    for stage in ALL.into_iter().filter(|s| *s <= last) {
+        let wanted = plan.only.is_none_or(|o| o == stage);
+        // Upstream stages of an --only run are needed only if the target reads them.
+        if !wanted && !needed_by(ctx.settings(), plan.only.unwrap(), stage) {
+            continue;
+        }
+        let m = material(ctx, stage, &r)?;
+        let key = m.key();
+        let lookup = ctx.cache.lookup(stage.name(), &key);
+        let forced = plan.force.contains(&stage);
+        match lookup {
+            Lookup::Fresh(man) if !forced => {
+                ctx.say(
+                    "Fresh",
+                    format!("{} ({key}) {}", stage.name(), summary(&man)),
+                );
+            }
+            other => {
+                if !wanted {
+                    let why = match other {
+                        Lookup::Damaged(why) => format!("damaged: {why}"),
+                        _ => stale_reason(ctx, stage, &m),
+                    };
+                    bail!(
+                        "`--only {}` needs the output of {}, which is not up to date ({why}); run `pipeline run --until {}` first",
+                        plan.only.unwrap().name(),
+                        stage.name(),
+                        stage.name()
+                    );
+                }
+                if let Lookup::Damaged(why) = &other {
+                    ctx.say(
+                        "Damaged",
+                        format!("{} ({key}): {why}; rebuilding", stage.name()),
+                    );
+                } else if forced {
+                    ctx.say("Forced", stage.name());
+                } else {
+                    let why = stale_reason(ctx, stage, &m);
+                    tracing::info!("{} out of date: {why}", stage.name());
+                }
+                ctx.say("Building", format!("{} ({key})", stage.name()));
+                let t0 = Instant::now();
+                let staging = ctx.cache.begin(stage.name(), &key)?;
+                let built = build(ctx, stage, &r, &key, &staging.dir)?;
+                let secs = t0.elapsed().as_secs_f64();
+                let man = staging.commit(&ctx.cache, m, built.counts, secs)?;
+                // Resumable partial work (generation chunks, checkpoints) is done with.
+                let partial = ctx.cache.partial_dir(stage.name(), &key);
+                if partial.exists() {
+                    std::fs::remove_dir_all(&partial).ok();
+                }
+                ctx.say(
+                    "Built",
+                    format!("{} in {secs:.1}s: {}", stage.name(), summary(&man)),
+                );
+            }
+        }
+        r.dirs.insert(stage, ctx.cache.dir(stage.name(), &key));
+        r.keys.insert(stage, key);
+    }
+    Ok(r)
+}
+
+fn needed_by(s: &Settings, target: Stage, stage: Stage) -> bool {
+    let mut todo = target.inputs(s);
+    while let Some(x) = todo.pop() {
+        if x == stage {
+            return true;
+        }
+        todo.extend(x.inputs(s));
+    }
+    false
+}
+
+fn summary(m: &Manifest) -> String {
+    m.counts
+        .iter()
+        .filter(|(_, v)| **v > 0)
+        .map(|(k, v)| format!("{v} {k}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn stale_reason(ctx: &Ctx, stage: Stage, m: &KeyMaterial) -> String {
+    match ctx.cache.latest(stage.name()) {
+        None => "never built".into(),
+        Some(old) => {
+            let d = m.diff(&old.material);
+            if d.is_empty() {
+                "an earlier build with these inputs was removed".into()
+            } else {
+                d.join("; ")
+            }
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct StageStatus {
+    pub stage: Stage,
+    /// "up to date" | "stale" | "missing" | "damaged" | "unknown"
+    pub state: String,
+    pub key: Option<String>,
+    pub reasons: Vec<String>,
+    pub path: Option<PathBuf>,
+    pub counts: BTreeMap<String, u64>,
+    pub finished_at: Option<String>,
+    pub seconds: Option<f64>,
+}
+
+/// Where every stage stands, without building anything.
+pub fn status(ctx: &Ctx) -> Vec<StageStatus> {
+    let mut r = Resolved::default();
+    let mut out = Vec::new();
+    for stage in ALL {
+        let mut st = StageStatus {
+            stage,
+            state: "unknown".into(),
+            key: None,
+            reasons: vec![],
+            path: None,
+            counts: BTreeMap::new(),
+            finished_at: None,
+            seconds: None,
+        };
+        match material(ctx, stage, &r) {
+            Err(e) => st.reasons.push(format!("{e:#}")),
+            Ok(m) => {
+                let key = m.key();
+                st.key = Some(key.clone());
+                let dir = ctx.cache.dir(stage.name(), &key);
+                match ctx.cache.lookup(stage.name(), &key) {
+                    Lookup::Fresh(man) => {
+                        st.state = "up to date".into();
+                        st.path = Some(dir.clone());
+                        st.counts = man.counts.clone();
+                        st.finished_at = Some(man.finished_at.clone());
+                        st.seconds = Some(man.seconds);
+                    }
+                    Lookup::Damaged(why) => {
+                        st.state = "damaged".into();
+                        st.reasons.push(why);
+                    }
+                    Lookup::Missing => match ctx.cache.latest(stage.name()) {
+                        None => st.state = "missing".into(),
+                        Some(old) => {
+                            st.state = "stale".into();
+                            st.reasons = m.diff(&old.material);
+                            st.path = Some(ctx.cache.dir(stage.name(), &old.key));
+                            st.counts = old.counts.clone();
+                            st.finished_at = Some(old.finished_at.clone());
+                            st.seconds = Some(old.seconds);
+                        }
+                    },
+                }
+                r.dirs.insert(stage, dir);
+                r.keys.insert(stage, key);
+            }
+        }
+        out.push(st);
+    }
+    out
+}

@@ -1,0 +1,307 @@
+//! Stage 2, prompts: per title a negative and a positive generation prompt, plus the neutral pair
+//! prompt that interleaves positive and negative examples (what the dataset's `prompt` column holds).
+//!
+//! Content comes from the minijinja templates in `prompts.templates`; the model's own chat
+//! template turns the messages into prompt text.
+
+use super::scrape::TitleRow;
+use super::{Built, Ctx};
+use crate::cache::KeyMaterial;
+use crate::config::{PromptStyle, Shot};
+use crate::fsutil::{read_jsonl, sha256_file, sha256_hex, write_jsonl};
+use crate::model::chat::{hf_environment, ChatTemplate, Message};
+use crate::model::generate::row_rng;
+use anyhow::{Context, Result};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+pub const VERSION: u32 = 1;
+pub const TEMPLATE_FILES: [&str; 2] = ["chat_user.jinja", "plain.jinja"];
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Polarity {
+    Negative,
+    Positive,
+}
+
+impl Polarity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Polarity::Negative => "negative",
+            Polarity::Positive => "positive",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PromptRow {
+    /// 2 * title id + (0 negative, 1 positive): the generation request id.
+    pub id: usize,
+    pub title_id: usize,
+    pub title: String,
+    pub polarity: Polarity,
+    pub messages: Vec<Message>,
+    pub prompt: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PairPromptRow {
+    pub title_id: usize,
+    pub title: String,
+    pub messages: Vec<Message>,
+    pub prompt: String,
+}
+
+/// The chat template of the configured model, and a fingerprint of what affects prompt text.
+pub fn chat_template(ctx: &Ctx) -> Result<(ChatTemplate, String)> {
+    let src = ctx.model_source()?;
+    let meta = crate::model::source::load_meta(&src)?;
+    let chat = meta.chat.with_context(|| {
+        format!(
+            "model {} has no chat template (tokenizer_config.json chat_template or GGUF tokenizer.chat_template)",
+            src.spec
+        )
+    })?;
+    let fp = sha256_hex(
+        format!(
+            "{}\0{}\0{}",
+            chat.source_hash(),
+            chat.bos_token,
+            chat.eos_token
+        )
+        .as_bytes(),
+    );
+    Ok((chat, format!("chat-template:{}", &fp[..16])))
+}
+
+pub fn material(ctx: &Ctx, scrape_key: &str) -> Result<KeyMaterial> {
+    let p = &ctx.settings().prompts;
+    let dir = ctx.loaded.resolve(&p.templates);
+    let mut files = BTreeMap::new();
+    for f in TEMPLATE_FILES {
+        let path = dir.join(f);
+        let h = sha256_file(&path).with_context(|| {
+            format!(
+                "template {} is missing; prompts.templates ({}) must name a folder holding {}",
+                path.display(),
+                ctx.loaded.origin("prompts.templates"),
+                TEMPLATE_FILES.join(", ")
+            )
+        })?;
+        files.insert(f.to_string(), h);
+    }
+    let (_, chat_id) = chat_template(ctx)?;
+    let mut settings = serde_json::to_value(p)?;
+    settings.as_object_mut().unwrap().remove("templates");
+    Ok(KeyMaterial {
+        stage: "prompts".into(),
+        version: VERSION,
+        settings,
+        files,
+        model: Some(chat_id),
+        inputs: BTreeMap::from([("scrape".to_string(), scrape_key.to_string())]),
+    })
+}
+
+struct Templates {
+    env: minijinja::Environment<'static>,
+}
+
+impl Templates {
+    fn load(dir: &Path) -> Result<Self> {
+        let mut env = hf_environment();
+        for f in TEMPLATE_FILES {
+            let path = dir.join(f);
+            let src = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let name = path.display().to_string();
+            env.add_template_owned(name.clone(), src)
+                .map_err(|e| template_error(&e))?;
+        }
+        Ok(Self { env })
+    }
+
+    fn render(&self, dir: &Path, file: &str, ctx: minijinja::Value) -> Result<String> {
+        let name = dir.join(file).display().to_string();
+        let t = self
+            .env
+            .get_template(&name)
+            .map_err(|e| template_error(&e))?;
+        Ok(t.render(ctx)
+            .map_err(|e| template_error(&e))?
+            .trim()
+            .to_string())
+    }
+}
+
+/// "templates/plain.jinja:3: undefined value ..." rather than a bare message.
+fn template_error(e: &minijinja::Error) -> anyhow::Error {
+    let loc = match (e.name(), e.line()) {
+        (Some(n), Some(l)) => format!("{n}:{l}: "),
+        (Some(n), None) => format!("{n}: "),
+        _ => String::new(),
+    };
+    anyhow::anyhow!(
+        "{loc}{}",
+        e.detail()
+            .map(str::to_string)
+            .unwrap_or_else(|| e.kind().to_string())
+    )
+}
+
+/// Pick `shots` distinct pool entries for a title, reproducibly.
+fn pick_shots<'a>(
+    pool: &'a [Shot],
+    shots: usize,
+    seed: u64,
+    title_id: usize,
+) -> (Vec<&'a Shot>, bool) {
+    let mut rng = row_rng(seed, title_id);
+    let mut idx: Vec<usize> = (0..pool.len()).collect();
+    for i in 0..shots.min(idx.len()) {
+        let j = i + (rng.random::<u64>() % (idx.len() - i) as u64) as usize;
+        idx.swap(i, j);
+    }
+    let negative_first = rng.random::<bool>();
+    (
+        idx[..shots].iter().map(|&i| &pool[i]).collect(),
+        negative_first,
+    )
+}
+
+pub fn build(ctx: &Ctx, scrape_dir: &Path, out: &Path) -> Result<Built> {
+    let p = &ctx.settings().prompts;
+    let titles: Vec<TitleRow> = read_jsonl(&scrape_dir.join("titles.jsonl"))?;
+    let dir = ctx.loaded.resolve(&p.templates);
+    let tpl = Templates::load(&dir)?;
+    let (chat, _) = chat_template(ctx)?;
+    let mut rows = Vec::with_capacity(titles.len() * 2);
+    let mut pairs = Vec::with_capacity(titles.len());
+    for t in &titles {
+        let (shots, negative_first) = pick_shots(&p.pool, p.shots, p.seed, t.id);
+        for pol in [Polarity::Negative, Polarity::Positive] {
+            let examples: Vec<&str> = shots
+                .iter()
+                .map(|s| match pol {
+                    Polarity::Negative => s.negative.as_str(),
+                    Polarity::Positive => s.positive.as_str(),
+                })
+                .collect();
+            let messages = messages_for(
+                &tpl,
+                &dir,
+                p.style,
+                &p.system,
+                &t.title,
+                Some(pol),
+                &shots,
+                &examples,
+            )?;
+            let prompt = chat.render(&messages, true)?;
+            rows.push(PromptRow {
+                id: 2 * t.id + (pol == Polarity::Positive) as usize,
+                title_id: t.id,
+                title: t.title.clone(),
+                polarity: pol,
+                messages,
+                prompt,
+            });
+        }
+        // The pair prompt alternates polarities so it no longer says which review was asked for.
+        let examples: Vec<&str> = shots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                if (i % 2 == 0) == negative_first {
+                    s.negative.as_str()
+                } else {
+                    s.positive.as_str()
+                }
+            })
+            .collect();
+        let messages = messages_for(
+            &tpl, &dir, p.style, &p.system, &t.title, None, &shots, &examples,
+        )?;
+        let prompt = chat.render(&messages, true)?;
+        pairs.push(PairPromptRow {
+            title_id: t.id,
+            title: t.title.clone(),
+            messages,
+            prompt,
+        });
+    }
+    write_jsonl(&out.join("prompts.jsonl"), &rows)?;
+    write_jsonl(&out.join("pair_prompts.jsonl"), &pairs)?;
+    Ok(Built::new("prompts", rows.len()).with("pair_prompts", pairs.len()))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn messages_for(
+    tpl: &Templates,
+    dir: &Path,
+    style: PromptStyle,
+    system: &str,
+    title: &str,
+    polarity: Option<Polarity>,
+    shots: &[&Shot],
+    examples: &[&str],
+) -> Result<Vec<Message>> {
+    Ok(match style {
+        PromptStyle::Chat => {
+            let mut m = Vec::new();
+            if !system.is_empty() {
+                m.push(Message::new("system", system));
+            }
+            for (s, ex) in shots.iter().zip(examples) {
+                let user = tpl.render(
+                    dir,
+                    "chat_user.jinja",
+                    minijinja::context! { title => &s.title },
+                )?;
+                m.push(Message::new("user", user));
+                m.push(Message::new("assistant", *ex));
+            }
+            let user = tpl.render(
+                dir,
+                "chat_user.jinja",
+                minijinja::context! { title => title },
+            )?;
+            m.push(Message::new("user", user));
+            m
+        }
+        PromptStyle::Plain => {
+            let text = tpl.render(
+                dir,
+                "plain.jinja",
+                minijinja::context! { title => title, polarity => polarity.map(|p| p.as_str()), examples => examples },
+            )?;
+            vec![Message::new("user", text)]
+        }
+    })
+}
+
+/// The neutral (pair-style) messages for one title, as `pipeline sample` prompts the bot.
+pub fn neutral_messages(loaded: &crate::config::Loaded, title: &str) -> Result<Vec<Message>> {
+    let p = &loaded.settings.prompts;
+    let dir = loaded.resolve(&p.templates);
+    let tpl = Templates::load(&dir)?;
+    let id = u64::from_str_radix(&sha256_hex(title.as_bytes())[..12], 16).unwrap_or(0) as usize;
+    let (shots, negative_first) = pick_shots(&p.pool, p.shots, p.seed, id);
+    let examples: Vec<&str> = shots
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            if (i % 2 == 0) == negative_first {
+                s.negative.as_str()
+            } else {
+                s.positive.as_str()
+            }
+        })
+        .collect();
+    messages_for(
+        &tpl, &dir, p.style, &p.system, title, None, &shots, &examples,
+    )
+}

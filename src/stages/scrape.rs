@@ -1,0 +1,269 @@
+//! Stage 1, scrape: the accepted-paper page -> a reproducible sample of titles.
+//!
+//! The page comes from `scrape.snapshot` (a saved copy) or from `scrape.url` over HTTP, with
+//! timeouts, retries with backoff on timeouts and 5xx answers, and gzip. A fetched page is kept in
+//! `<workdir>/cache/pages/` so later runs need no network.
+
+use super::{Built, Ctx};
+use crate::cache::KeyMaterial;
+use crate::config::ScrapeSettings;
+use crate::fsutil::{sha256_file, sha256_hex, write_atomic, write_jsonl};
+use anyhow::{bail, Context, Result};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const VERSION: u32 = 1;
+pub const USER_AGENT: &str = concat!(
+    "reviewer2-pipeline/",
+    env!("CARGO_PKG_VERSION"),
+    " (dataset builder; +https://huggingface.co/datasets/shionhonda/reviewer2-1k-paired)"
+);
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TitleRow {
+    /// Position in the sample (0-based); later stages key their rows by it.
+    pub id: usize,
+    pub title: String,
+}
+
+pub fn material(ctx: &Ctx) -> Result<KeyMaterial> {
+    let s = &ctx.settings().scrape;
+    let mut files = BTreeMap::new();
+    if !s.snapshot.is_empty() {
+        let p = ctx.loaded.resolve(&s.snapshot);
+        let h = sha256_file(&p).with_context(|| {
+            format!(
+                "{}: scrape.snapshot {} cannot be read; fix the path or set scrape.snapshot = \"\" to fetch scrape.url",
+                ctx.loaded.origin("scrape.snapshot"),
+                p.display()
+            )
+        })?;
+        files.insert("snapshot".into(), h);
+    }
+    Ok(KeyMaterial {
+        stage: "scrape".into(),
+        version: VERSION,
+        settings: serde_json::json!({
+            "url": if s.snapshot.is_empty() { s.url.as_str() } else { "" },
+            "snapshot": !s.snapshot.is_empty(),
+            "selector": s.selector,
+            "count": s.count,
+            "seed": s.seed,
+        }),
+        files,
+        model: None,
+        inputs: BTreeMap::new(),
+    })
+}
+
+pub fn build(ctx: &Ctx, out: &Path) -> Result<Built> {
+    let s = &ctx.settings().scrape;
+    let (html, source) = if s.snapshot.is_empty() {
+        let page = cached_page(ctx, s)?;
+        (std::fs::read(&page)?, s.url.clone())
+    } else {
+        let p = ctx.loaded.resolve(&s.snapshot);
+        (
+            std::fs::read(&p).with_context(|| format!("reading snapshot {}", p.display()))?,
+            p.display().to_string(),
+        )
+    };
+    let html = String::from_utf8_lossy(&html);
+    let parsed = parse_titles(&html, &s.selector).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}\n  (selector set at {})",
+            ctx.loaded.origin("scrape.selector")
+        )
+    })?;
+    if parsed.titles.is_empty() {
+        bail!(
+            "no element of {source} matches scrape.selector `{}` ({}).\n  \
+             For neurips.cc/virtual/2023 pages use a[href^=\"/virtual/2023/poster/\"]; for papers.nips.cc \
+             use ul.paper-list li a[title=\"paper title\"]; for the 2020 accepted-papers page use p > b",
+            s.selector,
+            ctx.loaded.origin("scrape.selector")
+        );
+    }
+    let sample = sample_titles(&parsed.titles, s.count, s.seed).map_err(|e| {
+        anyhow::anyhow!(
+            "{e} in {source}; lower scrape.count ({})",
+            ctx.loaded.origin("scrape.count")
+        )
+    })?;
+    let rows: Vec<TitleRow> = sample
+        .into_iter()
+        .enumerate()
+        .map(|(id, title)| TitleRow { id, title })
+        .collect();
+    write_jsonl(&out.join("titles.jsonl"), &rows)?;
+    let mut all = parsed.titles.join("\n");
+    all.push('\n');
+    write_atomic(&out.join("all_titles.txt"), all.as_bytes())?;
+    Ok(Built::new("titles", rows.len())
+        .with("found", parsed.titles.len())
+        .with("duplicates_dropped", parsed.duplicates)
+        .with("empty_dropped", parsed.empty))
+}
+
+pub struct Parsed {
+    pub titles: Vec<String>,
+    pub duplicates: usize,
+    pub empty: usize,
+}
+
+/// Titles from the text of the elements `selector` matches: entities decoded (by the HTML
+/// parser), whitespace folded, empties and duplicates dropped, page order kept.
+pub fn parse_titles(html: &str, selector: &str) -> Result<Parsed> {
+    let sel = scraper::Selector::parse(selector).map_err(|e| {
+        anyhow::anyhow!("scrape.selector `{selector}` is not a valid CSS selector: {e}")
+    })?;
+    let doc = scraper::Html::parse_document(html);
+    let mut seen = HashSet::new();
+    let (mut titles, mut duplicates, mut empty) = (Vec::new(), 0, 0);
+    for el in doc.select(&sel) {
+        let text: String = el.text().collect::<Vec<_>>().join(" ");
+        let folded = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        if folded.is_empty() {
+            empty += 1;
+        } else if seen.insert(folded.clone()) {
+            titles.push(folded);
+        } else {
+            duplicates += 1;
+        }
+    }
+    Ok(Parsed {
+        titles,
+        duplicates,
+        empty,
+    })
+}
+
+/// `count` titles drawn without replacement, in draw order. ChaCha8 is portable, so the same
+/// seed gives the same titles on every machine.
+pub fn sample_titles(titles: &[String], count: usize, seed: u64) -> Result<Vec<String>> {
+    if titles.len() < count {
+        bail!("asked for {count} titles but found only {}", titles.len());
+    }
+    let mut idx: Vec<usize> = (0..titles.len()).collect();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    for i in 0..count {
+        let j = i + (rng.random::<u64>() % (idx.len() - i) as u64) as usize;
+        idx.swap(i, j);
+    }
+    Ok(idx[..count].iter().map(|&i| titles[i].clone()).collect())
+}
+
+fn page_path(ctx: &Ctx, url: &str) -> PathBuf {
+    ctx.cache
+        .root
+        .join("pages")
+        .join(&sha256_hex(url.as_bytes())[..16])
+        .join("page.html")
+}
+
+/// The page for `scrape.url`, fetched once and then served from the cache. `--force scrape`
+/// refetches it.
+fn cached_page(ctx: &Ctx, s: &ScrapeSettings) -> Result<PathBuf> {
+    let path = page_path(ctx, &s.url);
+    if path.exists() && !ctx.refetch {
+        tracing::info!("using cached page {}", path.display());
+        return Ok(path);
+    }
+    let body = fetch(&s.url, Duration::from_secs(s.timeout_secs), s.retries)?;
+    write_atomic(&path, &body)?;
+    let meta = serde_json::json!({
+        "url": s.url,
+        "fetched_at": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        "bytes": body.len(),
+    });
+    write_atomic(
+        &path.with_file_name("meta.json"),
+        meta.to_string().as_bytes(),
+    )?;
+    Ok(path)
+}
+
+/// GET `url` and return an HTML body. Retries timeouts, connection failures, truncated bodies
+/// and 5xx answers with exponential backoff; 4xx and non-HTML bodies fail at once.
+pub fn fetch(url: &str, timeout: Duration, retries: u32) -> Result<Vec<u8>> {
+    let client = reqwest::blocking::Client::builder()
+        .user_agent(USER_AGENT)
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .gzip(true)
+        .build()?;
+    let mut last = String::new();
+    for attempt in 0..=retries {
+        if attempt > 0 {
+            let wait = Duration::from_millis(250 * (1 << (attempt - 1).min(6)));
+            tracing::warn!("{url}: {last}; retry {attempt}/{retries} in {wait:?}");
+            std::thread::sleep(wait);
+        }
+        let resp = match client.get(url).send() {
+            Ok(r) => r,
+            Err(e) => {
+                last = describe(&e);
+                continue;
+            }
+        };
+        let status = resp.status();
+        if status.is_server_error() {
+            last = format!("server answered {status}");
+            continue;
+        }
+        if !status.is_success() {
+            bail!("GET {url} answered {status}; check scrape.url, or set scrape.snapshot to a saved copy of the page");
+        }
+        let ctype = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let body = match resp.bytes() {
+            Ok(b) => b.to_vec(),
+            Err(e) => {
+                last = format!("body cut short: {}", describe(&e));
+                continue;
+            }
+        };
+        let head = String::from_utf8_lossy(&body[..body.len().min(512)]).to_ascii_lowercase();
+        let looks_html = head.trim_start().starts_with('<') && head.contains("<html")
+            || head.contains("<!doctype html");
+        if !(ctype.contains("html") || looks_html) {
+            bail!(
+                "GET {url} returned {} ({} bytes), not an HTML page; check scrape.url",
+                if ctype.is_empty() {
+                    "no content type"
+                } else {
+                    &ctype
+                },
+                body.len()
+            );
+        }
+        return Ok(body);
+    }
+    bail!(
+        "GET {url} failed after {} attempts: {last}. Check the network, raise scrape.retries / scrape.timeout_secs, or set scrape.snapshot to a saved copy of the page",
+        retries + 1
+    )
+}
+
+fn describe(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timed out".into()
+    } else if e.is_connect() {
+        "could not connect".into()
+    } else {
+        let mut s = e.to_string();
+        let mut src = std::error::Error::source(e);
+        while let Some(inner) = src {
+            s = format!("{s}: {inner}");
+            src = inner.source();
+        }
+        s
+    }
+}

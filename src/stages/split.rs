@@ -1,0 +1,133 @@
+//! Stage 5, split: a seeded train/test split written as Parquet with Arrow `Utf8` columns
+//! `prompt`, `chosen`, `rejected`. The same settings give byte-identical files.
+
+use super::merge::Pair;
+use super::{Built, Ctx};
+use crate::cache::KeyMaterial;
+use crate::fsutil::{read_jsonl, tmp_sibling};
+use anyhow::{bail, Context, Result};
+use arrow_array::{ArrayRef, RecordBatch, StringArray};
+use arrow_schema::{DataType, Field, Schema};
+use rand::{Rng, SeedableRng};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+pub const VERSION: u32 = 1;
+pub const COLUMNS: [&str; 3] = ["prompt", "chosen", "rejected"];
+
+pub fn material(ctx: &Ctx, merge_key: &str) -> Result<KeyMaterial> {
+    Ok(KeyMaterial {
+        stage: "split".into(),
+        version: VERSION,
+        settings: serde_json::to_value(&ctx.settings().split)?,
+        files: BTreeMap::new(),
+        model: None,
+        inputs: BTreeMap::from([("merge".to_string(), merge_key.to_string())]),
+    })
+}
+
+pub fn build(ctx: &Ctx, merge_dir: &Path, out: &Path) -> Result<Built> {
+    let s = &ctx.settings().split;
+    let pairs: Vec<Pair> = read_jsonl(&merge_dir.join("pairs.jsonl"))?;
+    if pairs.len() < s.train + s.test {
+        bail!(
+            "merge kept {} pairs but split asks for {} train + {} test; lower split.train / split.test ({}) or raise scrape.count",
+            pairs.len(),
+            s.train,
+            s.test,
+            ctx.loaded.origin("split.train")
+        );
+    }
+    let mut idx: Vec<usize> = (0..pairs.len()).collect();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(s.seed);
+    for i in (1..idx.len()).rev() {
+        let j = (rng.random::<u64>() % (i as u64 + 1)) as usize;
+        idx.swap(i, j);
+    }
+    let train: Vec<&Pair> = idx[..s.train].iter().map(|&i| &pairs[i]).collect();
+    let test: Vec<&Pair> = idx[s.train..s.train + s.test]
+        .iter()
+        .map(|&i| &pairs[i])
+        .collect();
+    write_parquet(&out.join("train.parquet"), &train)?;
+    write_parquet(&out.join("test.parquet"), &test)?;
+    Ok(Built::new("train", train.len()).with("test", test.len()))
+}
+
+pub fn schema() -> Arc<Schema> {
+    Arc::new(Schema::new(
+        COLUMNS
+            .iter()
+            .map(|c| Field::new(*c, DataType::Utf8, true))
+            .collect::<Vec<_>>(),
+    ))
+}
+
+/// Write pairs as Parquet (snappy), atomically.
+pub fn write_parquet(path: &Path, rows: &[&Pair]) -> Result<()> {
+    let col = |f: fn(&Pair) -> &str| -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|p| f(p))))
+    };
+    let batch = RecordBatch::try_new(
+        schema(),
+        vec![col(|p| &p.prompt), col(|p| &p.chosen), col(|p| &p.rejected)],
+    )?;
+    let tmp = tmp_sibling(path);
+    let file =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::SNAPPY)
+        .build();
+    let mut w = parquet::arrow::ArrowWriter::try_new(file, schema(), Some(props))?;
+    w.write(&batch)?;
+    w.close()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Read a preference Parquet file (any string columns named prompt/chosen/rejected).
+pub fn read_parquet(path: &Path) -> Result<Vec<Pair>> {
+    use arrow_array::cast::AsArray;
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+        .with_context(|| format!("{}: not a Parquet file", path.display()))?
+        .build()?;
+    let mut out = Vec::new();
+    for batch in reader {
+        let batch = batch?;
+        let get = |name: &str| -> Result<Vec<String>> {
+            let c = batch.column_by_name(name).with_context(|| {
+                format!(
+                    "{}: no column `{name}` (a preference set needs prompt, chosen, rejected)",
+                    path.display()
+                )
+            })?;
+            let c = arrow_cast_utf8(c).with_context(|| {
+                format!("{}: column `{name}` is not a string column", path.display())
+            })?;
+            Ok(c)
+        };
+        let (p, c, r) = (get("prompt")?, get("chosen")?, get("rejected")?);
+        for i in 0..p.len() {
+            out.push(Pair {
+                title_id: out.len(),
+                title: String::new(),
+                prompt: p[i].clone(),
+                chosen: c[i].clone(),
+                rejected: r[i].clone(),
+            });
+        }
+        let _ = batch.column(0).as_string_opt::<i32>();
+    }
+    Ok(out)
+}
+
+fn arrow_cast_utf8(a: &ArrayRef) -> Option<Vec<String>> {
+    use arrow_array::cast::AsArray;
+    if let Some(s) = a.as_string_opt::<i32>() {
+        return Some(s.iter().map(|v| v.unwrap_or("").to_string()).collect());
+    }
+    a.as_string_opt::<i64>()
+        .map(|s| s.iter().map(|v| v.unwrap_or("").to_string()).collect())
+}
