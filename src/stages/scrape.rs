@@ -108,6 +108,7 @@ pub fn build(ctx: &Ctx, out: &Path) -> Result<Built> {
         .with("empty_dropped", parsed.empty))
 }
 
+#[derive(Debug)]
 pub struct Parsed {
     pub titles: Vec<String>,
     pub duplicates: usize,

