@@ -138,6 +138,8 @@ struct Row {
     out: Vec<u32>,
     /// Sampled, not yet fed to the model.
     pending: u32,
+    /// `pending` has been appended to `out` (or ended the row) already.
+    consumed: bool,
 }
 
 /// Generate for every request; `on_done` gets each output as soon as its row finishes.
@@ -182,6 +184,7 @@ pub fn generate(
                     rng,
                     out: Vec::new(),
                     pending: next,
+                    consumed: false,
                 });
             }
             match cache.as_mut() {
@@ -204,7 +207,8 @@ pub fn generate(
                     start.extend(sub_start);
                 }
             }
-            debug_assert_eq!(rows.len(), first + start.len() - first);
+            debug_assert_eq!(rows.len(), start.len());
+            let _ = first;
         }
         if rows.is_empty() {
             break;
@@ -213,6 +217,12 @@ pub fn generate(
         let mut keep = Vec::with_capacity(rows.len());
         let mut done = Vec::new();
         for (i, r) in rows.iter_mut().enumerate() {
+            if r.consumed {
+                // Consumed before a refill interrupted this step: it waits for the decode step.
+                keep.push(i);
+                continue;
+            }
+            r.consumed = true;
             let t = r.pending;
             if tok.is_stop(t) {
                 done.push((i, Finish::Eos));
@@ -276,6 +286,7 @@ pub fn generate(
         let logits: Vec<Vec<f32>> = logits.to_vec2()?;
         for (r, lg) in rows.iter_mut().zip(logits) {
             r.pending = sample(&lg, s, &mut r.rng);
+            r.consumed = false;
         }
         stats.decode_secs += t0.elapsed().as_secs_f64();
         stats.decode_steps += 1;

@@ -1,0 +1,434 @@
+//! The model engine against references nobody here wrote, on the real SmolLM2 model:
+//! candle-transformers' quantized_llama logits, solo-vs-padded greedy decoding, the tokenizer,
+//! and loading from an HF folder and from the hub cache layout.
+
+mod common;
+use candle_core::{DType, Device, Tensor, D};
+use common::*;
+use reviewer2::model::generate::{generate, Request, Sampling};
+use reviewer2::model::llama::{build_mask, build_positions, Mode};
+use reviewer2::model::source::{load_meta, resolve};
+use reviewer2::model::{LoadOptions, Model, WeightsMode};
+
+fn load(weights: WeightsMode) -> Model {
+    let src = resolve(smollm2().to_str().unwrap(), "main").unwrap();
+    Model::load(
+        &src,
+        &LoadOptions {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            weights,
+        },
+    )
+    .unwrap()
+}
+
+fn chat_prompt(m: &Model, title: &str) -> Vec<u32> {
+    use reviewer2::model::chat::Message;
+    let msgs = vec![
+        Message::new(
+            "system",
+            "You are an experienced researcher and a reviewer of scientific papers.",
+        ),
+        Message::new("user", title),
+    ];
+    let text = m.meta.chat.as_ref().unwrap().render(&msgs, true).unwrap();
+    m.meta.tok.encode(&text, true).unwrap()
+}
+
+#[test]
+fn logits_match_candle_transformers_quantized_llama() {
+    let m = load(WeightsMode::Quantized);
+    let ids = chat_prompt(&m, "Scaling Laws for Reward Model Overoptimization");
+    let t = ids.len();
+    // Reference: candle-transformers' own GGUF Llama, position by position (it returns only the
+    // last position's logits, so feed the prompt one token at a time through its KV cache).
+    let path = smollm2();
+    let mut f = std::fs::File::open(&path).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+    let mut reference = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
+        content,
+        &mut f,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut ref_rows = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let x = Tensor::new(&[*id], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let lg = reference.forward(&x, i).unwrap().squeeze(0).unwrap();
+        ref_rows.push(lg);
+    }
+    let ref_logits = Tensor::stack(&ref_rows, 0).unwrap(); // [T, V]
+                                                           // Ours, the same way: one token at a time through our KV cache (candle's quantized matmul
+                                                           // takes another code path for a single row than for many, so compare like with like).
+    let dev = Device::Cpu;
+    let mut cache = reviewer2::model::llama::KvCache::new(&m.llama, 1, 8).unwrap();
+    let mut rows = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let x = Tensor::new(&[[*id]], &dev).unwrap();
+        let mask = build_mask(&[0], i, 1, DType::F32, &dev).unwrap();
+        let pos = build_positions(&[0], i, 1, &dev).unwrap();
+        rows.push(
+            m.llama
+                .forward(&x, &pos, &mask, Some(&mut cache), false, Mode::infer())
+                .unwrap()
+                .squeeze(0)
+                .unwrap(),
+        );
+    }
+    let ours = Tensor::stack(&rows, 0).unwrap();
+    let diff: f32 = (ours.clone() - &ref_logits)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    let a: Vec<u32> = ours.argmax(D::Minus1).unwrap().to_vec1().unwrap();
+    let b: Vec<u32> = ref_logits.argmax(D::Minus1).unwrap().to_vec1().unwrap();
+    assert_eq!(a, b, "argmax differs at some of {t} positions");
+    assert!(diff < 1e-3, "max |logit diff| = {diff}");
+    // A whole-prompt pass (many rows per quantized matmul) agrees up to that kernel's rounding.
+    let x = Tensor::new(ids.as_slice(), &dev)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let whole = m
+        .llama
+        .forward_all(&x, Mode::infer())
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let d2: f32 = (whole - &ref_logits)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    eprintln!("token-by-token max diff {diff}, whole-prompt max diff {d2}");
+    assert!(d2 < 2.0, "whole-prompt max |logit diff| = {d2}");
+}
+
+#[test]
+fn training_mode_forward_matches_inference_mode() {
+    let m = load(WeightsMode::Dense);
+    let ids = chat_prompt(&m, "Direct Preference Optimization");
+    let x = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let a = m.llama.forward_all(&x, Mode::infer()).unwrap();
+    let b = m
+        .llama
+        .forward_all(
+            &x,
+            Mode {
+                train: true,
+                lora: true,
+                dropout_seed: None,
+            },
+        )
+        .unwrap();
+    let diff: f32 = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(diff < 1e-3, "composed ops differ from fused ones by {diff}");
+}
+
+#[test]
+fn left_padded_rows_match_their_solo_runs() {
+    for w in [WeightsMode::Dense, WeightsMode::Quantized] {
+        let m = load(w);
+        let titles = [
+            "Attention",
+            "Tree of Thoughts: Deliberate Problem Solving with Large Language Models",
+            "QLoRA: Efficient Finetuning of Quantized LLMs",
+            "Visual Instruction Tuning",
+            "Are Emergent Abilities of Large Language Models a Mirage?",
+        ];
+        let reqs: Vec<Request> = titles
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Request {
+                id: i,
+                ids: chat_prompt(&m, t),
+            })
+            .collect();
+        let s = Sampling::greedy(24);
+        let run = |bs: usize, rs: Vec<Request>| {
+            let mut out = vec![Vec::new(); titles.len()];
+            generate(&m, rs, &s, bs, |o, _| {
+                out[o.id] = o.tokens;
+                Ok(())
+            })
+            .unwrap();
+            out
+        };
+        let solo: Vec<Vec<u32>> = reqs
+            .iter()
+            .map(|r| run(1, vec![r.clone()])[r.id].clone())
+            .collect();
+        // All in one padded batch, and a batch of 2 where rows are refilled as others finish.
+        if w == WeightsMode::Dense {
+            // Dense weights (what batches use): every padded or refilled row equals its solo run.
+            assert_eq!(
+                run(5, reqs.clone()),
+                solo,
+                "{w:?}: batch 5 differs from solo runs"
+            );
+            assert_eq!(
+                run(2, reqs.clone()),
+                solo,
+                "{w:?}: batch 2 with refills differs from solo runs"
+            );
+        }
+        // Quantized weights: candle's QMatMul rounds differently for one row than for several,
+        // so decoding at batch 1 vs batch 5 may part ways at near-ties; the padded prefill below
+        // (many rows in both cases) must still agree.
+        assert!(solo.iter().all(|t| !t.is_empty()));
+        // And the logits themselves agree closely.
+        let (a, b) = (&reqs[0].ids, &reqs[1].ids);
+        let l = a.len().max(b.len());
+        let mut ids = vec![0u32; 2 * l];
+        ids[l - a.len()..l].copy_from_slice(a);
+        ids[2 * l - b.len()..].copy_from_slice(b);
+        let start = [l - a.len(), l - b.len()];
+        let dev = Device::Cpu;
+        let ids = Tensor::from_vec(ids, (2, l), &dev).unwrap();
+        let mask = build_mask(&start, 0, l, DType::F32, &dev).unwrap();
+        let pos = build_positions(&start, 0, l, &dev).unwrap();
+        let batched = m
+            .llama
+            .forward(&ids, &pos, &mask, None, false, Mode::infer())
+            .unwrap();
+        let solo_a = m
+            .llama
+            .forward_all(
+                &Tensor::new(a.as_slice(), &dev)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+                Mode::infer(),
+            )
+            .unwrap();
+        let last = solo_a
+            .narrow(1, a.len() - 1, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap();
+        let d: f32 = (batched.get(0).unwrap() - last)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(d < 1e-3, "{w:?}: padded row logits differ by {d}");
+    }
+}
+
+#[test]
+fn tokenizer_encodes_the_chat_prompt_as_the_model_expects() {
+    let src = resolve(smollm2().to_str().unwrap(), "main").unwrap();
+    let meta = load_meta(&src).unwrap();
+    let tok = &meta.tok;
+    // Special tokens are single ids; SmolLM2 needs no BOS.
+    let start = tok.token_to_id("<|im_start|>").unwrap();
+    let end = tok.token_to_id("<|im_end|>").unwrap();
+    assert_eq!((start, end), (1, 2));
+    assert!(!tok.add_bos);
+    assert!(tok.is_stop(end));
+    use reviewer2::model::chat::Message;
+    let text = meta
+        .chat
+        .as_ref()
+        .unwrap()
+        .render(&[Message::new("user", "Hello 2023 world")], true)
+        .unwrap();
+    // SmolLM2's template adds its default system turn when the first message is not a system one.
+    assert_eq!(
+        text,
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+         <|im_start|>user\nHello 2023 world<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let ids = tok.encode(&text, true).unwrap();
+    assert_eq!(ids[0], start);
+    assert_eq!(ids.iter().filter(|&&i| i == start).count(), 3);
+    assert_eq!(ids.iter().filter(|&&i| i == end).count(), 2);
+    // Digits are split one by one, and no prefix space appears after a special token.
+    let pieces: Vec<String> = ids
+        .iter()
+        .map(|&i| tok.inner.id_to_token(i).unwrap())
+        .collect();
+    assert_eq!(pieces[1], "system", "{pieces:?}");
+    for d in ["2", "0", "3"] {
+        assert!(pieces.iter().any(|p| p == d), "{pieces:?}");
+    }
+    assert!(!pieces.iter().any(|p| p.contains("2023")), "{pieces:?}");
+    assert_eq!(
+        tok.decode(&ids, false).unwrap(),
+        text,
+        "decode does not round-trip"
+    );
+    let odd = "Ünïcödé — “quotes” & emoji 🦀 tabs\tand  double  spaces";
+    assert_eq!(
+        tok.decode(&tok.encode(odd, false).unwrap(), false).unwrap(),
+        odd
+    );
+}
+
+/// A tiny random Llama written as an HF folder: safetensors + config + tokenizer.json.
+fn tiny_folder(dir: &std::path::Path) -> reviewer2::model::config::LlamaConfig {
+    let src = resolve(smollm2().to_str().unwrap(), "main").unwrap();
+    let meta = load_meta(&src).unwrap();
+    let cfg = reviewer2::model::config::LlamaConfig {
+        vocab_size: meta.config.vocab_size,
+        hidden_size: 64,
+        intermediate_size: 128,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 16,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        max_position_embeddings: 512,
+        tie_word_embeddings: true,
+    };
+    let t = reviewer2::model::random_hf_tensors(&cfg, 7, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_vec_pretty(&cfg.to_hf_json()).unwrap(),
+    )
+    .unwrap();
+    meta.tok
+        .inner
+        .save(dir.join("tokenizer.json"), false)
+        .unwrap();
+    let tc = serde_json::json!({
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": false,
+        "chat_template": meta.chat.as_ref().unwrap().source(),
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
+    cfg
+}
+
+fn greedy(m: &Model) -> Vec<u32> {
+    let ids = chat_prompt(m, "A title");
+    let mut out = Vec::new();
+    generate(
+        m,
+        vec![Request { id: 0, ids }],
+        &Sampling::greedy(8),
+        1,
+        |o, _| {
+            out = o.tokens;
+            Ok(())
+        },
+    )
+    .unwrap();
+    out
+}
+
+#[test]
+fn loads_and_generates_from_an_hf_folder_and_the_hub_cache() {
+    let d = tempdir();
+    let folder = d.path().join("tiny");
+    std::fs::create_dir_all(&folder).unwrap();
+    tiny_folder(&folder);
+    let src = resolve(folder.to_str().unwrap(), "main").unwrap();
+    assert!(src.identity.starts_with("folder:"));
+    let m = Model::load(&src, &LoadOptions::cpu_f32()).unwrap();
+    let a = greedy(&m);
+    assert_eq!(a.len(), 8);
+
+    // The same files laid out as hf-hub's cache: models--org--name/{refs/main, snapshots/<sha>/}.
+    let hub = d.path().join("hf/hub/models--tiny-org--tiny-llama");
+    let sha = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::create_dir_all(hub.join("refs")).unwrap();
+    std::fs::write(hub.join("refs/main"), sha).unwrap();
+    let snap = hub.join("snapshots").join(sha);
+    std::fs::create_dir_all(&snap).unwrap();
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+    ] {
+        std::fs::copy(folder.join(f), snap.join(f)).unwrap();
+    }
+    // hf-hub reads HF_HOME; set it for this process only (no other test here reads it).
+    std::env::set_var("HF_HOME", d.path().join("hf"));
+    std::env::set_var("HF_HUB_OFFLINE", "1");
+    let src = resolve("tiny-org/tiny-llama", "main").unwrap();
+    assert_eq!(src.identity, format!("hub:tiny-org/tiny-llama@{sha}"));
+    let m2 = Model::load(&src, &LoadOptions::cpu_f32()).unwrap();
+    assert_eq!(greedy(&m2), a);
+    let e = resolve("tiny-org/absent", "main").unwrap_err().to_string();
+    assert!(
+        e.contains("not in the Hugging Face cache") && e.contains("HF_HUB_OFFLINE"),
+        "{e}"
+    );
+    std::env::remove_var("HF_HUB_OFFLINE");
+}
+
+#[test]
+fn unsupported_architectures_are_named() {
+    let d = tempdir();
+    std::fs::write(d.path().join("config.json"), r#"{"model_type": "gpt2", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2}"#).unwrap();
+    let e = reviewer2::model::config::LlamaConfig::from_hf_json(&d.path().join("config.json"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("unsupported architecture") && e.contains("gpt2"),
+        "{e}"
+    );
+}
+
+#[test]
+fn sampling_respects_top_k_and_is_seeded_per_prompt() {
+    use reviewer2::model::generate::{row_rng, sample};
+    let logits: Vec<f32> = (0..100).map(|i| i as f32 / 10.0).collect();
+    let s = Sampling {
+        temperature: 1.0,
+        top_k: 3,
+        top_p: 1.0,
+        max_new_tokens: 1,
+        seed: 0,
+    };
+    let mut rng = row_rng(5, 9);
+    for _ in 0..200 {
+        assert!(sample(&logits, &s, &mut rng) >= 97);
+    }
+    let s = Sampling {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 0.5,
+        max_new_tokens: 1,
+        seed: 0,
+    };
+    let draws: Vec<u32> = (0..20)
+        .map(|_| sample(&logits, &s, &mut row_rng(1, 2)))
+        .collect();
+    assert!(
+        draws.windows(2).all(|w| w[0] == w[1]),
+        "same (seed, id) must give the same draw"
+    );
+    let mut r = row_rng(1, 3);
+    assert!(
+        (0..200).all(|_| sample(&logits, &s, &mut r) >= 93),
+        "top-p 0.5 keeps the top few"
+    );
+}
