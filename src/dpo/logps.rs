@@ -73,13 +73,18 @@ pub fn sequence_logps(
         .lm_head
         .forward(&sel.unsqueeze(0)?, mode, 0xffff)?
         .squeeze(0)?
-        .to_dtype(DType::F32)?; // [M, V]
+        .to_dtype(crate::model::llama::accum_dtype(model.dtype))?; // [M, V]
     let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let tgt = Tensor::from_vec(targets, (m, 1), dev)?;
     let tok_lp = lsm.gather(&tgt, 1)?; // [M, 1]
-    let seg = Tensor::from_vec(seg, (n, m), dev)?;
+    let dt = crate::model::llama::accum_dtype(model.dtype);
+    let seg = Tensor::from_vec(seg, (n, m), dev)?.to_dtype(dt)?;
     let logps = seg.matmul(&tok_lp)?.squeeze(1)?; // [N]
-    let per_tok_mean: Vec<f32> = logits.detach().mean(D::Minus1)?.to_vec1()?;
+    let per_tok_mean: Vec<f32> = logits
+        .detach()
+        .mean(D::Minus1)?
+        .to_dtype(DType::F32)?
+        .to_vec1()?;
     let mut mean_logits = vec![0f32; n];
     for (k, &i) in owner.iter().enumerate() {
         mean_logits[i] += per_tok_mean[k] / tokens[i] as f32;

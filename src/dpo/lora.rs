@@ -5,7 +5,7 @@
 use crate::config::LoraSettings;
 use crate::model::llama::Llama;
 use anyhow::Result;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 use rand::{Rng, SeedableRng};
 
 pub struct Lora {
@@ -19,7 +19,7 @@ impl Lora {
     /// x: [N, in] -> [N, out] (the adapter's contribution only).
     pub fn forward(&self, x: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
         let dt = x.dtype();
-        let mut x = x.to_dtype(DType::F32)?;
+        let mut x = x.to_dtype(self.a.dtype())?;
         if let (Some(seed), true) = (dropout_seed, self.dropout > 0.0) {
             let (n, i) = x.dims2()?;
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -33,7 +33,7 @@ impl Lora {
                     }
                 })
                 .collect();
-            let mask = Tensor::from_vec(mask, (n, i), x.device())?;
+            let mask = Tensor::from_vec(mask, (n, i), x.device())?.to_dtype(x.dtype())?;
             x = (x * mask)?;
         }
         let h = x.matmul(&self.a.as_tensor().t()?)?; // [N, r]
@@ -46,6 +46,8 @@ impl Lora {
 pub fn attach(model: &mut Llama, s: &LoraSettings, seed: u64) -> Result<()> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let dev = model.device.clone();
+    // f32 adapters on f32 / bf16 bases; f64 on f64 (gradient checks).
+    let dt = crate::model::llama::accum_dtype(model.dtype);
     for layer in model.layers.iter_mut() {
         for (name, lin) in layer.named_mut() {
             let short = name.rsplit('.').next().unwrap();
@@ -57,8 +59,10 @@ pub fn attach(model: &mut Llama, s: &LoraSettings, seed: u64) -> Result<()> {
             let a: Vec<f32> = (0..s.r * lin.in_features)
                 .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * bound)
                 .collect();
-            let a = Var::from_tensor(&Tensor::from_vec(a, (s.r, lin.in_features), &dev)?)?;
-            let b = Var::zeros((lin.out_features, s.r), DType::F32, &dev)?;
+            let a = Var::from_tensor(
+                &Tensor::from_vec(a, (s.r, lin.in_features), &dev)?.to_dtype(dt)?,
+            )?;
+            let b = Var::zeros((lin.out_features, s.r), dt, &dev)?;
             lin.lora = Some(Lora {
                 a,
                 b,

@@ -3,7 +3,7 @@
 //! robust `(-(1-e) log s(bx) + e log s(-bx)) / (1-2e)`. Rewards are `b (log pi - log ref)`.
 
 use anyhow::{bail, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 /// log(sigmoid(z)) = min(z, 0) - log(1 + exp(-|z|)), stable for any z.
 pub fn log_sigmoid(z: &Tensor) -> Result<Tensor> {
@@ -50,8 +50,12 @@ pub fn dpo_loss(
     };
     Ok(PairLoss {
         loss: per.mean_all()?,
-        chosen_rewards: ((pc - rc)?.detach() * beta)?.to_vec1()?,
-        rejected_rewards: ((pr - rr)?.detach() * beta)?.to_vec1()?,
+        chosen_rewards: ((pc - rc)?.detach() * beta)?
+            .to_dtype(DType::F32)?
+            .to_vec1()?,
+        rejected_rewards: ((pr - rr)?.detach() * beta)?
+            .to_dtype(DType::F32)?
+            .to_vec1()?,
     })
 }
 
@@ -60,10 +64,10 @@ pub fn dpo_loss(
 pub fn kto_loss(beta: f64, p: &Tensor, r: &Tensor, labels: &[bool], z: f64) -> Result<PairLoss> {
     let lr = (p - r)?;
     let sign: Vec<f32> = labels.iter().map(|&d| if d { 1.0 } else { -1.0 }).collect();
-    let sign = Tensor::from_vec(sign, labels.len(), p.device())?;
+    let sign = Tensor::from_vec(sign, labels.len(), p.device())?.to_dtype(p.dtype())?;
     let arg = (((&lr - z)? * &sign)? * beta)?;
     let per = (candle_nn::ops::sigmoid(&arg)?.neg()? + 1.0)?;
-    let rewards: Vec<f32> = (lr.detach() * beta)?.to_vec1()?;
+    let rewards: Vec<f32> = (lr.detach() * beta)?.to_dtype(DType::F32)?.to_vec1()?;
     let (mut c, mut rj) = (Vec::new(), Vec::new());
     for (rw, &d) in rewards.iter().zip(labels) {
         if d {

@@ -11,7 +11,7 @@ use crate::config::TrainSettings;
 use crate::model::llama::Mode;
 use crate::model::Model;
 use anyhow::{bail, Context, Result};
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -76,6 +76,7 @@ pub fn reference_logps(
         seqs.extend(chunk.iter().map(|e| (&e.prompt[..], &e.rejected[..])));
         let lp: Vec<f32> = sequence_logps(&model.llama, &seqs, mode, average)?
             .logps
+            .to_dtype(DType::F32)?
             .to_vec1()?;
         for i in 0..chunk.len() {
             out.push((lp[i], lp[chunk.len() + i]));
@@ -172,11 +173,10 @@ impl Trainer<'_> {
         let bs = self.s.batch_size;
         let first = (step * self.s.gradient_accumulation_steps + k) * bs;
         let mut out = Vec::with_capacity(bs);
-        let mut epoch = 0;
         let mut perm_epoch = usize::MAX;
         let mut perm: Vec<usize> = Vec::new();
         for g in first..first + bs {
-            epoch = g / n;
+            let epoch = g / n;
             if epoch != perm_epoch {
                 perm = (0..n).collect();
                 let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
@@ -190,7 +190,7 @@ impl Trainer<'_> {
             }
             out.push(perm[g % n]);
         }
-        (out, (first + bs) as f64 / n as f64 + 0.0 * epoch as f64)
+        (out, (first + bs) as f64 / n as f64)
     }
 
     fn batch_loss(
@@ -219,6 +219,7 @@ impl Trainer<'_> {
             let pk: Vec<f32> = sequence_logps(&self.model.llama, &kl, no_grad, false)?
                 .logps
                 .detach()
+                .to_dtype(DType::F32)?
                 .to_vec1()?;
             let rk: Vec<f32> = sequence_logps(
                 &self.model.llama,
@@ -230,6 +231,7 @@ impl Trainer<'_> {
                 false,
             )?
             .logps
+            .to_dtype(DType::F32)?
             .to_vec1()?;
             let z = (mean(&pk) - mean(&rk)).max(0.0);
             let r = Tensor::from_vec(
@@ -238,7 +240,7 @@ impl Trainer<'_> {
                 &self.model.llama.device,
             )?;
             let labels: Vec<bool> = exs.iter().map(|e| e.label.unwrap_or(true)).collect();
-            let lp: Vec<f32> = pol.logps.detach().to_vec1()?;
+            let lp: Vec<f32> = pol.logps.detach().to_dtype(DType::F32)?.to_vec1()?;
             for (i, &d) in labels.iter().enumerate() {
                 if d {
                     acc.logps_c.push(lp[i]);
@@ -257,9 +259,12 @@ impl Trainer<'_> {
             let pc = pol.logps.narrow(0, 0, b)?;
             let pr = pol.logps.narrow(0, b, b)?;
             let dev = &self.model.llama.device;
-            let rc = Tensor::from_vec(refs.iter().map(|r| r.0).collect::<Vec<_>>(), b, dev)?;
-            let rr = Tensor::from_vec(refs.iter().map(|r| r.1).collect::<Vec<_>>(), b, dev)?;
-            let lp: Vec<f32> = pol.logps.detach().to_vec1()?;
+            let dt = pol.logps.dtype();
+            let rc = Tensor::from_vec(refs.iter().map(|r| r.0).collect::<Vec<_>>(), b, dev)?
+                .to_dtype(dt)?;
+            let rr = Tensor::from_vec(refs.iter().map(|r| r.1).collect::<Vec<_>>(), b, dev)?
+                .to_dtype(dt)?;
+            let lp: Vec<f32> = pol.logps.detach().to_dtype(DType::F32)?.to_vec1()?;
             acc.logps_c.extend_from_slice(&lp[..b]);
             acc.logps_r.extend_from_slice(&lp[b..]);
             acc.logits_c.extend_from_slice(&pol.mean_logits[..b]);
@@ -271,7 +276,7 @@ impl Trainer<'_> {
             l
         };
         acc.n += 1.0;
-        acc.loss += pl.loss.to_scalar::<f32>()? as f64;
+        acc.loss += pl.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         acc.chosen.extend(pl.chosen_rewards);
         acc.rejected.extend(pl.rejected_rewards);
         Ok(pl.loss)
@@ -345,7 +350,11 @@ impl Trainer<'_> {
             .collect::<candle_core::Result<_>>()?;
         let mut sq = 0f64;
         for g in &grads {
-            sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            sq += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
         }
         let norm = sq.sqrt();
         let grads = if self.s.max_grad_norm > 0.0 && norm > self.s.max_grad_norm {

@@ -338,11 +338,20 @@ pub fn build_positions(start: &[usize], past: usize, t: usize, dev: &Device) -> 
     Ok(Tensor::from_vec(p, (start.len(), t), dev)?)
 }
 
+/// Half types are upcast to f32 for reductions; f32 and f64 stay as they are.
+pub fn accum_dtype(dt: DType) -> DType {
+    if dt == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, train: bool) -> Result<Tensor> {
     if train {
         // Composed: carries gradients (the fused kernel does not).
         let dt = x.dtype();
-        let xf = x.to_dtype(DType::F32)?;
+        let xf = x.to_dtype(accum_dtype(dt))?;
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
         let y = xf.broadcast_div(&(var + eps)?.sqrt()?)?;
         Ok(y.to_dtype(dt)?.broadcast_mul(w)?)
@@ -438,7 +447,7 @@ impl Llama {
         let logits = self
             .lm_head
             .forward(&x, mode, 0xffff)?
-            .to_dtype(DType::F32)?;
+            .to_dtype(accum_dtype(self.dtype))?;
         Ok(if all_logits {
             logits
         } else {
@@ -509,7 +518,7 @@ impl Llama {
                 .reshape((b, nkv, rep, t, past + t))?
                 .broadcast_add(&mask5)?;
             let att = if mode.train {
-                candle_nn::ops::softmax(&att.to_dtype(DType::F32)?, D::Minus1)?
+                candle_nn::ops::softmax(&att.to_dtype(accum_dtype(self.dtype))?, D::Minus1)?
             } else {
                 candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?.contiguous()?)?
             }

@@ -1,0 +1,649 @@
+//! DPO: gradients checked by finite differences, losses against hand-computed values, TRL's
+//! truncation and masking, and on the real SmolLM2 model: learning, kill/resume, the PEFT files.
+
+mod common;
+use candle_core::{DType, Device, Tensor, Var};
+use common::*;
+use reviewer2::config::{LoraSettings, TrainSettings};
+use reviewer2::dpo::data::{truncate, Example, Truncation, TruncationReport};
+use reviewer2::dpo::logps::sequence_logps;
+use reviewer2::dpo::lora;
+use reviewer2::dpo::loss::{dpo_loss, kto_loss};
+use reviewer2::model::config::LlamaConfig;
+use reviewer2::model::llama::{Llama, Mode};
+use reviewer2::model::{from_hf_tensors, random_hf_tensors};
+use std::process::Command;
+
+const LN2: f64 = std::f64::consts::LN_2;
+
+fn tiny_cfg() -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: 50,
+        hidden_size: 16,
+        intermediate_size: 24,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 4,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        max_position_embeddings: 64,
+        tie_word_embeddings: false,
+    }
+}
+
+fn tiny(dtype: DType) -> Llama {
+    let cfg = tiny_cfg();
+    from_hf_tensors(
+        &cfg,
+        random_hf_tensors(&cfg, 11, &Device::Cpu).unwrap(),
+        &Device::Cpu,
+        dtype,
+    )
+    .unwrap()
+}
+
+fn all_targets(r: usize, dropout: f64) -> LoraSettings {
+    LoraSettings {
+        r,
+        alpha: 2.0 * r as f64,
+        dropout,
+        targets: reviewer2::dpo::config::TARGETS
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+    }
+}
+
+fn seqs() -> Vec<(Vec<u32>, Vec<u32>)> {
+    vec![
+        (vec![1, 5, 9, 3], vec![7, 8, 2]),
+        (vec![1, 4], vec![11, 12, 13, 14, 2]),
+        (vec![1, 6, 6, 6, 6, 30], vec![2]),
+    ]
+}
+
+#[test]
+fn lora_gradients_match_finite_differences_through_the_whole_training_forward() {
+    let mut m = tiny(DType::F64);
+    lora::attach(&mut m, &all_targets(2, 0.0), 3).unwrap();
+    let vars = lora::vars(&m);
+    // B starts at zero, which would zero A's gradient: give B values so both are exercised.
+    for (i, (name, v)) in vars.iter().enumerate() {
+        if name.ends_with("lora_B.weight") {
+            let t = Tensor::randn(0f64, 0.3, v.as_tensor().shape(), &Device::Cpu).unwrap();
+            v.set(&t).unwrap();
+        }
+        let _ = i;
+    }
+    let data = seqs();
+    let refs: Vec<(&[u32], &[u32])> = data.iter().map(|(p, r)| (&p[..], &r[..])).collect();
+    let w = Tensor::new(&[0.7f64, -1.3, 0.4], &Device::Cpu).unwrap();
+    let mode = Mode {
+        train: true,
+        lora: true,
+        dropout_seed: None,
+    };
+    let f = || -> f64 {
+        let lp = sequence_logps(&m, &refs, mode, false).unwrap().logps;
+        (lp * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let lp = sequence_logps(&m, &refs, mode, false).unwrap().logps;
+    let grads = (lp * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    // Frozen base weights get no gradient at all.
+    if let reviewer2::model::llama::Weight::Dense(wq) = &m.layers[0].q_proj.weight {
+        assert!(
+            grads.get(wq).is_none(),
+            "a frozen base weight got a gradient"
+        );
+    }
+    let h = 1e-5;
+    assert_eq!(vars.len(), 2 * 7 * 2);
+    for (name, v) in &vars {
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("{name} got no gradient"));
+        let gv: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(gv.iter().any(|x| x.abs() > 1e-8), "{name}: zero gradient");
+        let base: Vec<f64> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        for &k in &[0usize, base.len() / 2, base.len() - 1] {
+            let set = |x: f64| {
+                let mut b = base.clone();
+                b[k] = x;
+                v.set(&Tensor::from_vec(b, v.as_tensor().shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+            };
+            set(base[k] + h);
+            let up = f();
+            set(base[k] - h);
+            let down = f();
+            set(base[k]);
+            let fd = (up - down) / (2.0 * h);
+            let err = (fd - gv[k]).abs() / (fd.abs().max(gv[k].abs()).max(1e-6));
+            assert!(
+                err < 1e-5,
+                "{name}[{k}]: analytic {} vs finite difference {fd} (rel err {err})",
+                gv[k]
+            );
+        }
+    }
+}
+
+#[test]
+fn losses_match_hand_computed_values() {
+    let d = Device::Cpu;
+    let t = |x: f64| Tensor::new(&[x], &d).unwrap();
+    let (pc, pr, rc, rr) = (t(-10.0), t(-12.0), t(-11.0), t(-11.5));
+    let beta = 0.1;
+    let x: f64 = (-10.0 - -12.0) - (-11.0 - -11.5); // 1.5
+    let ls = |z: f64| -(1.0 + (-z).exp()).ln(); // log sigmoid
+    let val = |kind: &str, eps: f64| -> f64 {
+        dpo_loss(kind, beta, eps, &pc, &pr, &rc, &rr)
+            .unwrap()
+            .loss
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let close = |a: f64, b: f64| assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+    close(val("sigmoid", 0.0), -ls(beta * x));
+    close(
+        val("sigmoid", 0.1),
+        -0.9 * ls(beta * x) - 0.1 * ls(-beta * x),
+    );
+    close(val("hinge", 0.0), 1.0 - beta * x);
+    close(val("ipo", 0.0), (x - 1.0 / (2.0 * beta)).powi(2));
+    close(
+        val("robust", 0.1),
+        (-0.9 * ls(beta * x) + 0.1 * ls(-beta * x)) / 0.8,
+    );
+    let l = dpo_loss("sigmoid", beta, 0.0, &pc, &pr, &rc, &rr).unwrap();
+    assert!(
+        (l.chosen_rewards[0] - 0.1).abs() < 1e-6 && (l.rejected_rewards[0] + 0.05).abs() < 1e-6
+    );
+    // At x = 0 the sigmoid loss is ln 2 whatever beta.
+    close(
+        dpo_loss("sigmoid", 0.5, 0.0, &t(-3.0), &t(-4.0), &t(-3.0), &t(-4.0))
+            .unwrap()
+            .loss
+            .to_scalar::<f64>()
+            .unwrap(),
+        LN2,
+    );
+    // KTO: desirable 1 - s(b(lr - z)), undesirable 1 - s(b(z - lr)).
+    let p = Tensor::new(&[-5.0f64, -7.0], &d).unwrap();
+    let r = Tensor::new(&[-6.0f64, -6.0], &d).unwrap();
+    let s = |z: f64| 1.0 / (1.0 + (-z).exp());
+    let k = kto_loss(beta, &p, &r, &[true, false], 0.2)
+        .unwrap()
+        .loss
+        .to_scalar::<f64>()
+        .unwrap();
+    close(
+        k,
+        ((1.0 - s(beta * (1.0 - 0.2))) + (1.0 - s(beta * (0.2 - -1.0)))) / 2.0,
+    );
+}
+
+#[test]
+fn truncation_follows_trl_and_counts_rows() {
+    let t = Truncation {
+        max_length: 10,
+        max_prompt_length: 6,
+        keep_end: true,
+    };
+    let ex = |p: usize, c: usize, r: usize| Example {
+        prompt: (0..p as u32).collect(),
+        chosen: (100..100 + c as u32).collect(),
+        rejected: (200..200 + r as u32).collect(),
+        label: None,
+    };
+    let mut rep = TruncationReport::default();
+    // Fits: untouched.
+    assert_eq!(truncate(ex(5, 5, 3), &t, &mut rep), ex(5, 5, 3));
+    // Prompt too long: keep_end keeps its last 6 tokens; then prompt 6 + 4 fits.
+    let a = truncate(ex(9, 4, 2), &t, &mut rep);
+    assert_eq!(a.prompt, (3..9).collect::<Vec<u32>>());
+    assert_eq!(a.chosen.len(), 4);
+    // Still too long after the prompt cut: responses cut to max_length - max_prompt_length = 4.
+    let b = truncate(ex(9, 7, 5), &t, &mut rep);
+    assert_eq!(
+        (b.prompt.len(), b.chosen, b.rejected),
+        (6, vec![100, 101, 102, 103], vec![200, 201, 202, 203])
+    );
+    // keep_start keeps the beginning.
+    let ks = Truncation {
+        keep_end: false,
+        ..t
+    };
+    assert_eq!(
+        truncate(ex(9, 4, 2), &ks, &mut rep).prompt,
+        (0..6).collect::<Vec<u32>>()
+    );
+    // A short prompt with a long response: only the response is cut.
+    let c = truncate(ex(3, 12, 2), &t, &mut rep);
+    assert_eq!(
+        (c.prompt.len(), c.chosen.len(), c.rejected.len()),
+        (3, 4, 2)
+    );
+    assert_eq!((rep.rows, rep.prompts_cut, rep.responses_cut), (5, 3, 2));
+}
+
+#[test]
+fn only_response_tokens_count_and_step_zero_is_ln2() {
+    let m = tiny(DType::F64);
+    let data = seqs();
+    let refs: Vec<(&[u32], &[u32])> = data.iter().map(|(p, r)| (&p[..], &r[..])).collect();
+    let mode = Mode {
+        train: true,
+        lora: true,
+        dropout_seed: None,
+    };
+    let lp: Vec<f64> = sequence_logps(&m, &refs, mode, false)
+        .unwrap()
+        .logps
+        .to_vec1()
+        .unwrap();
+    // By hand from the full logits of each sequence alone: sum over response positions only.
+    for (i, (p, r)) in data.iter().enumerate() {
+        let ids: Vec<u32> = p.iter().chain(r).copied().collect();
+        let x = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = m.forward_all(&x, mode).unwrap().squeeze(0).unwrap();
+        let lsm: Vec<Vec<f64>> = candle_nn::ops::log_softmax(&logits, 1)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let want: f64 = r
+            .iter()
+            .enumerate()
+            .map(|(j, &t)| lsm[p.len() + j - 1][t as usize])
+            .sum();
+        assert!((lp[i] - want).abs() < 1e-10, "row {i}: {} vs {want}", lp[i]);
+    }
+    // Step 0 of training: policy == reference, loss ln 2, rewards 0.
+    let mut s = TrainSettings {
+        batch_size: 2,
+        max_steps: 3,
+        ..TrainSettings::default()
+    };
+    s.lora = all_targets(4, 0.05);
+    let exs: Vec<Example> = data
+        .iter()
+        .map(|(p, r)| Example {
+            prompt: p.clone(),
+            chosen: r.clone(),
+            rejected: vec![17, 18, 2],
+            label: None,
+        })
+        .collect();
+    // Reference log-probs are stored as f32, so train in f32 as real runs do.
+    let mut m = tiny(DType::F32);
+    lora::attach(&mut m, &s.lora, 1).unwrap();
+    let model = wrap(m);
+    let refs = reviewer2::dpo::trainer::reference_logps(&model, &exs, 3, false).unwrap();
+    let d = tempdir();
+    let tr = reviewer2::dpo::trainer::Trainer {
+        model: &model,
+        s: &s,
+        vars: lora::vars(&model.llama),
+        train: &exs,
+        eval: &[],
+        ref_train: &refs,
+        ref_eval: &[],
+        ckpt_dir: d.path().to_path_buf(),
+        quiet: true,
+    };
+    let m0 = tr.probe(0).unwrap();
+    assert_eq!(m0["loss"].as_f64().unwrap() as f32, LN2 as f32, "{m0:?}");
+    for k in ["rewards/chosen", "rewards/rejected", "rewards/margins"] {
+        assert_eq!(m0[k].as_f64().unwrap(), 0.0, "{k}: {m0:?}");
+    }
+}
+
+/// A Model around a bare Llama, with SmolLM2's tokenizer (unused by these tests' token ids).
+fn wrap(llama: Llama) -> reviewer2::model::Model {
+    let src = reviewer2::model::source::resolve(smollm2().to_str().unwrap(), "main").unwrap();
+    let meta = reviewer2::model::source::load_meta(&src).unwrap();
+    reviewer2::model::Model {
+        llama,
+        meta,
+        source: src,
+    }
+}
+
+#[test]
+fn kto_trains_on_unpaired_rows() {
+    let mut m = tiny(DType::F32);
+    let s = TrainSettings {
+        loss: "kto".into(),
+        batch_size: 4,
+        max_steps: 4,
+        learning_rate: 1e-2,
+        lora: all_targets(4, 0.0),
+        ..TrainSettings::default()
+    };
+    lora::attach(&mut m, &s.lora, 2).unwrap();
+    let model = wrap(m);
+    let exs: Vec<Example> = (0..8u32)
+        .map(|i| Example {
+            prompt: vec![1, 3 + i],
+            chosen: vec![10 + i, 20, 2],
+            rejected: vec![],
+            label: Some(i % 2 == 0),
+        })
+        .collect();
+    let refs = reviewer2::dpo::trainer::reference_logps(&model, &exs, 4, false).unwrap();
+    let d = tempdir();
+    let tr = reviewer2::dpo::trainer::Trainer {
+        model: &model,
+        s: &s,
+        vars: lora::vars(&model.llama),
+        train: &exs,
+        eval: &[],
+        ref_train: &refs,
+        ref_eval: &[],
+        ckpt_dir: d.path().to_path_buf(),
+        quiet: true,
+    };
+    let out = tr.run(None).unwrap();
+    let first = out.log[0]["loss"].as_f64().unwrap();
+    assert!(
+        first.is_finite() && (first - 0.5).abs() < 0.05,
+        "KTO starts near 0.5: {first}"
+    );
+    let margins = out.log.last().unwrap()["rewards/margins"].as_f64().unwrap();
+    assert!(
+        margins > 0.0,
+        "desirable rewards rise above undesirable ones: {:?}",
+        out.log.last()
+    );
+}
+
+// ---- the real model ----
+
+const PEFT_010_KEYS: [&str; 24] = [
+    "alpha_pattern",
+    "auto_mapping",
+    "base_model_name_or_path",
+    "bias",
+    "fan_in_fan_out",
+    "inference_mode",
+    "init_lora_weights",
+    "layer_replication",
+    "layers_pattern",
+    "layers_to_transform",
+    "loftq_config",
+    "lora_alpha",
+    "lora_dropout",
+    "megatron_config",
+    "megatron_core",
+    "modules_to_save",
+    "peft_type",
+    "r",
+    "rank_pattern",
+    "revision",
+    "target_modules",
+    "task_type",
+    "use_dora",
+    "use_rslora",
+];
+
+fn train_recipe(dir: &std::path::Path, extra: &str) {
+    small_recipe(dir, 12, 10, 2, 20, &format!("[prompts]\nstyle = \"plain\"\nshots = 2\n\n[train]\nbatch_size = 2\nlearning_rate = 1e-3\nlogging_steps = 4\nmax_length = 160\nmax_prompt_length = 128\n{extra}"));
+}
+
+fn stage_dir(d: &std::path::Path, stage: &str) -> std::path::PathBuf {
+    let latest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(d.join("data/cache").join(stage).join("latest.json")).unwrap(),
+    )
+    .unwrap();
+    d.join("data/cache")
+        .join(stage)
+        .join(latest["key"].as_str().unwrap())
+}
+
+#[test]
+fn real_model_learns_resumes_and_saves_a_peft_adapter() {
+    let d = tempdir();
+    train_recipe(
+        d.path(),
+        "max_steps = 24\neval_steps = 12\nsave_steps = 6\n",
+    );
+    let out = pipeline_ok(d.path(), &["run"]);
+    assert!(out.contains("Built train"), "{out}");
+    let tdir = stage_dir(d.path(), "train");
+    let log: Vec<serde_json::Value> =
+        reviewer2::fsutil::read_jsonl(&tdir.join("metrics.jsonl")).unwrap();
+    let train: Vec<&serde_json::Value> = log.iter().filter(|m| m.get("loss").is_some()).collect();
+    let evals: Vec<&serde_json::Value> = log
+        .iter()
+        .filter(|m| m.get("eval_loss").is_some())
+        .collect();
+    assert_eq!(train.len(), 6);
+    assert_eq!(evals.len(), 2);
+    for k in [
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "logits/chosen",
+        "logits/rejected",
+        "learning_rate",
+        "grad_norm",
+        "epoch",
+    ] {
+        assert!(train[0].get(k).is_some(), "missing {k}");
+        if !["learning_rate", "grad_norm", "epoch"].contains(&k) {
+            assert!(
+                evals[0].get(&format!("eval_{k}")).is_some(),
+                "missing eval_{k}"
+            );
+        }
+    }
+    let last: Vec<&&serde_json::Value> = train.iter().rev().take(2).collect();
+    let loss = last
+        .iter()
+        .map(|m| m["loss"].as_f64().unwrap())
+        .sum::<f64>()
+        / 2.0;
+    let acc = last
+        .iter()
+        .map(|m| m["rewards/accuracies"].as_f64().unwrap())
+        .sum::<f64>()
+        / 2.0;
+    assert!(
+        loss < LN2 - 0.05,
+        "training loss did not fall below ln 2: {loss} ({log:?})"
+    );
+    assert!(acc > 0.5, "accuracies did not rise above 0.5: {acc}");
+    assert!(tdir.join("loss.png").is_file() && tdir.join("margins.png").is_file());
+
+    // PEFT format: exactly PEFT 0.10's keys; names and shapes.
+    let cfg: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(tdir.join("adapter_config.json")).unwrap()).unwrap();
+    let mut keys: Vec<&str> = cfg.keys().map(|k| k.as_str()).collect();
+    keys.sort();
+    assert_eq!(keys, PEFT_010_KEYS.to_vec());
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["q_proj", "k_proj", "v_proj"])
+    );
+    let bytes = std::fs::read(tdir.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.len(), 30 * 3 * 2);
+    let mut params = 0;
+    for (name, view) in st.tensors() {
+        let shape = view.shape().to_vec();
+        params += shape.iter().product::<usize>();
+        let m = regex_like(&name);
+        let out = if m.1 == "q_proj" { 576 } else { 192 };
+        match m.2.as_str() {
+            "A" => assert_eq!(shape, vec![8, 576], "{name}"),
+            _ => assert_eq!(shape, vec![out, 8], "{name}"),
+        }
+        assert_eq!(view.dtype(), safetensors::Dtype::F32);
+        assert!(m.0 < 30);
+    }
+    assert_eq!(params, 30 * (8 * 576 * 3 + 576 * 8 + 192 * 8 * 2));
+
+    // Loaded back onto the base, the adapter reproduces the trained model's eval log-probs.
+    let src = reviewer2::model::source::resolve(smollm2().to_str().unwrap(), "main").unwrap();
+    let mut model =
+        reviewer2::model::Model::load(&src, &reviewer2::model::LoadOptions::cpu_f32()).unwrap();
+    reviewer2::dpo::adapter::load(&mut model.llama, &tdir).unwrap();
+    let loaded = reviewer2::config::load(&d.path().join("pipeline.toml"), &[], true).unwrap();
+    let raw = reviewer2::dpo::data::load_dataset(&stage_dir(d.path(), "split")).unwrap();
+    let prep =
+        reviewer2::dpo::trainer::prepare(&model, &loaded.settings.train, &raw.train, &raw.test)
+            .unwrap();
+    let refs: Vec<(&[u32], &[u32])> = prep
+        .eval
+        .iter()
+        .map(|e| (&e.prompt[..], &e.chosen[..]))
+        .collect();
+    let lp: Vec<f32> = sequence_logps(
+        &model.llama,
+        &refs,
+        Mode {
+            train: true,
+            lora: true,
+            dropout_seed: None,
+        },
+        false,
+    )
+    .unwrap()
+    .logps
+    .to_vec1()
+    .unwrap();
+    let mean = lp.iter().map(|x| *x as f64).sum::<f64>() / lp.len() as f64;
+    let logged = evals.last().unwrap()["eval_logps/chosen"].as_f64().unwrap();
+    assert!(
+        (mean - logged).abs() < 1e-3,
+        "reloaded adapter gives {mean}, training logged {logged}"
+    );
+
+    // merge-adapter: a plain folder whose model gives the same log-probs.
+    let merged = d.path().join("merged");
+    pipeline_ok(
+        d.path(),
+        &[
+            "merge-adapter",
+            "--adapter",
+            tdir.to_str().unwrap(),
+            "--out",
+            merged.to_str().unwrap(),
+        ],
+    );
+    let msrc = reviewer2::model::source::resolve(merged.to_str().unwrap(), "main").unwrap();
+    let mm =
+        reviewer2::model::Model::load(&msrc, &reviewer2::model::LoadOptions::cpu_f32()).unwrap();
+    let lp2: Vec<f32> = sequence_logps(&mm.llama, &refs, Mode::infer(), false)
+        .unwrap()
+        .logps
+        .to_vec1()
+        .unwrap();
+    for (a, b) in lp.iter().zip(&lp2) {
+        assert!((a - b).abs() < 2e-2, "merged {b} vs adapter {a}");
+    }
+    // sample --adapter --compare runs and prints both.
+    let s = pipeline_ok(
+        d.path(),
+        &[
+            "sample",
+            "--title",
+            "Attention Is All You Need",
+            "--adapter",
+            tdir.to_str().unwrap(),
+            "--compare",
+            "-q",
+        ],
+    );
+    assert!(s.contains("base:") && s.contains("adapter:"), "{s}");
+
+    // Kill mid-training, resume: the same final adapter as the uninterrupted run.
+    let e = tempdir();
+    train_recipe(
+        e.path(),
+        "max_steps = 24\neval_steps = 12\nsave_steps = 6\n",
+    );
+    copy_dir(&d.path().join("data"), &e.path().join("data"));
+    std::fs::remove_dir_all(e.path().join("data/cache/train")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .current_dir(e.path())
+        .args(["run", "-q"])
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    loop {
+        let found = std::fs::read_dir(e.path().join("data/cache/train"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|p| {
+                std::fs::read_dir(p.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .any(|c| c.file_name().to_string_lossy() == "checkpoint-12")
+            });
+        if found || t0.elapsed().as_secs() > 600 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = pipeline_ok(e.path(), &["run"]);
+    assert!(
+        out.contains("Resuming") && out.contains("checkpoint-1"),
+        "{out}"
+    );
+    let a = std::fs::read(tdir.join("adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(stage_dir(e.path(), "train").join("adapter_model.safetensors")).unwrap();
+    assert!(a == b, "resumed adapter differs from the uninterrupted one");
+    let la = std::fs::read_to_string(tdir.join("metrics.jsonl")).unwrap();
+    let lb = std::fs::read_to_string(stage_dir(e.path(), "train").join("metrics.jsonl")).unwrap();
+    assert_eq!(la, lb);
+}
+
+/// (layer, module, "A"|"B") from a PEFT tensor name, checking its whole shape.
+fn regex_like(name: &str) -> (usize, String, String) {
+    let rest = name
+        .strip_prefix("base_model.model.model.layers.")
+        .unwrap_or_else(|| panic!("{name}"));
+    let (layer, rest) = rest.split_once('.').unwrap();
+    let rest = rest
+        .strip_prefix("self_attn.")
+        .unwrap_or_else(|| panic!("{name}"));
+    let (module, rest) = rest.split_once('.').unwrap();
+    let ab = match rest {
+        "lora_A.weight" => "A",
+        "lora_B.weight" => "B",
+        _ => panic!("{name}"),
+    };
+    (layer.parse().unwrap(), module.to_string(), ab.to_string())
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            copy_dir(&p, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+#[allow(dead_code)]
+fn unused(_: Var) {}
