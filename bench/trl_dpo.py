@@ -51,7 +51,15 @@ def main():
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, torch_dtype=torch.float32)
+    # transformers refuses to train a GGUF-loaded model: write the dequantized weights as a plain
+    # folder and load that.
+    q = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    cfg = q.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.load_state_dict(q.state_dict())
+    del q
     rows = [json.loads(l) for l in open(a.pairs)]
     data = Dataset.from_list([
         {"prompt": r["prompt"], "chosen": POOL[i % 4][0], "rejected": POOL[i % 4][1]} for i, r in enumerate(rows)

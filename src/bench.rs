@@ -193,8 +193,10 @@ pub fn run(g: &Global, a: BenchArgs) -> Result<()> {
             let pairs: Vec<stages::prompts::PairPromptRow> =
                 crate::fsutil::read_jsonl(&r.dir(Stage::Prompts).join("pair_prompts.jsonl"))?;
             let pool = &loaded.settings.prompts.pool;
+            // Only the rows the timed steps use: the reference pass over more would dominate.
             let rows: Vec<crate::dpo::data::RawRow> = pairs
                 .iter()
+                .take(batch_size * (steps + 1))
                 .enumerate()
                 .map(|(i, p)| crate::dpo::data::RawRow {
                     prompt: p.prompt.clone(),

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     pub scrape: ScrapeSettings,
@@ -275,19 +275,6 @@ impl Default for TrainSettings {
             seed: 42,
             device: "auto".into(),
             lora: LoraSettings::default(),
-        }
-    }
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            scrape: ScrapeSettings::default(),
-            prompts: PromptSettings::default(),
-            generate: GenerateSettings::default(),
-            merge: MergeSettings::default(),
-            split: SplitSettings::default(),
-            train: TrainSettings::default(),
         }
     }
 }

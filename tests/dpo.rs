@@ -2,7 +2,7 @@
 //! truncation and masking, and on the real SmolLM2 model: learning, kill/resume, the PEFT files.
 
 mod common;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use common::*;
 use reviewer2::config::{LoraSettings, TrainSettings};
 use reviewer2::dpo::data::{truncate, Example, Truncation, TruncationReport};
@@ -69,12 +69,11 @@ fn lora_gradients_match_finite_differences_through_the_whole_training_forward() 
     lora::attach(&mut m, &all_targets(2, 0.0), 3).unwrap();
     let vars = lora::vars(&m);
     // B starts at zero, which would zero A's gradient: give B values so both are exercised.
-    for (i, (name, v)) in vars.iter().enumerate() {
+    for (name, v) in vars.iter() {
         if name.ends_with("lora_B.weight") {
             let t = Tensor::randn(0f64, 0.3, v.as_tensor().shape(), &Device::Cpu).unwrap();
             v.set(&t).unwrap();
         }
-        let _ = i;
     }
     let data = seqs();
     let refs: Vec<(&[u32], &[u32])> = data.iter().map(|(p, r)| (&p[..], &r[..])).collect();
@@ -444,7 +443,7 @@ fn real_model_learns_resumes_and_saves_a_peft_adapter() {
         assert!(train[0].get(k).is_some(), "missing {k}");
         if !["learning_rate", "grad_norm", "epoch"].contains(&k) {
             assert!(
-                evals[0].get(&format!("eval_{k}")).is_some(),
+                evals[0].get(format!("eval_{k}")).is_some(),
                 "missing eval_{k}"
             );
         }
@@ -644,6 +643,3 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
-
-#[allow(dead_code)]
-fn unused(_: Var) {}

@@ -58,7 +58,7 @@ pub fn validate(l: &Loaded) -> Result<()> {
             ),
         )?;
     }
-    if !(t.beta > 0.0) {
+    if t.beta.is_nan() || t.beta <= 0.0 {
         err("train.beta", "must be > 0".into())?;
     }
     if !(0.0..0.5).contains(&t.label_smoothing) {
@@ -73,7 +73,7 @@ pub fn validate(l: &Loaded) -> Result<()> {
     if t.max_steps == 0 && t.epochs == 0 {
         err("train.max_steps", "set max_steps or epochs".into())?;
     }
-    if !(t.learning_rate > 0.0) {
+    if t.learning_rate.is_nan() || t.learning_rate <= 0.0 {
         err("train.learning_rate", "must be > 0".into())?;
     }
     if t.lora.r == 0 {

@@ -35,14 +35,12 @@ pub struct TruncationReport {
 pub fn truncate(mut ex: Example, t: &Truncation, rep: &mut TruncationReport) -> Example {
     rep.rows += 1;
     let longest = ex.chosen.len().max(ex.rejected.len());
-    if ex.prompt.len() + longest > t.max_length {
-        if ex.prompt.len() > t.max_prompt_length {
-            rep.prompts_cut += 1;
-            if t.keep_end {
-                ex.prompt = ex.prompt[ex.prompt.len() - t.max_prompt_length..].to_vec();
-            } else {
-                ex.prompt.truncate(t.max_prompt_length);
-            }
+    if ex.prompt.len() + longest > t.max_length && ex.prompt.len() > t.max_prompt_length {
+        rep.prompts_cut += 1;
+        if t.keep_end {
+            ex.prompt = ex.prompt[ex.prompt.len() - t.max_prompt_length..].to_vec();
+        } else {
+            ex.prompt.truncate(t.max_prompt_length);
         }
     }
     let longest = ex.chosen.len().max(ex.rejected.len());

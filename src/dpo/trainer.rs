@@ -501,8 +501,7 @@ impl Trainer<'_> {
         let t0 = Instant::now();
         let mut window = Acc::default();
         let mut norms = Vec::new();
-        let mut done_here = 0;
-        for step in start..total {
+        for (done, step) in (start..total).enumerate() {
             let norm = self.step(&mut opt, step, &mut window)?;
             norms.push(norm as f32);
             let n = step + 1;
@@ -532,8 +531,7 @@ impl Trainer<'_> {
             if s.save_steps > 0 && n % s.save_steps == 0 && n < total {
                 self.save_checkpoint(n, &opt, &log)?;
             }
-            done_here += 1;
-            if stop_after.is_some_and(|k| done_here >= k) && n < total {
+            if stop_after.is_some_and(|k| done + 1 >= k) && n < total {
                 bar.abandon();
                 // Simulated kill: the newest checkpoint is what a restarted run will find.
                 return Ok(Outcome {

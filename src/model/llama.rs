@@ -361,6 +361,7 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, train: bool) -> Result<Tensor> {
 }
 
 impl Llama {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: LlamaConfig,
         embed_tokens: Tensor,

@@ -153,12 +153,7 @@ fn template_error(e: &minijinja::Error) -> anyhow::Error {
 }
 
 /// Pick `shots` distinct pool entries for a title, reproducibly.
-fn pick_shots<'a>(
-    pool: &'a [Shot],
-    shots: usize,
-    seed: u64,
-    title_id: usize,
-) -> (Vec<&'a Shot>, bool) {
+fn pick_shots(pool: &[Shot], shots: usize, seed: u64, title_id: usize) -> (Vec<&Shot>, bool) {
     let mut rng = row_rng(seed, title_id);
     let mut idx: Vec<usize> = (0..pool.len()).collect();
     for i in 0..shots.min(idx.len()) {

@@ -15,6 +15,9 @@ use std::path::{Path, PathBuf};
 
 pub const VERSION: u32 = 1;
 
+/// (chosen, rejected) reference log-probs per example.
+type RefLogps = Vec<(f32, f32)>;
+
 fn dataset_files(ctx: &Ctx) -> Result<Vec<PathBuf>> {
     let p = ctx.loaded.resolve(&ctx.settings().train.dataset);
     let mut files = Vec::new();
@@ -119,7 +122,7 @@ fn cached_reference(
     s: &TrainSettings,
     prep: &trainer::Prepared,
     data_key: &str,
-) -> Result<(Vec<(f32, f32)>, Vec<(f32, f32)>)> {
+) -> Result<(RefLogps, RefLogps)> {
     let m = KeyMaterial {
         stage: "train-ref".into(),
         version: VERSION,
@@ -134,7 +137,7 @@ fn cached_reference(
     let key = m.key();
     if let Lookup::Fresh(_) = ctx.cache.lookup("train-ref", &key) {
         let b = std::fs::read(ctx.cache.dir("train-ref", &key).join("ref_logps.json"))?;
-        let v: (Vec<(f32, f32)>, Vec<(f32, f32)>) = serde_json::from_slice(&b)?;
+        let v: (RefLogps, RefLogps) = serde_json::from_slice(&b)?;
         if v.0.len() == prep.train.len() && v.1.len() == prep.eval.len() {
             ctx.say("Fresh", format!("reference log-probs ({key})"));
             return Ok(v);
