@@ -19,6 +19,12 @@ fn tune_allocator() {
 }
 
 fn main() {
+    // `pipeline status | head` should end quietly, not panic on a closed pipe.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of a signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     tune_allocator();
     let cli = Cli::parse();
     let level = if cli.global.quiet {
