@@ -58,11 +58,12 @@ pub fn material(ctx: &Ctx, prompts_key: &str) -> Result<KeyMaterial> {
     })
 }
 
-/// Quantized matmuls win at batch 1; dequantized weights win for batches (see docs/PERF.md).
+/// Measured on the 2-core CPU (docs/PERF.md): dequantized f32 weights beat candle's Q4_1
+/// quantized matmuls at every batch size, batch 1 included, so "auto" means dense. Quantized stays
+/// available where memory matters more than speed.
 pub fn weights_mode(g: &crate::config::GenerateSettings, gguf: bool) -> WeightsMode {
     match g.weights.as_str() {
         "quantized" if gguf => WeightsMode::Quantized,
-        "auto" if gguf && g.batch_size == 1 => WeightsMode::Quantized,
         _ => WeightsMode::Dense,
     }
 }
