@@ -447,6 +447,10 @@ pub fn load(file: &Path, overrides: &[String], must_exist: bool) -> Result<Loade
         };
         set_dotted(&mut value, key, parsed);
         overridden.push(key.to_string());
+        // Check after each override so a wrong type is reported against the key that caused it.
+        toml::Value::Table(value.clone())
+            .try_into::<Settings>()
+            .map_err(|e| anyhow::anyhow!("--set {ov}: {}", e.message()))?;
     }
     let settings: Settings = toml::Value::Table(value)
         .try_into()

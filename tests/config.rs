@@ -103,7 +103,7 @@ fn set_overrides_by_dotted_name() {
     let e = load(&p, &["split.train=lots".into()], true)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("--set"), "{e}");
+    assert!(e.contains("--set split.train=lots"), "{e}");
 }
 
 #[test]

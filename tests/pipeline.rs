@@ -55,14 +55,10 @@ fn a_changed_setting_reruns_exactly_what_depends_on_it() {
         &["status", "--set", "split.test=2", "--set", "split.train=2"],
     );
     assert!(st.contains("split.test changed (1 -> 2)"), "{st}");
-    let js: serde_json::Value = serde_json::from_str(
-        &pipeline_ok(d.path(), &["status", "--json"])
-            .lines()
-            .take_while(|l| !l.starts_with("error"))
-            .collect::<Vec<_>>()
-            .join("\n"),
-    )
-    .unwrap();
+    // --json prints the JSON alone on stdout.
+    let o = pipeline(d.path(), &["status", "--json"]);
+    assert!(o.status.success());
+    let js: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(js[4]["stage"], "split");
     assert_eq!(js[4]["state"], "up to date");
     assert_eq!(js[4]["counts"]["train"], 3);

@@ -3,7 +3,7 @@
 //! The engine loads GGUF q/k weights back into the HF layout, so adapters need no permutation.
 
 use crate::config::LoraSettings;
-use crate::model::llama::{Linear, Llama, Weight};
+use crate::model::llama::{Linear, Llama};
 use crate::model::Model;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
@@ -166,21 +166,15 @@ pub fn write_hf_folder(model: &Model, out: &Path) -> Result<()> {
     }
     std::fs::create_dir_all(out)?;
     let mut map: HashMap<String, Tensor> = HashMap::new();
-    let dense = |lin: &Linear| -> Result<Tensor> {
-        match &lin.weight {
-            Weight::Dense(w) => Ok(w.to_dtype(DType::F32)?),
-            Weight::Quant(_) => lin.dense_f32(),
-        }
-    };
     map.insert(
         "model.embed_tokens.weight".into(),
         l.embed_tokens.to_dtype(DType::F32)?,
     );
     map.insert("model.norm.weight".into(), l.norm.to_dtype(DType::F32)?);
-    map.insert("lm_head.weight".into(), dense(&l.lm_head)?);
+    map.insert("lm_head.weight".into(), l.lm_head.dense_f32()?);
     for (i, layer) in l.layers.iter().enumerate() {
         for (name, lin) in layer.named() {
-            map.insert(format!("model.layers.{i}.{name}.weight"), dense(lin)?);
+            map.insert(format!("model.layers.{i}.{name}.weight"), lin.dense_f32()?);
         }
         map.insert(
             format!("model.layers.{i}.input_layernorm.weight"),

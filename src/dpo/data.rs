@@ -91,18 +91,7 @@ pub struct RawRow {
 }
 
 pub fn load_dataset(path: &Path) -> Result<RawSplits> {
-    let files: Vec<std::path::PathBuf> = if path.is_dir() {
-        let mut v: Vec<_> = walk_parquet(path)?;
-        v.sort();
-        v
-    } else if path.is_file() {
-        vec![path.to_path_buf()]
-    } else {
-        bail!("train.dataset {} does not exist", path.display());
-    };
-    if files.is_empty() {
-        bail!("train.dataset {} holds no .parquet file", path.display());
-    }
+    let files = parquet_files(path)?;
     let mut train = Vec::new();
     let mut test = Vec::new();
     for f in &files {
@@ -121,6 +110,23 @@ pub fn load_dataset(path: &Path) -> Result<RawSplits> {
         );
     }
     Ok(RawSplits { train, test })
+}
+
+/// The Parquet files a dataset path names: the file itself, or every `.parquet` below a folder,
+/// sorted. Loading and cache keys both use this list, so they can never disagree.
+pub fn parquet_files(path: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let mut files = if path.is_dir() {
+        walk_parquet(path)?
+    } else if path.is_file() {
+        vec![path.to_path_buf()]
+    } else {
+        bail!("train.dataset {} does not exist", path.display());
+    };
+    if files.is_empty() {
+        bail!("train.dataset {} holds no .parquet file", path.display());
+    }
+    files.sort();
+    Ok(files)
 }
 
 fn walk_parquet(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
@@ -146,22 +152,7 @@ fn read_rows(path: &Path) -> Result<Vec<RawRow>> {
     let mut out = Vec::new();
     for batch in reader {
         let batch = batch?;
-        let strings = |name: &str| -> Result<Option<Vec<String>>> {
-            let Some(c) = batch.column_by_name(name) else {
-                return Ok(None);
-            };
-            if let Some(s) = c.as_string_opt::<i32>() {
-                return Ok(Some(
-                    s.iter().map(|v| v.unwrap_or("").to_string()).collect(),
-                ));
-            }
-            if let Some(s) = c.as_string_opt::<i64>() {
-                return Ok(Some(
-                    s.iter().map(|v| v.unwrap_or("").to_string()).collect(),
-                ));
-            }
-            bail!("{}: column `{name}` is not a string column", path.display())
-        };
+        let strings = |name: &str| crate::stages::split::string_column(&batch, name, path);
         let prompt = strings("prompt")?
             .with_context(|| format!("{}: no `prompt` column", path.display()))?;
         if let (Some(c), Some(r)) = (strings("chosen")?, strings("rejected")?) {

@@ -298,7 +298,7 @@ impl Trainer<'_> {
         Ok(acc.to_json("eval_"))
     }
 
-    /// Step 0 metrics on one batch without updating anything (used by tests and `bench`).
+    /// Metrics of the first micro-batch of `step`, without updating anything (tests use it to check step 0).
     pub fn probe(&self, step: usize) -> Result<Map<String, Value>> {
         let mut acc = Acc::default();
         let (idx, _) = self.batch_indices(step, 0);

@@ -175,7 +175,6 @@ pub fn generate(
             stats.prefill_secs += t0.elapsed().as_secs_f64();
             stats.prompt_tokens += take.iter().map(|r| r.ids.len()).sum::<usize>();
             let mut sub_start = sub_start;
-            let first = rows.len();
             for (r, lg) in take.into_iter().zip(logits) {
                 let mut rng = row_rng(s.seed, r.id);
                 let next = sample(&lg, s, &mut rng);
@@ -208,7 +207,6 @@ pub fn generate(
                 }
             }
             debug_assert_eq!(rows.len(), start.len());
-            let _ = first;
         }
         if rows.is_empty() {
             break;

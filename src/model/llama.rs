@@ -275,32 +275,6 @@ impl KvCache {
         self.len = len;
         Ok(())
     }
-
-    /// Replace row `dst` of self by row `src` of `other` (same length).
-    pub fn replace_rows(&mut self, pairs: &[(usize, usize)], other: &KvCache) -> Result<()> {
-        anyhow::ensure!(self.len == other.len, "kv cache lengths differ");
-        let cap = self.cap.max(other.cap);
-        for l in 0..self.k.len() {
-            for (mine, theirs) in [(&mut self.k[l], &other.k[l]), (&mut self.v[l], &other.v[l])] {
-                let b = mine.dim(0)?;
-                let mut rows = Vec::with_capacity(b);
-                for i in 0..b {
-                    let row = match pairs.iter().find(|p| p.0 == i) {
-                        Some(&(_, j)) => theirs.narrow(0, j, 1)?.narrow(2, 0, self.len)?,
-                        None => mine.narrow(0, i, 1)?.narrow(2, 0, self.len)?,
-                    };
-                    rows.push(row);
-                }
-                let joined = Tensor::cat(&rows, 0)?;
-                let (bb, h, _, d) = joined.dims4()?;
-                let fresh = Tensor::zeros((bb, h, cap, d), joined.dtype(), joined.device())?;
-                fresh.slice_set(&joined.contiguous()?, 2, 0)?;
-                *mine = fresh;
-            }
-        }
-        self.cap = cap;
-        Ok(())
-    }
 }
 
 /// Causal + padding mask for `t` new tokens appended after `past` cached columns:

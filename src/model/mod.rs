@@ -134,94 +134,102 @@ pub fn permute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
         .contiguous()?)
 }
 
-fn load_gguf(
-    content: &gguf_file::Content,
-    f: &mut std::fs::File,
-    cfg: &LlamaConfig,
-    opts: &LoadOptions,
-) -> Result<Llama> {
-    let dev = &opts.device;
-    let mut get = |name: &str| -> Result<candle_core::quantized::QTensor> {
-        content
-            .tensor(f, name, dev)
+/// Reads named tensors from an open GGUF file, as the load options ask for them.
+struct GgufTensors<'a> {
+    content: &'a gguf_file::Content,
+    file: &'a mut std::fs::File,
+    opts: &'a LoadOptions,
+}
+
+impl GgufTensors<'_> {
+    fn quantized(&mut self, name: &str) -> Result<candle_core::quantized::QTensor> {
+        self.content
+            .tensor(self.file, name, &self.opts.device)
             .map_err(|e| anyhow::anyhow!("tensor {name}: {e}"))
-    };
-    let dense = opts.weights == WeightsMode::Dense;
-    let mut lin = |name: &str, permute_heads: Option<usize>| -> Result<Linear> {
-        let q = get(name)?;
-        let (o, i) = q.shape().dims2()?;
-        if dense {
-            let mut w = q.dequantize(dev)?;
-            if let Some(h) = permute_heads {
-                w = unpermute_qk(&w, h)?;
-            }
-            Linear::dense(w.to_dtype(opts.dtype)?)
-        } else {
-            Ok(Linear {
+    }
+
+    /// A small tensor (norm weights, embeddings), always dequantized.
+    fn dense(&mut self, name: &str) -> Result<Tensor> {
+        Ok(self
+            .quantized(name)?
+            .dequantize(&self.opts.device)?
+            .to_dtype(self.opts.dtype)?)
+    }
+
+    /// A projection; q/k (`permute_heads`) are un-permuted when dequantized to the HF layout.
+    fn linear(
+        &mut self,
+        q: candle_core::quantized::QTensor,
+        permute_heads: Option<usize>,
+    ) -> Result<Linear> {
+        if self.opts.weights == WeightsMode::Quantized {
+            let (o, i) = q.shape().dims2()?;
+            return Ok(Linear {
                 weight: Weight::Quant(Arc::new(QMatMul::from_qtensor(q)?)),
                 lora: None,
                 out_features: o,
                 in_features: i,
-            })
+            });
         }
+        let mut w = q.dequantize(&self.opts.device)?;
+        if let Some(h) = permute_heads {
+            w = unpermute_qk(&w, h)?;
+        }
+        Linear::dense(w.to_dtype(self.opts.dtype)?)
+    }
+
+    fn projection(&mut self, name: &str, permute_heads: Option<usize>) -> Result<Linear> {
+        let q = self.quantized(name)?;
+        self.linear(q, permute_heads)
+    }
+}
+
+fn load_gguf(
+    content: &gguf_file::Content,
+    file: &mut std::fs::File,
+    cfg: &LlamaConfig,
+    opts: &LoadOptions,
+) -> Result<Llama> {
+    let mut t = GgufTensors {
+        content,
+        file,
+        opts,
     };
+    let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     for i in 0..cfg.num_hidden_layers {
         let p = format!("blk.{i}");
         layers.push(Layer {
-            q_proj: lin(&format!("{p}.attn_q.weight"), Some(cfg.num_attention_heads))?,
-            k_proj: lin(&format!("{p}.attn_k.weight"), Some(cfg.num_key_value_heads))?,
-            v_proj: lin(&format!("{p}.attn_v.weight"), None)?,
-            o_proj: lin(&format!("{p}.attn_output.weight"), None)?,
-            gate_proj: lin(&format!("{p}.ffn_gate.weight"), None)?,
-            up_proj: lin(&format!("{p}.ffn_up.weight"), None)?,
-            down_proj: lin(&format!("{p}.ffn_down.weight"), None)?,
-            input_layernorm: Tensor::zeros(1, DType::F32, dev)?, // filled below
-            post_attention_layernorm: Tensor::zeros(1, DType::F32, dev)?,
+            q_proj: t.projection(&format!("{p}.attn_q.weight"), Some(nh))?,
+            k_proj: t.projection(&format!("{p}.attn_k.weight"), Some(nkv))?,
+            v_proj: t.projection(&format!("{p}.attn_v.weight"), None)?,
+            o_proj: t.projection(&format!("{p}.attn_output.weight"), None)?,
+            gate_proj: t.projection(&format!("{p}.ffn_gate.weight"), None)?,
+            up_proj: t.projection(&format!("{p}.ffn_up.weight"), None)?,
+            down_proj: t.projection(&format!("{p}.ffn_down.weight"), None)?,
+            input_layernorm: t.dense(&format!("{p}.attn_norm.weight"))?,
+            post_attention_layernorm: t.dense(&format!("{p}.ffn_norm.weight"))?,
         });
     }
-    let mut get = |name: &str| -> Result<candle_core::quantized::QTensor> {
-        content
-            .tensor(f, name, dev)
-            .map_err(|e| anyhow::anyhow!("tensor {name}: {e}"))
-    };
-    for (i, l) in layers.iter_mut().enumerate() {
-        l.input_layernorm = get(&format!("blk.{i}.attn_norm.weight"))?
-            .dequantize(dev)?
-            .to_dtype(opts.dtype)?;
-        l.post_attention_layernorm = get(&format!("blk.{i}.ffn_norm.weight"))?
-            .dequantize(dev)?
-            .to_dtype(opts.dtype)?;
-    }
-    let norm = get("output_norm.weight")?
-        .dequantize(dev)?
-        .to_dtype(opts.dtype)?;
-    let embed_q = get("token_embd.weight")?;
-    let embed = embed_q.dequantize(dev)?.to_dtype(opts.dtype)?;
+    let norm = t.dense("output_norm.weight")?;
+    let embed_q = t.quantized("token_embd.weight")?;
+    let embed = embed_q.dequantize(&opts.device)?.to_dtype(opts.dtype)?;
+    // Tied embeddings: no output.weight, the head reuses token_embd.
     let head_q = if content.tensor_infos.contains_key("output.weight") {
-        get("output.weight")?
+        t.quantized("output.weight")?
     } else {
         embed_q
     };
-    let lm_head = if dense {
-        Linear::dense(head_q.dequantize(dev)?.to_dtype(opts.dtype)?)?
-    } else {
-        let (o, i) = head_q.shape().dims2()?;
-        Linear {
-            weight: Weight::Quant(Arc::new(QMatMul::from_qtensor(head_q)?)),
-            lora: None,
-            out_features: o,
-            in_features: i,
-        }
-    };
+    let lm_head = t.linear(head_q, None)?;
+    let interleaved_rope = opts.weights == WeightsMode::Quantized;
     Llama::new(
         cfg.clone(),
         embed,
         layers,
         norm,
         lm_head,
-        !dense,
-        dev,
+        interleaved_rope,
+        &opts.device,
         opts.dtype,
     )
 }

@@ -88,7 +88,6 @@ pub fn write_parquet(path: &Path, rows: &[&Pair]) -> Result<()> {
 
 /// Read a preference Parquet file (any string columns named prompt/chosen/rejected).
 pub fn read_parquet(path: &Path) -> Result<Vec<Pair>> {
-    use arrow_array::cast::AsArray;
     let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
         .with_context(|| format!("{}: not a Parquet file", path.display()))?
@@ -97,37 +96,42 @@ pub fn read_parquet(path: &Path) -> Result<Vec<Pair>> {
     for batch in reader {
         let batch = batch?;
         let get = |name: &str| -> Result<Vec<String>> {
-            let c = batch.column_by_name(name).with_context(|| {
+            string_column(&batch, name, path)?.with_context(|| {
                 format!(
                     "{}: no column `{name}` (a preference set needs prompt, chosen, rejected)",
                     path.display()
                 )
-            })?;
-            let c = arrow_cast_utf8(c).with_context(|| {
-                format!("{}: column `{name}` is not a string column", path.display())
-            })?;
-            Ok(c)
+            })
         };
         let (p, c, r) = (get("prompt")?, get("chosen")?, get("rejected")?);
-        for i in 0..p.len() {
+        for ((prompt, chosen), rejected) in p.into_iter().zip(c).zip(r) {
             out.push(Pair {
                 title_id: out.len(),
                 title: String::new(),
-                prompt: p[i].clone(),
-                chosen: c[i].clone(),
-                rejected: r[i].clone(),
+                prompt,
+                chosen,
+                rejected,
             });
         }
-        let _ = batch.column(0).as_string_opt::<i32>();
     }
     Ok(out)
 }
 
-fn arrow_cast_utf8(a: &ArrayRef) -> Option<Vec<String>> {
+/// A column of `Utf8` or `LargeUtf8` strings (nulls read as ""); `None` if the batch lacks it.
+pub fn string_column(batch: &RecordBatch, name: &str, path: &Path) -> Result<Option<Vec<String>>> {
     use arrow_array::cast::AsArray;
-    if let Some(s) = a.as_string_opt::<i32>() {
-        return Some(s.iter().map(|v| v.unwrap_or("").to_string()).collect());
+    let Some(c) = batch.column_by_name(name) else {
+        return Ok(None);
+    };
+    if let Some(s) = c.as_string_opt::<i32>() {
+        return Ok(Some(
+            s.iter().map(|v| v.unwrap_or("").to_string()).collect(),
+        ));
     }
-    a.as_string_opt::<i64>()
-        .map(|s| s.iter().map(|v| v.unwrap_or("").to_string()).collect())
+    if let Some(s) = c.as_string_opt::<i64>() {
+        return Ok(Some(
+            s.iter().map(|v| v.unwrap_or("").to_string()).collect(),
+        ));
+    }
+    bail!("{}: column `{name}` is not a string column", path.display())
 }

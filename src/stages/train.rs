@@ -20,33 +20,12 @@ type RefLogps = Vec<(f32, f32)>;
 
 fn dataset_files(ctx: &Ctx) -> Result<Vec<PathBuf>> {
     let p = ctx.loaded.resolve(&ctx.settings().train.dataset);
-    let mut files = Vec::new();
-    if p.is_dir() {
-        for e in std::fs::read_dir(&p)? {
-            let e = e?.path();
-            if e.is_dir() {
-                for f in std::fs::read_dir(&e)? {
-                    let f = f?.path();
-                    if f.extension().is_some_and(|x| x == "parquet") {
-                        files.push(f);
-                    }
-                }
-            } else if e.extension().is_some_and(|x| x == "parquet") {
-                files.push(e);
-            }
-        }
-    } else if p.is_file() {
-        files.push(p.clone());
-    }
-    if files.is_empty() {
-        anyhow::bail!(
-            "{}: train.dataset {} is not a Parquet file or a folder holding some",
-            ctx.loaded.origin("train.dataset"),
-            p.display()
-        );
-    }
-    files.sort();
-    Ok(files)
+    data::parquet_files(&p).map_err(|e| {
+        anyhow::anyhow!(
+            "{e} ({}); point it at a Parquet file or a folder holding some",
+            ctx.loaded.origin("train.dataset")
+        )
+    })
 }
 
 pub fn model_spec(ctx: &Ctx) -> String {
