@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use reviewer2::config::{LoraSettings, TrainSettings};
 use reviewer2::dpo::data::{truncate, Example, Truncation, TruncationReport};
-use reviewer2::dpo::logps::sequence_logps;
+use reviewer2::dpo::logps::{sequence_logps, sequence_logps_with};
 use reviewer2::dpo::lora;
 use reviewer2::dpo::loss::{dpo_loss, kto_loss};
 use reviewer2::model::config::LlamaConfig;
@@ -60,6 +60,8 @@ fn seqs() -> Vec<(Vec<u32>, Vec<u32>)> {
         (vec![1, 5, 9, 3], vec![7, 8, 2]),
         (vec![1, 4], vec![11, 12, 13, 14, 2]),
         (vec![1, 6, 6, 6, 6, 30], vec![2]),
+        // Shares the first prompt: packed into its row, as a pair's rejected response is.
+        (vec![1, 5, 9, 3], vec![21, 22, 23, 24, 25, 2]),
     ]
 }
 
@@ -77,7 +79,7 @@ fn lora_gradients_match_finite_differences_through_the_whole_training_forward() 
     }
     let data = seqs();
     let refs: Vec<(&[u32], &[u32])> = data.iter().map(|(p, r)| (&p[..], &r[..])).collect();
-    let w = Tensor::new(&[0.7f64, -1.3, 0.4], &Device::Cpu).unwrap();
+    let w = Tensor::new(&[0.7f64, -1.3, 0.4, 0.9], &Device::Cpu).unwrap();
     let mode = Mode {
         train: true,
         lora: true,
@@ -129,6 +131,62 @@ fn lora_gradients_match_finite_differences_through_the_whole_training_forward() 
                 "{name}[{k}]: analytic {} vs finite difference {fd} (rel err {err})",
                 gv[k]
             );
+        }
+    }
+}
+
+#[test]
+fn shared_prompts_pack_into_one_row_with_the_same_logps_and_gradients() {
+    let mut m = tiny(DType::F64);
+    lora::attach(&mut m, &all_targets(2, 0.0), 5).unwrap();
+    let vars = lora::vars(&m);
+    for (name, v) in vars.iter() {
+        if name.ends_with("lora_B.weight") {
+            let t = Tensor::randn(0f64, 0.3, v.as_tensor().shape(), &Device::Cpu).unwrap();
+            v.set(&t).unwrap();
+        }
+    }
+    let data = seqs();
+    let refs: Vec<(&[u32], &[u32])> = data.iter().map(|(p, r)| (&p[..], &r[..])).collect();
+    let mode = Mode {
+        train: true,
+        lora: true,
+        dropout_seed: None,
+    };
+    let w = Tensor::new(&[0.7f64, -1.3, 0.4, 0.9], &Device::Cpu).unwrap();
+    let run = |share: bool| {
+        let out = sequence_logps_with(&m, &refs, mode, false, share).unwrap();
+        let grads = (&out.logps * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let lp: Vec<f64> = out.logps.to_vec1().unwrap();
+        let g: Vec<Vec<f64>> = vars
+            .iter()
+            .map(|(_, v)| {
+                let g = grads.get(v.as_tensor()).unwrap();
+                g.flatten_all().unwrap().to_vec1().unwrap()
+            })
+            .collect();
+        (lp, out.mean_logits, out.tokens, g)
+    };
+    let (lp1, ml1, tk1, g1) = run(true);
+    let (lp2, ml2, tk2, g2) = run(false);
+    assert_eq!(tk1, tk2);
+    for (a, b) in lp1.iter().zip(&lp2) {
+        assert!((a - b).abs() < 1e-10, "packed {a} vs separate {b}");
+    }
+    for (a, b) in ml1.iter().zip(&ml2) {
+        assert!(
+            (a - b).abs() < 1e-5,
+            "mean logits: packed {a} vs separate {b}"
+        );
+    }
+    for ((name, _), (a, b)) in vars.iter().zip(g1.iter().zip(&g2)) {
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() < 1e-9, "{name}: packed {x} vs separate {y}");
         }
     }
 }
