@@ -65,18 +65,24 @@ fn seqs() -> Vec<(Vec<u32>, Vec<u32>)> {
     ]
 }
 
-#[test]
-fn lora_gradients_match_finite_differences_through_the_whole_training_forward() {
+/// A tiny f64 model with rank-2 LoRA on every target. B starts at zero, which would zero A's
+/// gradient: B gets random values so both are exercised.
+fn tiny_f64_with_lora(seed: u64) -> (Llama, Vec<(String, candle_core::Var)>) {
     let mut m = tiny(DType::F64);
-    lora::attach(&mut m, &all_targets(2, 0.0), 3).unwrap();
+    lora::attach(&mut m, &all_targets(2, 0.0), seed).unwrap();
     let vars = lora::vars(&m);
-    // B starts at zero, which would zero A's gradient: give B values so both are exercised.
     for (name, v) in vars.iter() {
         if name.ends_with("lora_B.weight") {
             let t = Tensor::randn(0f64, 0.3, v.as_tensor().shape(), &Device::Cpu).unwrap();
             v.set(&t).unwrap();
         }
     }
+    (m, vars)
+}
+
+#[test]
+fn lora_gradients_match_finite_differences_through_the_whole_training_forward() {
+    let (m, vars) = tiny_f64_with_lora(3);
     let data = seqs();
     let refs: Vec<(&[u32], &[u32])> = data.iter().map(|(p, r)| (&p[..], &r[..])).collect();
     let w = Tensor::new(&[0.7f64, -1.3, 0.4, 0.9], &Device::Cpu).unwrap();
@@ -137,15 +143,7 @@ fn lora_gradients_match_finite_differences_through_the_whole_training_forward() 
 
 #[test]
 fn shared_prompts_pack_into_one_row_with_the_same_logps_and_gradients() {
-    let mut m = tiny(DType::F64);
-    lora::attach(&mut m, &all_targets(2, 0.0), 5).unwrap();
-    let vars = lora::vars(&m);
-    for (name, v) in vars.iter() {
-        if name.ends_with("lora_B.weight") {
-            let t = Tensor::randn(0f64, 0.3, v.as_tensor().shape(), &Device::Cpu).unwrap();
-            v.set(&t).unwrap();
-        }
-    }
+    let (m, vars) = tiny_f64_with_lora(5);
     let data = seqs();
     let refs: Vec<(&[u32], &[u32])> = data.iter().map(|(p, r)| (&p[..], &r[..])).collect();
     let mode = Mode {
