@@ -97,55 +97,65 @@ impl Linear {
 /// `x @ w^T` whose backward gives `x` its gradient and computes none for the frozen `w`
 /// (candle's matmul always computes both: a weight-sized matmul per layer for nothing).
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let y = x.detach().matmul(&w.t()?)?.contiguous()?;
-    Ok(x.apply_op1(FrozenMatmul { y, w: w.clone() })?)
+    Ok(x.apply_op2(w, FrozenMatmul)?)
 }
 
-struct FrozenMatmul {
-    /// The product, computed with ordinary candle ops before the op is applied.
-    y: Tensor,
-    w: Tensor,
+/// The product is computed inside the op, by the backend's own matmul, so the graph holds it
+/// once (an op that wrapped a precomputed product would keep two copies).
+struct FrozenMatmul;
+
+/// (batch, m, n, k) and the transposed-weight layout for `x [N, in] @ w^T`.
+fn frozen_dims(
+    xl: &Layout,
+    wl: &Layout,
+) -> candle_core::Result<((usize, usize, usize, usize), Layout)> {
+    let (n, i) = xl.shape().dims2()?;
+    let (o, i2) = wl.shape().dims2()?;
+    if i != i2 {
+        candle_core::bail!("frozen-matmul: x has {i} features, the weight {i2}");
+    }
+    Ok(((1, n, o, i), wl.transpose(0, 1)?))
 }
 
-impl candle_core::CustomOp1 for FrozenMatmul {
+impl candle_core::CustomOp2 for FrozenMatmul {
     fn name(&self) -> &'static str {
         "frozen-matmul"
     }
 
-    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (storage, layout) = self.y.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cpu(c) if layout.start_offset() == 0 => {
-                Ok((c.clone(), self.y.shape().clone()))
-            }
-            _ => candle_core::bail!("frozen-matmul: product is not a contiguous CPU tensor"),
-        }
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (bmnk, wt) = frozen_dims(xl, wl)?;
+        Ok((x.matmul(w, bmnk, xl, &wt)?, Shape::from((bmnk.1, bmnk.2))))
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        _s: &candle_core::CudaStorage,
-        _l: &Layout,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        let (storage, layout) = self.y.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cuda(c) if layout.start_offset() == 0 => {
-                Ok((c.try_clone(layout)?, self.y.shape().clone()))
-            }
-            _ => candle_core::bail!("frozen-matmul: product is not a contiguous CUDA tensor"),
-        }
+        let (bmnk, wt) = frozen_dims(xl, wl)?;
+        Ok((x.matmul(w, bmnk, xl, &wt)?, Shape::from((bmnk.1, bmnk.2))))
     }
 
     fn bwd(
         &self,
-        _arg: &Tensor,
+        _x: &Tensor,
+        w: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         // dL/dx = dL/dy @ w ; [N, out] @ [out, in]
-        Ok(Some(grad.matmul(&self.w)?))
+        Ok((Some(grad.matmul(w)?), None))
     }
 }
 
@@ -465,6 +475,10 @@ impl Llama {
             .reshape((b, t, c.hidden_size))?;
         let scale = 1.0 / (hd as f64).sqrt();
         let mask5 = mask.reshape((b, 1, 1, t, past + t))?;
+        // The fused kernel where it runs (CPU f32/f64; `REVIEWER2_COMPOSED_ATTENTION=1` turns it
+        // off to compare), candle's composed ops elsewhere.
+        let fused = super::attention::supported(&self.device, self.dtype)
+            && std::env::var_os("REVIEWER2_COMPOSED_ATTENTION").is_none();
         for (li, layer) in self.layers.iter().enumerate() {
             let salt = (li as u64) << 8;
             let h = rms_norm(&x, &layer.input_layernorm, c.rms_norm_eps, mode.train)?;
@@ -485,26 +499,29 @@ impl Llama {
                 }
                 None => (k, v),
             };
-            // Grouped-query attention without copying K/V: fold the rep query heads that share
-            // a KV head into the row dimension. q: [B,nkv,rep*T,hd]
-            let q = q.reshape((b, nkv, rep * t, hd))?;
-            let att = (q.matmul(&k.t()?)? * scale)?; // [B,nkv,rep*T,S]
-            let att = att
-                .reshape((b, nkv, rep, t, past + t))?
-                .broadcast_add(&mask5)?;
-            let att = if mode.train {
-                candle_nn::ops::softmax(&att.to_dtype(accum_dtype(self.dtype))?, D::Minus1)?
+            let y = if fused {
+                super::attention::sdpa(&q, &k, &v, mask, scale)? // [B,T,nh*hd]
             } else {
-                candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?.contiguous()?)?
-            }
-            .to_dtype(self.dtype)?;
-            let y = att
-                .reshape((b, nkv, rep * t, past + t))?
-                .matmul(&v.contiguous()?)?; // [B,nkv,rep*T,hd]
-            let y = y
-                .reshape((b, nh, t, hd))?
-                .transpose(1, 2)?
-                .reshape((b, t, nh * hd))?;
+                // Grouped-query attention without copying K/V: fold the rep query heads that
+                // share a KV head into the row dimension. q: [B,nkv,rep*T,hd]
+                let q = q.reshape((b, nkv, rep * t, hd))?;
+                let att = (q.matmul(&k.t()?)? * scale)?; // [B,nkv,rep*T,S]
+                let att = att
+                    .reshape((b, nkv, rep, t, past + t))?
+                    .broadcast_add(&mask5)?;
+                let att = if mode.train {
+                    candle_nn::ops::softmax(&att.to_dtype(accum_dtype(self.dtype))?, D::Minus1)?
+                } else {
+                    candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?.contiguous()?)?
+                }
+                .to_dtype(self.dtype)?;
+                let y = att
+                    .reshape((b, nkv, rep * t, past + t))?
+                    .matmul(&v.contiguous()?)?; // [B,nkv,rep*T,hd]
+                y.reshape((b, nh, t, hd))?
+                    .transpose(1, 2)?
+                    .reshape((b, t, nh * hd))?
+            };
             let y = layer.o_proj.forward(&y, mode, salt + 4)?;
             x = (x + y)?;
             let h = rms_norm(

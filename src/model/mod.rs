@@ -2,6 +2,7 @@
 //! and chat template, a batched forward pass, and generation. Generation and DPO training share the
 //! same [`llama::Llama`].
 
+pub mod attention;
 pub mod chat;
 pub mod config;
 pub mod generate;
