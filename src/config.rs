@@ -127,6 +127,9 @@ pub struct TrainSettings {
     pub adam_epsilon: f64,
     pub batch_size: usize,
     pub gradient_accumulation_steps: usize,
+    /// Keep each layer's input instead of its activations and recompute the layer in the
+    /// backward pass (TRL's `gradient_checkpointing`).
+    pub gradient_checkpointing: bool,
     pub max_grad_norm: f64,
     pub max_steps: usize,
     pub epochs: usize,
@@ -263,6 +266,7 @@ impl Default for TrainSettings {
             adam_epsilon: 1e-8,
             batch_size: 10,
             gradient_accumulation_steps: 1,
+            gradient_checkpointing: true,
             max_grad_norm: 1.0,
             max_steps: 2000,
             epochs: 0,

@@ -67,9 +67,9 @@ fn seqs() -> Vec<(Vec<u32>, Vec<u32>)> {
 
 /// A tiny f64 model with rank-2 LoRA on every target. B starts at zero, which would zero A's
 /// gradient: B gets random values so both are exercised.
-fn tiny_f64_with_lora(seed: u64) -> (Llama, Vec<(String, candle_core::Var)>) {
+fn tiny_f64_with_lora(seed: u64, dropout: f64) -> (Llama, Vec<(String, candle_core::Var)>) {
     let mut m = tiny(DType::F64);
-    lora::attach(&mut m, &all_targets(2, 0.0), seed).unwrap();
+    lora::attach(&mut m, &all_targets(2, dropout), seed).unwrap();
     let vars = lora::vars(&m);
     for (name, v) in vars.iter() {
         if name.ends_with("lora_B.weight") {
@@ -82,7 +82,7 @@ fn tiny_f64_with_lora(seed: u64) -> (Llama, Vec<(String, candle_core::Var)>) {
 
 #[test]
 fn lora_gradients_match_finite_differences_through_the_whole_training_forward() {
-    let (m, vars) = tiny_f64_with_lora(3);
+    let (m, vars) = tiny_f64_with_lora(3, 0.0);
     let data = seqs();
     let refs: Vec<(&[u32], &[u32])> = data.iter().map(|(p, r)| (&p[..], &r[..])).collect();
     let w = Tensor::new(&[0.7f64, -1.3, 0.4, 0.9], &Device::Cpu).unwrap();
@@ -90,6 +90,7 @@ fn lora_gradients_match_finite_differences_through_the_whole_training_forward() 
         train: true,
         lora: true,
         dropout_seed: None,
+        checkpoint: false,
     };
     let f = || -> f64 {
         let lp = sequence_logps(&m, &refs, mode, false).unwrap().logps;
@@ -143,13 +144,14 @@ fn lora_gradients_match_finite_differences_through_the_whole_training_forward() 
 
 #[test]
 fn shared_prompts_pack_into_one_row_with_the_same_logps_and_gradients() {
-    let (m, vars) = tiny_f64_with_lora(5);
+    let (m, vars) = tiny_f64_with_lora(5, 0.0);
     let data = seqs();
     let refs: Vec<(&[u32], &[u32])> = data.iter().map(|(p, r)| (&p[..], &r[..])).collect();
     let mode = Mode {
         train: true,
         lora: true,
         dropout_seed: None,
+        checkpoint: false,
     };
     let w = Tensor::new(&[0.7f64, -1.3, 0.4, 0.9], &Device::Cpu).unwrap();
     let run = |share: bool| {
@@ -185,6 +187,57 @@ fn shared_prompts_pack_into_one_row_with_the_same_logps_and_gradients() {
     for ((name, _), (a, b)) in vars.iter().zip(g1.iter().zip(&g2)) {
         for (x, y) in a.iter().zip(b) {
             assert!((x - y).abs() < 1e-9, "{name}: packed {x} vs separate {y}");
+        }
+    }
+}
+
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients() {
+    // Dropout on, so the recomputed layers must draw the same masks as the first pass.
+    let (m, vars) = tiny_f64_with_lora(9, 0.2);
+    let data = seqs();
+    let refs: Vec<(&[u32], &[u32])> = data.iter().map(|(p, r)| (&p[..], &r[..])).collect();
+    let w = Tensor::new(&[0.7f64, -1.3, 0.4, 0.9], &Device::Cpu).unwrap();
+    let run = |checkpoint: bool| {
+        let mode = Mode {
+            train: true,
+            lora: true,
+            dropout_seed: Some(7),
+            checkpoint,
+        };
+        let out = sequence_logps(&m, &refs, mode, false).unwrap();
+        assert_eq!(out.ckpt.is_some(), checkpoint);
+        let mut grads = (&out.logps * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        if let Some(c) = out.ckpt {
+            c.backward(&m, &mut grads).unwrap();
+        }
+        let lp: Vec<f64> = out.logps.to_vec1().unwrap();
+        let g: Vec<Vec<f64>> = vars
+            .iter()
+            .map(|(name, v)| {
+                let g = grads
+                    .get(v.as_tensor())
+                    .unwrap_or_else(|| panic!("{name}: no gradient"));
+                g.flatten_all().unwrap().to_vec1().unwrap()
+            })
+            .collect();
+        (lp, g)
+    };
+    let (lp1, g1) = run(true);
+    let (lp2, g2) = run(false);
+    assert_eq!(lp1, lp2);
+    for ((name, _), (a, b)) in vars.iter().zip(g1.iter().zip(&g2)) {
+        assert!(a.iter().any(|x| x.abs() > 1e-8), "{name}: zero gradient");
+        for (x, y) in a.iter().zip(b) {
+            assert!(
+                (x - y).abs() < 1e-12,
+                "{name}: checkpointed {x} vs kept {y}"
+            );
         }
     }
 }
@@ -297,6 +350,7 @@ fn only_response_tokens_count_and_step_zero_is_ln2() {
         train: true,
         lora: true,
         dropout_seed: None,
+        checkpoint: false,
     };
     let lp: Vec<f64> = sequence_logps(&m, &refs, mode, false)
         .unwrap()
@@ -572,6 +626,7 @@ fn real_model_learns_resumes_and_saves_a_peft_adapter() {
             train: true,
             lora: true,
             dropout_seed: None,
+            checkpoint: false,
         },
         false,
     )

@@ -132,6 +132,7 @@ fn training_mode_forward_matches_inference_mode() {
                 train: true,
                 lora: true,
                 dropout_seed: None,
+                checkpoint: false,
             },
         )
         .unwrap();

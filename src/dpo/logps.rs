@@ -5,7 +5,7 @@
 //! earlier tokens only, at the positions they would have alone, so the log-probs are those of
 //! separate rows while the prompt (most of every pair's tokens) is computed once, not twice.
 
-use crate::model::llama::{Llama, Mode, MASK_NEG};
+use crate::model::llama::{Checkpoint, Llama, Mode, MASK_NEG};
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 use std::collections::HashMap;
@@ -17,6 +17,9 @@ pub struct SeqLogps {
     /// Mean logit over the response tokens and the vocabulary, per row.
     pub mean_logits: Vec<f32>,
     pub tokens: Vec<usize>,
+    /// With `mode.checkpoint`: carries `logps`' gradient through the layers after
+    /// `backward()` (see [`Checkpoint::backward`]); without it LoRA gets no gradient.
+    pub ckpt: Option<Checkpoint>,
 }
 
 /// `seqs[i] = (prompt ids, response ids)`; sequences with equal prompts share one row.
@@ -108,6 +111,7 @@ pub fn sequence_logps_with(
             logps: Tensor::zeros(n, DType::F32, dev)?,
             mean_logits: vec![0.0; n],
             tokens,
+            ckpt: None,
         });
     }
     let mut seg = vec![0f32; n * m];
@@ -117,7 +121,7 @@ pub fn sequence_logps_with(
     let ids = Tensor::from_vec(ids, (nr, l), dev)?;
     let pos = Tensor::from_vec(pos, (nr, l), dev)?;
     let mask = Tensor::from_vec(mask, (nr, 1, l, l), dev)?.to_dtype(model.dtype)?;
-    let h = model.forward_hidden(&ids, &pos, &mask, None, mode)?; // [R, L, H]
+    let (h, ckpt) = model.forward_hidden_ckpt(&ids, &pos, &mask, None, mode)?; // [R, L, H]
     let hdim = h.dim(2)?;
     let sel = h
         .reshape((nr * l, hdim))?
@@ -146,5 +150,6 @@ pub fn sequence_logps_with(
         logps,
         mean_logits,
         tokens,
+        ckpt,
     })
 }

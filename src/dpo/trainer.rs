@@ -8,6 +8,7 @@ use super::lora;
 use super::loss::{dpo_loss, kto_loss, PairLoss};
 use super::optim::{lr_factor, AdamW};
 use crate::config::TrainSettings;
+use crate::model::llama::Checkpoint;
 use crate::model::llama::Mode;
 use crate::model::Model;
 use anyhow::{bail, Context, Result};
@@ -66,6 +67,7 @@ pub fn reference_logps(
         train: true,
         lora: false,
         dropout_seed: None,
+        checkpoint: false,
     };
     let mut out = Vec::with_capacity(exs.len());
     for chunk in exs.chunks(batch.max(1)) {
@@ -199,14 +201,16 @@ impl Trainer<'_> {
         refs: &[(f32, f32)],
         mode: Mode,
         acc: &mut Acc,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Option<Checkpoint>)> {
         let average = self.s.loss == "ipo";
+        let ckpt;
         let b = exs.len();
         let s = self.s;
         let pl: PairLoss = if self.is_kto() {
             let seqs: Vec<(&[u32], &[u32])> =
                 exs.iter().map(|e| (&e.prompt[..], &e.chosen[..])).collect();
-            let pol = sequence_logps(&self.model.llama, &seqs, mode, false)?;
+            let mut pol = sequence_logps(&self.model.llama, &seqs, mode, false)?;
+            ckpt = pol.ckpt.take();
             // KL estimate from mismatched pairs: prompt i+1 with completion i.
             let kl: Vec<(&[u32], &[u32])> = (0..b)
                 .map(|i| (&exs[(i + 1) % b].prompt[..], &exs[i].chosen[..]))
@@ -215,6 +219,7 @@ impl Trainer<'_> {
                 train: true,
                 lora: true,
                 dropout_seed: None,
+                checkpoint: false,
             };
             let pk: Vec<f32> = sequence_logps(&self.model.llama, &kl, no_grad, false)?
                 .logps
@@ -255,7 +260,8 @@ impl Trainer<'_> {
             let mut seqs: Vec<(&[u32], &[u32])> =
                 exs.iter().map(|e| (&e.prompt[..], &e.chosen[..])).collect();
             seqs.extend(exs.iter().map(|e| (&e.prompt[..], &e.rejected[..])));
-            let pol = sequence_logps(&self.model.llama, &seqs, mode, average)?;
+            let mut pol = sequence_logps(&self.model.llama, &seqs, mode, average)?;
+            ckpt = pol.ckpt.take();
             let pc = pol.logps.narrow(0, 0, b)?;
             let pr = pol.logps.narrow(0, b, b)?;
             let dev = &self.model.llama.device;
@@ -279,7 +285,7 @@ impl Trainer<'_> {
         acc.loss += pl.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         acc.chosen.extend(pl.chosen_rewards);
         acc.rejected.extend(pl.rejected_rewards);
-        Ok(pl.loss)
+        Ok((pl.loss, ckpt))
     }
 
     pub fn evaluate(&self) -> Result<Map<String, Value>> {
@@ -288,6 +294,7 @@ impl Trainer<'_> {
             train: true,
             lora: true,
             dropout_seed: None,
+            checkpoint: false,
         };
         let bs = self.s.batch_size;
         for (i, chunk) in self.eval.chunks(bs).enumerate() {
@@ -311,6 +318,7 @@ impl Trainer<'_> {
                 train: true,
                 lora: true,
                 dropout_seed: None,
+                checkpoint: false,
             },
             &mut acc,
         )?;
@@ -332,9 +340,13 @@ impl Trainer<'_> {
                 train: true,
                 lora: true,
                 dropout_seed: Some(seed),
+                checkpoint: self.s.gradient_checkpointing,
             };
-            let loss = self.batch_loss(&exs, &refs, mode, acc)?;
-            let g = (loss / accum as f64)?.backward()?;
+            let (loss, ckpt) = self.batch_loss(&exs, &refs, mode, acc)?;
+            let mut g = (loss / accum as f64)?.backward()?;
+            if let Some(c) = ckpt {
+                c.backward(&self.model.llama, &mut g)?;
+            }
             for (i, v) in vars.iter().enumerate() {
                 let gi = g.get(v.as_tensor()).cloned();
                 grads[i] = match (grads[i].take(), gi) {

@@ -11,8 +11,9 @@
 
 use crate::dpo::lora::Lora;
 use anyhow::{Context, Result};
+use candle_core::backprop::GradStore;
 use candle_core::quantized::QMatMul;
-use candle_core::{CpuStorage, DType, Device, Layout, Module, Shape, Tensor, D};
+use candle_core::{CpuStorage, DType, Device, Layout, Module, Shape, Tensor, Var, D};
 use std::sync::Arc;
 
 use super::config::LlamaConfig;
@@ -29,6 +30,8 @@ pub struct Mode {
     pub lora: bool,
     /// Seed for LoRA dropout masks this step (`None` = no dropout, as in eval).
     pub dropout_seed: Option<u64>,
+    /// Gradient checkpointing (training): see [`Llama::forward_hidden_ckpt`].
+    pub checkpoint: bool,
 }
 
 impl Mode {
@@ -37,6 +40,7 @@ impl Mode {
             train: false,
             lora: true,
             dropout_seed: None,
+            checkpoint: false,
         }
     }
 }
@@ -344,6 +348,61 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, train: bool) -> Result<Tensor> {
     }
 }
 
+/// What every layer of one forward pass shares.
+struct LayerCtx {
+    /// [B, T, hd/2]
+    cos: Tensor,
+    sin: Tensor,
+    /// [B, 1, T, S] additive
+    mask: Tensor,
+    past: usize,
+    fused: bool,
+}
+
+/// A checkpointed training forward: each layer's input, kept instead of its activations.
+pub struct Checkpoint {
+    inputs: Vec<Tensor>,
+    /// The last layer's output, the leaf the loss's own graph starts from.
+    last: Var,
+    ctx: LayerCtx,
+    mode: Mode,
+}
+
+impl Checkpoint {
+    /// Carry the loss's gradients (from `loss.backward()`) back through the layers, one at a
+    /// time: recompute the layer with its input as a leaf, backpropagate the incoming gradient,
+    /// and add the LoRA gradients it yields to `grads`. LoRA dropout masks are seeded per step
+    /// and layer, so the recomputation draws the same ones.
+    pub fn backward(self, model: &Llama, grads: &mut GradStore) -> Result<()> {
+        let Some(mut g) = grads.remove(self.last.as_tensor()) else {
+            return Ok(()); // the loss does not depend on the layers
+        };
+        for (li, x) in self.inputs.iter().enumerate().rev() {
+            let xv = Var::from_tensor(x)?;
+            let y = model.layer_forward(li, xv.as_tensor(), &self.ctx, None, self.mode)?;
+            let mut local = (y * &g)?.sum_all()?.backward()?;
+            for (_, lo) in model.layers[li].named() {
+                if let Some(l) = &lo.lora {
+                    for w in [&l.a, &l.b] {
+                        if let Some(gw) = local.remove(w.as_tensor()) {
+                            let sum = match grads.remove(w.as_tensor()) {
+                                Some(prev) => (prev + gw)?,
+                                None => gw,
+                            };
+                            grads.insert(w.as_tensor(), sum);
+                        }
+                    }
+                }
+            }
+            g = match local.remove(xv.as_tensor()) {
+                Some(gx) => gx,
+                None => break, // nothing below this layer can change the loss
+            };
+        }
+        Ok(())
+    }
+}
+
 impl Llama {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -442,18 +501,41 @@ impl Llama {
 
     /// The final-norm hidden states [B, T, H]: training applies `lm_head` only where it needs
     /// log-probabilities (the response tokens), which saves most of the vocabulary matmul.
+    ///
+    /// With `mode.checkpoint` this refuses to run: use [`Llama::forward_hidden_ckpt`], whose
+    /// checkpoint must carry the gradient on through the layers.
     pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut KvCache>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        anyhow::ensure!(
+            !mode.checkpoint,
+            "internal: a checkpointed forward must keep its checkpoint (forward_hidden_ckpt)"
+        );
+        Ok(self
+            .forward_hidden_ckpt(ids, positions, mask, cache, mode)?
+            .0)
+    }
+
+    /// As [`Llama::forward_hidden`]; with `mode.checkpoint` (training only) the layers keep no
+    /// graph, only their inputs, and the returned [`Checkpoint`] recomputes each layer during
+    /// the backward pass: activation memory of one layer instead of all of them, for one more
+    /// forward pass.
+    pub fn forward_hidden_ckpt(
         &self,
         ids: &Tensor,
         positions: &Tensor,
         mask: &Tensor,
         mut cache: Option<&mut KvCache>,
         mode: Mode,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Option<Checkpoint>)> {
         let c = &self.cfg;
         let (b, t) = ids.dims2()?;
-        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let rep = nh / nkv;
+        let hd = c.head_dim;
         let flat_pos = positions.flatten_all()?;
         let cos = self
             .cos
@@ -473,77 +555,124 @@ impl Llama {
             .embed_tokens
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, c.hidden_size))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let mask5 = mask.reshape((b, 1, 1, t, past + t))?;
-        // The fused kernel where it runs (CPU f32/f64; `REVIEWER2_COMPOSED_ATTENTION=1` turns it
-        // off to compare), candle's composed ops elsewhere.
-        let fused = super::attention::supported(&self.device, self.dtype)
-            && std::env::var_os("REVIEWER2_COMPOSED_ATTENTION").is_none();
-        for (li, layer) in self.layers.iter().enumerate() {
-            let salt = (li as u64) << 8;
-            let h = rms_norm(&x, &layer.input_layernorm, c.rms_norm_eps, mode.train)?;
-            let q = layer.q_proj.forward(&h, mode, salt + 1)?;
-            let k = layer.k_proj.forward(&h, mode, salt + 2)?;
-            let v = layer.v_proj.forward(&h, mode, salt + 3)?;
-            let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?; // [B,nh,T,hd]
-            let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?; // [B,nkv,T,hd]
-            let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let q = self.rope(&q, &cos, &sin, mode.train)?;
-            let k = self.rope(&k, &cos, &sin, mode.train)?;
-            let (k, v) = match cache.as_deref_mut() {
-                Some(kv) => {
-                    kv.k[li].slice_set(&k, 2, past)?;
-                    kv.v[li].slice_set(&v, 2, past)?;
-                    let len = past + t;
-                    (kv.k[li].narrow(2, 0, len)?, kv.v[li].narrow(2, 0, len)?)
-                }
-                None => (k, v),
-            };
-            let y = if fused {
-                super::attention::sdpa(&q, &k, &v, mask, scale)? // [B,T,nh*hd]
+        let ctx = LayerCtx {
+            cos,
+            sin,
+            mask: mask.clone(),
+            past,
+            // The fused kernel where it runs (CPU f32/f64; `REVIEWER2_COMPOSED_ATTENTION=1`
+            // turns it off to compare), candle's composed ops elsewhere.
+            fused: super::attention::supported(&self.device, self.dtype)
+                && std::env::var_os("REVIEWER2_COMPOSED_ATTENTION").is_none(),
+        };
+        let checkpoint = mode.checkpoint && mode.train;
+        let mut inputs = Vec::new();
+        for li in 0..self.layers.len() {
+            if checkpoint {
+                x = x.detach();
+                inputs.push(x.clone());
+                x = self.layer_forward(li, &x, &ctx, None, mode)?.detach();
             } else {
-                // Grouped-query attention without copying K/V: fold the rep query heads that
-                // share a KV head into the row dimension. q: [B,nkv,rep*T,hd]
-                let q = q.reshape((b, nkv, rep * t, hd))?;
-                let att = (q.matmul(&k.t()?)? * scale)?; // [B,nkv,rep*T,S]
-                let att = att
-                    .reshape((b, nkv, rep, t, past + t))?
-                    .broadcast_add(&mask5)?;
-                let att = if mode.train {
-                    candle_nn::ops::softmax(&att.to_dtype(accum_dtype(self.dtype))?, D::Minus1)?
-                } else {
-                    candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?.contiguous()?)?
-                }
-                .to_dtype(self.dtype)?;
-                let y = att
-                    .reshape((b, nkv, rep * t, past + t))?
-                    .matmul(&v.contiguous()?)?; // [B,nkv,rep*T,hd]
-                y.reshape((b, nh, t, hd))?
-                    .transpose(1, 2)?
-                    .reshape((b, t, nh * hd))?
-            };
-            let y = layer.o_proj.forward(&y, mode, salt + 4)?;
-            x = (x + y)?;
-            let h = rms_norm(
-                &x,
-                &layer.post_attention_layernorm,
-                c.rms_norm_eps,
-                mode.train,
-            )?;
-            let g = layer.gate_proj.forward(&h, mode, salt + 5)?;
-            let u = layer.up_proj.forward(&h, mode, salt + 6)?;
-            let act = if mode.train {
-                candle_nn::ops::silu(&g)?
-            } else {
-                g.silu()?
-            };
-            let y = layer.down_proj.forward(&(act * u)?, mode, salt + 7)?;
-            x = (x + y)?;
+                x = self.layer_forward(li, &x, &ctx, cache.as_deref_mut(), mode)?;
+            }
         }
         if let Some(kv) = cache {
             kv.len = past + t;
         }
-        rms_norm(&x, &self.norm, c.rms_norm_eps, mode.train)
+        let (x, ckpt) = if checkpoint {
+            let last = Var::from_tensor(&x)?;
+            let x = last.as_tensor().clone();
+            (
+                x,
+                Some(Checkpoint {
+                    inputs,
+                    last,
+                    ctx,
+                    mode,
+                }),
+            )
+        } else {
+            (x, None)
+        };
+        Ok((rms_norm(&x, &self.norm, c.rms_norm_eps, mode.train)?, ckpt))
+    }
+
+    /// Decoder layer `li`: x [B, T, H] -> [B, T, H], appending its keys/values to the cache.
+    fn layer_forward(
+        &self,
+        li: usize,
+        x: &Tensor,
+        ctx: &LayerCtx,
+        cache: Option<&mut KvCache>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let layer = &self.layers[li];
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let rep = nh / nkv;
+        let past = ctx.past;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let salt = (li as u64) << 8;
+        let h = rms_norm(x, &layer.input_layernorm, c.rms_norm_eps, mode.train)?;
+        let q = layer.q_proj.forward(&h, mode, salt + 1)?;
+        let k = layer.k_proj.forward(&h, mode, salt + 2)?;
+        let v = layer.v_proj.forward(&h, mode, salt + 3)?;
+        let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?; // [B,nh,T,hd]
+        let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?; // [B,nkv,T,hd]
+        let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = self.rope(&q, &ctx.cos, &ctx.sin, mode.train)?;
+        let k = self.rope(&k, &ctx.cos, &ctx.sin, mode.train)?;
+        let (k, v) = match cache {
+            Some(kv) => {
+                kv.k[li].slice_set(&k, 2, past)?;
+                kv.v[li].slice_set(&v, 2, past)?;
+                let len = past + t;
+                (kv.k[li].narrow(2, 0, len)?, kv.v[li].narrow(2, 0, len)?)
+            }
+            None => (k, v),
+        };
+        let y = if ctx.fused {
+            super::attention::sdpa(&q, &k, &v, &ctx.mask, scale)? // [B,T,nh*hd]
+        } else {
+            // Grouped-query attention without copying K/V: fold the rep query heads that
+            // share a KV head into the row dimension. q: [B,nkv,rep*T,hd]
+            let mask5 = ctx.mask.reshape((b, 1, 1, t, past + t))?;
+            let q = q.reshape((b, nkv, rep * t, hd))?;
+            let att = (q.matmul(&k.t()?)? * scale)?; // [B,nkv,rep*T,S]
+            let att = att
+                .reshape((b, nkv, rep, t, past + t))?
+                .broadcast_add(&mask5)?;
+            let att = if mode.train {
+                candle_nn::ops::softmax(&att.to_dtype(accum_dtype(self.dtype))?, D::Minus1)?
+            } else {
+                candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?.contiguous()?)?
+            }
+            .to_dtype(self.dtype)?;
+            let y = att
+                .reshape((b, nkv, rep * t, past + t))?
+                .matmul(&v.contiguous()?)?; // [B,nkv,rep*T,hd]
+            y.reshape((b, nh, t, hd))?
+                .transpose(1, 2)?
+                .reshape((b, t, nh * hd))?
+        };
+        let y = layer.o_proj.forward(&y, mode, salt + 4)?;
+        let x = (x + y)?;
+        let h = rms_norm(
+            &x,
+            &layer.post_attention_layernorm,
+            c.rms_norm_eps,
+            mode.train,
+        )?;
+        let g = layer.gate_proj.forward(&h, mode, salt + 5)?;
+        let u = layer.up_proj.forward(&h, mode, salt + 6)?;
+        let act = if mode.train {
+            candle_nn::ops::silu(&g)?
+        } else {
+            g.silu()?
+        };
+        let y = layer.down_proj.forward(&(act * u)?, mode, salt + 7)?;
+        Ok((x + y)?)
     }
 
     /// Convenience: logits for every position of unpadded rows of equal length.
