@@ -18,6 +18,17 @@ fn tune_allocator() {
     }
 }
 
+/// candle's elementwise thread pool spins 25,000 rounds before parking, while gemm and the
+/// attention kernel run on rayon's pool: on a 2-core machine the spinning worker takes a core
+/// from the matmuls. Parking almost at once made generation about 15% faster here (docs/PERF.md).
+/// A value set by the user wins.
+fn tune_thread_pools() {
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        // SAFETY: called before any thread starts, so nothing reads the environment concurrently.
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "100");
+    }
+}
+
 fn main() {
     // `pipeline status | head` should end quietly, not panic on a closed pipe.
     #[cfg(unix)]
@@ -26,6 +37,7 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     tune_allocator();
+    tune_thread_pools();
     let cli = Cli::parse();
     let level = if cli.global.quiet {
         "error"

@@ -23,6 +23,17 @@ fn load(weights: WeightsMode) -> Model {
     .unwrap()
 }
 
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
 fn chat_prompt(m: &Model, title: &str) -> Vec<u32> {
     use reviewer2::model::chat::Message;
     let msgs = vec![
@@ -80,14 +91,7 @@ fn logits_match_candle_transformers_quantized_llama() {
         );
     }
     let ours = Tensor::stack(&rows, 0).unwrap();
-    let diff: f32 = (ours.clone() - &ref_logits)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let diff = max_abs_diff(&ours, &ref_logits);
     let a: Vec<u32> = ours.argmax(D::Minus1).unwrap().to_vec1().unwrap();
     let b: Vec<u32> = ref_logits.argmax(D::Minus1).unwrap().to_vec1().unwrap();
     assert_eq!(a, b, "argmax differs at some of {t} positions");
@@ -103,14 +107,7 @@ fn logits_match_candle_transformers_quantized_llama() {
         .unwrap()
         .squeeze(0)
         .unwrap();
-    let d2: f32 = (whole - &ref_logits)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let d2: f32 = max_abs_diff(&whole, &ref_logits);
     eprintln!("token-by-token max diff {diff}, whole-prompt max diff {d2}");
     assert!(d2 < 2.0, "whole-prompt max |logit diff| = {d2}");
 }
@@ -136,14 +133,7 @@ fn training_mode_forward_matches_inference_mode() {
             },
         )
         .unwrap();
-    let diff: f32 = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let diff: f32 = max_abs_diff(&a, &b);
     assert!(diff < 1e-3, "composed ops differ from fused ones by {diff}");
 }
 
@@ -228,14 +218,7 @@ fn left_padded_rows_match_their_solo_runs() {
             .unwrap()
             .flatten_all()
             .unwrap();
-        let d: f32 = (batched.get(0).unwrap() - last)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let d = max_abs_diff(&batched.get(0).unwrap(), &last);
         assert!(d < 1e-3, "{w:?}: padded row logits differ by {d}");
     }
 }
@@ -522,4 +505,89 @@ fn sampling_respects_top_k_and_is_seeded_per_prompt() {
         (0..200).all(|_| sample(&logits, &s, &mut r) >= 93),
         "top-p 0.5 keeps the top few"
     );
+}
+
+#[test]
+fn shared_prefix_prefill_equals_whole_prompt_prefill() {
+    use reviewer2::model::chat::Message;
+    use reviewer2::model::generate::prefill_padded;
+    use reviewer2::model::prefix::{prefill_shared, unique_tokens};
+    let m = load(WeightsMode::Dense);
+    // Few-shot prompts as the prompts stage builds them: shared system message, shots drawn
+    // from a pool in different orders, then the title. One prompt is a prefix of another.
+    let shots = [
+        ("Attention Is All You Need", "Not novel."),
+        (
+            "QLoRA: Efficient Finetuning of Quantized LLMs",
+            "Poorly evaluated.",
+        ),
+        ("Visual Instruction Tuning", "Irrelevant."),
+    ];
+    let orders: [&[usize]; 5] = [&[0, 1], &[0, 2], &[1, 0], &[0, 1], &[2]];
+    let titles = [
+        "Tree of Thoughts",
+        "Direct Preference Optimization",
+        "A",
+        "B",
+        "C",
+    ];
+    let mut prompts: Vec<Vec<u32>> = orders
+        .iter()
+        .zip(titles)
+        .map(|(o, title)| {
+            let mut msgs = vec![Message::new("system", "You review papers in one sentence.")];
+            for &s in o.iter() {
+                msgs.push(Message::new("user", shots[s].0));
+                msgs.push(Message::new("assistant", shots[s].1));
+            }
+            msgs.push(Message::new("user", title));
+            let text = m.meta.chat.as_ref().unwrap().render(&msgs, true).unwrap();
+            m.meta.tok.encode(&text, true).unwrap()
+        })
+        .collect();
+    prompts.push(prompts[0][..prompts[0].len() - 3].to_vec());
+    let ps: Vec<&[u32]> = prompts.iter().map(|p| &p[..]).collect();
+    let total: usize = ps.iter().map(|p| p.len()).sum();
+    let unique = unique_tokens(&ps);
+    assert!(
+        unique * 2 < total,
+        "{unique} of {total} tokens unique: too little sharing to test"
+    );
+    let (ca, sa, la) = prefill_shared(&m, &ps, 8).unwrap();
+    let reqs: Vec<Request> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Request {
+            id: i,
+            ids: p.clone(),
+        })
+        .collect();
+    let (cb, sb, lb) = prefill_padded(&m, &reqs, 8).unwrap();
+    assert_eq!(sa, sb, "first valid column per row");
+    assert_eq!(ca.len, cb.len);
+    for (i, (a, b)) in la.iter().zip(&lb).enumerate() {
+        let ta = Tensor::new(a.as_slice(), &Device::Cpu).unwrap();
+        let tb = Tensor::new(b.as_slice(), &Device::Cpu).unwrap();
+        let d = max_abs_diff(&ta, &tb);
+        assert!(d < 1e-3, "prompt {i}: last logits differ by {d}");
+        assert_eq!(
+            reviewer2::model::generate::argmax(a),
+            reviewer2::model::generate::argmax(b),
+            "prompt {i}: argmax"
+        );
+    }
+    for li in [0, 15, m.llama.cfg.num_hidden_layers - 1] {
+        for (i, &st) in sa.iter().enumerate() {
+            let w = ca.len - st;
+            for (x, y) in [(&ca.k[li], &cb.k[li]), (&ca.v[li], &cb.v[li])] {
+                let x = x.narrow(0, i, 1).unwrap().narrow(2, st, w).unwrap();
+                let y = y.narrow(0, i, 1).unwrap().narrow(2, st, w).unwrap();
+                let d = max_abs_diff(&x, &y);
+                assert!(
+                    d < 1e-3,
+                    "layer {li} row {i}: cached keys/values differ by {d}"
+                );
+            }
+        }
+    }
 }

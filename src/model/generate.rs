@@ -1,4 +1,4 @@
-//! Batched generation: left-padded prefill, KV-cached decode, per-row samplers and stopping.
+//! Batched generation: shared-prefix prefill, KV-cached decode, per-row samplers and stopping.
 //!
 //! Prompts are sorted by length so a batch carries little padding. When a row finishes, its slot
 //! is refilled with the next prompt (prefilled in a sub-batch and spliced into the cache) instead
@@ -160,6 +160,8 @@ pub fn generate(
     let mut rows: Vec<Row> = Vec::new();
     let mut start: Vec<usize> = Vec::new();
     let mut cache: Option<KvCache> = None;
+    // `REVIEWER2_NO_PREFIX_SHARING=1` prefills each prompt whole, to compare.
+    let share_prefixes = std::env::var_os("REVIEWER2_NO_PREFIX_SHARING").is_none();
     let cap_hint =
         |rs: &[Request]| rs.iter().map(|r| r.ids.len()).max().unwrap_or(1) + s.max_new_tokens + 8;
 
@@ -171,7 +173,13 @@ pub fn generate(
                 .filter_map(|_| reqs.pop())
                 .collect();
             let t0 = Instant::now();
-            let (mut sub, sub_start, logits) = prefill(model, &take, cap_hint(&take))?;
+            let (mut sub, sub_start, logits) =
+                if share_prefixes && take.iter().all(|r| !r.ids.is_empty()) {
+                    let ps: Vec<&[u32]> = take.iter().map(|r| &r.ids[..]).collect();
+                    super::prefix::prefill_shared(model, &ps, cap_hint(&take))?
+                } else {
+                    prefill_padded(model, &take, cap_hint(&take))?
+                };
             stats.prefill_secs += t0.elapsed().as_secs_f64();
             stats.prompt_tokens += take.iter().map(|r| r.ids.len()).sum::<usize>();
             let mut sub_start = sub_start;
@@ -292,8 +300,9 @@ pub fn generate(
     Ok(stats)
 }
 
-/// Left-pad and run the prompts; returns their cache, first valid column per row, last logits.
-fn prefill(
+/// Left-pad and run the prompts whole; returns their cache, first valid column per row, last
+/// logits. (`prefix::prefill_shared` is the faster equivalent for prompts that share prefixes.)
+pub fn prefill_padded(
     model: &Model,
     reqs: &[Request],
     cap: usize,

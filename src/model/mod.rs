@@ -7,6 +7,7 @@ pub mod chat;
 pub mod config;
 pub mod generate;
 pub mod llama;
+pub mod prefix;
 pub mod source;
 pub mod tokenizer;
 

@@ -1,0 +1,316 @@
+//! Shared-prefix prefill: a batch's prompts as a token trie, each shared run computed once.
+//!
+//! Reviewer prompts repeat a lot: the system message and the few-shot turns drawn from a small
+//! pool, so about two thirds of a batch's prompt tokens are a prefix some other prompt already
+//! has. The trie's nodes are runs of tokens that the same set of prompts share. Nodes are computed
+//! level by level, one batched forward per level: each node's row is given its ancestors' keys
+//! and values as cached past (left-padded), and its own tokens at the positions they have in the
+//! prompt. Keys carry their position (RoPE is applied before caching), so a prompt's cache is
+//! simply its path's node caches side by side, exactly what a whole-prompt prefill would hold,
+//! up to float rounding from the different matrix shapes.
+
+use super::llama::{build_mask, build_positions, KvCache, Mode};
+use super::Model;
+use anyhow::Result;
+use candle_core::{DType, Tensor};
+
+struct Node {
+    parent: Option<usize>,
+    /// Tokens before this node in every prompt through it.
+    start: usize,
+    tokens: Vec<u32>,
+    level: usize,
+    /// Per layer: keys and values of this node's tokens, [nkv, len, hd].
+    kv: Vec<(Tensor, Tensor)>,
+    /// Logits after the node's last token, when a prompt ends here.
+    logits: Option<Vec<f32>>,
+    ends_prompt: bool,
+}
+
+/// Build the trie: `end[i]` is the node where prompt `i` ends.
+fn build(prompts: &[&[u32]]) -> (Vec<Node>, Vec<usize>) {
+    let mut nodes = Vec::new();
+    let mut end = vec![usize::MAX; prompts.len()];
+    let all: Vec<usize> = (0..prompts.len()).collect();
+    // Work list: (prompts in this subtree, offset where the subtree starts, parent, level).
+    let mut work = vec![(all, 0usize, None::<usize>, 0usize)];
+    while let Some((group, off, parent, level)) = work.pop() {
+        // Split by the token at `off`; prompts ending at `off` ended at the parent already.
+        let mut by_tok: Vec<(u32, Vec<usize>)> = Vec::new();
+        for &i in &group {
+            if let Some(&t) = prompts[i].get(off) {
+                match by_tok.iter_mut().find(|(x, _)| *x == t) {
+                    Some((_, v)) => v.push(i),
+                    None => by_tok.push((t, vec![i])),
+                }
+            }
+        }
+        for (_, sub) in by_tok {
+            // The run every prompt of `sub` shares, stopping where the shortest one ends.
+            let first = prompts[sub[0]];
+            let mut len = 1;
+            while sub.iter().all(|&i| {
+                let p = prompts[i];
+                off + len < p.len() && p[off + len] == first[off + len]
+            }) {
+                len += 1;
+            }
+            let id = nodes.len();
+            let mut ends = false;
+            for &i in &sub {
+                if prompts[i].len() == off + len {
+                    end[i] = id;
+                    ends = true;
+                }
+            }
+            nodes.push(Node {
+                parent,
+                start: off,
+                tokens: first[off..off + len].to_vec(),
+                level,
+                kv: Vec::new(),
+                logits: None,
+                ends_prompt: ends,
+            });
+            let rest: Vec<usize> = sub
+                .into_iter()
+                .filter(|&i| prompts[i].len() > off + len)
+                .collect();
+            if !rest.is_empty() {
+                work.push((rest, off + len, Some(id), level + 1));
+            }
+        }
+    }
+    (nodes, end)
+}
+
+/// Root-to-node path.
+fn path(nodes: &[Node], mut n: usize) -> Vec<usize> {
+    let mut p = vec![n];
+    while let Some(up) = nodes[n].parent {
+        p.push(up);
+        n = up;
+    }
+    p.reverse();
+    p
+}
+
+/// Left-padded per-layer cache tensors [R, nkv, width, hd] from each row's node path.
+fn stack_paths(
+    model: &Model,
+    nodes: &[Node],
+    paths: &[Vec<usize>],
+    lens: &[usize],
+    width: usize,
+    cap: usize,
+) -> Result<KvCache> {
+    let c = &model.llama.cfg;
+    let (nkv, hd) = (c.num_key_value_heads, c.head_dim);
+    let mut cache = KvCache::new(&model.llama, paths.len(), cap.max(width).max(1))?;
+    if width > 0 {
+        for li in 0..c.num_hidden_layers {
+            for which in 0..2 {
+                let rows = paths
+                    .iter()
+                    .zip(lens)
+                    .map(|(p, &len)| {
+                        let mut parts = Vec::with_capacity(p.len() + 1);
+                        if len < width {
+                            parts.push(Tensor::zeros(
+                                (nkv, width - len, hd),
+                                model.llama.dtype,
+                                &model.llama.device,
+                            )?);
+                        }
+                        for &n in p {
+                            let (k, v) = &nodes[n].kv[li];
+                            parts.push(if which == 0 { k.clone() } else { v.clone() });
+                        }
+                        Ok(Tensor::cat(&parts, 1)?)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let dst = if which == 0 {
+                    &cache.k[li]
+                } else {
+                    &cache.v[li]
+                };
+                dst.slice_set(&Tensor::stack(&rows, 0)?, 2, 0)?;
+            }
+        }
+    }
+    cache.len = width;
+    Ok(cache)
+}
+
+/// One batched forward over `rows` (nodes whose ancestors are done): stores each node's keys
+/// and values, and the logits where a prompt ends.
+fn run_nodes(model: &Model, nodes: &mut [Node], rows: &[usize]) -> Result<()> {
+    let dev = model.llama.device.clone();
+    let pad = model.meta.tok.pad_id;
+    // Past of each row: its ancestors, left-padded to the longest.
+    let ancestors: Vec<Vec<usize>> = rows
+        .iter()
+        .map(|&n| {
+            let mut p = path(nodes, n);
+            p.pop();
+            p
+        })
+        .collect();
+    let past_lens: Vec<usize> = rows.iter().map(|&n| nodes[n].start).collect();
+    let past = past_lens.iter().copied().max().unwrap_or(0);
+    let t = rows
+        .iter()
+        .map(|&n| nodes[n].tokens.len())
+        .max()
+        .unwrap_or(1);
+    let mut cache = stack_paths(model, nodes, &ancestors, &past_lens, past, past + t)?;
+    // New tokens right-padded: padding comes after every real token, so causal masking
+    // keeps it out of them, and its keys are never copied out.
+    let mut ids = Vec::with_capacity(rows.len() * t);
+    for &n in rows {
+        let tk = &nodes[n].tokens;
+        ids.extend_from_slice(tk);
+        ids.extend(std::iter::repeat_n(pad, t - tk.len()));
+    }
+    let start: Vec<usize> = past_lens.iter().map(|&p| past - p).collect();
+    let ids = Tensor::from_vec(ids, (rows.len(), t), &dev)?;
+    let mask = build_mask(&start, past, t, model.llama.dtype, &dev)?;
+    let pos = build_positions(&start, past, t, &dev)?;
+    let h = model
+        .llama
+        .forward_hidden(&ids, &pos, &mask, Some(&mut cache), Mode::infer())?;
+    for (r, &n) in rows.iter().enumerate() {
+        let len = nodes[n].tokens.len();
+        nodes[n].kv = (0..model.llama.cfg.num_hidden_layers)
+            .map(|li| -> Result<_> {
+                let cut = |x: &Tensor| -> Result<Tensor> {
+                    Ok(x.narrow(0, r, 1)?
+                        .narrow(2, past, len)?
+                        .squeeze(0)?
+                        .contiguous()?)
+                };
+                Ok((cut(&cache.k[li])?, cut(&cache.v[li])?))
+            })
+            .collect::<Result<_>>()?;
+    }
+    // Logits where prompts end: the lm_head only at those positions.
+    let ending: Vec<(usize, usize)> = rows
+        .iter()
+        .enumerate()
+        .filter(|(_, &n)| nodes[n].ends_prompt)
+        .map(|(r, &n)| (n, r * t + nodes[n].tokens.len() - 1))
+        .collect();
+    if !ending.is_empty() {
+        let hdim = h.dim(2)?;
+        let at: Vec<u32> = ending.iter().map(|&(_, i)| i as u32).collect();
+        let sel = h
+            .reshape((rows.len() * t, hdim))?
+            .index_select(&Tensor::new(at, &dev)?, 0)?;
+        let logits: Vec<Vec<f32>> = model
+            .llama
+            .lm_head
+            .forward(&sel.unsqueeze(0)?, Mode::infer(), 0xffff)?
+            .squeeze(0)?
+            .to_dtype(DType::F32)?
+            .to_vec2()?;
+        for ((n, _), lg) in ending.into_iter().zip(logits) {
+            nodes[n].logits = Some(lg);
+        }
+    }
+    Ok(())
+}
+
+/// Split rows sorted by descending length into contiguous groups, minimising padded tokens plus
+/// a fixed cost per forward pass (a small batch runs its matmuls less efficiently).
+fn split_by_length(lens: &[usize]) -> Vec<(usize, usize)> {
+    const PER_PASS: usize = 48;
+    let n = lens.len();
+    let mut best = vec![(usize::MAX, 0usize); n + 1];
+    best[0] = (0, 0);
+    for j in 1..=n {
+        for i in 0..j {
+            // Sorted descending: the group i..j pads to lens[i].
+            let c = best[i].0 + (j - i) * lens[i] + PER_PASS;
+            if c < best[j].0 {
+                best[j] = (c, i);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut j = n;
+    while j > 0 {
+        let i = best[j].1;
+        out.push((i, j));
+        j = i;
+    }
+    out.reverse();
+    out
+}
+
+/// Prefill `prompts` (none empty) sharing their common prefixes. Returns the batch's left-padded
+/// cache (room for `cap` columns), each row's first valid column, and each prompt's last logits.
+pub fn prefill_shared(
+    model: &Model,
+    prompts: &[&[u32]],
+    cap: usize,
+) -> Result<(KvCache, Vec<usize>, Vec<Vec<f32>>)> {
+    let (mut nodes, end) = build(prompts);
+    let levels = nodes.iter().map(|n| n.level).max().unwrap_or(0) + 1;
+    for level in 0..levels {
+        let mut rows: Vec<usize> = (0..nodes.len())
+            .filter(|&n| nodes[n].level == level)
+            .collect();
+        rows.sort_by_key(|&n| std::cmp::Reverse(nodes[n].tokens.len()));
+        let lens: Vec<usize> = rows.iter().map(|&n| nodes[n].tokens.len()).collect();
+        for (a, b) in split_by_length(&lens) {
+            run_nodes(model, &mut nodes, &rows[a..b])?;
+        }
+    }
+    let paths: Vec<Vec<usize>> = end.iter().map(|&n| path(&nodes, n)).collect();
+    let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+    let width = lens.iter().copied().max().unwrap_or(0);
+    let cache = stack_paths(model, &nodes, &paths, &lens, width, cap)?;
+    let start = lens.iter().map(|&l| width - l).collect();
+    let logits = end
+        .iter()
+        .map(|&n| {
+            nodes[n]
+                .logits
+                .clone()
+                .expect("every prompt end has logits")
+        })
+        .collect();
+    Ok((cache, start, logits))
+}
+
+/// Prompt tokens a trie prefill computes, against the total: what sharing saves.
+pub fn unique_tokens(prompts: &[&[u32]]) -> usize {
+    build(prompts).0.iter().map(|n| n.tokens.len()).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_trie_splits_at_branches_and_prompt_ends() {
+        let a: &[u32] = &[1, 2, 3, 4];
+        let b: &[u32] = &[1, 2, 3, 9, 9];
+        let c: &[u32] = &[1, 2];
+        let d: &[u32] = &[7];
+        let (nodes, end) = build(&[a, b, c, d]);
+        let text = |i: usize| -> Vec<u32> {
+            path(&nodes, end[i])
+                .iter()
+                .flat_map(|&n| nodes[n].tokens.clone())
+                .collect()
+        };
+        for (i, p) in [a, b, c, d].iter().enumerate() {
+            assert_eq!(text(i), p.to_vec(), "prompt {i}");
+        }
+        // [1,2] once, [3] once, [4], [9,9], [7]: 7 tokens computed instead of 12.
+        assert_eq!(unique_tokens(&[a, b, c, d]), 7);
+        assert_eq!(nodes[end[2]].tokens, vec![1, 2]);
+        assert!(nodes[end[2]].ends_prompt);
+    }
+}
