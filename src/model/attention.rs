@@ -12,6 +12,7 @@
 //! Only contiguous-last-dimension f32/f64 CPU tensors take this path; other devices and dtypes
 //! use the composed ops in `llama.rs`.
 
+use super::llama::MASK_NEG;
 use candle_core::{
     CpuStorage, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor, WithDType,
 };
@@ -203,6 +204,9 @@ fn forward<T: Float + WithDType + Send + Sync>(x: &Inputs<T>) -> Vec<T> {
         .into_par_iter()
         .map(|task| {
             let (bi, g) = (task / d.nkv, task % d.nkv);
+            if t == 1 && d.b > 1 {
+                return decode_task(x, bi, g);
+            }
             let p = probs(x, bi, g);
             let mut o = vec![T::zero(); m * hd];
             mm(
@@ -230,6 +234,88 @@ fn forward<T: Float + WithDType + Send + Sync>(x: &Inputs<T>) -> Vec<T> {
         }
     }
     out
+}
+
+/// One decode task (T = 1): the rep query heads of KV group `g` against its S keys, with plain
+/// loops. At these sizes (3 x S x 64) gemm's per-call set-up costs more than the arithmetic,
+/// and decoding runs 2 x B x nkv x layers of them per token. A single row keeps the gemm path,
+/// so batch-1 logits stay bit-identical to candle's own models (tests compare them).
+fn decode_task<T: Float + WithDType>(x: &Inputs<T>, bi: usize, g: usize) -> Vec<T> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the function is compiled for.
+        return unsafe { decode_task_avx2(x, bi, g) };
+    }
+    decode_task_generic(x, bi, g)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn decode_task_avx2<T: Float + WithDType>(x: &Inputs<T>, bi: usize, g: usize) -> Vec<T> {
+    decode_task_generic(x, bi, g)
+}
+
+#[inline(always)]
+fn decode_task_generic<T: Float + WithDType>(x: &Inputs<T>, bi: usize, g: usize) -> Vec<T> {
+    let d = x.d;
+    let (s, hd, rep) = (d.s, d.hd, d.rep());
+    let q0 = (bi * d.nh + g * rep) * hd;
+    let (k0, v0) = (x.kl.at(bi, g), x.vl.at(bi, g));
+    let mask = &x.mask[bi * s..][..s];
+    let mut p = vec![T::zero(); rep * s];
+    // Decoding reads every cached key and value once per token: it is bound by memory, so
+    // padding columns are not read at all (their weight underflows to exactly zero anyway).
+    let masked = T::from(MASK_NEG / 2.0).unwrap();
+    for (j, &mk) in mask.iter().enumerate() {
+        if mk < masked {
+            for r in 0..rep {
+                p[r * s + j] = mk;
+            }
+            continue;
+        }
+        let kj = &x.k[k0 + j * x.kl.row..][..hd];
+        for r in 0..rep {
+            p[r * s + j] = dot(&x.q[q0 + r * hd..][..hd], kj) * x.scale + mk;
+        }
+    }
+    let mut o = vec![T::zero(); rep * hd];
+    for (row, out) in p.chunks_mut(s).zip(o.chunks_mut(hd)) {
+        let max = row.iter().fold(T::neg_infinity(), |a, &b| Float::max(a, b));
+        let mut sum = T::zero();
+        for e in row.iter_mut() {
+            *e = (*e - max).exp();
+            sum += *e;
+        }
+        let inv = T::one() / sum;
+        for (j, &e) in row.iter().enumerate() {
+            // Masked keys weigh exactly zero: skip their values.
+            if e != T::zero() {
+                let w = e * inv;
+                let vj = &x.v[v0 + j * x.vl.row..][..hd];
+                for (a, &b) in out.iter_mut().zip(vj) {
+                    *a += w * b;
+                }
+            }
+        }
+    }
+    o
+}
+
+/// Dot product with eight independent accumulators, so it vectorizes.
+#[inline(always)]
+fn dot<T: Float>(a: &[T], b: &[T]) -> T {
+    let mut acc = [T::zero(); 8];
+    let n = a.len() / 8 * 8;
+    for (ca, cb) in a[..n].chunks_exact(8).zip(b[..n].chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] = acc[l] + ca[l] * cb[l];
+        }
+    }
+    let mut s = acc.iter().fold(T::zero(), |x, &y| x + y);
+    for i in n..a.len() {
+        s = s + a[i] * b[i];
+    }
+    s
 }
 
 /// Gradients of q ([B, nh, T, hd]), k and v ([B, nkv, S, hd]), all contiguous, from the

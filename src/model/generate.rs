@@ -11,6 +11,7 @@ use anyhow::Result;
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
@@ -290,10 +291,11 @@ pub fn generate(
             .llama
             .forward(&ids, &pos, &mask, Some(c), false, Mode::infer())?;
         let logits: Vec<Vec<f32>> = logits.to_vec2()?;
-        for (r, lg) in rows.iter_mut().zip(logits) {
+        // Each row draws from its own generator, so sampling rows in parallel is deterministic.
+        rows.par_iter_mut().zip(logits).for_each(|(r, lg)| {
             r.pending = sample(&lg, s, &mut r.rng);
             r.consumed = false;
-        }
+        });
         stats.decode_secs += t0.elapsed().as_secs_f64();
         stats.decode_steps += 1;
     }
