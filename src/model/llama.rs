@@ -2,9 +2,11 @@
 //!
 //! Unlike candle-transformers' llama, every row carries its own positions and an additive padding
 //! mask, so left-padded batches give each row exactly its solo result; the KV cache is per layer
-//! and preallocated; logits can be returned for every position. `Mode::train` swaps the fused
+//! and preallocated; logits can be returned for every position. `Mode::train` swaps candle's fused
 //! inference kernels (which silently drop gradients) for composed ops, and multiplies by frozen
-//! base weights through [`FrozenMatmul`], which returns no weight gradient.
+//! base weights through [`FrozenMatmul`], which returns no weight gradient. Attention on the CPU
+//! is our own kernel with a backward (`attention.rs`). `Mode::checkpoint` keeps only each
+//! layer's input and recomputes the layer during the backward pass ([`Checkpoint`]).
 //!
 //! Shapes in comments: B batch, T new tokens, S cached + new tokens, H hidden, nh / nkv heads,
 //! hd head dim, V vocab.
