@@ -215,11 +215,12 @@ impl Trainer<'_> {
             let kl: Vec<(&[u32], &[u32])> = (0..b)
                 .map(|i| (&exs[(i + 1) % b].prompt[..], &exs[i].chosen[..]))
                 .collect();
+            // No backward through these: checkpointing keeps no per-layer graph alive.
             let no_grad = Mode {
                 train: true,
                 lora: true,
                 dropout_seed: None,
-                checkpoint: false,
+                checkpoint: true,
             };
             let pk: Vec<f32> = sequence_logps(&self.model.llama, &kl, no_grad, false)?
                 .logps
@@ -290,11 +291,13 @@ impl Trainer<'_> {
 
     pub fn evaluate(&self) -> Result<Map<String, Value>> {
         let mut acc = Acc::default();
+        // No backward follows: checkpointing just lets each layer's activations go as soon as
+        // the next layer has its input, so evaluation never holds a whole batch's graph.
         let mode = Mode {
             train: true,
             lora: true,
             dropout_seed: None,
-            checkpoint: false,
+            checkpoint: true,
         };
         let bs = self.s.batch_size;
         for (i, chunk) in self.eval.chunks(bs).enumerate() {
