@@ -144,12 +144,15 @@ pub fn run(g: &Global, a: BenchArgs) -> Result<()> {
                 max_new_tokens: new_tokens,
                 seed: 1,
             };
+            let all: Vec<&[u32]> = reqs.iter().map(|r| &r.ids[..]).collect();
             println!(
-                "model {} ({}), {} prompts ({} prompt tokens), {} new tokens each, device {:?}, dtype {:?}",
+                "model {} ({}), {} prompts ({} prompt tokens, {} of them not a prefix another prompt \
+                 already has), {} new tokens each, device {:?}, dtype {:?}",
                 if tinyllama_shape { "random TinyLlama-1.1B shape".to_string() } else { model.source.spec.clone() },
                 if tinyllama_shape { "dense" } else { weights.as_str() },
                 reqs.len(),
-                reqs.iter().map(|r| r.ids.len()).sum::<usize>(),
+                all.iter().map(|r| r.len()).sum::<usize>(),
+                crate::model::prefix::unique_tokens(&all),
                 new_tokens,
                 model.llama.device.location(),
                 model.llama.dtype
