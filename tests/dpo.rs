@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use reviewer2::config::{LoraSettings, TrainSettings};
 use reviewer2::dpo::data::{truncate, Example, Truncation, TruncationReport};
-use reviewer2::dpo::logps::{sequence_logps, sequence_logps_with};
+use reviewer2::dpo::logps::{sequence_logps, sequence_logps_with, SeqLogps};
 use reviewer2::dpo::lora;
 use reviewer2::dpo::loss::{dpo_loss, kto_loss};
 use reviewer2::model::config::LlamaConfig;
@@ -85,13 +85,8 @@ fn lora_gradients_match_finite_differences_through_the_whole_training_forward() 
     let (m, vars) = tiny_f64_with_lora(3, 0.0);
     let data = seqs();
     let refs: Vec<(&[u32], &[u32])> = data.iter().map(|(p, r)| (&p[..], &r[..])).collect();
-    let w = Tensor::new(&[0.7f64, -1.3, 0.4, 0.9], &Device::Cpu).unwrap();
-    let mode = Mode {
-        train: true,
-        lora: true,
-        dropout_seed: None,
-        checkpoint: false,
-    };
+    let w = seq_weights();
+    let mode = train_mode(None, false);
     let f = || -> f64 {
         let lp = sequence_logps(&m, &refs, mode, false).unwrap().logps;
         (lp * &w)
@@ -142,35 +137,58 @@ fn lora_gradients_match_finite_differences_through_the_whole_training_forward() 
     }
 }
 
+/// Weights of the four `seqs()` log-probs in the scalar the gradient tests differentiate.
+fn seq_weights() -> Tensor {
+    Tensor::new(&[0.7f64, -1.3, 0.4, 0.9], &Device::Cpu).unwrap()
+}
+
+/// The log-probs of `out` and every LoRA tensor's gradient of their weighted sum, carried on
+/// through the layers when the forward was checkpointed.
+fn logps_and_lora_grads(
+    m: &Llama,
+    vars: &[(String, candle_core::Var)],
+    out: SeqLogps,
+) -> (Vec<f64>, Vec<Vec<f64>>) {
+    let mut grads = (&out.logps * seq_weights())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    if let Some(c) = out.ckpt {
+        c.backward(m, &mut grads).unwrap();
+    }
+    let g = vars
+        .iter()
+        .map(|(name, v)| {
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient"));
+            g.flatten_all().unwrap().to_vec1().unwrap()
+        })
+        .collect();
+    (out.logps.to_vec1().unwrap(), g)
+}
+
+fn train_mode(dropout_seed: Option<u64>, checkpoint: bool) -> Mode {
+    Mode {
+        train: true,
+        lora: true,
+        dropout_seed,
+        checkpoint,
+    }
+}
+
 #[test]
 fn shared_prompts_pack_into_one_row_with_the_same_logps_and_gradients() {
     let (m, vars) = tiny_f64_with_lora(5, 0.0);
     let data = seqs();
     let refs: Vec<(&[u32], &[u32])> = data.iter().map(|(p, r)| (&p[..], &r[..])).collect();
-    let mode = Mode {
-        train: true,
-        lora: true,
-        dropout_seed: None,
-        checkpoint: false,
-    };
-    let w = Tensor::new(&[0.7f64, -1.3, 0.4, 0.9], &Device::Cpu).unwrap();
     let run = |share: bool| {
-        let out = sequence_logps_with(&m, &refs, mode, false, share).unwrap();
-        let grads = (&out.logps * &w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let lp: Vec<f64> = out.logps.to_vec1().unwrap();
-        let g: Vec<Vec<f64>> = vars
-            .iter()
-            .map(|(_, v)| {
-                let g = grads.get(v.as_tensor()).unwrap();
-                g.flatten_all().unwrap().to_vec1().unwrap()
-            })
-            .collect();
-        (lp, out.mean_logits, out.tokens, g)
+        let out = sequence_logps_with(&m, &refs, train_mode(None, false), false, share).unwrap();
+        let (ml, tk) = (out.mean_logits.clone(), out.tokens.clone());
+        let (lp, g) = logps_and_lora_grads(&m, &vars, out);
+        (lp, ml, tk, g)
     };
     let (lp1, ml1, tk1, g1) = run(true);
     let (lp2, ml2, tk2, g2) = run(false);
@@ -197,36 +215,10 @@ fn gradient_checkpointing_gives_the_same_gradients() {
     let (m, vars) = tiny_f64_with_lora(9, 0.2);
     let data = seqs();
     let refs: Vec<(&[u32], &[u32])> = data.iter().map(|(p, r)| (&p[..], &r[..])).collect();
-    let w = Tensor::new(&[0.7f64, -1.3, 0.4, 0.9], &Device::Cpu).unwrap();
     let run = |checkpoint: bool| {
-        let mode = Mode {
-            train: true,
-            lora: true,
-            dropout_seed: Some(7),
-            checkpoint,
-        };
-        let out = sequence_logps(&m, &refs, mode, false).unwrap();
+        let out = sequence_logps(&m, &refs, train_mode(Some(7), checkpoint), false).unwrap();
         assert_eq!(out.ckpt.is_some(), checkpoint);
-        let mut grads = (&out.logps * &w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        if let Some(c) = out.ckpt {
-            c.backward(&m, &mut grads).unwrap();
-        }
-        let lp: Vec<f64> = out.logps.to_vec1().unwrap();
-        let g: Vec<Vec<f64>> = vars
-            .iter()
-            .map(|(name, v)| {
-                let g = grads
-                    .get(v.as_tensor())
-                    .unwrap_or_else(|| panic!("{name}: no gradient"));
-                g.flatten_all().unwrap().to_vec1().unwrap()
-            })
-            .collect();
-        (lp, g)
+        logps_and_lora_grads(&m, &vars, out)
     };
     let (lp1, g1) = run(true);
     let (lp2, g2) = run(false);
@@ -346,12 +338,7 @@ fn only_response_tokens_count_and_step_zero_is_ln2() {
     let m = tiny(DType::F64);
     let data = seqs();
     let refs: Vec<(&[u32], &[u32])> = data.iter().map(|(p, r)| (&p[..], &r[..])).collect();
-    let mode = Mode {
-        train: true,
-        lora: true,
-        dropout_seed: None,
-        checkpoint: false,
-    };
+    let mode = train_mode(None, false);
     let lp: Vec<f64> = sequence_logps(&m, &refs, mode, false)
         .unwrap()
         .logps
@@ -619,21 +606,11 @@ fn real_model_learns_resumes_and_saves_a_peft_adapter() {
         .iter()
         .map(|e| (&e.prompt[..], &e.chosen[..]))
         .collect();
-    let lp: Vec<f32> = sequence_logps(
-        &model.llama,
-        &refs,
-        Mode {
-            train: true,
-            lora: true,
-            dropout_seed: None,
-            checkpoint: false,
-        },
-        false,
-    )
-    .unwrap()
-    .logps
-    .to_vec1()
-    .unwrap();
+    let lp: Vec<f32> = sequence_logps(&model.llama, &refs, train_mode(None, false), false)
+        .unwrap()
+        .logps
+        .to_vec1()
+        .unwrap();
     let mean = lp.iter().map(|x| *x as f64).sum::<f64>() / lp.len() as f64;
     let logged = evals.last().unwrap()["eval_logps/chosen"].as_f64().unwrap();
     assert!(

@@ -33,7 +33,15 @@ pub fn supported(dev: &Device, dtype: DType) -> bool {
 /// mask: [B, 1, T, S] additive. Returns [B, T, nh * hd].
 pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Res<Tensor> {
     let (b, nh, t, hd) = q.dims4()?;
-    let (_, nkv, s, _) = k.dims4()?;
+    let (kb, nkv, s, khd) = k.dims4()?;
+    if (kb, khd) != (b, hd) || v.dims4()? != (kb, nkv, s, khd) || nkv == 0 || nh % nkv != 0 {
+        candle_core::bail!(
+            "sdpa: q {:?}, k {:?}, v {:?} are not [B, nh, T, hd], [B, nkv, S, hd] twice with nkv dividing nh",
+            q.shape(),
+            k.shape(),
+            v.shape()
+        );
+    }
     let mask = mask.to_dtype(q.dtype())?.contiguous()?;
     if mask.dims4()? != (b, 1, t, s) {
         candle_core::bail!(
@@ -104,7 +112,7 @@ impl View {
     }
 }
 
-/// `dst[m, n] (+)= a[m, k] @ b[k, n]`, all strides in elements, single-threaded (tasks are the
+/// `dst[m, n] = a[m, k] @ b[k, n]`, all strides in elements, single-threaded (tasks are the
 /// parallel unit). `a(i, j)` is at `a[i * a_rs + j * a_cs]`, likewise `b`; dst is row-major.
 #[allow(clippy::too_many_arguments)]
 fn mm<T: 'static + Float>(
@@ -119,9 +127,20 @@ fn mm<T: 'static + Float>(
     b_rs: usize,
     b_cs: usize,
 ) {
-    debug_assert!(dst.len() >= m * n);
-    // SAFETY: every index gemm touches, (m-1)*rs + (k-1)*cs and so on, lies inside the slices
-    // the callers pass; dst is exclusively borrowed.
+    // The furthest element gemm reads or writes in each operand must lie inside its slice;
+    // checked always, since a wrong stride here would be an out-of-bounds read, not a panic.
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| {
+        (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs
+    };
+    assert!(
+        m == 0
+            || n == 0
+            || (dst.len() >= m * n
+                && (k == 0
+                    || (last(m, k, a_rs, a_cs) < a.len() && last(k, n, b_rs, b_cs) < b.len()))),
+        "sdpa: matrix operand out of bounds"
+    );
+    // SAFETY: the assertion above bounds every index gemm touches; dst is exclusively borrowed.
     unsafe {
         gemm(
             m,
@@ -561,6 +580,32 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn mismatched_shapes_are_an_error_not_a_bad_read() {
+        let dev = Device::Cpu;
+        let q = Tensor::zeros((1, 4, 2, 8), DType::F32, &dev).unwrap();
+        let mask = Tensor::zeros((1, 1, 2, 3), DType::F32, &dev).unwrap();
+        let ok = Tensor::zeros((1, 2, 3, 8), DType::F32, &dev).unwrap();
+        for (k, v) in [
+            (
+                Tensor::zeros((1, 2, 3, 4), DType::F32, &dev).unwrap(),
+                ok.clone(),
+            ), // head dim
+            (
+                ok.clone(),
+                Tensor::zeros((1, 2, 4, 8), DType::F32, &dev).unwrap(),
+            ), // v length
+            (
+                Tensor::zeros((1, 3, 3, 8), DType::F32, &dev).unwrap(),
+                Tensor::zeros((1, 3, 3, 8), DType::F32, &dev).unwrap(),
+            ), // 3 does not divide 4
+        ] {
+            let e = sdpa(&q, &k, &v, &mask, 1.0).unwrap_err().to_string();
+            assert!(e.contains("sdpa: q"), "{e}");
+        }
+        assert!(sdpa(&q, &ok, &ok, &mask, 1.0).is_ok());
     }
 
     #[test]

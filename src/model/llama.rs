@@ -191,6 +191,9 @@ pub struct Llama {
     sin: Tensor,
     pub device: Device,
     pub dtype: DType,
+    /// Attention through our fused kernel (`attention.rs`): on where it runs (CPU, f32/f64)
+    /// unless `REVIEWER2_COMPOSED_ATTENTION` is set, which benchmarks use to compare.
+    pub fused_attention: bool,
 }
 
 /// Per-layer key/value cache, preallocated and grown by doubling. Row `i` holds valid entries in
@@ -438,6 +441,8 @@ impl Llama {
             rope_interleaved,
             device: device.clone(),
             dtype,
+            fused_attention: super::attention::supported(device, dtype)
+                && std::env::var_os("REVIEWER2_COMPOSED_ATTENTION").is_none(),
         })
     }
 
@@ -562,12 +567,14 @@ impl Llama {
             sin,
             mask: mask.clone(),
             past,
-            // The fused kernel where it runs (CPU f32/f64; `REVIEWER2_COMPOSED_ATTENTION=1`
-            // turns it off to compare), candle's composed ops elsewhere.
-            fused: super::attention::supported(&self.device, self.dtype)
-                && std::env::var_os("REVIEWER2_COMPOSED_ATTENTION").is_none(),
+            fused: self.fused_attention,
         };
         let checkpoint = mode.checkpoint && mode.train;
+        // A recomputed layer could not append to a cache a second time, and training has none.
+        anyhow::ensure!(
+            !(checkpoint && cache.is_some()),
+            "internal: gradient checkpointing runs without a KV cache"
+        );
         let mut inputs = Vec::new();
         for li in 0..self.layers.len() {
             if checkpoint {

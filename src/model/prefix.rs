@@ -254,6 +254,11 @@ pub fn prefill_shared(
     prompts: &[&[u32]],
     cap: usize,
 ) -> Result<(KvCache, Vec<usize>, Vec<Vec<f32>>)> {
+    anyhow::ensure!(
+        prompts.iter().all(|p| !p.is_empty()),
+        "shared-prefix prefill needs non-empty prompts (prompt {} is empty)",
+        prompts.iter().position(|p| p.is_empty()).unwrap_or(0)
+    );
     let (mut nodes, end) = build(prompts);
     let levels = nodes.iter().map(|n| n.level).max().unwrap_or(0) + 1;
     for level in 0..levels {
@@ -312,5 +317,14 @@ mod tests {
         assert_eq!(unique_tokens(&[a, b, c, d]), 7);
         assert_eq!(nodes[end[2]].tokens, vec![1, 2]);
         assert!(nodes[end[2]].ends_prompt);
+    }
+
+    #[test]
+    fn rows_split_where_padding_would_cost_more_than_a_pass() {
+        // Two long and two short rows: padding the short ones to 100 wastes ~180 tokens.
+        assert_eq!(split_by_length(&[100, 99, 10, 9]), vec![(0, 2), (2, 4)]);
+        // Similar lengths stay in one pass.
+        assert_eq!(split_by_length(&[40, 38, 37, 30]), vec![(0, 4)]);
+        assert_eq!(split_by_length(&[]), vec![]);
     }
 }
