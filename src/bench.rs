@@ -1,9 +1,9 @@
 //! `pipeline bench`: speed and memory of generation and of a DPO training step, on real prompts.
 //! Figures go to docs/PERF.md with the command and the machine; tests never time anything.
 
-use crate::cli::{load_config, Global};
 use crate::model::generate::{generate, Request, Sampling};
-use crate::model::{default_dtype, pick_device, LoadOptions, Model, WeightsMode};
+use crate::model::{default_dtype, Model, WeightsMode};
+use crate::recipe::Recipe;
 use crate::stages::{self, Ctx, Plan, Stage};
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
@@ -29,8 +29,8 @@ pub enum BenchWhat {
         #[arg(long, default_value_t = 64)]
         new_tokens: usize,
         /// For GGUF models: quantized or f32 weights
-        #[arg(long, default_value = "f32")]
-        weights: String,
+        #[arg(long, value_enum, default_value = "f32")]
+        weights: BenchWeights,
         /// Use a random-weight model of TinyLlama-1.1B's shape instead of generate.model
         #[arg(long)]
         tinyllama_shape: bool,
@@ -53,6 +53,12 @@ pub enum BenchWhat {
     },
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchWeights {
+    F32,
+    Quantized,
+}
+
 pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -72,9 +78,9 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-pub fn run(g: &Global, a: BenchArgs) -> Result<()> {
-    let loaded = load_config(g)?;
-    let mut ctx = Ctx::new(&loaded, &g.workdir, true);
+/// Run a benchmark on the resolved recipe; scratch files go under `workdir`.
+pub fn run(recipe: &Recipe, workdir: &std::path::Path, a: BenchArgs) -> Result<()> {
+    let mut ctx = Ctx::new(recipe, workdir, true);
     match a.what {
         BenchWhat::Generate {
             prompts,
@@ -90,36 +96,32 @@ pub fn run(g: &Global, a: BenchArgs) -> Result<()> {
                     until: Some(Stage::Prompts),
                     ..Default::default()
                 },
+                |_| Ok(()),
             )?;
             let rows: Vec<stages::prompts::PromptRow> =
                 crate::fsutil::read_jsonl(&r.dir(Stage::Prompts).join("prompts.jsonl"))?;
-            let device = pick_device(&loaded.settings.generate.device)?;
+            let plan = &recipe.generate;
+            let device = plan.load.device.clone();
+            let src = recipe.model(plan)?;
             let mut model = if tinyllama_shape {
                 let cfg = crate::model::config::LlamaConfig::tinyllama();
-                let src = ctx.model_source()?;
-                let meta = crate::model::source::load_meta(&src)?;
+                let meta = crate::model::source::load_meta(src)?;
                 let t = crate::model::random_hf_tensors(&cfg, 0, &device)?;
                 let llama =
                     crate::model::from_hf_tensors(&cfg, t, &device, default_dtype(&device))?;
                 Model {
                     llama,
                     meta,
-                    source: src,
+                    source: src.clone(),
+                    share_prefixes: plan.load.share_prefixes,
                 }
             } else {
-                let w = if weights == "quantized" {
-                    WeightsMode::Quantized
-                } else {
-                    WeightsMode::Dense
+                let mut opts = plan.load.clone();
+                opts.weights = match weights {
+                    BenchWeights::Quantized => WeightsMode::Quantized,
+                    BenchWeights::F32 => WeightsMode::Dense,
                 };
-                Model::load(
-                    &ctx.model_source()?,
-                    &LoadOptions {
-                        dtype: default_dtype(&device),
-                        weights: w,
-                        device,
-                    },
-                )?
+                Model::load(src, &opts)?
             };
             // Never stop early: every row makes exactly new_tokens tokens.
             model.meta.tok.eos_id = u32::MAX;
@@ -149,7 +151,13 @@ pub fn run(g: &Global, a: BenchArgs) -> Result<()> {
                 "model {} ({}), {} prompts ({} prompt tokens, {} of them not a prefix another prompt \
                  already has), {} new tokens each, device {:?}, dtype {:?}",
                 if tinyllama_shape { "random TinyLlama-1.1B shape".to_string() } else { model.source.spec.clone() },
-                if tinyllama_shape { "dense" } else { weights.as_str() },
+                if tinyllama_shape {
+                    "dense"
+                } else if weights == BenchWeights::Quantized {
+                    "quantized"
+                } else {
+                    "f32"
+                },
                 reqs.len(),
                 all.iter().map(|r| r.len()).sum::<usize>(),
                 crate::model::prefix::unique_tokens(&all),
@@ -192,10 +200,11 @@ pub fn run(g: &Global, a: BenchArgs) -> Result<()> {
                     until: Some(Stage::Prompts),
                     ..Default::default()
                 },
+                |_| Ok(()),
             )?;
             let pairs: Vec<stages::prompts::PairPromptRow> =
                 crate::fsutil::read_jsonl(&r.dir(Stage::Prompts).join("pair_prompts.jsonl"))?;
-            let pool = &loaded.settings.prompts.pool;
+            let pool = &recipe.settings().prompts.pool;
             // Only the rows the timed steps use: the reference pass over more would dominate.
             let rows: Vec<crate::dpo::data::RawRow> = pairs
                 .iter()
@@ -208,7 +217,7 @@ pub fn run(g: &Global, a: BenchArgs) -> Result<()> {
                     label: None,
                 })
                 .collect();
-            let mut s = loaded.settings.train.clone();
+            let mut s = recipe.settings().train.clone();
             s.batch_size = batch_size;
             s.max_length = max_length;
             s.max_prompt_length = max_prompt_length;
@@ -216,7 +225,7 @@ pub fn run(g: &Global, a: BenchArgs) -> Result<()> {
             s.save_steps = 0;
             s.eval_steps = 0;
             s.logging_steps = 1;
-            let mut model = stages::train::load_train_model(&ctx)?;
+            let mut model = recipe.load(&recipe.train)?;
             let prep = crate::dpo::trainer::prepare(&model, &s, &rows, &[])?;
             let refs =
                 crate::dpo::trainer::reference_logps(&model, &prep.train, batch_size, false)?;
@@ -228,7 +237,7 @@ pub fn run(g: &Global, a: BenchArgs) -> Result<()> {
                     2 * e.prompt.len() + e.chosen.len() + e.rejected.len()
                 })
                 .sum();
-            let tmp = tempdir_in(&g.workdir)?;
+            let tmp = tempdir_in(workdir)?;
             let tr = crate::dpo::trainer::Trainer {
                 model: &model,
                 s: &s,

@@ -1,9 +1,12 @@
-//! The command line: argument parsing and dispatch. Each command is a few lines over the library.
+//! The command line: arguments parsed once, the recipe resolved once ([`open`]), then each
+//! command is a few lines over the library.
 
-use crate::config::{self, Loaded};
+use crate::config::{self, Sources};
+use crate::recipe::{Network, Recipe};
 use crate::stages::{self, Ctx, Plan, Stage};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -13,8 +16,11 @@ use std::path::PathBuf;
     about = "Build the reviewer2-1k-paired preference dataset and train Reviewer #2 with DPO",
     long_about = "Build the reviewer2-1k-paired preference dataset and train the \"Reviewer #2\" bot on it.\n\n\
 Stages: scrape -> prompts -> generate -> merge -> split -> train. Every stage caches its output \
-under <workdir>/cache, keyed by its inputs and settings; `pipeline run` rebuilds only what changed.",
-    after_help = "Examples:\n  pipeline run                                  build everything the recipe describes\n  \
+under <workdir>/cache, keyed by its inputs and settings; `pipeline run` rebuilds only what changed.\n\n\
+Settings apply in this order, each overriding the one before: built-in defaults, the --config \
+file, the --preset, then each --set.",
+    after_help = "Examples:\n  pipeline run --preset quick                   the whole pipeline offline in minutes (SmolLM2, 24 titles)\n  \
+pipeline run                                  build everything the recipe describes (TinyLlama; a GPU job)\n  \
 pipeline run --until split                    the dataset only\n  \
 pipeline run --set generate.temperature=0.7   change one setting; only what depends on it reruns\n  \
 pipeline status                               what is up to date, stale (and why), or missing\n  \
@@ -44,6 +50,9 @@ pub struct Global {
     /// Override a setting by its dotted name (repeatable), e.g. --set split.seed=7
     #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// A named recipe on top of the config file: `quick` (offline, minutes on a CPU)
+    #[arg(long, global = true, value_name = "NAME")]
+    pub preset: Option<String>,
     /// Print only errors
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     pub quiet: bool,
@@ -97,6 +106,9 @@ pub struct RunArgs {
     /// Rebuild this stage even if it is up to date (repeatable; `--force scrape` refetches the page)
     #[arg(long, value_enum)]
     pub force: Vec<Stage>,
+    /// Start long work without asking (a run estimated at over an hour asks on a terminal)
+    #[arg(long, short = 'y')]
+    pub yes: bool,
 }
 
 #[derive(Args, Debug)]
@@ -118,30 +130,39 @@ pub struct SampleArgs {
     pub seed: Option<u64>,
 }
 
-pub fn load_config(g: &Global) -> Result<Loaded> {
-    let explicit = g.config != std::path::Path::new("pipeline.toml");
-    config::load(&g.config, &g.set, explicit)
+/// Load the recipe (file, preset, `--set`) and resolve it once for this command.
+pub fn open(g: &Global, network: Network) -> Result<Recipe> {
+    let loaded = config::load(&Sources {
+        file: g.config.clone(),
+        must_exist: g.config != std::path::Path::new("pipeline.toml"),
+        preset: g.preset.clone(),
+        overrides: g.set.clone(),
+    })?;
+    Recipe::resolve(loaded, &g.workdir, network)
 }
 
 pub fn run(cli: Cli) -> Result<()> {
     let g = &cli.global;
     match cli.command {
         Command::Run(a) => {
-            let loaded = load_config(g)?;
-            let mut ctx = Ctx::new(&loaded, &g.workdir, g.quiet);
+            let recipe = open(g, Network::Allowed)?;
+            let mut ctx = Ctx::new(&recipe, &g.workdir, g.quiet);
             let plan = Plan {
                 until: a.until,
                 only: a.only,
                 force: a.force,
             };
             let t0 = std::time::Instant::now();
-            stages::run(&mut ctx, &plan)?;
+            let quiet = g.quiet;
+            stages::run(&mut ctx, &plan, |todo| {
+                announce(&recipe, todo, quiet, a.yes)
+            })?;
             ctx.say("Finished", format!("in {:.2}s", t0.elapsed().as_secs_f64()));
             Ok(())
         }
         Command::Status { json } => {
-            let loaded = load_config(g)?;
-            let ctx = Ctx::new(&loaded, &g.workdir, g.quiet);
+            let recipe = open(g, Network::Never)?;
+            let ctx = Ctx::new(&recipe, &g.workdir, g.quiet);
             let st = stages::status(&ctx);
             if json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
@@ -176,8 +197,8 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Export { out, force } => {
-            let loaded = load_config(g)?;
-            let ctx = Ctx::new(&loaded, &g.workdir, g.quiet);
+            let recipe = open(g, Network::Never)?;
+            let ctx = Ctx::new(&recipe, &g.workdir, g.quiet);
             let st = stages::status(&ctx);
             let split = st.iter().find(|s| s.stage == Stage::Split).unwrap();
             if split.state != "up to date" {
@@ -201,7 +222,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 split.path.as_ref().unwrap(),
                 &out,
                 force,
-                &loaded.settings,
+                &recipe.loaded.settings,
                 &manifests,
             )?;
             ctx.say(
@@ -220,9 +241,9 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Sample(a) => sample(g, a),
         Command::MergeAdapter { adapter, out } => {
-            let loaded = load_config(g)?;
-            let ctx = Ctx::new(&loaded, &g.workdir, g.quiet);
-            let mut model = stages::train::load_train_model(&ctx)?;
+            let recipe = open(g, Network::Allowed)?;
+            let ctx = Ctx::new(&recipe, &g.workdir, g.quiet);
+            let mut model = recipe.load(&recipe.train)?;
             crate::dpo::adapter::load(&mut model.llama, &adapter)?;
             crate::dpo::adapter::merge_into(&mut model.llama)?;
             crate::dpo::adapter::write_hf_folder(&model, &out)?;
@@ -232,20 +253,80 @@ pub fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Bench(a) => crate::bench::run(g, a),
+        Command::Bench(a) => crate::bench::run(&open(g, Network::Allowed)?, &g.workdir, a),
     }
+}
+
+/// Print the plan before the first build: the stages, a time estimate on this device, and on a
+/// terminal a question when it is long, so nobody starts a multi-day CPU run by accident.
+fn announce(recipe: &Recipe, todo: &[Stage], quiet: bool, yes: bool) -> Result<()> {
+    let params = |plan: &crate::recipe::ModelPlan| -> Option<u64> {
+        let src = recipe.model(plan).ok()?;
+        Some(crate::model::source::load_meta(src).ok()?.config.n_params())
+    };
+    let needs = |s: Stage| todo.contains(&s);
+    let p = (
+        needs(Stage::Generate)
+            .then(|| params(&recipe.generate))
+            .flatten(),
+        needs(Stage::Train).then(|| params(&recipe.train)).flatten(),
+    );
+    let cuda = recipe.generate.load.device.is_cuda() || recipe.train.load.device.is_cuda();
+    let e = crate::estimate::estimate(recipe.settings(), todo, p, cuda);
+    if !quiet {
+        eprintln!(
+            "{:>12} {} on the {} (estimate{}: {})",
+            "Plan",
+            todo.iter().map(|s| s.name()).collect::<Vec<_>>().join(", "),
+            e.device,
+            if e.measured { "" } else { ", a guess" },
+            crate::estimate::human(e.total)
+        );
+        for s in e
+            .stages
+            .iter()
+            .filter(|s| s.seconds >= 60.0 || !s.seconds.is_finite())
+        {
+            eprintln!(
+                "{:>12} {}: {} ({})",
+                "",
+                s.stage.name(),
+                crate::estimate::human(s.seconds),
+                s.what
+            );
+        }
+    }
+    if e.total > 3600.0 && !yes {
+        if std::io::stdin().is_terminal() && std::io::stderr().is_terminal() {
+            eprint!(
+                "{:>12} this is long work on the {}; `--preset quick` runs the whole pipeline in minutes. Continue? [y/N] ",
+                "Confirm", e.device
+            );
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)?;
+            if !matches!(line.trim(), "y" | "Y" | "yes") {
+                bail!("stopped before building anything (pass --yes to skip this question)");
+            }
+        } else if !quiet {
+            eprintln!(
+                "{:>12} long work ahead; not a terminal, so not asking (--yes silences this)",
+                "Note"
+            );
+        }
+    }
+    Ok(())
 }
 
 fn sample(g: &Global, a: SampleArgs) -> Result<()> {
     use crate::model::generate::{generate, Request};
-    let loaded = load_config(g)?;
-    let ctx = Ctx::new(&loaded, &g.workdir, g.quiet);
-    let messages = stages::prompts::neutral_messages(&loaded, &a.title)?;
+    let recipe = open(g, Network::Allowed)?;
+    let messages = stages::prompts::neutral_messages(&recipe, &a.title)?;
+    // Adapters are in the HF layout: load dense weights (GGUF q/k are un-permuted on load), once;
+    // the adapter is attached to the same model for --compare.
     let mut base = if a.adapter.is_some() {
-        // Adapters are in the HF layout: load dense weights (GGUF q/k are un-permuted on load).
-        stages::train::load_train_model(&ctx)?
+        recipe.load(&recipe.train)?
     } else {
-        stages::generate::load_model(&ctx)?
+        recipe.load(&recipe.generate)?
     };
     let chat = base
         .meta
@@ -254,7 +335,7 @@ fn sample(g: &Global, a: SampleArgs) -> Result<()> {
         .context("the model has no chat template")?;
     let prompt = chat.render(&messages, true)?;
     let ids = base.meta.tok.encode(&prompt, true)?;
-    let mut s = stages::generate::sampling(&loaded.settings.generate);
+    let mut s = recipe.settings().generate.sampling();
     if let Some(seed) = a.seed {
         s.seed = seed;
     }

@@ -1,13 +1,49 @@
-//! The recipe: `pipeline.toml`, its `--set KEY=VALUE` overrides, and their validation.
+//! The recipe: `pipeline.toml`, a named preset, `--set KEY=VALUE` overrides, and their validation.
 //!
-//! Every setting lives in [`Settings`]. Errors name the file, the line and the key, and suggest the
-//! nearest valid key for a typo, because a silently ignored setting is the worst kind of bug in a
-//! data pipeline.
+//! Every setting lives in [`Settings`], typed: a setting with a fixed set of values is an enum, so
+//! an unknown value is refused here, with the valid choices, and never compared as a string later.
+//! Layers apply in this order, each overriding the one before: built-in defaults, the config file,
+//! the preset (`--preset NAME`), then each `--set` in command-line order. Errors name the file and
+//! line (or the preset, or the `--set`), the key, and suggest the nearest valid key for a typo,
+//! because a silently ignored setting is the worst kind of bug in a data pipeline.
 
-use anyhow::{bail, Context, Result};
+pub use crate::dpo::config::{LoraSettings, TrainSettings};
+use crate::model::{AttentionChoice, DeviceChoice, WeightsChoice};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+/// Why a recipe cannot be loaded. Every variant names where the bad value came from.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}; pass --config FILE or create it")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{origin}: invalid TOML: {msg}")]
+    Syntax { origin: String, msg: String },
+    #[error("{origin}: unknown key `{key}`{suggestion}")]
+    UnknownKey {
+        origin: String,
+        key: String,
+        suggestion: String,
+    },
+    #[error("{origin}: {msg}")]
+    Type { origin: String, msg: String },
+    #[error("{origin}: {key}: {why}")]
+    Invalid {
+        origin: String,
+        key: String,
+        why: String,
+    },
+    #[error("--set {arg}: expected KEY=VALUE, e.g. --set split.seed=7")]
+    SetSyntax { arg: String },
+    #[error("--preset {name}: no such preset; choose one of: {choices}")]
+    UnknownPreset { name: String, choices: String },
+}
+
+type Result<T, E = ConfigError> = std::result::Result<T, E>;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -25,8 +61,11 @@ pub struct Settings {
 pub struct ScrapeSettings {
     /// Page listing the accepted papers.
     pub url: String,
-    /// A saved copy of the page to parse instead of fetching `url` ("" = fetch).
+    /// A saved copy of the page to parse instead of fetching `url` ("" = fetch; "bundled" = the
+    /// compact NeurIPS 2023 snapshot shipped in the binary).
     pub snapshot: String,
+    /// When `url` cannot be fetched, use the bundled NeurIPS 2023 snapshot (with a warning).
+    pub fallback: bool,
     /// CSS selector whose elements' text are the titles.
     pub selector: String,
     pub count: usize,
@@ -68,10 +107,13 @@ pub struct GenerateSettings {
     /// A Hugging Face repo id, a local model folder, or a .gguf file.
     pub model: String,
     pub revision: String,
-    /// "auto" | "cpu" | "cuda"
-    pub device: String,
-    /// For .gguf models: "auto" | "quantized" | "f32".
-    pub weights: String,
+    pub device: DeviceChoice,
+    /// For .gguf models: how the weights are held.
+    pub weights: WeightsChoice,
+    /// Which attention implementation runs (results differ in the last bits).
+    pub attention: AttentionChoice,
+    /// Prefill a batch's shared prompt prefixes once (results differ in the last bits).
+    pub prefix_sharing: bool,
     pub batch_size: usize,
     pub max_new_tokens: usize,
     pub temperature: f64,
@@ -99,51 +141,6 @@ pub struct SplitSettings {
     pub seed: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct LoraSettings {
-    pub r: usize,
-    pub alpha: f64,
-    pub dropout: f64,
-    pub targets: Vec<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct TrainSettings {
-    /// Train on the split stage's output ("") or on a Parquet file / folder.
-    pub dataset: String,
-    /// Model to train ("" = generate.model).
-    pub model: String,
-    pub loss: String,
-    pub beta: f64,
-    pub label_smoothing: f64,
-    pub learning_rate: f64,
-    pub lr_scheduler: String,
-    pub warmup_steps: usize,
-    pub weight_decay: f64,
-    pub adam_beta1: f64,
-    pub adam_beta2: f64,
-    pub adam_epsilon: f64,
-    pub batch_size: usize,
-    pub gradient_accumulation_steps: usize,
-    /// Keep each layer's input instead of its activations and recompute the layer in the
-    /// backward pass (TRL's `gradient_checkpointing`).
-    pub gradient_checkpointing: bool,
-    pub max_grad_norm: f64,
-    pub max_steps: usize,
-    pub epochs: usize,
-    pub max_length: usize,
-    pub max_prompt_length: usize,
-    pub truncation_mode: String,
-    pub eval_steps: usize,
-    pub save_steps: usize,
-    pub logging_steps: usize,
-    pub seed: u64,
-    pub device: String,
-    pub lora: LoraSettings,
-}
-
 pub const SYSTEM_MESSAGE: &str = "You are an experienced researcher and a reviewer of scientific papers. Given a title of the paper, write a review about it in one sentence.";
 
 impl Default for ScrapeSettings {
@@ -152,6 +149,7 @@ impl Default for ScrapeSettings {
             url: "https://neurips.cc/virtual/2023/papers.html".into(),
             snapshot: String::new(),
             selector: r#"a[href^="/virtual/2023/poster/"]"#.into(),
+            fallback: true,
             count: 1100,
             seed: 42,
             timeout_secs: 30,
@@ -203,13 +201,28 @@ impl Default for PromptSettings {
     }
 }
 
+impl GenerateSettings {
+    /// The sampler settings the engine takes.
+    pub fn sampling(&self) -> crate::model::generate::Sampling {
+        crate::model::generate::Sampling {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            max_new_tokens: self.max_new_tokens,
+            seed: self.seed,
+        }
+    }
+}
+
 impl Default for GenerateSettings {
     fn default() -> Self {
         Self {
             model: "TinyLlama/TinyLlama-1.1B-Chat-v1.0".into(),
             revision: "main".into(),
-            device: "auto".into(),
-            weights: "auto".into(),
+            device: DeviceChoice::Auto,
+            weights: WeightsChoice::Auto,
+            attention: AttentionChoice::Auto,
+            prefix_sharing: true,
             batch_size: 16,
             max_new_tokens: 64,
             temperature: 0.5,
@@ -238,71 +251,50 @@ impl Default for SplitSettings {
     }
 }
 
-impl Default for LoraSettings {
-    fn default() -> Self {
-        Self {
-            r: 8,
-            alpha: 16.0,
-            dropout: 0.05,
-            targets: vec!["q_proj".into(), "k_proj".into(), "v_proj".into()],
-        }
-    }
+/// The presets shipped with the binary: name, what it is for, its TOML.
+pub const PRESETS: [(&str, &str, &str); 1] = [(
+    "quick",
+    "the whole pipeline offline in a few minutes on 2 CPU cores: the bundled NeurIPS 2023 \
+     snapshot, SmolLM2-135M from scripts/setup.sh, 24 titles, 20 training steps",
+    include_str!("../presets/quick.toml"),
+)];
+
+/// Where a recipe comes from: a config file, an optional preset, and `--set` overrides.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    pub file: PathBuf,
+    /// A missing file is an error (an explicit `--config`) rather than "all defaults".
+    pub must_exist: bool,
+    pub preset: Option<String>,
+    pub overrides: Vec<String>,
 }
 
-impl Default for TrainSettings {
-    fn default() -> Self {
-        Self {
-            dataset: String::new(),
-            model: String::new(),
-            loss: "sigmoid".into(),
-            beta: 0.1,
-            label_smoothing: 0.0,
-            learning_rate: 5e-4,
-            lr_scheduler: "cosine".into(),
-            warmup_steps: 0,
-            weight_decay: 0.0,
-            adam_beta1: 0.9,
-            adam_beta2: 0.999,
-            adam_epsilon: 1e-8,
-            batch_size: 10,
-            gradient_accumulation_steps: 1,
-            gradient_checkpointing: true,
-            max_grad_norm: 1.0,
-            max_steps: 2000,
-            epochs: 0,
-            max_length: 384,
-            max_prompt_length: 256,
-            truncation_mode: "keep_end".into(),
-            eval_steps: 100,
-            save_steps: 100,
-            logging_steps: 10,
-            seed: 42,
-            device: "auto".into(),
-            lora: LoraSettings::default(),
-        }
-    }
-}
-
-/// Settings plus where they came from, so later errors can point at a line.
+/// Settings plus where each came from, so later errors can point at a line.
 #[derive(Debug, Clone)]
 pub struct Loaded {
     pub settings: Settings,
     pub file: PathBuf,
-    /// Folder of the config file: relative paths in the config resolve against it.
+    /// Folder of the config file: relative paths in the recipe resolve against it.
     pub base_dir: PathBuf,
-    /// dotted key -> 1-based line in `file`.
-    lines: BTreeMap<String, usize>,
-    overridden: Vec<String>,
+    pub preset: Option<String>,
+    /// dotted key -> where it was last set.
+    origins: BTreeMap<String, Origin>,
+}
+
+#[derive(Debug, Clone)]
+enum Origin {
+    Line(usize),
+    Preset(String),
+    Set,
 }
 
 impl Loaded {
-    /// Where a key was set, for error messages: `pipeline.toml:12` or `--set`.
+    /// Where a key was set, for error messages: `pipeline.toml:12`, `--preset quick` or `--set`.
     pub fn origin(&self, key: &str) -> String {
-        if self.overridden.iter().any(|k| k == key) {
-            return format!("--set {key}");
-        }
-        match self.lines.get(key) {
-            Some(l) => format!("{}:{l}", self.file.display()),
+        match self.origins.get(key) {
+            Some(Origin::Set) => format!("--set {key}"),
+            Some(Origin::Preset(p)) => format!("--preset {p}"),
+            Some(Origin::Line(l)) => format!("{}:{l}", self.file.display()),
             None => format!("{} (default for {key})", self.file.display()),
         }
     }
@@ -319,7 +311,7 @@ impl Loaded {
 }
 
 /// All dotted keys the schema knows (array-of-table entries as `prompts.pool.title` etc.).
-pub fn known_keys() -> Vec<String> {
+fn known_keys() -> Vec<String> {
     let v = toml::Value::try_from(Settings::default()).expect("defaults serialize");
     let mut out = Vec::new();
     fn walk(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
@@ -362,10 +354,10 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
-/// Walk the document: record each key's line and reject unknown keys with a suggestion.
+/// Walk a document: record each key's line and reject unknown keys with a suggestion.
 fn check_keys(
     text: &str,
-    file: &Path,
+    origin: &dyn Fn(usize) -> String,
     table: &toml_edit::Table,
     prefix: &str,
     known: &[String],
@@ -383,22 +375,22 @@ fn check_keys(
             .map(|s| line_of(text, s.start))
             .unwrap_or(0);
         if !known.contains(&key) {
-            bail!(
-                "{}:{line}: unknown key `{key}`{}",
-                file.display(),
-                suggest(&key, known)
-            );
+            return Err(ConfigError::UnknownKey {
+                origin: origin(line),
+                suggestion: suggest(&key, known),
+                key,
+            });
         }
         lines.insert(key.clone(), line);
         match item {
-            toml_edit::Item::Table(t) => check_keys(text, file, t, &key, known, lines)?,
+            toml_edit::Item::Table(t) => check_keys(text, origin, t, &key, known, lines)?,
             toml_edit::Item::Value(toml_edit::Value::InlineTable(t)) => {
                 let t = t.clone().into_table();
-                check_keys(text, file, &t, &key, known, lines)?
+                check_keys(text, origin, &t, &key, known, lines)?
             }
             toml_edit::Item::ArrayOfTables(a) => {
                 for t in a.iter() {
-                    check_keys(text, file, t, &key, known, lines)?;
+                    check_keys(text, origin, t, &key, known, lines)?;
                 }
             }
             _ => {}
@@ -407,78 +399,153 @@ fn check_keys(
     Ok(())
 }
 
-/// Load a config file (missing file = an error, unless it is the default name and absent, which
-/// means "all defaults") and apply `--set` overrides.
-pub fn load(file: &Path, overrides: &[String], must_exist: bool) -> Result<Loaded> {
+/// The key whose line is the last at or before `line` (for type errors toml reports by span).
+fn key_at(lines: &BTreeMap<String, usize>, line: usize) -> Option<&str> {
+    lines
+        .iter()
+        .filter(|(_, l)| **l <= line)
+        .max_by_key(|(_, l)| **l)
+        .map(|(k, _)| k.as_str())
+}
+
+/// Parse one TOML layer (the file or a preset): keys checked, typed parse attributed to lines.
+fn parse_layer(
+    text: &str,
+    origin: &dyn Fn(usize) -> String,
+    known: &[String],
+) -> Result<(toml::Table, BTreeMap<String, usize>)> {
+    let doc = toml_edit::ImDocument::parse(text).map_err(|e| ConfigError::Syntax {
+        origin: origin(e.span().map(|s| line_of(text, s.start)).unwrap_or(0)),
+        msg: e.message().to_string(),
+    })?;
+    let mut lines = BTreeMap::new();
+    check_keys(text, origin, doc.as_table(), "", known, &mut lines)?;
+    // A typed parse of the layer alone, so a wrong type or an unknown choice is reported
+    // against its own line and key.
+    if let Err(e) = toml::from_str::<Settings>(text) {
+        let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(0);
+        let msg = match key_at(&lines, line) {
+            Some(k) => format!("{k}: {}", e.message()),
+            None => e.message().to_string(),
+        };
+        return Err(ConfigError::Type {
+            origin: origin(line),
+            msg,
+        });
+    }
+    let table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+        origin: origin(0),
+        msg: e.message().to_string(),
+    })?;
+    Ok((table, lines))
+}
+
+/// Overlay `top` onto `base`, table by table; arrays and scalars replace.
+fn merge(base: &mut toml::Table, top: toml::Table) {
+    for (k, v) in top {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(t)) => merge(b, t),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// Load the recipe: defaults, then the file, then the preset, then each `--set`.
+pub fn load(src: &Sources) -> Result<Loaded> {
+    let file = &src.file;
     let text = match std::fs::read_to_string(file) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => String::new(),
-        Err(e) => {
-            return Err(e).with_context(|| {
-                format!(
-                    "cannot read config {}: pass --config FILE or create it",
-                    file.display()
-                )
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !src.must_exist => String::new(),
+        Err(source) => {
+            return Err(ConfigError::Read {
+                path: file.clone(),
+                source,
             })
         }
     };
     let known = known_keys();
-    let doc = toml_edit::ImDocument::parse(text.as_str())
-        .map_err(|e| anyhow::anyhow!("{}: invalid TOML: {e}", file.display()))?;
-    let mut lines = BTreeMap::new();
-    check_keys(&text, file, doc.as_table(), "", &known, &mut lines)?;
+    let at_line = |l: usize| format!("{}:{l}", file.display());
+    let (mut value, lines) = parse_layer(&text, &at_line, &known)?;
+    let mut origins: BTreeMap<String, Origin> = lines
+        .into_iter()
+        .map(|(k, l)| (k, Origin::Line(l)))
+        .collect();
 
-    // Typed parse of the file alone, so a wrong type is reported against its line.
-    let mut value: toml::Table = toml::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("{}: {}", file.display(), e.to_string().trim_end()))?;
-    let _: Settings = toml::from_str(&text).map_err(|e| {
-        let line = e.span().map(|s| line_of(&text, s.start)).unwrap_or(0);
-        anyhow::anyhow!("{}:{line}: {}", file.display(), e.message())
-    })?;
+    if let Some(name) = &src.preset {
+        let (_, _, ptext) = PRESETS.iter().find(|(n, _, _)| n == name).ok_or_else(|| {
+            ConfigError::UnknownPreset {
+                name: name.clone(),
+                choices: PRESETS.map(|p| p.0).join(", "),
+            }
+        })?;
+        let in_preset = |l: usize| format!("preset {name} (line {l})");
+        let (table, lines) = parse_layer(ptext, &in_preset, &known)?;
+        merge(&mut value, table);
+        for k in lines.into_keys() {
+            origins.insert(k, Origin::Preset(name.clone()));
+        }
+        typed(&value).map_err(|msg| ConfigError::Type {
+            origin: format!("--preset {name}"),
+            msg,
+        })?;
+    }
 
-    let mut overridden = Vec::new();
-    for ov in overrides {
+    for ov in &src.overrides {
         let (key, raw) = ov
             .split_once('=')
-            .with_context(|| format!("--set {ov}: expected KEY=VALUE, e.g. --set split.seed=7"))?;
+            .ok_or_else(|| ConfigError::SetSyntax { arg: ov.clone() })?;
         let key = key.trim();
         if !known.iter().any(|k| k == key) {
-            bail!("--set {key}: unknown key{}", suggest(key, &known));
+            return Err(ConfigError::UnknownKey {
+                origin: format!("--set {ov}"),
+                key: key.into(),
+                suggestion: suggest(key, &known),
+            });
         }
+        // A bare word is a string: `--set generate.device=cpu` needs no quotes.
         let parsed: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
-            Ok(mut t) => t.remove("v").unwrap(),
+            Ok(mut t) => t.remove("v").expect("the key just parsed"),
             Err(_) => toml::Value::String(raw.to_string()),
         };
         set_dotted(&mut value, key, parsed);
-        overridden.push(key.to_string());
-        // Check after each override so a wrong type is reported against the key that caused it.
-        toml::Value::Table(value.clone())
-            .try_into::<Settings>()
-            .map_err(|e| anyhow::anyhow!("--set {ov}: {}", e.message()))?;
+        origins.insert(key.to_string(), Origin::Set);
+        // Checked after each override so an error is reported against the key that caused it.
+        typed(&value).map_err(|msg| ConfigError::Type {
+            origin: format!("--set {ov}"),
+            msg: format!("{key}: {msg}"),
+        })?;
     }
-    let settings: Settings = toml::Value::Table(value)
-        .try_into()
-        .map_err(|e: toml::de::Error| anyhow::anyhow!("--set: {}", e.message()))?;
-    let base_dir = file
-        .parent()
-        .map(|p| {
-            if p.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                p
-            }
-        })
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
+    let settings = typed(&value).map_err(|msg| ConfigError::Type {
+        origin: file.display().to_string(),
+        msg,
+    })?;
+    let base_dir = match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
     let loaded = Loaded {
         settings,
-        file: file.to_path_buf(),
+        file: file.clone(),
         base_dir,
-        lines,
-        overridden,
+        preset: src.preset.clone(),
+        origins,
     };
-    validate(&loaded)?;
+    if let Err(e) = loaded.settings.validate() {
+        return Err(ConfigError::Invalid {
+            origin: loaded.origin(e.key),
+            key: e.key.into(),
+            why: e.why,
+        });
+    }
     Ok(loaded)
+}
+
+fn typed(v: &toml::Table) -> std::result::Result<Settings, String> {
+    toml::Value::Table(v.clone())
+        .try_into::<Settings>()
+        .map_err(|e| e.message().to_string())
 }
 
 fn set_dotted(t: &mut toml::Table, key: &str, v: toml::Value) {
@@ -495,85 +562,81 @@ fn set_dotted(t: &mut toml::Table, key: &str, v: toml::Value) {
         if !entry.is_table() {
             *entry = toml::Value::Table(Default::default());
         }
-        cur = entry.as_table_mut().unwrap();
+        cur = entry.as_table_mut().expect("made a table above");
     }
 }
 
-/// Impossible values, each reported with where it was set and what would be valid.
-pub fn validate(l: &Loaded) -> Result<()> {
-    let s = &l.settings;
-    let err = |key: &str, msg: String| -> Result<()> { bail!("{}: {key}: {msg}", l.origin(key)) };
-    if s.scrape.count == 0 {
-        err("scrape.count", "must be at least 1".into())?;
-    }
-    if s.scrape.selector.trim().is_empty() {
-        err("scrape.selector", "must not be empty".into())?;
-    }
-    if s.scrape.url.is_empty() && s.scrape.snapshot.is_empty() {
-        err("scrape.url", "set scrape.url or scrape.snapshot".into())?;
-    }
-    if s.prompts.pool.is_empty() {
-        err("prompts.pool", "needs at least one few-shot example".into())?;
-    }
-    if s.prompts.shots > s.prompts.pool.len() {
-        err(
+use crate::dpo::config::{check, Invalid};
+
+impl Settings {
+    /// Impossible values, each reported with what would be valid. The one place each setting
+    /// outside `[train]` is checked (`[train]` checks itself, in `dpo::config`).
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let s = self;
+        check(s.scrape.count > 0, "scrape.count", || {
+            "must be at least 1".into()
+        })?;
+        check(
+            !s.scrape.selector.trim().is_empty(),
+            "scrape.selector",
+            || "must not be empty".into(),
+        )?;
+        check(
+            !(s.scrape.url.is_empty() && s.scrape.snapshot.is_empty()),
+            "scrape.url",
+            || "set scrape.url or scrape.snapshot".into(),
+        )?;
+        check(s.scrape.timeout_secs > 0, "scrape.timeout_secs", || {
+            "must be at least 1".into()
+        })?;
+        check(!s.prompts.pool.is_empty(), "prompts.pool", || {
+            "needs at least one few-shot example".into()
+        })?;
+        check(
+            s.prompts.shots <= s.prompts.pool.len(),
             "prompts.shots",
-            format!(
-                "is {} but the pool holds only {} examples",
-                s.prompts.shots,
-                s.prompts.pool.len()
-            ),
+            || {
+                format!(
+                    "is {} but the pool holds only {} examples",
+                    s.prompts.shots,
+                    s.prompts.pool.len()
+                )
+            },
         )?;
-    }
-    let g = &s.generate;
-    if g.model.trim().is_empty() {
-        err(
-            "generate.model",
-            "must name a Hub repo id, a folder or a .gguf file".into(),
+        let g = &s.generate;
+        check(!g.model.trim().is_empty(), "generate.model", || {
+            "must name a Hub repo id, a folder or a .gguf file".into()
+        })?;
+        check(g.batch_size > 0, "generate.batch_size", || {
+            "must be at least 1".into()
+        })?;
+        check(g.chunk_size > 0, "generate.chunk_size", || {
+            "must be at least 1".into()
+        })?;
+        check(g.max_new_tokens > 0, "generate.max_new_tokens", || {
+            "must be at least 1".into()
+        })?;
+        check(
+            g.temperature.is_finite() && g.temperature >= 0.0,
+            "generate.temperature",
+            || format!("is {}; must be finite and >= 0 (0 = greedy)", g.temperature),
         )?;
-    }
-    if !["auto", "cpu", "cuda"].contains(&g.device.as_str()) {
-        err(
-            "generate.device",
-            format!("is {:?}; use \"auto\", \"cpu\" or \"cuda\"", g.device),
-        )?;
-    }
-    if !["auto", "quantized", "f32"].contains(&g.weights.as_str()) {
-        err(
-            "generate.weights",
-            format!("is {:?}; use \"auto\", \"quantized\" or \"f32\"", g.weights),
-        )?;
-    }
-    if g.batch_size == 0 {
-        err("generate.batch_size", "must be at least 1".into())?;
-    }
-    if g.chunk_size == 0 {
-        err("generate.chunk_size", "must be at least 1".into())?;
-    }
-    if g.max_new_tokens == 0 {
-        err("generate.max_new_tokens", "must be at least 1".into())?;
-    }
-    if !(g.temperature >= 0.0 && g.temperature.is_finite()) {
-        err("generate.temperature", "must be >= 0 (0 = greedy)".into())?;
-    }
-    if !(g.top_p > 0.0 && g.top_p <= 1.0) {
-        err(
-            "generate.top_p",
-            format!("is {}; must be in (0, 1]", g.top_p),
-        )?;
-    }
-    if s.split.train + s.split.test == 0 {
-        err("split.train", "train + test must be at least 1".into())?;
-    }
-    if s.split.train + s.split.test > s.scrape.count {
-        err(
+        check(g.top_p > 0.0 && g.top_p <= 1.0, "generate.top_p", || {
+            format!("is {}; must be in (0, 1]", g.top_p)
+        })?;
+        check(s.split.train + s.split.test > 0, "split.train", || {
+            "train + test must be at least 1".into()
+        })?;
+        check(
+            s.split.train + s.split.test <= s.scrape.count,
             "split.train",
-            format!(
-                "train {} + test {} exceeds scrape.count {}: there are not enough titles",
-                s.split.train, s.split.test, s.scrape.count
-            ),
+            || {
+                format!(
+                    "train {} + test {} exceeds scrape.count {}: there are not enough titles",
+                    s.split.train, s.split.test, s.scrape.count
+                )
+            },
         )?;
+        s.train.validate()
     }
-    crate::dpo::config::validate(l)?;
-    Ok(())
 }

@@ -1,4 +1,5 @@
-//! Small filesystem helpers: atomic writes, checksums, JSONL.
+//! Small filesystem helpers: the one atomic write (temp file, fsync, rename, fsync of the folder)
+//! every writer uses, checksums, JSONL.
 //!
 //! Everything the pipeline writes goes through a temporary name and a rename, so a reader never
 //! sees a half-written file, whatever moment the process is killed.
@@ -10,21 +11,54 @@ use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
-/// Write `bytes` to `path` atomically: write a sibling temporary file, fsync, rename.
+/// Write `bytes` to `path` atomically (see [`write_atomic_with`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    write_atomic_with(path, |f| Ok(f.write_all(bytes)?))
+}
+
+/// Write `path` atomically through a writer: a sibling temporary file, fsync, rename, fsync of
+/// the folder. A reader never sees a half-written file, and after a crash the file is either the
+/// old one or the new one, whatever moment the process or the machine stopped.
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut fs::File) -> Result<()>,
+) -> Result<()> {
+    write_atomic_via(path, |tmp| {
+        let mut f = fs::File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        write(&mut f).with_context(|| format!("writing {}", tmp.display()))?;
+        Ok(())
+    })
+}
+
+/// The same for writers that take a path (safetensors, image encoders): `write` creates the
+/// temporary file it is given; it is then fsynced and renamed into place.
+pub fn write_atomic_via(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let tmp = tmp_sibling(path);
-    {
-        let mut f =
-            fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        f.sync_all().ok();
+    let done = write(&tmp).and_then(|()| {
+        fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("syncing {}", tmp.display()))
+    });
+    if let Err(e) = done {
+        fs::remove_file(&tmp).ok();
+        return Err(e);
     }
     fs::rename(&tmp, path)
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    sync_dir(dir);
     Ok(())
+}
+
+/// Make a rename in `dir` durable. Best effort: some filesystems refuse to open a folder.
+pub fn sync_dir(dir: &Path) {
+    if let Ok(d) = fs::File::open(dir) {
+        d.sync_all().ok();
+    }
 }
 
 /// A temporary name next to `path` that is unique to this process.

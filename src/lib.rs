@@ -1,7 +1,8 @@
 //! reviewer2: build a synthetic preference dataset (reviewer2-1k-paired) and train on it with DPO.
 //!
 //! The binary `pipeline` is a thin CLI ([`cli`]) over these modules:
-//! - [`config`]: the recipe (`pipeline.toml`), overrides and their validation.
+//! - [`config`]: the recipe (`pipeline.toml`, presets, `--set`), typed and validated.
+//! - [`recipe`]: the recipe resolved once (model files, devices, load options, page source).
 //! - [`cache`]: the content-addressed stage cache (keys, manifests, atomic writes, verification).
 //! - [`stages`]: one module per pipeline stage, plus the graph that runs them.
 //! - [`model`]: the Llama engine (loading, tokenizer, chat template, forward, batched generation).
@@ -13,7 +14,10 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod dpo;
+pub mod estimate;
 pub mod fsutil;
 pub mod hub;
 pub mod model;
+pub mod recipe;
+pub mod rng;
 pub mod stages;

@@ -3,7 +3,25 @@
 
 mod common;
 use common::*;
-use reviewer2::config::{load, Settings};
+use reviewer2::config::{ConfigError, Loaded, Settings, Sources};
+
+fn load(file: &std::path::Path, sets: &[String], must_exist: bool) -> Result<Loaded, ConfigError> {
+    load_with(file, None, sets, must_exist)
+}
+
+fn load_with(
+    file: &std::path::Path,
+    preset: Option<&str>,
+    sets: &[String],
+    must_exist: bool,
+) -> Result<Loaded, ConfigError> {
+    reviewer2::config::load(&Sources {
+        file: file.to_path_buf(),
+        must_exist,
+        preset: preset.map(String::from),
+        overrides: sets.to_vec(),
+    })
+}
 
 fn write(dir: &std::path::Path, text: &str) -> std::path::PathBuf {
     let p = dir.join("pipeline.toml");
@@ -145,4 +163,97 @@ fn global_flags_work_before_and_after_the_subcommand() {
         help.contains("--until") && help.contains("--force"),
         "{help}"
     );
+}
+
+#[test]
+fn a_value_outside_its_choices_is_refused_with_the_key_and_the_choices() {
+    let d = tempdir();
+    let p = write(d.path(), "[train]\nbeta = 0.2\nloss = \"sigmod\"\n");
+    let e = load(&p, &[], true).unwrap_err().to_string();
+    assert!(
+        e.contains("pipeline.toml:3")
+            && e.contains("train.loss")
+            && e.contains("sigmod")
+            && e.contains("`sigmoid`")
+            && e.contains("`kto`"),
+        "{e}"
+    );
+    let ok = write(d.path(), "[train]\nbeta = 0.2\n");
+    for (set, key, choice) in [
+        ("generate.device=gpu", "generate.device", "`cuda`"),
+        ("generate.weights=q4", "generate.weights", "`quantized`"),
+        (
+            "generate.attention=flash",
+            "generate.attention",
+            "`composed`",
+        ),
+        ("train.lr_scheduler=step", "train.lr_scheduler", "`cosine`"),
+        (
+            "train.truncation_mode=middle",
+            "train.truncation_mode",
+            "`keep_end`",
+        ),
+        ("prompts.style=prose", "prompts.style", "`plain`"),
+        ("train.device=tpu", "train.device", "`cpu`"),
+    ] {
+        let e = load(&ok, &[set.into()], true).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("--set {set}")) && e.contains(key) && e.contains(choice),
+            "{set}: {e}"
+        );
+    }
+    // The same values, spelled right, load as enums.
+    let l = load(
+        &ok,
+        &["train.loss=kto".into(), "generate.device=cpu".into()],
+        true,
+    )
+    .unwrap();
+    assert_eq!(l.settings.train.loss, reviewer2::dpo::config::Loss::Kto);
+}
+
+#[test]
+fn numbers_out_of_range_are_refused_where_they_are_set() {
+    let d = tempdir();
+    let p = write(d.path(), "");
+    for (set, key) in [
+        ("train.adam_beta1=1.0", "train.adam_beta1"),
+        ("train.adam_beta2=-0.1", "train.adam_beta2"),
+        ("train.learning_rate=0", "train.learning_rate"),
+        ("train.learning_rate=inf", "train.learning_rate"),
+        ("train.lora.alpha=0", "train.lora.alpha"),
+        ("train.lora.alpha=nan", "train.lora.alpha"),
+        ("train.lora.dropout=1", "train.lora.dropout"),
+        ("train.lora.targets=[\"qkv\"]", "train.lora.targets"),
+        ("generate.top_p=0", "generate.top_p"),
+        ("generate.temperature=-1", "generate.temperature"),
+        ("train.adam_epsilon=0", "train.adam_epsilon"),
+    ] {
+        let e = load(&p, &[set.into()], true).unwrap_err().to_string();
+        assert!(e.contains("--set") && e.contains(key), "{set}: {e}");
+    }
+}
+
+#[test]
+fn presets_apply_over_the_file_and_under_set() {
+    let d = tempdir();
+    let p = write(
+        d.path(),
+        "[split]\ntrain = 700\n[generate]\ntemperature = 0.9\n",
+    );
+    let l = load_with(&p, Some("quick"), &["train.max_steps=3".into()], true).unwrap();
+    let s = &l.settings;
+    // The preset wins over the file...
+    assert_eq!((s.split.train, s.split.test, s.scrape.count), (20, 4, 24));
+    assert_eq!(s.scrape.snapshot, "bundled");
+    assert!(l.origin("split.train").contains("--preset quick"));
+    // ...the file's other keys stay...
+    assert_eq!(s.generate.temperature, 0.9);
+    assert!(l.origin("generate.temperature").contains("pipeline.toml:4"));
+    // ...and --set wins over both.
+    assert_eq!(s.train.max_steps, 3);
+    let e = load_with(&p, Some("fast"), &[], true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--preset fast") && e.contains("quick"), "{e}");
 }

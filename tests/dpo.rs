@@ -5,6 +5,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use reviewer2::config::{LoraSettings, TrainSettings};
+use reviewer2::dpo::config::Loss;
 use reviewer2::dpo::data::{truncate, Example, Truncation, TruncationReport};
 use reviewer2::dpo::logps::{sequence_logps, sequence_logps_with, SeqLogps};
 use reviewer2::dpo::lora;
@@ -242,7 +243,7 @@ fn losses_match_hand_computed_values() {
     let beta = 0.1;
     let x: f64 = (-10.0 - -12.0) - (-11.0 - -11.5); // 1.5
     let ls = |z: f64| -(1.0 + (-z).exp()).ln(); // log sigmoid
-    let val = |kind: &str, eps: f64| -> f64 {
+    let val = |kind: Loss, eps: f64| -> f64 {
         dpo_loss(kind, beta, eps, &pc, &pr, &rc, &rr)
             .unwrap()
             .loss
@@ -250,28 +251,36 @@ fn losses_match_hand_computed_values() {
             .unwrap()
     };
     let close = |a: f64, b: f64| assert!((a - b).abs() < 1e-12, "{a} vs {b}");
-    close(val("sigmoid", 0.0), -ls(beta * x));
+    close(val(Loss::Sigmoid, 0.0), -ls(beta * x));
     close(
-        val("sigmoid", 0.1),
+        val(Loss::Sigmoid, 0.1),
         -0.9 * ls(beta * x) - 0.1 * ls(-beta * x),
     );
-    close(val("hinge", 0.0), 1.0 - beta * x);
-    close(val("ipo", 0.0), (x - 1.0 / (2.0 * beta)).powi(2));
+    close(val(Loss::Hinge, 0.0), 1.0 - beta * x);
+    close(val(Loss::Ipo, 0.0), (x - 1.0 / (2.0 * beta)).powi(2));
     close(
-        val("robust", 0.1),
+        val(Loss::Robust, 0.1),
         (-0.9 * ls(beta * x) + 0.1 * ls(-beta * x)) / 0.8,
     );
-    let l = dpo_loss("sigmoid", beta, 0.0, &pc, &pr, &rc, &rr).unwrap();
+    let l = dpo_loss(Loss::Sigmoid, beta, 0.0, &pc, &pr, &rc, &rr).unwrap();
     assert!(
         (l.chosen_rewards[0] - 0.1).abs() < 1e-6 && (l.rejected_rewards[0] + 0.05).abs() < 1e-6
     );
     // At x = 0 the sigmoid loss is ln 2 whatever beta.
     close(
-        dpo_loss("sigmoid", 0.5, 0.0, &t(-3.0), &t(-4.0), &t(-3.0), &t(-4.0))
-            .unwrap()
-            .loss
-            .to_scalar::<f64>()
-            .unwrap(),
+        dpo_loss(
+            Loss::Sigmoid,
+            0.5,
+            0.0,
+            &t(-3.0),
+            &t(-4.0),
+            &t(-3.0),
+            &t(-4.0),
+        )
+        .unwrap()
+        .loss
+        .to_scalar::<f64>()
+        .unwrap(),
         LN2,
     );
     // KTO: desirable 1 - s(b(lr - z)), undesirable 1 - s(b(z - lr)).
@@ -411,6 +420,7 @@ fn wrap(llama: Llama) -> reviewer2::model::Model {
         llama,
         meta,
         source: src,
+        share_prefixes: true,
     }
 }
 
@@ -418,7 +428,7 @@ fn wrap(llama: Llama) -> reviewer2::model::Model {
 fn kto_trains_on_unpaired_rows() {
     let mut m = tiny(DType::F32);
     let s = TrainSettings {
-        loss: "kto".into(),
+        loss: Loss::Kto,
         batch_size: 4,
         max_steps: 4,
         learning_rate: 1e-2,
@@ -596,7 +606,12 @@ fn real_model_learns_resumes_and_saves_a_peft_adapter() {
     let mut model =
         reviewer2::model::Model::load(&src, &reviewer2::model::LoadOptions::cpu_f32()).unwrap();
     reviewer2::dpo::adapter::load(&mut model.llama, &tdir).unwrap();
-    let loaded = reviewer2::config::load(&d.path().join("pipeline.toml"), &[], true).unwrap();
+    let loaded = reviewer2::config::load(&reviewer2::config::Sources {
+        file: d.path().join("pipeline.toml"),
+        must_exist: true,
+        ..Default::default()
+    })
+    .unwrap();
     let raw = reviewer2::dpo::data::load_dataset(&stage_dir(d.path(), "split")).unwrap();
     let prep =
         reviewer2::dpo::trainer::prepare(&model, &loaded.settings.train, &raw.train, &raw.test)

@@ -15,9 +15,8 @@ fn load(weights: WeightsMode) -> Model {
     Model::load(
         &src,
         &LoadOptions {
-            device: Device::Cpu,
-            dtype: DType::F32,
             weights,
+            ..LoadOptions::cpu_f32()
         },
     )
     .unwrap()

@@ -315,3 +315,103 @@ fn zero_matches_and_too_few_titles_are_clear_errors() {
         "{e}"
     );
 }
+
+#[test]
+fn the_bundled_snapshot_holds_the_saved_pages_titles_in_order() {
+    let saved = std::fs::read_to_string(shared("virtual-2023-schedule.html")).unwrap();
+    let full = parse_titles(&saved, SEL).unwrap();
+    let bundled = parse_titles(
+        &String::from_utf8_lossy(reviewer2::stages::scrape::BUNDLED),
+        SEL,
+    )
+    .unwrap();
+    assert_eq!(bundled.titles.len(), 3551);
+    assert_eq!(bundled.titles, full.titles);
+    // So the quick preset draws the titles the saved page would give.
+    assert_eq!(
+        sample_titles(&bundled.titles, 24, 42).unwrap(),
+        sample_titles(&full.titles, 24, 42).unwrap()
+    );
+}
+
+fn scrape_manifest(dir: &std::path::Path) -> (String, serde_json::Value) {
+    let latest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("data/cache/scrape/latest.json")).unwrap())
+            .unwrap();
+    let key = latest["key"].as_str().unwrap().to_string();
+    let m: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.join(format!("data/cache/scrape/{key}/manifest.json"))).unwrap(),
+    )
+    .unwrap();
+    (key, m)
+}
+
+#[test]
+fn an_unreachable_page_falls_back_to_the_bundled_snapshot_and_says_so() {
+    // A port with nothing listening: connections are refused at once.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let d = tempdir();
+    let recipe = format!(
+        "[scrape]\nurl = \"http://127.0.0.1:{port}/virtual/2023/papers.html\"\ncount = 5\ntimeout_secs = 1\nretries = 0\n[split]\ntrain = 2\ntest = 1\n"
+    );
+    std::fs::write(d.path().join("pipeline.toml"), &recipe).unwrap();
+    let o = pipeline(d.path(), &["run", "--until", "scrape"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("bundled NeurIPS 2023 snapshot"), "{err}");
+    let (_, m) = scrape_manifest(d.path());
+    assert_eq!(m["material"]["settings"]["source"], "bundled", "{m}");
+    assert_eq!(m["counts"]["found"], 3551);
+    // With the fallback off, the same failure is an error that names the URL.
+    let o = pipeline(
+        d.path(),
+        &[
+            "run",
+            "--until",
+            "scrape",
+            "--force",
+            "scrape",
+            "--set",
+            "scrape.fallback=false",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+}
+
+#[test]
+fn a_refetched_page_that_changed_gets_a_new_key() {
+    let mut other = String::from_utf8(page()).unwrap();
+    other = other.replace("Nested", "Different");
+    let s = serve(vec![
+        Reply::Ok("text/html", page()),
+        Reply::Ok("text/html", other.into_bytes()),
+    ]);
+    let d = tempdir();
+    std::fs::write(
+        d.path().join("pipeline.toml"),
+        format!(
+            "[scrape]\nurl = \"{}\"\ncount = 3\ntimeout_secs = 2\n[split]\ntrain = 2\ntest = 1\n",
+            s.url
+        ),
+    )
+    .unwrap();
+    pipeline_ok(d.path(), &["run", "--until", "scrape"]);
+    let (k1, m1) = scrape_manifest(d.path());
+    assert_eq!(m1["material"]["settings"]["source"], "url");
+    pipeline_ok(d.path(), &["run", "--until", "scrape", "--force", "scrape"]);
+    let (k2, _) = scrape_manifest(d.path());
+    assert_ne!(
+        k1, k2,
+        "the page changed, so every later stage must see new titles"
+    );
+    // `status` never fetches: it reads the cached page.
+    let out = pipeline_ok(d.path(), &["status"]);
+    assert!(out.contains(&k2), "{out}");
+    assert_eq!(s.hits.load(Ordering::SeqCst), 2);
+}

@@ -2,6 +2,7 @@
 //! sigmoid `-(1-e) log s(bx) - e log s(-bx)`, hinge `max(0, 1 - bx)`, ipo `(x - 1/(2b))^2`,
 //! robust `(-(1-e) log s(bx) + e log s(-bx)) / (1-2e)`. Rewards are `b (log pi - log ref)`.
 
+use super::config::Loss;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
@@ -20,7 +21,7 @@ pub struct PairLoss {
 
 /// pc, pr: policy log-probs [B]; rc, rr: reference log-probs [B].
 pub fn dpo_loss(
-    kind: &str,
+    kind: Loss,
     beta: f64,
     eps: f64,
     pc: &Tensor,
@@ -31,7 +32,7 @@ pub fn dpo_loss(
     let x = ((pc - pr)? - (rc - rr)?)?;
     let bx = (&x * beta)?;
     let per = match kind {
-        "sigmoid" => {
+        Loss::Sigmoid => {
             let a = (log_sigmoid(&bx)? * -(1.0 - eps))?;
             if eps > 0.0 {
                 (a - (log_sigmoid(&bx.neg()?)? * eps)?)?
@@ -39,14 +40,14 @@ pub fn dpo_loss(
                 a
             }
         }
-        "hinge" => (bx.neg()? + 1.0)?.relu()?,
-        "ipo" => (x - 1.0 / (2.0 * beta))?.sqr()?,
-        "robust" => {
+        Loss::Hinge => (bx.neg()? + 1.0)?.relu()?,
+        Loss::Ipo => (x - 1.0 / (2.0 * beta))?.sqr()?,
+        Loss::Robust => {
             let a = (log_sigmoid(&bx)? * -(1.0 - eps))?;
             let b = (log_sigmoid(&bx.neg()?)? * eps)?;
             ((a + b)? / (1.0 - 2.0 * eps))?
         }
-        other => bail!("unknown pairwise loss {other:?}"),
+        Loss::Kto => bail!("KTO is not a pairwise loss: it trains on unpaired rows (kto_loss)"),
     };
     Ok(PairLoss {
         loss: per.mean_all()?,

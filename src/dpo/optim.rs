@@ -1,6 +1,7 @@
 //! AdamW (PyTorch semantics: decoupled weight decay, bias correction) with state that can be saved
 //! and restored, and the learning-rate schedules of `transformers`.
 
+use super::config::LrScheduler;
 use anyhow::{Context, Result};
 use candle_core::{Tensor, Var};
 use std::collections::HashMap;
@@ -94,15 +95,15 @@ impl AdamW {
 
 /// Multiplier of the base learning rate for optimizer step `step` (0-based), as `transformers`'
 /// `get_{cosine,linear,constant}_schedule_with_warmup` compute it.
-pub fn lr_factor(kind: &str, step: usize, total: usize, warmup: usize) -> f64 {
+pub fn lr_factor(kind: LrScheduler, step: usize, total: usize, warmup: usize) -> f64 {
     if step < warmup {
         return step as f64 / warmup.max(1) as f64;
     }
     let span = total.saturating_sub(warmup).max(1) as f64;
     let progress = (step - warmup) as f64 / span;
     match kind {
-        "cosine" => (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0),
-        "linear" => ((total as f64 - step as f64) / span).max(0.0),
-        _ => 1.0,
+        LrScheduler::Cosine => (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0),
+        LrScheduler::Linear => ((total as f64 - step as f64) / span).max(0.0),
+        LrScheduler::Constant => 1.0,
     }
 }

@@ -2,18 +2,17 @@
 //! gradient accumulation and clipping, periodic eval, TRL-named metrics, and checkpoints that a
 //! killed run resumes from (same adapter, optimizer state, schedule position and data order).
 
+use super::config::{TrainSettings, TruncationMode};
 use super::data::{truncate, Example, RawRow, Truncation, TruncationReport};
 use super::logps::sequence_logps;
 use super::lora;
 use super::loss::{dpo_loss, kto_loss, PairLoss};
 use super::optim::{lr_factor, AdamW};
-use crate::config::TrainSettings;
 use crate::model::llama::Checkpoint;
 use crate::model::llama::Mode;
 use crate::model::Model;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
-use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
@@ -34,7 +33,7 @@ pub fn prepare(
     let t = Truncation {
         max_length: s.max_length,
         max_prompt_length: s.max_prompt_length,
-        keep_end: s.truncation_mode == "keep_end",
+        keep_end: s.truncation_mode == TruncationMode::KeepEnd,
     };
     let mut report = TruncationReport::default();
     let tok = &model.meta.tok;
@@ -157,7 +156,7 @@ pub struct Outcome {
 
 impl Trainer<'_> {
     fn is_kto(&self) -> bool {
-        self.s.loss == "kto"
+        self.s.loss.is_unpaired()
     }
 
     pub fn total_steps(&self) -> usize {
@@ -180,14 +179,9 @@ impl Trainer<'_> {
         for g in first..first + bs {
             let epoch = g / n;
             if epoch != perm_epoch {
-                perm = (0..n).collect();
-                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
-                    self.s.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9),
-                );
-                for i in (1..n).rev() {
-                    let j = (rng.random::<u64>() % (i as u64 + 1)) as usize;
-                    perm.swap(i, j);
-                }
+                let mut rng =
+                    crate::rng::seeded(self.s.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9));
+                perm = crate::rng::permutation(n, &mut rng);
                 perm_epoch = epoch;
             }
             out.push(perm[g % n]);
@@ -202,7 +196,7 @@ impl Trainer<'_> {
         mode: Mode,
         acc: &mut Acc,
     ) -> Result<(Tensor, Option<Checkpoint>)> {
-        let average = self.s.loss == "ipo";
+        let average = self.s.loss.averages_logps();
         let ckpt;
         let b = exs.len();
         let s = self.s;
@@ -276,7 +270,7 @@ impl Trainer<'_> {
             acc.logps_r.extend_from_slice(&lp[b..]);
             acc.logits_c.extend_from_slice(&pol.mean_logits[..b]);
             acc.logits_r.extend_from_slice(&pol.mean_logits[b..]);
-            let l = dpo_loss(&s.loss, s.beta, s.label_smoothing, &pc, &pr, &rc, &rr)?;
+            let l = dpo_loss(s.loss, s.beta, s.label_smoothing, &pc, &pr, &rc, &rr)?;
             for (c, r) in l.chosen_rewards.iter().zip(&l.rejected_rewards) {
                 acc.acc.push(if c > r { 1.0 } else { 0.0 });
             }
@@ -383,7 +377,7 @@ impl Trainer<'_> {
         };
         opt.lr = self.s.learning_rate
             * lr_factor(
-                &self.s.lr_scheduler,
+                self.s.lr_scheduler,
                 step,
                 self.total_steps(),
                 self.s.warmup_steps,

@@ -175,6 +175,20 @@ impl LlamaConfig {
     }
 
     /// TinyLlama-1.1B-Chat-v1.0's shape, for benchmarks with random weights.
+    /// Parameters in the network (embeddings, attention, MLP, norms, and an untied head).
+    pub fn n_params(&self) -> u64 {
+        let (h, i, v) = (
+            self.hidden_size as u64,
+            self.intermediate_size as u64,
+            self.vocab_size as u64,
+        );
+        let kv = (self.num_key_value_heads * self.head_dim) as u64;
+        let q = (self.num_attention_heads * self.head_dim) as u64;
+        let layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h;
+        let head = if self.tie_word_embeddings { 0 } else { v * h };
+        v * h + self.num_hidden_layers as u64 * layer + h + head
+    }
+
     pub fn tinyllama() -> Self {
         Self {
             vocab_size: 32000,

@@ -9,7 +9,7 @@ use super::llama::{build_mask, build_positions, KvCache, Mode};
 use super::Model;
 use anyhow::Result;
 use candle_core::Tensor;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -71,12 +71,9 @@ pub struct Stats {
     pub decode_steps: usize,
 }
 
+/// The sampler of one prompt: its own stream of the sampling seed.
 pub fn row_rng(seed: u64, id: usize) -> ChaCha8Rng {
-    // SplitMix-style mixing so neighbouring ids get unrelated streams.
-    let mut z = seed ^ (id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    ChaCha8Rng::seed_from_u64(z ^ (z >> 31))
+    crate::rng::stream(seed, id as u64)
 }
 
 /// Draw the next token: temperature, then top-k, then top-p (the order transformers uses).
@@ -161,8 +158,7 @@ pub fn generate(
     let mut rows: Vec<Row> = Vec::new();
     let mut start: Vec<usize> = Vec::new();
     let mut cache: Option<KvCache> = None;
-    // `REVIEWER2_NO_PREFIX_SHARING=1` prefills each prompt whole, to compare.
-    let share_prefixes = std::env::var_os("REVIEWER2_NO_PREFIX_SHARING").is_none();
+    let share_prefixes = model.share_prefixes;
     let cap_hint =
         |rs: &[Request]| rs.iter().map(|r| r.ids.len()).max().unwrap_or(1) + s.max_new_tokens + 8;
 

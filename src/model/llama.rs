@@ -192,7 +192,7 @@ pub struct Llama {
     pub device: Device,
     pub dtype: DType,
     /// Attention through our fused kernel (`attention.rs`): on where it runs (CPU, f32/f64)
-    /// unless `REVIEWER2_COMPOSED_ATTENTION` is set, which benchmarks use to compare.
+    /// unless the load options ask for the composed ops.
     pub fused_attention: bool,
 }
 
@@ -441,8 +441,7 @@ impl Llama {
             rope_interleaved,
             device: device.clone(),
             dtype,
-            fused_attention: super::attention::supported(device, dtype)
-                && std::env::var_os("REVIEWER2_COMPOSED_ATTENTION").is_none(),
+            fused_attention: super::attention::supported(device, dtype),
         })
     }
 

@@ -16,6 +16,7 @@ use candle_core::quantized::{gguf_file, QMatMul};
 use candle_core::{DType, Device, Tensor};
 use config::LlamaConfig;
 use llama::{Layer, Linear, Llama, Weight};
+use serde::{Deserialize, Serialize};
 use source::{ModelFiles, ModelMeta, ModelSource};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,40 +30,100 @@ pub enum WeightsMode {
     Dense,
 }
 
-pub struct LoadOptions {
-    pub device: Device,
-    pub dtype: DType,
-    pub weights: WeightsMode,
+/// `device` settings: where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// CUDA when built with `--features cuda` and a GPU answers, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
 }
 
-impl LoadOptions {
-    pub fn cpu_f32() -> Self {
-        Self {
-            device: Device::Cpu,
-            dtype: DType::F32,
-            weights: WeightsMode::Dense,
+impl DeviceChoice {
+    /// Open the device (CUDA only when built with `--features cuda`).
+    pub fn open(self) -> Result<Device> {
+        match self {
+            DeviceChoice::Cpu => Ok(Device::Cpu),
+            DeviceChoice::Cuda => {
+                if !cfg!(feature = "cuda") {
+                    bail!("device \"cuda\" needs a build with `cargo build --release --features cuda`");
+                }
+                Ok(Device::new_cuda(0).context("opening CUDA device 0")?)
+            }
+            DeviceChoice::Auto => {
+                if cfg!(feature = "cuda") {
+                    if let Ok(d) = Device::new_cuda(0) {
+                        return Ok(d);
+                    }
+                }
+                Ok(Device::Cpu)
+            }
         }
     }
 }
 
-/// `generate.device` -> a candle device (CUDA only when built with `--features cuda`).
-pub fn pick_device(want: &str) -> Result<Device> {
-    match want {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => {
-            if !cfg!(feature = "cuda") {
-                bail!("device \"cuda\" needs a build with `cargo build --release --features cuda`");
-            }
-            Ok(Device::new_cuda(0).context("opening CUDA device 0")?)
+/// `generate.weights`: how a GGUF's weights are held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightsChoice {
+    /// Dense f32: measured faster than candle's Q4_1 matmuls at every batch size on the CPU
+    /// (docs/PERF.md), and the same text at any batch size.
+    #[default]
+    Auto,
+    Quantized,
+    F32,
+}
+
+impl WeightsChoice {
+    /// Only GGUF files have quantized weights to keep; everything else is dense.
+    pub fn mode(self, gguf: bool) -> WeightsMode {
+        match self {
+            WeightsChoice::Quantized if gguf => WeightsMode::Quantized,
+            _ => WeightsMode::Dense,
         }
-        _ => {
-            if cfg!(feature = "cuda") {
-                if let Ok(d) = Device::new_cuda(0) {
-                    return Ok(d);
-                }
-            }
-            Ok(Device::Cpu)
+    }
+}
+
+/// `attention`: which attention implementation runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionChoice {
+    /// The fused kernel where it runs (CPU, f32/f64), composed candle ops elsewhere (GPU, bf16).
+    #[default]
+    Auto,
+    /// Our fused CPU kernel (`attention.rs`); refused where it does not run.
+    Fused,
+    /// Composed candle ops: what the GPU path runs, selectable on the CPU to exercise it.
+    Composed,
+}
+
+/// Everything that decides how a model is loaded, built once from the resolved recipe.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    pub dtype: DType,
+    pub weights: WeightsMode,
+    pub attention: AttentionChoice,
+    /// Prefill a batch's shared prompt prefixes once (`model/prefix.rs`).
+    pub share_prefixes: bool,
+}
+
+impl LoadOptions {
+    /// Dense weights in the device's default dtype, default engine switches.
+    pub fn new(device: Device) -> Self {
+        Self {
+            dtype: default_dtype(&device),
+            device,
+            weights: WeightsMode::Dense,
+            attention: AttentionChoice::Auto,
+            share_prefixes: true,
         }
+    }
+
+    pub fn cpu_f32() -> Self {
+        Self::new(Device::Cpu)
     }
 }
 
@@ -80,6 +141,8 @@ pub struct Model {
     pub llama: Llama,
     pub meta: ModelMeta,
     pub source: ModelSource,
+    /// Generation prefills a batch's shared prompt prefixes once (a load option).
+    pub share_prefixes: bool,
 }
 
 impl Model {
@@ -107,10 +170,24 @@ impl Model {
                 (llama, meta)
             }
         };
+        let mut llama = llama;
+        llama.fused_attention = match opts.attention {
+            AttentionChoice::Composed => false,
+            AttentionChoice::Auto => attention::supported(&opts.device, opts.dtype),
+            AttentionChoice::Fused => {
+                if !attention::supported(&opts.device, opts.dtype) {
+                    bail!(
+                        "attention = \"fused\" runs on the CPU in f32/f64 only; use \"auto\" or \"composed\""
+                    );
+                }
+                true
+            }
+        };
         Ok(Self {
             llama,
             meta,
             source: src.clone(),
+            share_prefixes: opts.share_prefixes,
         })
     }
 }

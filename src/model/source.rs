@@ -8,7 +8,6 @@ use super::tokenizer::{self, Tok};
 use crate::fsutil::sha256_hex;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone)]
@@ -37,30 +36,119 @@ impl ModelSource {
     }
 }
 
-/// Resolve `generate.model`.
-pub fn resolve(spec: &str, revision: &str) -> Result<ModelSource> {
-    let p = Path::new(spec);
-    if p.extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
-    {
-        if !p.is_file() {
-            bail!(
-                "model file {spec} does not exist; run scripts/fetch-model.sh for the SmolLM2 test model, or fix generate.model"
-            );
+/// How to reach the Hugging Face Hub, read from the environment once by the recipe
+/// (`HF_HOME`, `HF_ENDPOINT`, `HF_TOKEN`, `HF_HUB_OFFLINE`) so the engine reads none of it.
+#[derive(Clone)]
+pub struct HubAccess {
+    pub cache_dir: PathBuf,
+    pub endpoint: Option<String>,
+    /// Never printed or written anywhere.
+    pub token: Option<String>,
+    /// Use the cache only: `HF_HUB_OFFLINE`, and `pipeline status`, which never downloads.
+    pub offline: bool,
+}
+
+impl std::fmt::Debug for HubAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubAccess")
+            .field("cache_dir", &self.cache_dir)
+            .field("endpoint", &self.endpoint)
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .field("offline", &self.offline)
+            .finish()
+    }
+}
+
+impl HubAccess {
+    pub fn from_env() -> Self {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Self {
+            cache_dir: hf_hub::Cache::from_env().path().clone(),
+            endpoint: var("HF_ENDPOINT"),
+            token: var("HF_TOKEN"),
+            offline: var("HF_HUB_OFFLINE")
+                .is_some_and(|v| v == "1" || v.eq_ignore_ascii_case("true")),
         }
-        return Ok(ModelSource {
-            spec: spec.into(),
-            identity: format!("gguf:{}:{}", file_name(p), quick_hash(p)?),
-            files: ModelFiles::Gguf(p.to_path_buf()),
-        });
     }
-    if p.is_dir() {
-        return from_folder(spec, p);
+}
+
+/// What a model setting names, decided from the text and the filesystem alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSpec {
+    Gguf(PathBuf),
+    Folder(PathBuf),
+    Hub { repo: String, revision: String },
+}
+
+impl ModelSpec {
+    /// `spec` as written in the recipe; a path-like spec resolves against `base`.
+    pub fn parse(spec: &str, revision: &str, base: &Path) -> Result<Self> {
+        let p = base.join(spec);
+        if spec.to_ascii_lowercase().ends_with(".gguf") {
+            return Ok(ModelSpec::Gguf(p));
+        }
+        let path_like = spec.starts_with('.') || Path::new(spec).is_absolute() || p.exists();
+        if path_like {
+            return Ok(ModelSpec::Folder(p));
+        }
+        if spec.split('/').count() == 2 && spec.split('/').all(|s| !s.is_empty()) {
+            return Ok(ModelSpec::Hub {
+                repo: spec.into(),
+                revision: revision.into(),
+            });
+        }
+        bail!("{spec:?} is neither a .gguf file, a model folder, nor a Hub repo id (owner/name)")
     }
-    if spec.split('/').count() == 2 && !spec.starts_with('.') && !spec.starts_with('/') {
-        return from_hub(spec, revision);
+
+    /// The public name of the model: the Hub id, or a file or folder's name alone (a local
+    /// layout never goes into a dataset card).
+    pub fn public_name(&self) -> String {
+        match self {
+            ModelSpec::Hub { repo, .. } => repo.clone(),
+            ModelSpec::Gguf(p) | ModelSpec::Folder(p) => file_name(p),
+        }
     }
-    bail!("generate.model {spec:?} is neither a .gguf file, a model folder, nor a Hub repo id (owner/name)")
+}
+
+/// A model named as a recipe names it (a `.gguf` file, a folder, or a Hub id), found with the
+/// environment's Hub access, for callers without a recipe (tools, tests).
+pub fn resolve(spec: &str, revision: &str) -> Result<ModelSource> {
+    resolve_spec(
+        &ModelSpec::parse(spec, revision, Path::new(""))?,
+        &HubAccess::from_env(),
+        &FingerprintMemo::new(None),
+    )
+}
+
+/// Find the model's files: a path as it is, a Hub id in the cache, downloaded unless offline.
+/// `memo` remembers whole-file hashes by path, size and mtime, so a file is hashed once.
+pub fn resolve_spec(
+    spec: &ModelSpec,
+    hub: &HubAccess,
+    memo: &FingerprintMemo,
+) -> Result<ModelSource> {
+    match spec {
+        ModelSpec::Gguf(p) => {
+            if !p.is_file() {
+                bail!(
+                    "model file {} does not exist; run scripts/setup.sh (it fetches the SmolLM2 test model), or fix the model setting",
+                    p.display()
+                );
+            }
+            Ok(ModelSource {
+                spec: p.display().to_string(),
+                identity: format!("gguf:{}:{}", file_name(p), memo.hash(p)?),
+                files: ModelFiles::Gguf(p.to_path_buf()),
+            })
+        }
+        ModelSpec::Folder(dir) => {
+            if !dir.is_dir() {
+                bail!("model folder {} does not exist", dir.display());
+            }
+            from_folder(&dir.display().to_string(), dir, memo)
+        }
+        ModelSpec::Hub { repo, revision } => from_hub(repo, revision, hub, memo),
+    }
 }
 
 fn file_name(p: &Path) -> String {
@@ -69,27 +157,52 @@ fn file_name(p: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// Size plus the hash of the first and last 4 MiB: catches a changed or truncated file without
-/// reading gigabytes on every `pipeline status`.
-fn quick_hash(p: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
-    let len = f.metadata()?.len();
-    let n = 4 << 20;
-    let mut buf = Vec::new();
-    buf.extend_from_slice(&len.to_le_bytes());
-    let mut head = vec![0u8; n.min(len as usize)];
-    f.read_exact(&mut head)?;
-    buf.extend_from_slice(&head);
-    if len as usize > n {
-        f.seek(SeekFrom::Start(len.saturating_sub(n as u64)))?;
-        let mut tail = Vec::new();
-        f.read_to_end(&mut tail)?;
-        buf.extend_from_slice(&tail);
-    }
-    Ok(sha256_hex(&buf)[..16].to_string())
+/// Whole-file SHA-256 fingerprints, remembered in a JSON file by (path, size, mtime): a model
+/// is read once, and any change to its bytes that touches its size or mtime is seen.
+#[derive(Debug, Clone)]
+pub struct FingerprintMemo {
+    file: Option<PathBuf>,
 }
 
-fn from_folder(spec: &str, dir: &Path) -> Result<ModelSource> {
+impl FingerprintMemo {
+    /// `None`: hash every time (tests, one-off tools).
+    pub fn new(file: Option<PathBuf>) -> Self {
+        Self { file }
+    }
+
+    fn load(&self) -> std::collections::BTreeMap<String, String> {
+        self.file
+            .as_ref()
+            .and_then(|f| std::fs::read(f).ok())
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    pub fn hash(&self, p: &Path) -> Result<String> {
+        let md = std::fs::metadata(p).with_context(|| format!("reading {}", p.display()))?;
+        let mtime = md
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let abs = std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        let key = format!("{}|{}|{mtime}", abs.display(), md.len());
+        let mut memo = self.load();
+        if let Some(h) = memo.get(&key) {
+            return Ok(h.clone());
+        }
+        let h = crate::fsutil::sha256_file(p)?[..16].to_string();
+        if let Some(f) = &self.file {
+            memo.insert(key, h.clone());
+            // A lost update only costs a rehash later, so no lock is needed.
+            crate::fsutil::write_json_pretty(f, &memo)?;
+        }
+        Ok(h)
+    }
+}
+
+fn from_folder(spec: &str, dir: &Path, memo: &FingerprintMemo) -> Result<ModelSource> {
     let need = |n: &str| -> Result<PathBuf> {
         let f = dir.join(n);
         if f.is_file() {
@@ -104,10 +217,10 @@ fn from_folder(spec: &str, dir: &Path) -> Result<ModelSource> {
     let weights = weight_files(dir)?;
     let mut id = Vec::new();
     for f in [&config, &tokenizer].into_iter().chain(weights.iter()) {
-        id.extend_from_slice(quick_hash(f)?.as_bytes());
+        id.extend_from_slice(memo.hash(f)?.as_bytes());
     }
     if tcfg.is_file() {
-        id.extend_from_slice(quick_hash(&tcfg)?.as_bytes());
+        id.extend_from_slice(memo.hash(&tcfg)?.as_bytes());
     }
     Ok(ModelSource {
         spec: spec.into(),
@@ -159,15 +272,18 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     )
 }
 
-/// A Hub repo id: the standard cache (HF_HOME) first, then a download unless HF_HUB_OFFLINE is set.
-fn from_hub(repo_id: &str, revision: &str) -> Result<ModelSource> {
-    let cache = hf_hub::Cache::from_env();
+/// A Hub repo id: the cache first, then a download unless offline.
+fn from_hub(
+    repo_id: &str,
+    revision: &str,
+    hub: &HubAccess,
+    memo: &FingerprintMemo,
+) -> Result<ModelSource> {
+    let cache = hf_hub::Cache::new(hub.cache_dir.clone());
     let repo =
         hf_hub::Repo::with_revision(repo_id.into(), hf_hub::RepoType::Model, revision.into());
     let cached = cache.repo(repo.clone());
-    let offline = std::env::var("HF_HUB_OFFLINE")
-        .map(|v| v == "1" || v.eq_ignore_ascii_case("true"))
-        .unwrap_or(false);
+    let offline = hub.offline;
     let fetch = |name: &str| -> Result<Option<PathBuf>> {
         if let Some(p) = cached.get(name) {
             return Ok(Some(p));
@@ -175,10 +291,13 @@ fn from_hub(repo_id: &str, revision: &str) -> Result<ModelSource> {
         if offline {
             return Ok(None);
         }
-        let api = hf_hub::api::sync::ApiBuilder::from_env()
-            .with_token(std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()))
-            .with_progress(false)
-            .build()?;
+        let mut api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
+            .with_token(hub.token.clone())
+            .with_progress(false);
+        if let Some(e) = &hub.endpoint {
+            api = api.with_endpoint(e.clone());
+        }
+        let api = api.build()?;
         match api.repo(repo.clone()).get(name) {
             Ok(p) => Ok(Some(p)),
             Err(hf_hub::api::sync::ApiError::RequestError(e)) if e.to_string().contains("404") => {
@@ -191,7 +310,7 @@ fn from_hub(repo_id: &str, revision: &str) -> Result<ModelSource> {
         format!(
             "model {repo_id}@{revision} is not in the Hugging Face cache ({}) {}; download it there, set HF_HOME, or point generate.model at a local folder or .gguf file",
             cache.path().display(),
-            if offline { "and HF_HUB_OFFLINE is set" } else { "and could not be downloaded" }
+            if offline { "and downloads are off (HF_HUB_OFFLINE, or `pipeline status`)" } else { "and could not be downloaded" }
         )
     };
     let config = fetch("config.json")
@@ -224,7 +343,7 @@ fn from_hub(repo_id: &str, revision: &str) -> Result<ModelSource> {
             }
         }
     }
-    let mut src = from_folder(repo_id, &dir)?;
+    let mut src = from_folder(repo_id, &dir, memo)?;
     // The snapshot folder is named by the commit: the best identity a Hub model has.
     src.identity = format!("hub:{repo_id}@{}", file_name(&dir));
     Ok(src)

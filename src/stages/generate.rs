@@ -9,8 +9,8 @@ use super::prompts::{Polarity, PromptRow};
 use super::{Built, Ctx};
 use crate::cache::KeyMaterial;
 use crate::fsutil::{read_jsonl, write_jsonl};
-use crate::model::generate::{self as gen, Finish, Request, Sampling};
-use crate::model::{default_dtype, pick_device, LoadOptions, Model, WeightsMode};
+use crate::model::generate::{self as gen, Finish, Request};
+use crate::model::WeightsMode;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -35,62 +35,37 @@ pub struct GenRow {
 
 pub fn material(ctx: &Ctx, prompts_key: &str) -> Result<KeyMaterial> {
     let g = &ctx.settings().generate;
-    let src = ctx.model_source()?;
-    let dev = pick_device(&g.device)?;
-    let weights = weights_mode(g, src.is_gguf());
+    let plan = &ctx.recipe.generate;
+    let src = ctx.recipe.model(plan)?;
+    let mut settings = serde_json::json!({
+        "max_new_tokens": g.max_new_tokens,
+        "temperature": g.temperature,
+        "top_k": g.top_k,
+        "top_p": g.top_p,
+        "seed": g.seed,
+        "limit": g.limit,
+        // Numerics differ between devices, dtypes, weight formats and engine paths.
+        "device": plan.device_name(),
+        "weights": format!("{:?}", plan.load.weights).to_lowercase(),
+        "attention": g.attention,
+        "prefix_sharing": g.prefix_sharing,
+    });
+    if plan.load.weights == WeightsMode::Quantized {
+        // candle's quantized matmul rounds differently for one row than for several, so with
+        // quantized weights the text depends on how rows are batched.
+        settings["batch_size"] = serde_json::json!(g.batch_size);
+    }
+    if plan.load.device.is_cuda() {
+        settings["dtype"] = serde_json::json!(plan.dtype_name());
+    }
     Ok(KeyMaterial {
         stage: "generate".into(),
         version: VERSION,
-        settings: serde_json::json!({
-            "max_new_tokens": g.max_new_tokens,
-            "temperature": g.temperature,
-            "top_k": g.top_k,
-            "top_p": g.top_p,
-            "seed": g.seed,
-            "limit": g.limit,
-            // Numerics differ between devices, dtypes and weight formats.
-            "device": if dev.is_cuda() { "cuda" } else { "cpu" },
-            "weights": format!("{weights:?}").to_lowercase(),
-        }),
+        settings,
         files: BTreeMap::new(),
         model: Some(src.identity.clone()),
         inputs: BTreeMap::from([("prompts".to_string(), prompts_key.to_string())]),
     })
-}
-
-/// Measured on the 2-core CPU (docs/PERF.md): dequantized f32 weights beat candle's Q4_1
-/// quantized matmuls at every batch size, batch 1 included, so "auto" means dense. Quantized stays
-/// available where memory matters more than speed.
-pub fn weights_mode(g: &crate::config::GenerateSettings, gguf: bool) -> WeightsMode {
-    match g.weights.as_str() {
-        "quantized" if gguf => WeightsMode::Quantized,
-        _ => WeightsMode::Dense,
-    }
-}
-
-pub fn load_model(ctx: &Ctx) -> Result<Model> {
-    let g = &ctx.settings().generate;
-    let src = ctx.model_source()?;
-    let device = pick_device(&g.device)?;
-    let opts = LoadOptions {
-        dtype: default_dtype(&device),
-        weights: weights_mode(g, src.is_gguf()),
-        device,
-    };
-    let t0 = Instant::now();
-    let m = Model::load(&src, &opts)?;
-    tracing::info!("loaded {} in {:.1}s", src.spec, t0.elapsed().as_secs_f64());
-    Ok(m)
-}
-
-pub fn sampling(g: &crate::config::GenerateSettings) -> Sampling {
-    Sampling {
-        temperature: g.temperature,
-        top_k: g.top_k,
-        top_p: g.top_p,
-        max_new_tokens: g.max_new_tokens,
-        seed: g.seed,
-    }
 }
 
 pub fn build(ctx: &Ctx, prompts_dir: &Path, key: &str, out: &Path) -> Result<Built> {
@@ -118,7 +93,7 @@ pub fn build(ctx: &Ctx, prompts_dir: &Path, key: &str, out: &Path) -> Result<Bui
         );
     }
     if !todo.is_empty() {
-        let model = load_model(ctx)?;
+        let model = ctx.recipe.load(&ctx.recipe.generate)?;
         let tok = &model.meta.tok;
         let by_id: BTreeMap<usize, &PromptRow> = todo.iter().map(|p| (p.id, *p)).collect();
         let reqs = todo
@@ -133,7 +108,7 @@ pub fn build(ctx: &Ctx, prompts_dir: &Path, key: &str, out: &Path) -> Result<Bui
         let bar = progress_bar(ctx, prompts.len() as u64, done.len() as u64);
         let t0 = Instant::now();
         let mut buf: Vec<GenRow> = Vec::new();
-        let s = sampling(g);
+        let s = g.sampling();
         let stats = gen::generate(&model, reqs, &s, g.batch_size, |o, st| {
             let p = by_id[&o.id];
             let text = tok.decode(&o.tokens, true)?.trim().to_string();

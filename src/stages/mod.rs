@@ -13,10 +13,9 @@ pub mod train;
 
 use crate::cache::{Cache, KeyMaterial, Lookup, Manifest};
 use crate::config::{Loaded, Settings};
-use crate::model::source::{self, ModelSource};
+use crate::recipe::Recipe;
 use anyhow::{bail, Result};
 use serde::Serialize;
-use std::cell::OnceCell;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -69,24 +68,24 @@ impl Stage {
 
 /// What one run of the graph shares.
 pub struct Ctx<'a> {
+    pub recipe: &'a Recipe,
     pub loaded: &'a Loaded,
     pub workdir: PathBuf,
     pub cache: Cache,
     pub quiet: bool,
     /// Fetch the page again even if cached (`--force scrape`).
     pub refetch: bool,
-    model: OnceCell<ModelSource>,
 }
 
 impl<'a> Ctx<'a> {
-    pub fn new(loaded: &'a Loaded, workdir: &Path, quiet: bool) -> Self {
+    pub fn new(recipe: &'a Recipe, workdir: &Path, quiet: bool) -> Self {
         Self {
-            loaded,
+            recipe,
+            loaded: &recipe.loaded,
             workdir: workdir.to_path_buf(),
             cache: Cache::new(workdir),
             quiet,
             refetch: false,
-            model: OnceCell::new(),
         }
     }
 
@@ -94,40 +93,10 @@ impl<'a> Ctx<'a> {
         &self.loaded.settings
     }
 
-    /// `generate.model`, with file paths resolved against the config file's folder.
-    pub fn model_source(&self) -> Result<ModelSource> {
-        if let Some(m) = self.model.get() {
-            return Ok(m.clone());
-        }
-        let g = &self.settings().generate;
-        let spec = resolve_model_spec(self.loaded, &g.model);
-        let m = source::resolve(&spec, &g.revision).map_err(|e| {
-            anyhow::anyhow!(
-                "{e:#}\n  (generate.model set at {})",
-                self.loaded.origin("generate.model")
-            )
-        })?;
-        let _ = self.model.set(m.clone());
-        Ok(m)
-    }
-
     pub fn say(&self, verb: &str, msg: impl AsRef<str>) {
         if !self.quiet {
             eprintln!("{verb:>12} {}", msg.as_ref());
         }
-    }
-}
-
-/// A path-like model spec resolves against the config's folder; a repo id stays as it is.
-pub fn resolve_model_spec(loaded: &Loaded, spec: &str) -> String {
-    let looks_like_path = spec.ends_with(".gguf")
-        || spec.starts_with('.')
-        || spec.starts_with('/')
-        || loaded.resolve(spec).exists();
-    if looks_like_path {
-        loaded.resolve(spec).display().to_string()
-    } else {
-        spec.to_string()
     }
 }
 
@@ -150,34 +119,44 @@ impl Built {
     }
 }
 
-/// Keys and folders of the stages computed so far in a run.
+/// Keys and folders of the stages computed so far in a run, and the page scrape read.
 #[derive(Default)]
-pub struct Resolved {
+pub struct Outputs {
     pub keys: BTreeMap<Stage, String>,
     pub dirs: BTreeMap<Stage, PathBuf>,
+    page: Option<scrape::Page>,
 }
 
-impl Resolved {
+impl Outputs {
     pub fn dir(&self, s: Stage) -> &Path {
         &self.dirs[&s]
     }
 }
 
-pub fn material(ctx: &Ctx, stage: Stage, r: &Resolved) -> Result<KeyMaterial> {
+/// What a stage's output depends on. `None`: not knowable without work `status` never does
+/// (the page has not been fetched yet).
+fn material(ctx: &Ctx, stage: Stage, r: &mut Outputs, fetch: bool) -> Result<Option<KeyMaterial>> {
     let key = |s: Stage| r.keys.get(&s).cloned().unwrap_or_default();
-    match stage {
-        Stage::Scrape => scrape::material(ctx),
-        Stage::Prompts => prompts::material(ctx, &key(Stage::Scrape)),
-        Stage::Generate => generate::material(ctx, &key(Stage::Prompts)),
-        Stage::Merge => merge::material(ctx, &key(Stage::Prompts), &key(Stage::Generate)),
-        Stage::Split => split::material(ctx, &key(Stage::Merge)),
-        Stage::Train => train::material(ctx, r.keys.get(&Stage::Split).map(|s| s.as_str())),
-    }
+    Ok(Some(match stage {
+        Stage::Scrape => {
+            let Some(page) = scrape::page(ctx, fetch)? else {
+                return Ok(None);
+            };
+            let m = scrape::material(ctx, &page)?;
+            r.page = Some(page);
+            m
+        }
+        Stage::Prompts => prompts::material(ctx, &key(Stage::Scrape))?,
+        Stage::Generate => generate::material(ctx, &key(Stage::Prompts))?,
+        Stage::Merge => merge::material(ctx, &key(Stage::Prompts), &key(Stage::Generate))?,
+        Stage::Split => split::material(ctx, &key(Stage::Merge))?,
+        Stage::Train => train::material(ctx, r.keys.get(&Stage::Split).map(|s| s.as_str()))?,
+    }))
 }
 
-fn build(ctx: &Ctx, stage: Stage, r: &Resolved, key: &str, out: &Path) -> Result<Built> {
+fn build(ctx: &Ctx, stage: Stage, r: &Outputs, key: &str, out: &Path) -> Result<Built> {
     match stage {
-        Stage::Scrape => scrape::build(ctx, out),
+        Stage::Scrape => scrape::build(ctx, r.page.as_ref().expect("material read the page"), out),
         Stage::Prompts => prompts::build(ctx, r.dir(Stage::Scrape), out),
         Stage::Generate => generate::build(ctx, r.dir(Stage::Prompts), key, out),
         Stage::Merge => merge::build(ctx, r.dir(Stage::Prompts), r.dir(Stage::Generate), out),
@@ -198,72 +177,100 @@ pub struct Plan {
     pub force: Vec<Stage>,
 }
 
-/// Run the graph: skip what is up to date, build the rest in order.
-pub fn run(ctx: &mut Ctx, plan: &Plan) -> Result<Resolved> {
+impl Plan {
+    /// The stages this plan visits, in order (an `--only` run visits the inputs it reads).
+    fn stages(&self, s: &Settings) -> Vec<(Stage, bool)> {
+        let last = self.only.or(self.until).unwrap_or(Stage::Train);
+        ALL.into_iter()
+            .filter(|st| *st <= last)
+            .filter_map(|st| {
+                let wanted = self.only.is_none_or(|o| o == st);
+                (wanted || needed_by(s, self.only.expect("not wanted only under --only"), st))
+                    .then_some((st, wanted))
+            })
+            .collect()
+    }
+}
+
+/// Run the graph: skip what is up to date, build the rest in order. A stage's key depends only
+/// on its settings and its inputs' keys, never on their bytes, so every key is known before
+/// anything is built: `before_build` sees exactly the stages that will be built (the CLI prints
+/// the plan and its time estimate there, and may stop).
+pub fn run(
+    ctx: &mut Ctx,
+    plan: &Plan,
+    before_build: impl FnOnce(&[Stage]) -> Result<()>,
+) -> Result<Outputs> {
     ctx.cache.sweep();
     ctx.refetch = plan.force.contains(&Stage::Scrape);
-    let mut r = Resolved::default();
-    let last = plan.only.or(plan.until).unwrap_or(Stage::Train);
-    for stage in ALL.into_iter().filter(|s| *s <= last) {
-        let wanted = plan.only.is_none_or(|o| o == stage);
-        // Upstream stages of an --only run are needed only if the target reads them.
-        if !wanted && !needed_by(ctx.settings(), plan.only.unwrap(), stage) {
-            continue;
-        }
-        let m = material(ctx, stage, &r)?;
+    let mut r = Outputs::default();
+    let mut steps = Vec::new();
+    for (stage, wanted) in plan.stages(ctx.settings()) {
+        let m = material(ctx, stage, &mut r, true)?.expect("fetching is allowed in a run");
         let key = m.key();
         let lookup = ctx.cache.lookup(stage.name(), &key);
-        let forced = plan.force.contains(&stage);
-        match lookup {
-            Lookup::Fresh(man) if !forced => {
-                ctx.say(
-                    "Fresh",
-                    format!("{} ({key}) {}", stage.name(), summary(&man)),
-                );
-            }
-            other => {
-                if !wanted {
-                    let why = match other {
-                        Lookup::Damaged(why) => format!("damaged: {why}"),
-                        _ => stale_reason(ctx, stage, &m),
-                    };
-                    bail!(
-                        "`--only {}` needs the output of {}, which is not up to date ({why}); run `pipeline run --until {}` first",
-                        plan.only.unwrap().name(),
-                        stage.name(),
-                        stage.name()
-                    );
-                }
-                if let Lookup::Damaged(why) = &other {
-                    ctx.say(
-                        "Damaged",
-                        format!("{} ({key}): {why}; rebuilding", stage.name()),
-                    );
-                } else if forced {
-                    ctx.say("Forced", stage.name());
-                } else {
-                    let why = stale_reason(ctx, stage, &m);
-                    tracing::info!("{} out of date: {why}", stage.name());
-                }
-                ctx.say("Building", format!("{} ({key})", stage.name()));
-                let t0 = Instant::now();
-                let staging = ctx.cache.begin(stage.name(), &key)?;
-                let built = build(ctx, stage, &r, &key, &staging.dir)?;
-                let secs = t0.elapsed().as_secs_f64();
-                let man = staging.commit(&ctx.cache, m, built.counts, secs)?;
-                // Resumable partial work (generation chunks, checkpoints) is done with.
-                let partial = ctx.cache.partial_dir(stage.name(), &key);
-                if partial.exists() {
-                    std::fs::remove_dir_all(&partial).ok();
-                }
-                ctx.say(
-                    "Built",
-                    format!("{} in {secs:.1}s: {}", stage.name(), summary(&man)),
-                );
-            }
+        let build = plan.force.contains(&stage) || !matches!(lookup, Lookup::Fresh(_));
+        if build && !wanted {
+            let why = match &lookup {
+                Lookup::Damaged(why) => format!("damaged: {why}"),
+                _ => stale_reason(ctx, stage, &m),
+            };
+            let only = plan.only.expect("not wanted only under --only");
+            bail!(
+                "`--only {}` needs the output of {}, which is not up to date ({why}); run `pipeline run --until {}` first",
+                only.name(),
+                stage.name(),
+                stage.name()
+            );
         }
         r.dirs.insert(stage, ctx.cache.dir(stage.name(), &key));
         r.keys.insert(stage, key);
+        steps.push((stage, m, lookup, build));
+    }
+    let todo: Vec<Stage> = steps.iter().filter(|s| s.3).map(|s| s.0).collect();
+    if !todo.is_empty() {
+        before_build(&todo)?;
+    }
+    for (stage, m, lookup, build_it) in steps {
+        let key = r.keys[&stage].clone();
+        if !build_it {
+            if let Lookup::Fresh(man) = &lookup {
+                ctx.say(
+                    "Fresh",
+                    format!("{} ({key}) {}", stage.name(), summary(man)),
+                );
+            }
+            continue;
+        }
+        match &lookup {
+            Lookup::Damaged(why) => ctx.say(
+                "Damaged",
+                format!("{} ({key}): {why}; rebuilding", stage.name()),
+            ),
+            Lookup::Fresh(_) => ctx.say("Forced", stage.name()),
+            Lookup::Missing => {
+                tracing::info!(
+                    "{} out of date: {}",
+                    stage.name(),
+                    stale_reason(ctx, stage, &m)
+                )
+            }
+        }
+        ctx.say("Building", format!("{} ({key})", stage.name()));
+        let t0 = Instant::now();
+        let staging = ctx.cache.begin(stage.name(), &key)?;
+        let built = build(ctx, stage, &r, &key, &staging.dir)?;
+        let secs = t0.elapsed().as_secs_f64();
+        let man = staging.commit(&ctx.cache, m, built.counts, secs)?;
+        // Resumable partial work (generation chunks, checkpoints) is done with.
+        let partial = ctx.cache.partial_dir(stage.name(), &key);
+        if partial.exists() {
+            std::fs::remove_dir_all(&partial).ok();
+        }
+        ctx.say(
+            "Built",
+            format!("{} in {secs:.1}s: {}", stage.name(), summary(&man)),
+        );
     }
     Ok(r)
 }
@@ -315,9 +322,9 @@ pub struct StageStatus {
     pub seconds: Option<f64>,
 }
 
-/// Where every stage stands, without building anything.
+/// Where every stage stands, without building, fetching or downloading anything.
 pub fn status(ctx: &Ctx) -> Vec<StageStatus> {
-    let mut r = Resolved::default();
+    let mut r = Outputs::default();
     let mut out = Vec::new();
     for stage in ALL {
         let mut st = StageStatus {
@@ -330,9 +337,12 @@ pub fn status(ctx: &Ctx) -> Vec<StageStatus> {
             finished_at: None,
             seconds: None,
         };
-        match material(ctx, stage, &r) {
+        match material(ctx, stage, &mut r, false) {
             Err(e) => st.reasons.push(format!("{e:#}")),
-            Ok(m) => {
+            Ok(None) => st
+                .reasons
+                .push("the page has not been fetched yet (`pipeline run` fetches it)".into()),
+            Ok(Some(m)) => {
                 let key = m.key();
                 st.key = Some(key.clone());
                 let dir = ctx.cache.dir(stage.name(), &key);

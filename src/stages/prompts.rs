@@ -10,7 +10,6 @@ use crate::cache::KeyMaterial;
 use crate::config::{PromptStyle, Shot};
 use crate::fsutil::{read_jsonl, sha256_file, sha256_hex, write_jsonl};
 use crate::model::chat::{hf_environment, ChatTemplate, Message};
-use crate::model::generate::row_rng;
 use anyhow::{Context, Result};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -57,8 +56,8 @@ pub struct PairPromptRow {
 
 /// The chat template of the configured model, and a fingerprint of what affects prompt text.
 pub fn chat_template(ctx: &Ctx) -> Result<(ChatTemplate, String)> {
-    let src = ctx.model_source()?;
-    let meta = crate::model::source::load_meta(&src)?;
+    let src = ctx.recipe.model(&ctx.recipe.generate)?;
+    let meta = crate::model::source::load_meta(src)?;
     let chat = meta.chat.with_context(|| {
         format!(
             "model {} has no chat template (tokenizer_config.json chat_template or GGUF tokenizer.chat_template)",
@@ -79,7 +78,7 @@ pub fn chat_template(ctx: &Ctx) -> Result<(ChatTemplate, String)> {
 
 pub fn material(ctx: &Ctx, scrape_key: &str) -> Result<KeyMaterial> {
     let p = &ctx.settings().prompts;
-    let dir = ctx.loaded.resolve(&p.templates);
+    let dir = &ctx.recipe.templates;
     let mut files = BTreeMap::new();
     for f in TEMPLATE_FILES {
         let path = dir.join(f);
@@ -154,24 +153,17 @@ fn template_error(e: &minijinja::Error) -> anyhow::Error {
 
 /// Pick `shots` distinct pool entries for a title, reproducibly.
 fn pick_shots(pool: &[Shot], shots: usize, seed: u64, title_id: usize) -> (Vec<&Shot>, bool) {
-    let mut rng = row_rng(seed, title_id);
-    let mut idx: Vec<usize> = (0..pool.len()).collect();
-    for i in 0..shots.min(idx.len()) {
-        let j = i + (rng.random::<u64>() % (idx.len() - i) as u64) as usize;
-        idx.swap(i, j);
-    }
+    let mut rng = crate::rng::stream(seed, title_id as u64);
+    let idx = crate::rng::draw(pool.len(), shots, &mut rng);
     let negative_first = rng.random::<bool>();
-    (
-        idx[..shots].iter().map(|&i| &pool[i]).collect(),
-        negative_first,
-    )
+    (idx.iter().map(|&i| &pool[i]).collect(), negative_first)
 }
 
 pub fn build(ctx: &Ctx, scrape_dir: &Path, out: &Path) -> Result<Built> {
     let p = &ctx.settings().prompts;
     let titles: Vec<TitleRow> = read_jsonl(&scrape_dir.join("titles.jsonl"))?;
-    let dir = ctx.loaded.resolve(&p.templates);
-    let tpl = Templates::load(&dir)?;
+    let dir = &ctx.recipe.templates;
+    let tpl = Templates::load(dir)?;
     let (chat, _) = chat_template(ctx)?;
     let mut rows = Vec::with_capacity(titles.len() * 2);
     let mut pairs = Vec::with_capacity(titles.len());
@@ -187,7 +179,7 @@ pub fn build(ctx: &Ctx, scrape_dir: &Path, out: &Path) -> Result<Built> {
                 .collect();
             let messages = messages_for(
                 &tpl,
-                &dir,
+                dir,
                 p.style,
                 &p.system,
                 &t.title,
@@ -218,7 +210,7 @@ pub fn build(ctx: &Ctx, scrape_dir: &Path, out: &Path) -> Result<Built> {
             })
             .collect();
         let messages = messages_for(
-            &tpl, &dir, p.style, &p.system, &t.title, None, &shots, &examples,
+            &tpl, dir, p.style, &p.system, &t.title, None, &shots, &examples,
         )?;
         let prompt = chat.render(&messages, true)?;
         pairs.push(PairPromptRow {
@@ -279,10 +271,10 @@ fn messages_for(
 }
 
 /// The neutral (pair-style) messages for one title, as `pipeline sample` prompts the bot.
-pub fn neutral_messages(loaded: &crate::config::Loaded, title: &str) -> Result<Vec<Message>> {
-    let p = &loaded.settings.prompts;
-    let dir = loaded.resolve(&p.templates);
-    let tpl = Templates::load(&dir)?;
+pub fn neutral_messages(recipe: &crate::recipe::Recipe, title: &str) -> Result<Vec<Message>> {
+    let p = &recipe.settings().prompts;
+    let dir = &recipe.templates;
+    let tpl = Templates::load(dir)?;
     let id = u64::from_str_radix(&sha256_hex(title.as_bytes())[..12], 16).unwrap_or(0) as usize;
     let (shots, negative_first) = pick_shots(&p.pool, p.shots, p.seed, id);
     let examples: Vec<&str> = shots
@@ -297,6 +289,6 @@ pub fn neutral_messages(loaded: &crate::config::Loaded, title: &str) -> Result<V
         })
         .collect();
     messages_for(
-        &tpl, &dir, p.style, &p.system, title, None, &shots, &examples,
+        &tpl, dir, p.style, &p.system, title, None, &shots, &examples,
     )
 }

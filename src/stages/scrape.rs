@@ -1,21 +1,23 @@
 //! Stage 1, scrape: the accepted-paper page -> a reproducible sample of titles.
 //!
-//! The page comes from `scrape.snapshot` (a saved copy) or from `scrape.url` over HTTP, with
-//! timeouts, retries with backoff on timeouts and 5xx answers, and gzip. A fetched page is kept in
-//! `<workdir>/cache/pages/` so later runs need no network.
+//! The page comes from `scrape.snapshot` (a saved copy, or the bundled compact NeurIPS 2023
+//! snapshot) or from `scrape.url` over HTTP, with timeouts, retries with backoff on timeouts and
+//! 5xx answers, and gzip. A fetched page is kept in `<workdir>/cache/pages/` so later runs need no
+//! network; when it cannot be fetched, `scrape.fallback` uses the bundled snapshot with a warning.
 
 use super::{Built, Ctx};
 use crate::cache::KeyMaterial;
 use crate::config::ScrapeSettings;
-use crate::fsutil::{sha256_file, sha256_hex, write_atomic, write_jsonl};
+use crate::fsutil::{sha256_hex, write_atomic, write_jsonl};
+use crate::recipe::PageSource;
 use anyhow::{bail, Context, Result};
-use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub const VERSION: u32 = 1;
+/// 2: the key holds the page's hash and where it came from.
+pub const VERSION: u32 = 2;
 pub const USER_AGENT: &str = concat!(
     "reviewer2-pipeline/",
     env!("CARGO_PKG_VERSION"),
@@ -29,49 +31,107 @@ pub struct TitleRow {
     pub title: String,
 }
 
-pub fn material(ctx: &Ctx) -> Result<KeyMaterial> {
+/// The compact NeurIPS 2023 snapshot (`data/neurips-2023-posters.html`), compiled in so the quick
+/// preset and the offline fallback work from any folder.
+pub const BUNDLED: &[u8] = include_bytes!("../../data/neurips-2023-posters.html");
+pub const BUNDLED_NAME: &str = "bundled NeurIPS 2023 snapshot";
+
+/// The page scrape reads, with where it came from.
+pub struct Page {
+    pub bytes: Vec<u8>,
+    /// "url", "snapshot" or "bundled": recorded in the key and the manifest.
+    pub kind: &'static str,
+    /// For messages: the URL, the file, or the bundled snapshot's name.
+    pub label: String,
+}
+
+/// The page as the recipe says. With `fetch`, a URL not in the page cache is fetched (and, if
+/// that fails and `scrape.fallback` is on, the bundled snapshot is used with a warning);
+/// without it (`status`), `None` means "not fetched yet".
+pub fn page(ctx: &Ctx, fetch: bool) -> Result<Option<Page>> {
     let s = &ctx.settings().scrape;
-    let mut files = BTreeMap::new();
-    if !s.snapshot.is_empty() {
-        let p = ctx.loaded.resolve(&s.snapshot);
-        let h = sha256_file(&p).with_context(|| {
-            format!(
-                "{}: scrape.snapshot {} cannot be read; fix the path or set scrape.snapshot = \"\" to fetch scrape.url",
-                ctx.loaded.origin("scrape.snapshot"),
-                p.display()
-            )
-        })?;
-        files.insert("snapshot".into(), h);
-    }
+    Ok(Some(match &ctx.recipe.page {
+        PageSource::Bundled => Page {
+            bytes: BUNDLED.to_vec(),
+            kind: "bundled",
+            label: BUNDLED_NAME.into(),
+        },
+        PageSource::Snapshot(p) => Page {
+            bytes: std::fs::read(p).with_context(|| {
+                format!(
+                    "{}: scrape.snapshot {} cannot be read; fix the path, use \"bundled\", or set scrape.snapshot = \"\" to fetch scrape.url",
+                    ctx.loaded.origin("scrape.snapshot"),
+                    p.display()
+                )
+            })?,
+            kind: "snapshot",
+            label: p.display().to_string(),
+        },
+        PageSource::Url { url, fallback } => {
+            let path = page_path(ctx, url);
+            if path.exists() && !ctx.refetch {
+                tracing::info!("using cached page {}", path.display());
+                Page {
+                    bytes: std::fs::read(&path)?,
+                    kind: "url",
+                    label: url.clone(),
+                }
+            } else if !fetch {
+                return Ok(None);
+            } else {
+                match fetch_into_cache(s, &path) {
+                    Ok(bytes) => Page {
+                        bytes,
+                        kind: "url",
+                        label: url.clone(),
+                    },
+                    Err(e) if *fallback => {
+                        tracing::warn!(
+                            "{e:#}\n  using the {BUNDLED_NAME} instead (scrape.fallback = true)"
+                        );
+                        if !ctx.quiet {
+                            eprintln!(
+                                "{:>12} {url} could not be fetched; using the {BUNDLED_NAME} (set scrape.fallback = false to fail instead)",
+                                "Warning"
+                            );
+                        }
+                        Page {
+                            bytes: BUNDLED.to_vec(),
+                            kind: "bundled",
+                            label: BUNDLED_NAME.into(),
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }))
+}
+
+/// The key covers the page's bytes, so a refetched page that changed, or a fallback to the
+/// bundled snapshot, gives new titles a new key and everything downstream reruns.
+pub fn material(ctx: &Ctx, page: &Page) -> Result<KeyMaterial> {
+    let s = &ctx.settings().scrape;
     Ok(KeyMaterial {
         stage: "scrape".into(),
         version: VERSION,
         settings: serde_json::json!({
-            "url": if s.snapshot.is_empty() { s.url.as_str() } else { "" },
-            "snapshot": !s.snapshot.is_empty(),
+            "source": page.kind,
+            "url": if page.kind == "url" { s.url.as_str() } else { "" },
             "selector": s.selector,
             "count": s.count,
             "seed": s.seed,
         }),
-        files,
+        files: BTreeMap::from([("page".to_string(), sha256_hex(&page.bytes))]),
         model: None,
         inputs: BTreeMap::new(),
     })
 }
 
-pub fn build(ctx: &Ctx, out: &Path) -> Result<Built> {
+pub fn build(ctx: &Ctx, page: &Page, out: &Path) -> Result<Built> {
     let s = &ctx.settings().scrape;
-    let (html, source) = if s.snapshot.is_empty() {
-        let page = cached_page(ctx, s)?;
-        (std::fs::read(&page)?, s.url.clone())
-    } else {
-        let p = ctx.loaded.resolve(&s.snapshot);
-        (
-            std::fs::read(&p).with_context(|| format!("reading snapshot {}", p.display()))?,
-            p.display().to_string(),
-        )
-    };
-    let html = String::from_utf8_lossy(&html);
+    let source = &page.label;
+    let html = String::from_utf8_lossy(&page.bytes);
     let parsed = parse_titles(&html, &s.selector).map_err(|e| {
         anyhow::anyhow!(
             "{e}\n  (selector set at {})",
@@ -142,19 +202,13 @@ pub fn parse_titles(html: &str, selector: &str) -> Result<Parsed> {
     })
 }
 
-/// `count` titles drawn without replacement, in draw order. ChaCha8 is portable, so the same
-/// seed gives the same titles on every machine.
+/// `count` titles drawn without replacement, in draw order, the same on every machine.
 pub fn sample_titles(titles: &[String], count: usize, seed: u64) -> Result<Vec<String>> {
     if titles.len() < count {
         bail!("asked for {count} titles but found only {}", titles.len());
     }
-    let mut idx: Vec<usize> = (0..titles.len()).collect();
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    for i in 0..count {
-        let j = i + (rng.random::<u64>() % (idx.len() - i) as u64) as usize;
-        idx.swap(i, j);
-    }
-    Ok(idx[..count].iter().map(|&i| titles[i].clone()).collect())
+    let idx = crate::rng::draw(titles.len(), count, &mut crate::rng::seeded(seed));
+    Ok(idx.into_iter().map(|i| titles[i].clone()).collect())
 }
 
 fn page_path(ctx: &Ctx, url: &str) -> PathBuf {
@@ -165,16 +219,10 @@ fn page_path(ctx: &Ctx, url: &str) -> PathBuf {
         .join("page.html")
 }
 
-/// The page for `scrape.url`, fetched once and then served from the cache. `--force scrape`
-/// refetches it.
-fn cached_page(ctx: &Ctx, s: &ScrapeSettings) -> Result<PathBuf> {
-    let path = page_path(ctx, &s.url);
-    if path.exists() && !ctx.refetch {
-        tracing::info!("using cached page {}", path.display());
-        return Ok(path);
-    }
+/// Fetch `scrape.url` into the page cache (`--force scrape` refetches it).
+fn fetch_into_cache(s: &ScrapeSettings, path: &Path) -> Result<Vec<u8>> {
     let body = fetch(&s.url, Duration::from_secs(s.timeout_secs), s.retries)?;
-    write_atomic(&path, &body)?;
+    write_atomic(path, &body)?;
     let meta = serde_json::json!({
         "url": s.url,
         "fetched_at": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
@@ -184,7 +232,7 @@ fn cached_page(ctx: &Ctx, s: &ScrapeSettings) -> Result<PathBuf> {
         &path.with_file_name("meta.json"),
         meta.to_string().as_bytes(),
     )?;
-    Ok(path)
+    Ok(body)
 }
 
 /// GET `url` and return an HTML body. Retries timeouts, connection failures, truncated bodies

@@ -4,11 +4,10 @@
 use super::merge::Pair;
 use super::{Built, Ctx};
 use crate::cache::KeyMaterial;
-use crate::fsutil::{read_jsonl, tmp_sibling};
+use crate::fsutil::{read_jsonl, write_atomic_with};
 use anyhow::{bail, Context, Result};
 use arrow_array::{ArrayRef, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
-use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -39,12 +38,7 @@ pub fn build(ctx: &Ctx, merge_dir: &Path, out: &Path) -> Result<Built> {
             ctx.loaded.origin("split.train")
         );
     }
-    let mut idx: Vec<usize> = (0..pairs.len()).collect();
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(s.seed);
-    for i in (1..idx.len()).rev() {
-        let j = (rng.random::<u64>() % (i as u64 + 1)) as usize;
-        idx.swap(i, j);
-    }
+    let idx = crate::rng::permutation(pairs.len(), &mut crate::rng::seeded(s.seed));
     let train: Vec<&Pair> = idx[..s.train].iter().map(|&i| &pairs[i]).collect();
     let test: Vec<&Pair> = idx[s.train..s.train + s.test]
         .iter()
@@ -73,17 +67,15 @@ pub fn write_parquet(path: &Path, rows: &[&Pair]) -> Result<()> {
         schema(),
         vec![col(|p| &p.prompt), col(|p| &p.chosen), col(|p| &p.rejected)],
     )?;
-    let tmp = tmp_sibling(path);
-    let file =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let props = parquet::file::properties::WriterProperties::builder()
-        .set_compression(parquet::basic::Compression::SNAPPY)
-        .build();
-    let mut w = parquet::arrow::ArrowWriter::try_new(file, schema(), Some(props))?;
-    w.write(&batch)?;
-    w.close()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+    write_atomic_with(path, |file| {
+        let props = parquet::file::properties::WriterProperties::builder()
+            .set_compression(parquet::basic::Compression::SNAPPY)
+            .build();
+        let mut w = parquet::arrow::ArrowWriter::try_new(file, schema(), Some(props))?;
+        w.write(&batch)?;
+        w.close()?;
+        Ok(())
+    })
 }
 
 /// Read a preference Parquet file (any string columns named prompt/chosen/rejected).

@@ -8,7 +8,7 @@ use crate::cache::{KeyMaterial, Lookup};
 use crate::config::TrainSettings;
 use crate::dpo::{adapter, charts, data, trainer};
 use crate::fsutil::{sha256_file, write_atomic, write_json_pretty};
-use crate::model::{default_dtype, pick_device, LoadOptions, Model, WeightsMode};
+use crate::model::Model;
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,9 +18,8 @@ pub const VERSION: u32 = 1;
 /// (chosen, rejected) reference log-probs per example.
 type RefLogps = Vec<(f32, f32)>;
 
-fn dataset_files(ctx: &Ctx) -> Result<Vec<PathBuf>> {
-    let p = ctx.loaded.resolve(&ctx.settings().train.dataset);
-    data::parquet_files(&p).map_err(|e| {
+fn dataset_files(ctx: &Ctx, p: &Path) -> Result<Vec<PathBuf>> {
+    data::parquet_files(p).map_err(|e| {
         anyhow::anyhow!(
             "{e} ({}); point it at a Parquet file or a folder holding some",
             ctx.loaded.origin("train.dataset")
@@ -28,38 +27,33 @@ fn dataset_files(ctx: &Ctx) -> Result<Vec<PathBuf>> {
     })
 }
 
-pub fn model_spec(ctx: &Ctx) -> String {
-    let t = &ctx.settings().train;
-    let spec = if t.model.is_empty() {
-        &ctx.settings().generate.model
-    } else {
-        &t.model
-    };
-    super::resolve_model_spec(ctx.loaded, spec)
-}
-
 pub fn material(ctx: &Ctx, split_key: Option<&str>) -> Result<KeyMaterial> {
     let t = &ctx.settings().train;
     let mut files = BTreeMap::new();
     let mut inputs = BTreeMap::new();
-    if t.dataset.is_empty() {
-        inputs.insert(
-            "split".to_string(),
-            split_key.unwrap_or_default().to_string(),
-        );
-    } else {
-        for f in dataset_files(ctx)? {
-            files.insert(f.display().to_string(), sha256_file(&f)?);
+    match &ctx.recipe.train_dataset {
+        None => {
+            inputs.insert(
+                "split".to_string(),
+                split_key.unwrap_or_default().to_string(),
+            );
+        }
+        Some(p) => {
+            for f in dataset_files(ctx, p)? {
+                files.insert(f.display().to_string(), sha256_file(&f)?);
+            }
         }
     }
-    let src = crate::model::source::resolve(&model_spec(ctx), &ctx.settings().generate.revision)?;
-    let dev = pick_device(&t.device)?;
+    let plan = &ctx.recipe.train;
+    let src = ctx.recipe.model(plan)?;
     let mut settings = serde_json::to_value(t)?;
-    let o = settings.as_object_mut().unwrap();
-    o.insert(
-        "device".into(),
-        serde_json::json!(if dev.is_cuda() { "cuda" } else { "cpu" }),
-    );
+    let o = settings
+        .as_object_mut()
+        .expect("settings serialize as a table");
+    o.insert("device".into(), serde_json::json!(plan.device_name()));
+    if plan.load.device.is_cuda() {
+        o.insert("dtype".into(), serde_json::json!(plan.dtype_name()));
+    }
     o.remove("dataset");
     o.remove("model");
     Ok(KeyMaterial {
@@ -67,30 +61,18 @@ pub fn material(ctx: &Ctx, split_key: Option<&str>) -> Result<KeyMaterial> {
         version: VERSION,
         settings,
         files,
-        model: Some(src.identity),
+        model: Some(src.identity.clone()),
         inputs,
     })
 }
 
-pub fn load_train_model(ctx: &Ctx) -> Result<Model> {
-    let t = &ctx.settings().train;
-    let src = crate::model::source::resolve(&model_spec(ctx), &ctx.settings().generate.revision)?;
-    let device = pick_device(&t.device)?;
-    let opts = LoadOptions {
-        dtype: default_dtype(&device),
-        weights: WeightsMode::Dense,
-        device,
-    };
-    Model::load(&src, &opts)
-}
-
 pub fn load_data(ctx: &Ctx, split_dir: Option<&Path>) -> Result<data::RawSplits> {
-    let t = &ctx.settings().train;
-    if t.dataset.is_empty() {
-        let dir = split_dir.context("the train stage needs the split stage's output")?;
-        data::load_dataset(dir)
-    } else {
-        data::load_dataset(&ctx.loaded.resolve(&t.dataset))
+    match &ctx.recipe.train_dataset {
+        None => {
+            let dir = split_dir.context("the train stage needs the split stage's output")?;
+            data::load_dataset(dir)
+        }
+        Some(p) => data::load_dataset(p),
     }
 }
 
@@ -107,7 +89,9 @@ fn cached_reference(
         version: VERSION,
         settings: serde_json::json!({
             "max_length": s.max_length, "max_prompt_length": s.max_prompt_length,
-            "truncation_mode": s.truncation_mode, "average": s.loss == "ipo",
+            "truncation_mode": s.truncation_mode, "average": s.loss.averages_logps(),
+            // Log-probs differ between devices and dtypes.
+            "device": ctx.recipe.train.device_name(), "dtype": ctx.recipe.train.dtype_name(),
         }),
         files: BTreeMap::new(),
         model: Some(model.source.identity.clone()),
@@ -130,7 +114,7 @@ fn cached_reference(
         ),
     );
     let t0 = std::time::Instant::now();
-    let avg = s.loss == "ipo";
+    let avg = s.loss.averages_logps();
     let tr = trainer::reference_logps(model, &prep.train, s.batch_size, avg)?;
     let ev = trainer::reference_logps(model, &prep.eval, s.batch_size, avg)?;
     let staging = ctx.cache.begin("train-ref", &key)?;
@@ -150,7 +134,7 @@ fn cached_reference(
 pub fn build(ctx: &Ctx, split_dir: Option<&Path>, key: &str, out: &Path) -> Result<Built> {
     let s = &ctx.settings().train;
     let raw = load_data(ctx, split_dir)?;
-    let mut model = load_train_model(ctx)?;
+    let mut model = ctx.recipe.load(&ctx.recipe.train)?;
     let prep = trainer::prepare(&model, s, &raw.train, &raw.test)?;
     let r = prep.report;
     if r.prompts_cut + r.responses_cut > 0 {
@@ -171,10 +155,13 @@ pub fn build(ctx: &Ctx, split_dir: Option<&Path>, key: &str, out: &Path) -> Resu
         Some(d) => d.display().to_string(),
         None => format!(
             "{:?}",
-            dataset_files(ctx)?
-                .iter()
-                .map(|f| sha256_file(f))
-                .collect::<Result<Vec<_>>>()?
+            dataset_files(
+                ctx,
+                ctx.recipe.train_dataset.as_deref().context("no dataset")?
+            )?
+            .iter()
+            .map(|f| sha256_file(f))
+            .collect::<Result<Vec<_>>>()?
         ),
     };
     let (ref_train, ref_eval) = cached_reference(

@@ -1,0 +1,142 @@
+//! How long the stages a run is about to build will take, roughly, on this device.
+//!
+//! A FLOP count over the recipe (model parameters x tokens to generate or train on) divided by
+//! an effective rate. The CPU rates were measured with `pipeline bench` on the 2-core machine of
+//! docs/PERF.md (SmolLM2-135M: about 200 generated tok/s at batch 64, a DPO step at batch 4 x 256
+//! tokens in 6.8 s) and scale with the core count; the GPU rates are guesses until a GPU run is
+//! recorded. The point is the order of magnitude: minutes, hours, or days.
+
+use crate::config::Settings;
+use crate::stages::Stage;
+
+/// Effective FLOP/s of batched generation and of a checkpointed LoRA DPO step.
+struct Rates {
+    generate: f64,
+    train: f64,
+    measured: bool,
+}
+
+fn rates(cuda: bool) -> Rates {
+    if cuda {
+        return Rates {
+            generate: 2e12,
+            train: 5e13,
+            measured: false,
+        };
+    }
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2) as f64;
+    // docs/PERF.md: 2 * 135M params * ~150 tok/s at batch 16, and 6 * 135M * ~1000 tok / 6.8 s.
+    Rates {
+        generate: 4.0e10 * cores / 2.0,
+        train: 1.2e11 * cores / 2.0,
+        measured: true,
+    }
+}
+
+/// One stage's estimate, in seconds, with what it counted.
+pub struct StageEstimate {
+    pub stage: Stage,
+    pub seconds: f64,
+    pub what: String,
+}
+
+pub struct Estimate {
+    pub stages: Vec<StageEstimate>,
+    pub total: f64,
+    pub device: &'static str,
+    /// The figures come from measurements on this kind of device (else they are guesses).
+    pub measured: bool,
+}
+
+/// The estimate for building `todo`. `params`: the generation and training models' parameter
+/// counts (None when unknown, e.g. a Hub model not downloaded yet).
+pub fn estimate(
+    s: &Settings,
+    todo: &[Stage],
+    params: (Option<u64>, Option<u64>),
+    cuda: bool,
+) -> Estimate {
+    let r = rates(cuda);
+    // A few-shot chat prompt is about 170 tokens, of which the shared prefix is computed once.
+    const PROMPT_TOKENS: f64 = 60.0;
+    let mut out = Vec::new();
+    for &st in todo {
+        let (seconds, what) = match st {
+            Stage::Scrape => (2.0, "one page".to_string()),
+            Stage::Prompts | Stage::Merge | Stage::Split => (1.0, String::new()),
+            Stage::Generate => {
+                let n = if s.generate.limit > 0 {
+                    s.generate.limit.min(2 * s.scrape.count)
+                } else {
+                    2 * s.scrape.count
+                } as f64;
+                let tokens = n * (s.generate.max_new_tokens as f64 + PROMPT_TOKENS);
+                match params.0 {
+                    Some(p) => (
+                        2.0 * p as f64 * tokens / r.generate,
+                        format!("{n} reviews of up to {} tokens", s.generate.max_new_tokens),
+                    ),
+                    None => (f64::NAN, "model size unknown until it is downloaded".into()),
+                }
+            }
+            Stage::Train => {
+                let t = &s.train;
+                let rows = s.split.train.max(1) as f64;
+                let steps = if t.max_steps > 0 {
+                    t.max_steps as f64
+                } else {
+                    (t.epochs as f64 * rows / (t.batch_size * t.gradient_accumulation_steps) as f64)
+                        .ceil()
+                };
+                // A pair: a shared prompt and two responses, cut to max_length.
+                let per_pair = (t.max_prompt_length as f64).min(170.0)
+                    + 2.0 * ((t.max_length - t.max_prompt_length) as f64).min(48.0);
+                let tokens =
+                    steps * (t.batch_size * t.gradient_accumulation_steps) as f64 * per_pair;
+                match params.1 {
+                    Some(p) => (
+                        6.0 * p as f64 * tokens / r.train,
+                        format!(
+                            "{steps} steps of {} pairs",
+                            t.batch_size * t.gradient_accumulation_steps
+                        ),
+                    ),
+                    None => (f64::NAN, "model size unknown until it is downloaded".into()),
+                }
+            }
+        };
+        out.push(StageEstimate {
+            stage: st,
+            seconds,
+            what,
+        });
+    }
+    let total = out
+        .iter()
+        .map(|e| e.seconds)
+        .filter(|x| x.is_finite())
+        .sum();
+    Estimate {
+        stages: out,
+        total,
+        device: if cuda { "GPU" } else { "CPU" },
+        measured: r.measured,
+    }
+}
+
+/// "40 s", "12 min", "3.5 h", "2.1 days".
+pub fn human(secs: f64) -> String {
+    if !secs.is_finite() {
+        "unknown".into()
+    } else if secs < 90.0 {
+        format!("{secs:.0} s")
+    } else if secs < 5400.0 {
+        format!("{:.0} min", secs / 60.0)
+    } else if secs < 2.0 * 86400.0 {
+        format!("{:.1} h", secs / 3600.0)
+    } else {
+        format!("{:.1} days", secs / 86400.0)
+    }
+}

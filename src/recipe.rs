@@ -1,0 +1,175 @@
+//! The recipe resolved once: settings turned into the concrete things stages use.
+//!
+//! [`Recipe::resolve`] is the one step between "what the user wrote" ([`crate::config`]: file,
+//! preset, `--set`) plus the environment, and what runs: where the titles come from, which model
+//! files (a Hub id becomes a cache path, downloaded at most once and only when a stage needs
+//! it), which device and dtype, which engine switches. Stages receive a `&Recipe` and read
+//! neither the environment nor the raw settings' paths. `pipeline status` resolves with
+//! [`Network::Never`]: it reads manifests and local files and never downloads a model.
+
+use crate::config::Loaded;
+use crate::model::source::{self, FingerprintMemo, HubAccess, ModelSource, ModelSpec};
+use crate::model::{AttentionChoice, LoadOptions, WeightsMode};
+use anyhow::{Context, Result};
+use candle_core::Device;
+use std::cell::OnceCell;
+use std::path::{Path, PathBuf};
+
+/// Whether resolving may use the network (model downloads, page fetches).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Network {
+    Allowed,
+    /// `status`: caches and local files only.
+    Never,
+}
+
+/// Where the scrape stage reads its page from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PageSource {
+    /// A saved copy of a page (`scrape.snapshot` = a path).
+    Snapshot(PathBuf),
+    /// The compact NeurIPS 2023 snapshot shipped in the binary (`scrape.snapshot = "bundled"`).
+    Bundled,
+    /// Fetch `url` once into the page cache; on failure use the bundled snapshot if `fallback`.
+    Url { url: String, fallback: bool },
+}
+
+/// One model as a stage uses it: what it names, how it loads, and (once asked) its files.
+pub struct ModelPlan {
+    /// The setting it came from, for error messages.
+    pub key: &'static str,
+    pub spec: ModelSpec,
+    pub load: LoadOptions,
+    source: OnceCell<ModelSource>,
+}
+
+impl ModelPlan {
+    /// "cpu" or "cuda": numerics differ between devices, so cache keys hold it.
+    pub fn device_name(&self) -> &'static str {
+        if self.load.device.is_cuda() {
+            "cuda"
+        } else {
+            "cpu"
+        }
+    }
+
+    /// The dtype weights are computed in, by name (cache keys).
+    pub fn dtype_name(&self) -> String {
+        format!("{:?}", self.load.dtype).to_lowercase()
+    }
+}
+
+pub struct Recipe {
+    pub loaded: Loaded,
+    pub page: PageSource,
+    pub templates: PathBuf,
+    /// `train.dataset` as a path, or `None` for the split stage's output.
+    pub train_dataset: Option<PathBuf>,
+    pub generate: ModelPlan,
+    pub train: ModelPlan,
+    pub network: Network,
+    hub: HubAccess,
+    memo: FingerprintMemo,
+}
+
+impl Recipe {
+    /// Resolve everything that needs no model files: paths, devices, load options, Hub access.
+    pub fn resolve(loaded: Loaded, workdir: &Path, network: Network) -> Result<Self> {
+        let s = &loaded.settings;
+        let page = match s.scrape.snapshot.as_str() {
+            "" => PageSource::Url {
+                url: s.scrape.url.clone(),
+                fallback: s.scrape.fallback,
+            },
+            "bundled" => PageSource::Bundled,
+            p => PageSource::Snapshot(loaded.resolve(p)),
+        };
+        let spec = |key: &'static str, text: &str| -> Result<ModelSpec> {
+            ModelSpec::parse(text, &s.generate.revision, &loaded.base_dir)
+                .with_context(|| format!("{}: {key}", loaded.origin(key)))
+        };
+        let g = &s.generate;
+        let gen_spec = spec("generate.model", &g.model)?;
+        let gen_device = g
+            .device
+            .open()
+            .with_context(|| loaded.origin("generate.device"))?;
+        let gen_load = LoadOptions {
+            weights: g.weights.mode(matches!(gen_spec, ModelSpec::Gguf(_))),
+            attention: g.attention,
+            share_prefixes: g.prefix_sharing,
+            ..LoadOptions::new(gen_device)
+        };
+        let t = &s.train;
+        let (train_key, train_text) = if t.model.is_empty() {
+            ("generate.model", g.model.as_str())
+        } else {
+            ("train.model", t.model.as_str())
+        };
+        let train_device = t
+            .device
+            .open()
+            .with_context(|| loaded.origin("train.device"))?;
+        // Training needs dense weights; GGUF q/k are un-permuted to the HF layout on load, so
+        // the adapter applies to the HF checkpoint as it is.
+        let train_load = LoadOptions {
+            weights: WeightsMode::Dense,
+            attention: AttentionChoice::Auto,
+            ..LoadOptions::new(train_device)
+        };
+        Ok(Self {
+            page,
+            templates: loaded.resolve(&s.prompts.templates),
+            train_dataset: (!t.dataset.is_empty()).then(|| loaded.resolve(&t.dataset)),
+            generate: ModelPlan {
+                key: "generate.model",
+                spec: gen_spec,
+                load: gen_load,
+                source: OnceCell::new(),
+            },
+            train: ModelPlan {
+                key: train_key,
+                spec: spec(train_key, train_text)?,
+                load: train_load,
+                source: OnceCell::new(),
+            },
+            network,
+            hub: HubAccess {
+                offline: HubAccess::from_env().offline || network == Network::Never,
+                ..HubAccess::from_env()
+            },
+            memo: FingerprintMemo::new(Some(workdir.join("cache").join("fingerprints.json"))),
+            loaded,
+        })
+    }
+
+    pub fn settings(&self) -> &crate::config::Settings {
+        &self.loaded.settings
+    }
+
+    /// The model's files, found (and downloaded, when allowed) on first use, then remembered.
+    pub fn model<'a>(&self, plan: &'a ModelPlan) -> Result<&'a ModelSource> {
+        if let Some(s) = plan.source.get() {
+            return Ok(s);
+        }
+        let src = source::resolve_spec(&plan.spec, &self.hub, &self.memo)
+            .with_context(|| format!("{} ({})", plan.key, self.loaded.origin(plan.key)))?;
+        Ok(plan.source.get_or_init(|| src))
+    }
+
+    /// The device the generation model runs on.
+    pub fn generate_device(&self) -> &Device {
+        &self.generate.load.device
+    }
+}
+
+impl Recipe {
+    /// Load a model as its plan says: the one place load options turn into a loaded model.
+    pub fn load(&self, plan: &ModelPlan) -> Result<crate::model::Model> {
+        let src = self.model(plan)?;
+        let t0 = std::time::Instant::now();
+        let m = crate::model::Model::load(src, &plan.load)?;
+        tracing::info!("loaded {} in {:.1}s", src.spec, t0.elapsed().as_secs_f64());
+        Ok(m)
+    }
+}
