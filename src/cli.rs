@@ -128,6 +128,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(a) => {
             let loaded = load_config(g)?;
+            let _lock = crate::lock::WorkdirLock::acquire(&g.workdir)?;
             let mut ctx = Ctx::new(&loaded, &g.workdir, g.quiet);
             let plan = Plan {
                 until: a.until,
@@ -232,7 +233,11 @@ pub fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Bench(a) => crate::bench::run(g, a),
+        Command::Bench(a) => {
+            // `bench generate` builds the prompts stage and `bench train` stages in the workdir.
+            let _lock = crate::lock::WorkdirLock::acquire(&g.workdir)?;
+            crate::bench::run(g, a)
+        }
     }
 }
 

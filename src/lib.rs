@@ -17,3 +17,6 @@ pub mod fsutil;
 pub mod hub;
 pub mod model;
 pub mod stages;
+
+// Reliability guards (docs/RELIABILITY.md).
+pub mod lock;
