@@ -67,7 +67,7 @@ pub enum Command {
         /// Destination folder
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
-        /// Overwrite a non-empty folder
+        /// Replace a previous export in that folder (never anything export did not write)
         #[arg(long)]
         force: bool,
     },
@@ -202,6 +202,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 split.path.as_ref().unwrap(),
                 &out,
                 force,
+                &g.workdir,
                 &loaded.settings,
                 &manifests,
             )?;
@@ -223,6 +224,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::MergeAdapter { adapter, out } => {
             let loaded = load_config(g)?;
             let ctx = Ctx::new(&loaded, &g.workdir, g.quiet);
+            crate::export_guard::check_merge_out(&ctx, &out)?;
             let mut model = stages::train::load_train_model(&ctx)?;
             crate::dpo::adapter::load(&mut model.llama, &adapter)?;
             crate::dpo::adapter::merge_into(&mut model.llama)?;

@@ -19,4 +19,5 @@ pub mod model;
 pub mod stages;
 
 // Reliability guards (docs/RELIABILITY.md).
+pub mod export_guard;
 pub mod lock;
