@@ -21,3 +21,4 @@ pub mod stages;
 // Reliability guards (docs/RELIABILITY.md).
 pub mod export_guard;
 pub mod lock;
+pub mod special_text;
