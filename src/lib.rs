@@ -20,5 +20,6 @@ pub mod stages;
 
 // Reliability guards (docs/RELIABILITY.md).
 pub mod export_guard;
+pub mod limits;
 pub mod lock;
 pub mod special_text;

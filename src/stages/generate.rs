@@ -130,6 +130,15 @@ pub fn build(ctx: &Ctx, prompts_dir: &Path, key: &str, out: &Path) -> Result<Bui
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        crate::limits::check_generation_fits(
+            model.llama.cfg.max_position_embeddings,
+            g.max_new_tokens,
+            reqs.iter().map(|r| {
+                (r.ids.len(), || {
+                    format!("prompt {} ({:?})", r.id, by_id[&r.id].title)
+                })
+            }),
+        )?;
         let bar = progress_bar(ctx, prompts.len() as u64, done.len() as u64);
         let t0 = Instant::now();
         let mut buf: Vec<GenRow> = Vec::new();
