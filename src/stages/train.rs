@@ -88,9 +88,9 @@ pub fn load_data(ctx: &Ctx, split_dir: Option<&Path>) -> Result<data::RawSplits>
     let t = &ctx.settings().train;
     if t.dataset.is_empty() {
         let dir = split_dir.context("the train stage needs the split stage's output")?;
-        data::load_dataset(dir)
+        data::load_dataset_for(dir, &t.loss)
     } else {
-        data::load_dataset(&ctx.loaded.resolve(&t.dataset))
+        data::load_dataset_for(&ctx.loaded.resolve(&t.dataset), &t.loss)
     }
 }
 
