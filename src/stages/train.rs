@@ -204,13 +204,7 @@ pub fn build(ctx: &Ctx, split_dir: Option<&Path>, key: &str, out: &Path) -> Resu
         lines.push(b'\n');
     }
     write_atomic(&out.join("metrics.jsonl"), &lines)?;
-    charts::plot(&outcome.log, "loss", "DPO loss", &out.join("loss.png"))?;
-    charts::plot(
-        &outcome.log,
-        "rewards/margins",
-        "Reward margins",
-        &out.join("margins.png"),
-    )?;
+    charts::plot_curves(&outcome.log, out);
     let last_train = outcome
         .log
         .iter()
