@@ -579,6 +579,9 @@ impl Trainer<'_> {
                 ),
             }
         }
+        if resumed_from.is_none() && !self.checkpoints().is_empty() {
+            tracing::warn!("no checkpoint reads back whole: training starts from step 0");
+        }
         let total = self.total_steps();
         let bar = if self.quiet {
             indicatif::ProgressBar::hidden()
