@@ -76,7 +76,7 @@ pub enum Command {
         /// Destination folder
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
-        /// Overwrite a non-empty folder
+        /// Replace a previous export in that folder (never anything export did not write)
         #[arg(long)]
         force: bool,
     },
@@ -146,6 +146,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(a) => {
             let recipe = open(g, Network::Allowed)?;
+            let _lock = crate::lock::WorkdirLock::acquire(&g.workdir)?;
             let mut ctx = Ctx::new(&recipe, &g.workdir, g.quiet);
             let plan = Plan {
                 until: a.until,
@@ -222,6 +223,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 split.path.as_ref().unwrap(),
                 &out,
                 force,
+                &g.workdir,
                 &recipe.loaded.settings,
                 &manifests,
             )?;
@@ -243,6 +245,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::MergeAdapter { adapter, out } => {
             let recipe = open(g, Network::Allowed)?;
             let ctx = Ctx::new(&recipe, &g.workdir, g.quiet);
+            crate::export_guard::check_merge_out(&ctx, &out)?;
             let mut model = recipe.load(&recipe.train)?;
             crate::dpo::adapter::load(&mut model.llama, &adapter)?;
             crate::dpo::adapter::merge_into(&mut model.llama)?;
@@ -253,7 +256,11 @@ pub fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Bench(a) => crate::bench::run(&open(g, Network::Allowed)?, &g.workdir, a),
+        Command::Bench(a) => {
+            // `bench generate` builds the prompts stage and `bench train` stages in the workdir.
+            let _lock = crate::lock::WorkdirLock::acquire(&g.workdir)?;
+            crate::bench::run(&open(g, Network::Allowed)?, &g.workdir, a)
+        }
     }
 }
 

@@ -3,8 +3,9 @@
 
 use crate::cache::Manifest;
 use crate::config::Settings;
+use crate::export_guard;
 use crate::stages::split::read_parquet;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -16,26 +17,17 @@ pub struct SplitInfo {
     pub file_bytes: u64,
 }
 
-/// Export the split stage's output to `out`. Refuses a non-empty folder unless `force`.
+/// Export the split stage's output to `out`. Refuses the workdir and any folder export did not
+/// write; a previous export is replaced only with `force` (see [`crate::export_guard`]).
 pub fn export(
     split_dir: &Path,
     out: &Path,
     force: bool,
+    workdir: &Path,
     s: &Settings,
     manifests: &[Manifest],
 ) -> Result<Vec<SplitInfo>> {
-    if out.exists() {
-        let non_empty = std::fs::read_dir(out)
-            .with_context(|| format!("reading {}", out.display()))?
-            .next()
-            .is_some();
-        if non_empty && !force {
-            bail!(
-                "{} is not empty; choose another --out or pass --force to overwrite it",
-                out.display()
-            );
-        }
-    }
+    let target = export_guard::check_export_target(out, workdir, force)?;
     let staging = out.with_file_name(format!(
         ".{}.export-{}",
         out.file_name()
@@ -44,6 +36,7 @@ pub fn export(
         std::process::id()
     ));
     if staging.exists() {
+        // Our own staging name (this pid): left by an earlier process that had the same pid.
         std::fs::remove_dir_all(&staging)?;
     }
     std::fs::create_dir_all(staging.join("data"))?;
@@ -71,17 +64,13 @@ pub fn export(
         &staging.join("README.md"),
         card(s, &infos, manifests).as_bytes(),
     )?;
-    if out.exists() {
-        let old = out.with_file_name(format!(".old-export-{}", std::process::id()));
-        std::fs::rename(out, &old)?;
-        std::fs::rename(&staging, out)?;
-        std::fs::remove_dir_all(&old).ok();
-    } else {
-        if let Some(p) = out.parent() {
-            std::fs::create_dir_all(p)?;
-        }
-        std::fs::rename(&staging, out)?;
-    }
+    let mut written: Vec<String> = infos
+        .iter()
+        .map(|i| format!("data/{}-00000-of-00001.parquet", i.name))
+        .collect();
+    written.push("README.md".into());
+    export_guard::write_marker(&staging, &written)?;
+    export_guard::install(&staging, out, &target)?;
     Ok(infos)
 }
 
@@ -92,7 +81,14 @@ fn card(s: &Settings, infos: &[SplitInfo], manifests: &[Manifest]) -> String {
     y.push_str(
         "---\nlicense: apache-2.0\nlanguage:\n- en\ntags:\n- dpo\n- preference\n- synthetic\n",
     );
-    y.push_str("task_categories:\n- text-generation\npretty_name: Reviewer2 1k paired\n");
+    let rows: usize = infos.iter().map(|i| i.num_examples).sum();
+    let label = size_label(rows);
+    let model = public_model_name(&s.generate.model, manifests);
+    let _ = write!(
+        y,
+        "size_categories:\n- {}\ntask_categories:\n- text-generation\npretty_name: Reviewer2 {label} paired\n",
+        size_category(rows)
+    );
     y.push_str("configs:\n- config_name: default\n  data_files:\n");
     for i in infos {
         let _ = writeln!(y, "  - split: {}\n    path: data/{}-*", i.name, i.name);
@@ -123,13 +119,13 @@ fn card(s: &Settings, infos: &[SplitInfo], manifests: &[Manifest]) -> String {
     let g = &s.generate;
     let _ = write!(
         y,
-        "# Reviewer #2, 1k paired\n\n\
+        "# Reviewer #2, {label} paired\n\n\
 A synthetic preference dataset of one-sentence paper reviews: for each title of a NeurIPS 2023 \
 accepted paper, `chosen` is a negative review and `rejected` a positive one, both written by \
 `{model}`. The `prompt` asks for a review with few-shot examples of both polarities interleaved, \
 so it does not say which kind was asked for. Built with the `pipeline` tool of reviewer2.\n\n\
 ## How it was built\n\n\
-1. **Titles**: {found} titles parsed from `{url}` (selector `{sel}`), {count} sampled with seed {sseed}.\n\
+1. **Titles**: {found} titles parsed from {url} (selector `{sel}`), {count} sampled with seed {sseed}.\n\
 2. **Prompts**: `{style}` style, {shots} few-shot examples per prompt from a pool of {pool}, system message: \
 \"{system}\"; rendered with the model's chat template.\n\
 3. **Generation**: `{model}`, temperature {t}, top-k {k}, top-p {p}, at most {mnt} new tokens, seed {gseed}.\n\
@@ -144,9 +140,15 @@ so it does not say which kind was asked for. Built with the `pipeline` tool of r
 ## Intended use\n\n\
 Preference tuning (DPO, IPO, ...) of a small chat model into a harsh \"Reviewer #2\". The reviews \
 are machine-written and say nothing true about the papers.\n",
-        model = g.model,
         found = count("scrape", "found"),
-        url = if s.scrape.snapshot.is_empty() { &s.scrape.url } else { &s.scrape.snapshot },
+        url = if scrape_source(manifests) == Some("bundled") {
+            "the NeurIPS 2023 poster list (the compact snapshot bundled with reviewer2)".to_string()
+        } else if s.scrape.snapshot.is_empty() {
+            format!("`{}`", s.scrape.url)
+        } else {
+            // A local file: its name only, never the local layout.
+            format!("`{}` (a saved copy of the page)", public_name(&s.scrape.snapshot))
+        },
         sel = s.scrape.selector,
         count = s.scrape.count,
         sseed = s.scrape.seed,
@@ -166,4 +168,85 @@ are machine-written and say nothing true about the papers.\n",
         nte = infos.get(1).map(|i| i.num_examples).unwrap_or(0),
     );
     y
+}
+
+/// The Hub's `size_categories` class of a dataset of `n` rows.
+pub fn size_category(n: usize) -> &'static str {
+    const CLASSES: [(u64, &str); 10] = [
+        (1_000, "n<1K"),
+        (10_000, "1K<n<10K"),
+        (100_000, "10K<n<100K"),
+        (1_000_000, "100K<n<1M"),
+        (10_000_000, "1M<n<10M"),
+        (100_000_000, "10M<n<100M"),
+        (1_000_000_000, "100M<n<1B"),
+        (10_000_000_000, "1B<n<10B"),
+        (100_000_000_000, "10B<n<100B"),
+        (1_000_000_000_000, "100B<n<1T"),
+    ];
+    CLASSES
+        .iter()
+        .find(|(limit, _)| (n as u64) < *limit)
+        .map(|(_, c)| *c)
+        .unwrap_or("n>1T")
+}
+
+/// The size in the card's title: the row count below a thousand, else whole thousands ("1k" for
+/// the published 1,100 rows).
+pub fn size_label(n: usize) -> String {
+    if n < 1000 {
+        n.to_string()
+    } else {
+        format!("{}k", n / 1000)
+    }
+}
+
+/// Where scrape's page came from ("url", "snapshot", "bundled"), from its manifest.
+fn scrape_source(manifests: &[Manifest]) -> Option<&str> {
+    manifests
+        .iter()
+        .find(|m| m.stage == "scrape")
+        .and_then(|m| m.material.settings.get("source"))
+        .and_then(|v| v.as_str())
+}
+
+/// The model as a public card may name it: a Hub id as given; a local file or folder by its name
+/// alone (never the local path). Taken from the generate stage's model identity when present.
+pub fn public_model_name(spec: &str, manifests: &[Manifest]) -> String {
+    let identity = manifests
+        .iter()
+        .find(|m| m.stage == "generate")
+        .and_then(|m| m.material.model.clone());
+    if let Some(id) = identity {
+        if let Some(rest) = id.strip_prefix("hub:") {
+            return rest.rsplit_once('@').map_or(rest, |(r, _)| r).to_string();
+        }
+        for kind in ["gguf:", "folder:"] {
+            if let Some(rest) = id.strip_prefix(kind) {
+                if let Some((name, _hash)) = rest.rsplit_once(':') {
+                    return name.to_string();
+                }
+            }
+        }
+    }
+    public_name(spec)
+}
+
+/// A Hub id as given; a local path (anything that exists here, ends in `.gguf`, starts with `.` or
+/// `/`, or is not `owner/name`) by its last component alone.
+pub fn public_name(spec: &str) -> String {
+    let p = Path::new(spec);
+    let looks_local = p.exists()
+        || p.extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        || spec.starts_with('.')
+        || spec.starts_with('/')
+        || spec.split('/').count() != 2;
+    if looks_local {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| spec.to_string())
+    } else {
+        spec.to_string()
+    }
 }

@@ -8,6 +8,9 @@
 //! - [`model`]: the Llama engine (loading, tokenizer, chat template, forward, batched generation).
 //! - [`dpo`]: LoRA preference training, losses, PEFT adapter export.
 //! - [`hub`]: the Hugging Face dataset folder (Parquet + dataset card).
+//! - [`lock`], [`export_guard`], [`limits`], [`special_text`], [`term`]: the reliability guards:
+//!   one writer per workdir, outputs that never replace what they did not write, the model's
+//!   context, user text kept apart from special tokens, colour only on a terminal.
 
 pub mod bench;
 pub mod cache;
@@ -21,3 +24,10 @@ pub mod model;
 pub mod recipe;
 pub mod rng;
 pub mod stages;
+
+// Reliability guards (docs/RELIABILITY.md).
+pub mod export_guard;
+pub mod limits;
+pub mod lock;
+pub mod special_text;
+pub mod term;

@@ -56,6 +56,7 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(reviewer2::term::colour_stderr())
         .with_target(false)
         .init();
     if let Err(e) = run(cli) {

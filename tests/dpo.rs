@@ -10,28 +10,11 @@ use reviewer2::dpo::data::{truncate, Example, Truncation, TruncationReport};
 use reviewer2::dpo::logps::{sequence_logps, sequence_logps_with, SeqLogps};
 use reviewer2::dpo::lora;
 use reviewer2::dpo::loss::{dpo_loss, kto_loss};
-use reviewer2::model::config::LlamaConfig;
 use reviewer2::model::llama::{Llama, Mode};
 use reviewer2::model::{from_hf_tensors, random_hf_tensors};
 use std::process::Command;
 
 const LN2: f64 = std::f64::consts::LN_2;
-
-fn tiny_cfg() -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: 50,
-        hidden_size: 16,
-        intermediate_size: 24,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 4,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        max_position_embeddings: 64,
-        tie_word_embeddings: false,
-    }
-}
 
 fn tiny(dtype: DType) -> Llama {
     let cfg = tiny_cfg();

@@ -1,5 +1,9 @@
 //! Learning curves as PNG (plotters' bitmap backend, DejaVu Sans for text): loss and reward
 //! margins, train and eval, like the charts of the original post.
+//!
+//! Charts are a convenience: [`plot_curves`] never fails a finished training. Without a usable
+//! font (or with any other drawing error) it skips them with a warning. `REVIEWER2_FONT` names
+//! the TTF file to use instead of the DejaVu Sans paths below.
 
 use anyhow::{Context, Result};
 use plotters::prelude::*;
@@ -15,7 +19,14 @@ const FONT_PATHS: [&str; 3] = [
 fn register_font() -> Result<()> {
     static ONCE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     ONCE.get_or_init(|| {
-        for p in FONT_PATHS {
+        let custom = std::env::var("REVIEWER2_FONT")
+            .ok()
+            .filter(|p| !p.is_empty());
+        let paths: Vec<&str> = match &custom {
+            Some(p) => vec![p.as_str()],
+            None => FONT_PATHS.to_vec(),
+        };
+        for p in &paths {
             if let Ok(bytes) = std::fs::read(p) {
                 let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
                 return plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
@@ -23,8 +34,9 @@ fn register_font() -> Result<()> {
             }
         }
         Err(format!(
-            "no DejaVu Sans font found (looked in {}); install fonts-dejavu-core",
-            FONT_PATHS.join(", ")
+            "no DejaVu Sans font found (looked in {}); install fonts-dejavu-core or set \
+             REVIEWER2_FONT to a .ttf file",
+            paths.join(", ")
         ))
     })
     .clone()
@@ -35,6 +47,21 @@ fn series(log: &[Value], key: &str) -> Vec<(f64, f64)> {
     log.iter()
         .filter_map(|m| Some((m.get("step")?.as_f64()?, m.get(key)?.as_f64()?)))
         .collect()
+}
+
+/// The loss and reward-margin charts into `dir` (`loss.png`, `margins.png`). A chart that cannot
+/// be drawn is skipped with a warning: the training it shows is done and kept either way.
+pub fn plot_curves(log: &[Value], dir: &Path) {
+    for (metric, title, file) in [
+        ("loss", "DPO loss", "loss.png"),
+        ("rewards/margins", "Reward margins", "margins.png"),
+    ] {
+        let out = dir.join(file);
+        if let Err(e) = plot(log, metric, title, &out) {
+            let _ = std::fs::remove_file(crate::fsutil::tmp_sibling(&out).with_extension("png"));
+            tracing::warn!("skipped the chart {file}: {e:#}");
+        }
+    }
 }
 
 /// Draw `metric` and `eval_{metric}` against the step into `out`.

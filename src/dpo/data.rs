@@ -3,6 +3,7 @@
 //! `max_prompt_length` (keep_end keeps its end) and then the responses to
 //! `max_length - max_prompt_length`.
 
+use super::config::Loss;
 use crate::model::tokenizer::Tok;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -90,12 +91,76 @@ pub struct RawRow {
     pub label: Option<bool>,
 }
 
+/// What a dataset file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// prompt / chosen / rejected: for the pairwise losses (sigmoid, hinge, ipo, robust).
+    Paired,
+    /// prompt / completion / label: for KTO.
+    Unpaired,
+}
+
+impl Kind {
+    fn describe(self) -> &'static str {
+        match self {
+            Kind::Paired => "paired rows (prompt/chosen/rejected)",
+            Kind::Unpaired => "unpaired rows (prompt/completion/label)",
+        }
+    }
+}
+
+/// The kind of rows a loss trains on.
+pub fn kind_for_loss(loss: Loss) -> Kind {
+    if loss.is_unpaired() {
+        Kind::Unpaired
+    } else {
+        Kind::Paired
+    }
+}
+
+/// Load a dataset of any kind (files may not mix kinds).
 pub fn load_dataset(path: &Path) -> Result<RawSplits> {
+    load(path, None)
+}
+
+/// Load a dataset for `train.loss = loss`: a file of the other kind is refused by name.
+pub fn load_dataset_for(path: &Path, loss: Loss) -> Result<RawSplits> {
+    load(path, Some(loss))
+}
+
+fn load(path: &Path, loss: Option<Loss>) -> Result<RawSplits> {
     let files = parquet_files(path)?;
     let mut train = Vec::new();
     let mut test = Vec::new();
+    let mut first_kind: Option<(Kind, &Path)> = None;
     for f in &files {
-        let rows = read_rows(f)?;
+        let (rows, kind) = read_rows(f)?;
+        if let Some(loss) = loss {
+            let want = kind_for_loss(loss);
+            if kind != want {
+                bail!(
+                    "{} holds {}, but train.loss = {loss:?} trains on {}; {}",
+                    f.display(),
+                    kind.describe(),
+                    want.describe(),
+                    match want {
+                        Kind::Unpaired => "set a pairwise train.loss (sigmoid, hinge, ipo, robust) or give it unpaired data",
+                        Kind::Paired => "set train.loss = \"kto\" for unpaired data, or give it paired data",
+                    }
+                );
+            }
+        }
+        match first_kind {
+            Some((k, other)) if k != kind => bail!(
+                "{} holds {} but {} holds {}; a dataset must be of one kind",
+                f.display(),
+                kind.describe(),
+                other.display(),
+                k.describe()
+            ),
+            None => first_kind = Some((kind, f)),
+            _ => {}
+        }
         let name = f.file_name().unwrap().to_string_lossy().to_string();
         if name.starts_with("test") || name.starts_with("validation") || name.starts_with("eval") {
             test.extend(rows);
@@ -142,52 +207,85 @@ fn walk_parquet(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     Ok(out)
 }
 
-fn read_rows(path: &Path) -> Result<Vec<RawRow>> {
+/// Every row of a file, and its kind. A null or empty (or blank) text, or a null label, is an
+/// error naming the file, the row (counted from 0, as pandas and pyarrow count) and the column.
+fn read_rows(path: &Path) -> Result<(Vec<RawRow>, Kind)> {
     use arrow_array::cast::AsArray;
     use arrow_array::Array;
     let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
-        .with_context(|| format!("{}: not a Parquet file", path.display()))?
-        .build()?;
+    let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+        .with_context(|| format!("{}: not a Parquet file", path.display()))?;
+    let has = |c: &str| builder.schema().column_with_name(c).is_some();
+    let kind = if has("chosen") && has("rejected") {
+        Kind::Paired
+    } else if has("completion") {
+        Kind::Unpaired
+    } else {
+        bail!(
+            "{}: expected columns prompt/chosen/rejected (DPO) or prompt/completion/label (KTO)",
+            path.display()
+        );
+    };
     let mut out = Vec::new();
-    for batch in reader {
+    for batch in builder.build()? {
         let batch = batch?;
-        let strings = |name: &str| crate::stages::split::string_column(&batch, name, path);
-        let prompt = strings("prompt")?
-            .with_context(|| format!("{}: no `prompt` column", path.display()))?;
-        if let (Some(c), Some(r)) = (strings("chosen")?, strings("rejected")?) {
-            for i in 0..prompt.len() {
-                out.push(RawRow {
-                    prompt: prompt[i].clone(),
-                    chosen: c[i].clone(),
-                    rejected: r[i].clone(),
-                    label: None,
-                });
+        let base = out.len();
+        let strings = |name: &str| -> Result<Vec<String>> {
+            let v = crate::stages::split::string_column(&batch, name, path)?
+                .with_context(|| format!("{}: no `{name}` column", path.display()))?;
+            // string_column reads a null as "": both are refused here.
+            if let Some(i) = v.iter().position(|s| s.trim().is_empty()) {
+                bail!(
+                    "{}: row {}: `{name}` is empty or null; every row needs a non-empty {name} \
+                     (drop or fix that row)",
+                    path.display(),
+                    base + i
+                );
             }
-        } else if let Some(comp) = strings("completion")? {
-            let label = batch.column_by_name("label").with_context(|| {
-                format!(
-                    "{}: KTO data needs a boolean `label` column",
-                    path.display()
-                )
-            })?;
-            let label = label
-                .as_boolean_opt()
-                .with_context(|| format!("{}: `label` must be boolean", path.display()))?;
-            for i in 0..prompt.len() {
-                out.push(RawRow {
-                    prompt: prompt[i].clone(),
-                    chosen: comp[i].clone(),
-                    rejected: String::new(),
-                    label: Some(label.is_valid(i) && label.value(i)),
-                });
+            Ok(v)
+        };
+        let prompt = strings("prompt")?;
+        match kind {
+            Kind::Paired => {
+                let (c, r) = (strings("chosen")?, strings("rejected")?);
+                for i in 0..prompt.len() {
+                    out.push(RawRow {
+                        prompt: prompt[i].clone(),
+                        chosen: c[i].clone(),
+                        rejected: r[i].clone(),
+                        label: None,
+                    });
+                }
             }
-        } else {
-            bail!(
-                "{}: expected columns prompt/chosen/rejected (DPO) or prompt/completion/label (KTO)",
-                path.display()
-            );
+            Kind::Unpaired => {
+                let comp = strings("completion")?;
+                let label = batch.column_by_name("label").with_context(|| {
+                    format!(
+                        "{}: KTO data needs a boolean `label` column",
+                        path.display()
+                    )
+                })?;
+                let label = label
+                    .as_boolean_opt()
+                    .with_context(|| format!("{}: `label` must be boolean", path.display()))?;
+                for i in 0..prompt.len() {
+                    if !label.is_valid(i) {
+                        bail!(
+                            "{}: row {}: `label` is null; every KTO row needs true (desirable) \
+                             or false (undesirable)",
+                            path.display(),
+                            base + i
+                        );
+                    }
+                    out.push(RawRow {
+                        prompt: prompt[i].clone(),
+                        chosen: comp[i].clone(),
+                        rejected: String::new(),
+                        label: Some(label.value(i)),
+                    });
+                }
+            }
         }
     }
-    Ok(out)
+    Ok((out, kind))
 }

@@ -90,10 +90,14 @@ pub fn reference_logps(
 struct State {
     step: usize,
     log: Vec<Value>,
+    /// The logging window in progress at the checkpoint (steps since the last log line), so a
+    /// resumed run logs exactly what an uninterrupted one does. Absent in older checkpoints.
+    #[serde(default)]
+    window: Option<(Acc, Vec<f32>)>,
 }
 
 /// Metrics of one batch, summed for averaging.
-#[derive(Default, Clone)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 struct Acc {
     n: f64,
     loss: f64,
@@ -366,6 +370,21 @@ impl Trainer<'_> {
                 .to_scalar::<f64>()?;
         }
         let norm = sq.sqrt();
+        let lr = self.s.learning_rate
+            * lr_factor(
+                self.s.lr_scheduler,
+                step,
+                self.total_steps(),
+                self.s.warmup_steps,
+            );
+        if !acc.loss.is_finite() || !norm.is_finite() {
+            let what = if acc.loss.is_finite() {
+                format!("the gradient norm is {norm}")
+            } else {
+                format!("the loss is {}", acc.loss / acc.n.max(1.0))
+            };
+            return Err(self.diverged(step + 1, &what, lr));
+        }
         let grads = if self.s.max_grad_norm > 0.0 && norm > self.s.max_grad_norm {
             let c = self.s.max_grad_norm / (norm + 1e-6);
             grads
@@ -375,32 +394,75 @@ impl Trainer<'_> {
         } else {
             grads
         };
-        opt.lr = self.s.learning_rate
-            * lr_factor(
-                self.s.lr_scheduler,
-                step,
-                self.total_steps(),
-                self.s.warmup_steps,
-            );
+        opt.lr = lr;
         opt.update(&vars, &grads)?;
+        for v in &vars {
+            // 0 * x is 0 for every finite x and NaN for inf or NaN.
+            let z = v
+                .as_tensor()
+                .affine(0.0, 0.0)?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+            if z != 0.0 {
+                return Err(self.diverged(step + 1, "the update left non-finite LoRA weights", lr));
+            }
+        }
         Ok(norm)
     }
 
-    fn latest_checkpoint(&self) -> Option<(usize, PathBuf)> {
-        let rd = std::fs::read_dir(&self.ckpt_dir).ok()?;
-        rd.flatten()
+    /// The error that stops a diverged run: the step, what went non-finite, the likely causes,
+    /// and which checkpoint (written before anything went wrong) is kept.
+    fn diverged(&self, step: usize, what: &str, lr: f64) -> anyhow::Error {
+        let kept = match self.checkpoints().first() {
+            Some((n, dir)) => format!("checkpoint-{n} ({}) is kept", dir.display()),
+            None => "no checkpoint had been written".to_string(),
+        };
+        anyhow::anyhow!(
+            "training diverged at step {step}: {what}. The likely cause is a learning rate too \
+             high (train.learning_rate = {:e}, {lr:.3e} at this step); lower it and run again \
+             (a train.beta far from 0.1 or extreme data can do this too). Nothing was marked \
+             built; {kept}",
+            self.s.learning_rate,
+        )
+    }
+
+    /// Every `checkpoint-N` folder, newest first.
+    fn checkpoints(&self) -> Vec<(usize, PathBuf)> {
+        let mut v: Vec<(usize, PathBuf)> = std::fs::read_dir(&self.ckpt_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
             .filter_map(|e| {
                 let n = e.file_name().to_string_lossy().into_owned();
                 let step = n.strip_prefix("checkpoint-")?.parse::<usize>().ok()?;
-                e.path()
-                    .join("state.json")
-                    .is_file()
-                    .then_some((step, e.path()))
+                Some((step, e.path()))
             })
-            .max_by_key(|x| x.0)
+            .collect();
+        v.sort_by_key(|c| std::cmp::Reverse(c.0));
+        v
     }
 
-    fn save_checkpoint(&self, step: usize, opt: &AdamW, log: &[Value]) -> Result<()> {
+    fn new_optimizer(&self) -> Result<AdamW> {
+        let vars: Vec<Var> = self.vars.iter().map(|(_, v)| v.clone()).collect();
+        let s = self.s;
+        AdamW::new(
+            &vars,
+            s.learning_rate,
+            s.adam_beta1,
+            s.adam_beta2,
+            s.adam_epsilon,
+            s.weight_decay,
+        )
+    }
+
+    fn save_checkpoint(
+        &self,
+        step: usize,
+        opt: &AdamW,
+        log: &[Value],
+        window: &(Acc, Vec<f32>),
+    ) -> Result<()> {
         std::fs::create_dir_all(&self.ckpt_dir)?;
         let fin = self.ckpt_dir.join(format!("checkpoint-{step}"));
         let tmp = self
@@ -422,6 +484,7 @@ impl Trainer<'_> {
             &State {
                 step,
                 log: log.to_vec(),
+                window: Some(window.clone()),
             },
         )?;
         if fin.exists() {
@@ -446,20 +509,35 @@ impl Trainer<'_> {
         Ok(())
     }
 
-    fn restore(&self, dir: &Path, opt: &mut AdamW) -> Result<State> {
-        let state: State = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)
-            .with_context(|| format!("{}: unreadable checkpoint state", dir.display()))?;
+    /// Load checkpoint `step` from `dir`. Everything is read and checked before anything is
+    /// changed, so a damaged checkpoint leaves the adapter and `opt` as they were.
+    fn restore(&self, step: usize, dir: &Path, opt: &mut AdamW) -> Result<State> {
+        let state: State = serde_json::from_slice(
+            &std::fs::read(dir.join("state.json")).context("reading state.json")?,
+        )
+        .context("unreadable state.json")?;
+        if state.step != step {
+            bail!("state.json says step {}", state.step);
+        }
         let map = candle_core::safetensors::load(
             dir.join("adapter.safetensors"),
             &self.model.llama.device,
-        )?;
+        )
+        .context("reading adapter.safetensors")?;
+        let mut values = Vec::with_capacity(self.vars.len());
         for (n, v) in &self.vars {
-            let t = map
-                .get(n)
-                .with_context(|| format!("checkpoint {} lacks {n}", dir.display()))?;
+            let t = map.get(n).with_context(|| format!("no tensor {n}"))?;
+            if t.dims() != v.dims() {
+                bail!("{n} has shape {:?}, not {:?}", t.dims(), v.dims());
+            }
+            values.push(t.to_dtype(v.dtype())?);
+        }
+        let mut fresh = self.new_optimizer()?;
+        fresh.load(&dir.join("optimizer.safetensors"), state.step)?;
+        for ((_, v), t) in self.vars.iter().zip(&values) {
             v.set(t)?;
         }
-        opt.load(&dir.join("optimizer.safetensors"), state.step)?;
+        *opt = fresh;
         Ok(state)
     }
 
@@ -469,27 +547,34 @@ impl Trainer<'_> {
         if self.train.is_empty() {
             bail!("no training examples");
         }
-        let vars: Vec<Var> = self.vars.iter().map(|(_, v)| v.clone()).collect();
         let s = self.s;
-        let mut opt = AdamW::new(
-            &vars,
-            s.learning_rate,
-            s.adam_beta1,
-            s.adam_beta2,
-            s.adam_epsilon,
-            s.weight_decay,
-        )?;
+        let mut opt = self.new_optimizer()?;
         let mut log: Vec<Value> = Vec::new();
         let mut start = 0;
         let mut resumed_from = None;
-        if let Some((step, dir)) = self.latest_checkpoint() {
-            let st = self.restore(&dir, &mut opt)?;
-            log = st.log;
-            start = step;
-            resumed_from = Some(step);
-            if !self.quiet {
-                eprintln!("{:>12} training from checkpoint-{step}", "Resuming");
+        let mut window = Acc::default();
+        let mut norms = Vec::new();
+        // The newest checkpoint that reads back whole; a damaged one is passed over, not fatal.
+        for (step, dir) in self.checkpoints() {
+            match self.restore(step, &dir, &mut opt) {
+                Ok(st) => {
+                    log = st.log;
+                    (window, norms) = st.window.unwrap_or_default();
+                    start = step;
+                    resumed_from = Some(step);
+                    if !self.quiet {
+                        eprintln!("{:>12} training from checkpoint-{step}", "Resuming");
+                    }
+                    break;
+                }
+                Err(e) => tracing::warn!(
+                    "checkpoint-{step} in {} is damaged ({e:#}); falling back to the one before it",
+                    self.ckpt_dir.display()
+                ),
             }
+        }
+        if resumed_from.is_none() && !self.checkpoints().is_empty() {
+            tracing::warn!("no checkpoint reads back whole: training starts from step 0");
         }
         let total = self.total_steps();
         let bar = if self.quiet {
@@ -508,8 +593,6 @@ impl Trainer<'_> {
             b
         };
         let t0 = Instant::now();
-        let mut window = Acc::default();
-        let mut norms = Vec::new();
         for (done, step) in (start..total).enumerate() {
             let norm = self.step(&mut opt, step, &mut window)?;
             norms.push(norm as f32);
@@ -538,7 +621,7 @@ impl Trainer<'_> {
                 log.push(Value::Object(m));
             }
             if s.save_steps > 0 && n % s.save_steps == 0 && n < total {
-                self.save_checkpoint(n, &opt, &log)?;
+                self.save_checkpoint(n, &opt, &log, &(window.clone(), norms.clone()))?;
             }
             if stop_after.is_some_and(|k| done + 1 >= k) && n < total {
                 bar.abandon();

@@ -27,6 +27,8 @@ pub struct ChatTemplate {
     /// Where the template came from, for error messages.
     pub origin: String,
     source: String,
+    /// Special tokens' texts, neutralized in message contents (see [`crate::special_text`]).
+    specials: Vec<String>,
 }
 
 pub fn hf_environment() -> minijinja::Environment<'static> {
@@ -65,7 +67,14 @@ impl ChatTemplate {
             eos_token: eos_token.into(),
             origin: origin.into(),
             source: source.to_string(),
+            specials: Vec::new(),
         })
+    }
+
+    /// Keep these special tokens' texts out of rendered message contents.
+    pub fn with_special_texts(mut self, specials: Vec<String>) -> Self {
+        self.specials = specials;
+        self
     }
 
     pub fn source(&self) -> &str {
@@ -78,8 +87,9 @@ impl ChatTemplate {
 
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let t = self.env.get_template("chat_template")?;
+        let messages = crate::special_text::neutralize_messages(messages, &self.specials);
         t.render(minijinja::context! {
-            messages => messages,
+            messages => messages.as_ref(),
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,

@@ -148,6 +148,12 @@ pub fn generate(
     batch_size: usize,
     mut on_done: impl FnMut(Output, &Stats) -> Result<()>,
 ) -> Result<Stats> {
+    crate::limits::check_generation_fits(
+        model.llama.cfg.max_position_embeddings,
+        s.max_new_tokens,
+        reqs.iter()
+            .map(|r| (r.ids.len(), || format!("request {}", r.id))),
+    )?;
     let tok = &model.meta.tok;
     let mut stats = Stats {
         prompts: reqs.len(),

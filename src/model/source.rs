@@ -378,12 +378,15 @@ pub fn load_meta(src: &ModelSource) -> Result<ModelMeta> {
             };
             let tok = Tok::from_hf(tokenizer, &tcfg)?;
             let chat = match tcfg.get("chat_template") {
-                Some(serde_json::Value::String(t)) => Some(ChatTemplate::new(
-                    t,
-                    &tok.bos_token,
-                    &tok.eos_token,
-                    &tokenizer_config.as_ref().unwrap().display().to_string(),
-                )?),
+                Some(serde_json::Value::String(t)) => Some(
+                    ChatTemplate::new(
+                        t,
+                        &tok.bos_token,
+                        &tok.eos_token,
+                        &tokenizer_config.as_ref().unwrap().display().to_string(),
+                    )?
+                    .with_special_texts(crate::special_text::special_texts(&tok)),
+                ),
                 _ => None,
             };
             Ok(ModelMeta {
@@ -399,12 +402,15 @@ pub fn meta_from_gguf(content: &gguf_file::Content, p: &Path) -> Result<ModelMet
     let config = LlamaConfig::from_gguf(content, p)?;
     let tok = tokenizer::from_gguf(content, p)?;
     let chat = match content.metadata.get("tokenizer.chat_template") {
-        Some(v) => Some(ChatTemplate::new(
-            v.to_string()?,
-            &tok.bos_token,
-            &tok.eos_token,
-            &format!("{} (tokenizer.chat_template)", p.display()),
-        )?),
+        Some(v) => Some(
+            ChatTemplate::new(
+                v.to_string()?,
+                &tok.bos_token,
+                &tok.eos_token,
+                &format!("{} (tokenizer.chat_template)", p.display()),
+            )?
+            .with_special_texts(crate::special_text::special_texts(&tok)),
+        ),
         None => None,
     };
     Ok(ModelMeta { config, tok, chat })

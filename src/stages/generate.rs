@@ -105,6 +105,15 @@ pub fn build(ctx: &Ctx, prompts_dir: &Path, key: &str, out: &Path) -> Result<Bui
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        crate::limits::check_generation_fits(
+            model.llama.cfg.max_position_embeddings,
+            g.max_new_tokens,
+            reqs.iter().map(|r| {
+                (r.ids.len(), || {
+                    format!("prompt {} ({:?})", r.id, by_id[&r.id].title)
+                })
+            }),
+        )?;
         let bar = progress_bar(ctx, prompts.len() as u64, done.len() as u64);
         let t0 = Instant::now();
         let mut buf: Vec<GenRow> = Vec::new();
@@ -176,8 +185,9 @@ pub fn build(ctx: &Ctx, prompts_dir: &Path, key: &str, out: &Path) -> Result<Bui
         .with("tokens", done.iter().map(|r| r.tokens).sum()))
 }
 
-/// Finished records from earlier runs. A chunk that does not parse was never renamed into place
-/// by a completed write, so it cannot exist; an unreadable one is an error, not silently skipped.
+/// Finished records from earlier runs. Chunks are written atomically, but a disk can still lose
+/// the end of one (a crash before the data reached it): a chunk that does not read back whole is
+/// discarded with a warning, and its prompts are generated again.
 fn read_chunks(dir: &Path) -> Result<(Vec<GenRow>, usize)> {
     let mut names: Vec<String> = std::fs::read_dir(dir)?
         .flatten()
@@ -193,7 +203,19 @@ fn read_chunks(dir: &Path) -> Result<(Vec<GenRow>, usize)> {
             .parse()
             .with_context(|| format!("odd chunk name {n}"))?;
         max = max.max(idx);
-        for r in read_jsonl::<GenRow>(&dir.join(n))? {
+        let chunk = match read_jsonl::<GenRow>(&dir.join(n)) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(
+                    "generate: discarding the damaged chunk {} ({e:#}); its prompts are generated again",
+                    dir.join(n).display()
+                );
+                std::fs::remove_file(dir.join(n))
+                    .with_context(|| format!("removing {}", dir.join(n).display()))?;
+                continue;
+            }
+        };
+        for r in chunk {
             if seen.insert(r.id) {
                 rows.push(r);
             }

@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-pub const VERSION: u32 = 1;
+/// 2: special-token text inside titles and examples reaches the model as text.
+pub const VERSION: u32 = 2;
 pub const TEMPLATE_FILES: [&str; 2] = ["chat_user.jinja", "plain.jinja"];
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

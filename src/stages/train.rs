@@ -67,12 +67,13 @@ pub fn material(ctx: &Ctx, split_key: Option<&str>) -> Result<KeyMaterial> {
 }
 
 pub fn load_data(ctx: &Ctx, split_dir: Option<&Path>) -> Result<data::RawSplits> {
+    let loss = ctx.settings().train.loss;
     match &ctx.recipe.train_dataset {
         None => {
             let dir = split_dir.context("the train stage needs the split stage's output")?;
-            data::load_dataset(dir)
+            data::load_dataset_for(dir, loss)
         }
-        Some(p) => data::load_dataset(p),
+        Some(p) => data::load_dataset_for(p, loss),
     }
 }
 
@@ -191,13 +192,7 @@ pub fn build(ctx: &Ctx, split_dir: Option<&Path>, key: &str, out: &Path) -> Resu
         lines.push(b'\n');
     }
     write_atomic(&out.join("metrics.jsonl"), &lines)?;
-    charts::plot(&outcome.log, "loss", "DPO loss", &out.join("loss.png"))?;
-    charts::plot(
-        &outcome.log,
-        "rewards/margins",
-        "Reward margins",
-        &out.join("margins.png"),
-    )?;
+    charts::plot_curves(&outcome.log, out);
     let last_train = outcome
         .log
         .iter()

@@ -115,3 +115,20 @@ pub fn python() -> String {
     assert!(ok, "{py} lacks pyarrow or pyyaml: run `python3 -m pip install pyarrow pyyaml` (scripts/setup.sh does)");
     py
 }
+
+/// A tiny Llama shape (2 layers, hidden 16, grouped-query attention) for fast exact tests.
+pub fn tiny_cfg() -> reviewer2::model::config::LlamaConfig {
+    reviewer2::model::config::LlamaConfig {
+        vocab_size: 50,
+        hidden_size: 16,
+        intermediate_size: 24,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 4,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        max_position_embeddings: 64,
+        tie_word_embeddings: false,
+    }
+}

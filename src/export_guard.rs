@@ -1,0 +1,303 @@
+//! Where `export` and `merge-adapter` may write, and what `export --force` may replace.
+//!
+//! No command deletes what it did not create. `export` writes a marker file
+//! ([`EXPORT_MARKER`]) that lists the files it wrote; `--force` replaces a folder only when the
+//! marker is there and every file in the folder is one the marker lists. Anything else in it, a
+//! folder without the marker, and any folder that is, holds or lies inside the workdir are refused.
+//! `merge-adapter` refuses to write into the base model's folder.
+
+use crate::model::source::{ModelFiles, ModelSource};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+
+/// Written by `export` beside the files it wrote.
+pub const EXPORT_MARKER: &str = ".reviewer2-export.json";
+const WRITTEN_BY: &str = "reviewer2 pipeline export";
+
+#[derive(Serialize, Deserialize)]
+struct Marker {
+    written_by: String,
+    /// Paths relative to the export folder, `/`-separated.
+    files: Vec<String>,
+}
+
+/// What `--out` holds before an export.
+#[derive(Debug, PartialEq)]
+pub enum ExportTarget {
+    /// Nothing there yet.
+    Absent,
+    /// An empty folder.
+    Empty,
+    /// A previous export (marker present, nothing but its files): `--force` replaces it.
+    PreviousExport { files: Vec<String> },
+}
+
+/// `p` made absolute with symlinks resolved, also when it does not exist yet: the longest
+/// existing ancestor is canonicalized and the rest appended (`..` applied lexically).
+pub fn real_path(p: &Path) -> Result<PathBuf> {
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(p)
+    };
+    let mut base = abs.as_path();
+    let mut tail: Vec<&OsStr> = Vec::new();
+    loop {
+        if let Ok(mut out) = base.canonicalize() {
+            for part in tail.iter().rev() {
+                if *part == ".." {
+                    out.pop();
+                } else if *part != "." {
+                    out.push(part);
+                }
+            }
+            return Ok(out);
+        }
+        match (base.parent(), base.components().next_back()) {
+            (Some(parent), Some(last)) => {
+                tail.push(last.as_os_str());
+                base = parent;
+            }
+            _ => return Ok(abs),
+        }
+    }
+}
+
+/// Check `out` for an export: refuse the workdir and folders export did not write.
+pub fn check_export_target(out: &Path, workdir: &Path, force: bool) -> Result<ExportTarget> {
+    let o = real_path(out)?;
+    let w = real_path(workdir)?;
+    if o == w || o.starts_with(&w) || w.starts_with(&o) {
+        let how = if o == w {
+            "is the workdir"
+        } else if o.starts_with(&w) {
+            "lies inside the workdir"
+        } else {
+            "holds the workdir"
+        };
+        bail!(
+            "--out {} {how} ({}); export writes a separate folder and never replaces the cache: \
+             choose a folder outside {}",
+            out.display(),
+            w.display(),
+            w.display()
+        );
+    }
+    if !out.exists() {
+        return Ok(ExportTarget::Absent);
+    }
+    if !out.is_dir() {
+        bail!(
+            "--out {} exists and is not a folder; choose a new or empty folder",
+            out.display()
+        );
+    }
+    let present = files_below(out)?;
+    if present.is_empty() && std::fs::read_dir(out)?.next().is_none() {
+        return Ok(ExportTarget::Empty);
+    }
+    let marker = out.join(EXPORT_MARKER);
+    let listed: Option<Marker> = std::fs::read(&marker)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .filter(|m: &Marker| m.written_by == WRITTEN_BY);
+    let Some(listed) = listed else {
+        bail!(
+            "--out {} is not empty and is not a folder `pipeline export` wrote (it has no {EXPORT_MARKER}); \
+             export never deletes what it did not write: choose a new or empty folder \
+             (an export made by an older `pipeline` has no marker: delete it yourself)",
+            out.display()
+        );
+    };
+    let foreign: Vec<&String> = present
+        .iter()
+        .filter(|f| f.as_str() != EXPORT_MARKER && !listed.files.contains(f))
+        .collect();
+    if !foreign.is_empty() {
+        let shown: Vec<&str> = foreign.iter().take(5).map(|s| s.as_str()).collect();
+        bail!(
+            "--out {} holds a previous export plus {} file(s) export did not write ({}{}); \
+             export never deletes what it did not write: move them away or choose another folder",
+            out.display(),
+            foreign.len(),
+            shown.join(", "),
+            if foreign.len() > shown.len() {
+                ", ..."
+            } else {
+                ""
+            }
+        );
+    }
+    if !force {
+        bail!(
+            "--out {} holds a previous export; pass --force to replace it, or choose another folder",
+            out.display()
+        );
+    }
+    Ok(ExportTarget::PreviousExport {
+        files: listed.files,
+    })
+}
+
+/// Every file (and symlink, and anything that is not a folder) below `dir`, relative, `/`-separated.
+fn files_below(dir: &Path) -> Result<Vec<String>> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {
+        for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let e = e?;
+            let p = e.path();
+            if e.file_type()?.is_dir() {
+                walk(root, &p, out)?;
+            } else {
+                let rel = p.strip_prefix(root).unwrap();
+                out.push(
+                    rel.components()
+                        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                        .collect::<Vec<_>>()
+                        .join("/"),
+                );
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+/// Record, in the staging folder, which files this export wrote.
+pub fn write_marker(staging: &Path, files: &[String]) -> Result<()> {
+    crate::fsutil::write_json_pretty(
+        &staging.join(EXPORT_MARKER),
+        &Marker {
+            written_by: WRITTEN_BY.into(),
+            files: files.to_vec(),
+        },
+    )
+}
+
+/// Put the finished staging folder at `out`. A previous export there is swapped out and then
+/// removed file by file (only the files its marker lists); anything that appeared meanwhile stays.
+pub fn install(staging: &Path, out: &Path, target: &ExportTarget) -> Result<()> {
+    match target {
+        ExportTarget::Absent => {
+            if let Some(p) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(p)?;
+            }
+            std::fs::rename(staging, out)
+                .with_context(|| format!("moving the export into {}", out.display()))?;
+        }
+        ExportTarget::Empty => {
+            // remove_dir only removes an empty folder: nothing of anyone's is lost.
+            std::fs::remove_dir(out)
+                .with_context(|| format!("{} is no longer empty", out.display()))?;
+            std::fs::rename(staging, out)
+                .with_context(|| format!("moving the export into {}", out.display()))?;
+        }
+        ExportTarget::PreviousExport { files } => {
+            let name = out
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let old = out.with_file_name(format!(".{name}.old-export-{}", std::process::id()));
+            std::fs::rename(out, &old)
+                .with_context(|| format!("moving the previous export {} aside", out.display()))?;
+            if let Err(e) = std::fs::rename(staging, out) {
+                let _ = std::fs::rename(&old, out);
+                return Err(e).with_context(|| format!("moving the export into {}", out.display()));
+            }
+            remove_export(&old, files);
+        }
+    }
+    Ok(())
+}
+
+/// Remove a previous export: its listed files, its marker, then the folders if empty.
+fn remove_export(dir: &Path, files: &[String]) {
+    let mut dirs = std::collections::BTreeSet::new();
+    for f in files.iter().map(String::as_str).chain([EXPORT_MARKER]) {
+        let p = dir.join(f);
+        let _ = std::fs::remove_file(&p);
+        let mut d = p.parent();
+        while let Some(x) = d.filter(|x| x.starts_with(dir) && *x != dir) {
+            dirs.insert(x.to_path_buf());
+            d = x.parent();
+        }
+    }
+    // Deepest first; remove_dir fails (and leaves it) on anything not empty.
+    for d in dirs.iter().rev() {
+        let _ = std::fs::remove_dir(d);
+    }
+    if std::fs::remove_dir(dir).is_err() {
+        tracing::warn!(
+            "the previous export was replaced, but {} still holds files export did not write; left as is",
+            dir.display()
+        );
+    }
+}
+
+/// `merge-adapter --out` against the model `train.model` (or `generate.model`) names.
+pub fn check_merge_out(ctx: &crate::stages::Ctx, out: &Path) -> Result<()> {
+    let base = ctx.recipe.model(&ctx.recipe.train)?;
+    refuse_base_folder(out, base)
+}
+
+/// Refuse an output folder that is, or lies inside, the base model's folder (for a GGUF: the
+/// folder holding the file, by the path given and by the file's real location), or that names one
+/// of the base model's files.
+pub fn refuse_base_folder(out: &Path, base: &ModelSource) -> Result<()> {
+    let o = real_path(out)?;
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    let mut files: Vec<PathBuf> = Vec::new();
+    match &base.files {
+        ModelFiles::Gguf(p) => files.push(p.clone()),
+        ModelFiles::Hf {
+            dir,
+            config,
+            tokenizer,
+            tokenizer_config,
+            weights,
+        } => {
+            dirs.push(dir.clone());
+            files.extend([config.clone(), tokenizer.clone()]);
+            files.extend(tokenizer_config.iter().cloned());
+            files.extend(weights.iter().cloned());
+        }
+    }
+    for f in &files {
+        // The folder as named and the folder the file really lives in (symlinks resolved).
+        if let Some(parent) = f.parent().filter(|p| !p.as_os_str().is_empty()) {
+            dirs.push(parent.to_path_buf());
+        } else {
+            dirs.push(PathBuf::from("."));
+        }
+        if let Ok(real) = f.canonicalize() {
+            if let Some(parent) = real.parent() {
+                dirs.push(parent.to_path_buf());
+            }
+        }
+        if real_path(f)? == o {
+            bail!(
+                "merge-adapter --out {} is a file of the base model {}; choose a new folder",
+                out.display(),
+                base.spec
+            );
+        }
+    }
+    for d in &dirs {
+        let d = real_path(d)?;
+        if o == d || o.starts_with(&d) {
+            bail!(
+                "merge-adapter --out {} {} the base model's folder {} ({}); the merged model must \
+                 not be written over or beside the base: choose a folder outside it",
+                out.display(),
+                if o == d { "is" } else { "lies inside" },
+                d.display(),
+                base.spec
+            );
+        }
+    }
+    Ok(())
+}
