@@ -18,6 +18,10 @@ use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// Stream families of `train.seed`: each epoch's data order, each micro-batch's dropout masks.
+const SHUFFLE: u64 = 1;
+const DROPOUT: u64 = 2;
+
 pub struct Prepared {
     pub train: Vec<Example>,
     pub eval: Vec<Example>,
@@ -184,7 +188,7 @@ impl Trainer<'_> {
             let epoch = g / n;
             if epoch != perm_epoch {
                 let mut rng =
-                    crate::rng::seeded(self.s.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9));
+                    crate::rng::stream(crate::rng::mix(self.s.seed, SHUFFLE), epoch as u64);
                 perm = crate::rng::permutation(n, &mut rng);
                 perm_epoch = epoch;
             }
@@ -335,8 +339,10 @@ impl Trainer<'_> {
             let (idx, _) = self.batch_indices(step, k);
             let exs: Vec<&Example> = idx.iter().map(|&i| &self.train[i]).collect();
             let refs: Vec<(f32, f32)> = idx.iter().map(|&i| self.ref_train[i]).collect();
-            let seed = self.s.seed.wrapping_mul(1_000_003)
-                ^ ((step * accum + k) as u64).wrapping_mul(0x2545_F491_4F6C_DD1D);
+            let seed = crate::rng::mix(
+                crate::rng::mix(self.s.seed, DROPOUT),
+                (step * accum + k) as u64,
+            );
             let mode = Mode {
                 train: true,
                 lora: true,

@@ -1,0 +1,98 @@
+//! Cache keys cover what changes a stage's output, and `status` computes them without fetching
+//! or downloading anything: the model's whole file, batching where quantized results depend on
+//! it, and the pipeline's presets end to end.
+
+mod common;
+use common::*;
+use reviewer2::model::source::{resolve_spec, FingerprintMemo, HubAccess, ModelSpec};
+
+fn identity(path: &std::path::Path, memo: &FingerprintMemo) -> String {
+    let hub = HubAccess {
+        cache_dir: tempdir().path().to_path_buf(),
+        endpoint: None,
+        token: None,
+        offline: true,
+    };
+    resolve_spec(&ModelSpec::Gguf(path.to_path_buf()), &hub, memo)
+        .unwrap()
+        .identity
+}
+
+#[test]
+fn the_model_fingerprint_covers_every_byte_and_is_remembered() {
+    let d = tempdir();
+    let gguf = d.path().join("model.gguf");
+    std::fs::copy(smollm2(), &gguf).unwrap();
+    let memo = FingerprintMemo::new(Some(d.path().join("fingerprints.json")));
+    let a = identity(&gguf, &memo);
+    assert_eq!(identity(&gguf, &memo), a);
+    let memo_file = std::fs::read_to_string(d.path().join("fingerprints.json")).unwrap();
+    assert!(memo_file.contains("model.gguf"), "{memo_file}");
+    // One byte in the middle of the file, far from the first and last 4 MiB, same size.
+    let mut bytes = std::fs::read(&gguf).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(&gguf, &bytes).unwrap();
+    let b = identity(&gguf, &memo);
+    assert_ne!(
+        a, b,
+        "a changed weight must change every model-dependent key"
+    );
+}
+
+fn status_keys(dir: &std::path::Path, sets: &[&str]) -> serde_json::Value {
+    let cfg = repo().join("pipeline.toml");
+    let model = format!("generate.model={}", smollm2().display());
+    let mut args = vec![
+        "status",
+        "--json",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--preset",
+        "quick",
+        "--workdir",
+        dir.to_str().unwrap(),
+        "--set",
+        &model,
+    ];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    let out = pipeline_ok(dir, &args);
+    let json = &out[..out.rfind(']').unwrap() + 1];
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    serde_json::Value::Object(
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| (s["stage"].as_str().unwrap().to_string(), s["key"].clone()))
+            .collect(),
+    )
+}
+
+#[test]
+fn quantized_generation_keys_on_batch_size_and_dense_does_not() {
+    let d = tempdir();
+    let q8 = status_keys(
+        d.path(),
+        &["generate.weights=quantized", "generate.batch_size=8"],
+    );
+    let q16 = status_keys(
+        d.path(),
+        &["generate.weights=quantized", "generate.batch_size=16"],
+    );
+    let f8 = status_keys(d.path(), &["generate.batch_size=8"]);
+    let f16 = status_keys(d.path(), &["generate.batch_size=16"]);
+    assert!(q8["generate"].is_string(), "{q8}");
+    assert_ne!(q8["generate"], q16["generate"]);
+    assert_eq!(f8["generate"], f16["generate"]);
+    assert_eq!(q8["prompts"], f8["prompts"]);
+    // Engine switches that change results are settings, and in the key.
+    let composed = status_keys(d.path(), &["generate.attention=composed"]);
+    let whole = status_keys(d.path(), &["generate.prefix_sharing=false"]);
+    assert_ne!(composed["generate"], f16["generate"]);
+    assert_ne!(whole["generate"], f16["generate"]);
+    // status built nothing.
+    assert!(!d.path().join("cache/scrape").exists());
+}
