@@ -4,12 +4,11 @@
 
 use super::data::{truncate, Example, RawRow, Truncation, TruncationReport};
 use super::logps::sequence_logps;
-use super::lora;
 use super::loss::{dpo_loss, kto_loss, PairLoss};
 use super::optim::{lr_factor, AdamW};
-use crate::config::TrainSettings;
-use crate::model::llama::Checkpoint;
-use crate::model::llama::Mode;
+use crate::config::{LoraSettings, TrainSettings};
+use crate::model::llama::{Checkpoint, Mode};
+use crate::model::lora::{LoraSpec, Projection};
 use crate::model::Model;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
@@ -135,10 +134,10 @@ impl Acc {
     }
 }
 
+/// Trains the adapter attached to `model` ([`attach_lora`]).
 pub struct Trainer<'a> {
     pub model: &'a Model,
     pub s: &'a TrainSettings,
-    pub vars: Vec<(String, Var)>,
     pub train: &'a [Example],
     pub eval: &'a [Example],
     pub ref_train: &'a [(f32, f32)],
@@ -158,6 +157,16 @@ pub struct Outcome {
 impl Trainer<'_> {
     fn is_kto(&self) -> bool {
         self.s.loss == "kto"
+    }
+
+    /// The attached adapter's tensors, named as in checkpoints.
+    fn vars(&self) -> Result<Vec<(String, Var)>> {
+        Ok(self
+            .model
+            .llama
+            .adapter()
+            .context("the model carries no adapter to train")?
+            .vars())
     }
 
     pub fn total_steps(&self) -> usize {
@@ -329,9 +338,8 @@ impl Trainer<'_> {
     }
 
     /// One optimizer step: accumulate gradients over micro-batches, clip, update.
-    fn step(&self, opt: &mut AdamW, step: usize, acc: &mut Acc) -> Result<f64> {
+    fn step(&self, opt: &mut AdamW, vars: &[Var], step: usize, acc: &mut Acc) -> Result<f64> {
         let accum = self.s.gradient_accumulation_steps;
-        let vars: Vec<Var> = self.vars.iter().map(|(_, v)| v.clone()).collect();
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
         for k in 0..accum {
             let (idx, _) = self.batch_indices(step, k);
@@ -360,7 +368,7 @@ impl Trainer<'_> {
         }
         let grads: Vec<Tensor> = grads
             .into_iter()
-            .zip(&vars)
+            .zip(vars)
             .map(|(g, v)| g.map(Ok).unwrap_or_else(|| v.as_tensor().zeros_like()))
             .collect::<candle_core::Result<_>>()?;
         let mut sq = 0f64;
@@ -388,7 +396,7 @@ impl Trainer<'_> {
                 self.total_steps(),
                 self.s.warmup_steps,
             );
-        opt.update(&vars, &grads)?;
+        opt.update(vars, &grads)?;
         Ok(norm)
     }
 
@@ -406,7 +414,13 @@ impl Trainer<'_> {
             .max_by_key(|x| x.0)
     }
 
-    fn save_checkpoint(&self, step: usize, opt: &AdamW, log: &[Value]) -> Result<()> {
+    fn save_checkpoint(
+        &self,
+        step: usize,
+        vars: &[(String, Var)],
+        opt: &AdamW,
+        log: &[Value],
+    ) -> Result<()> {
         std::fs::create_dir_all(&self.ckpt_dir)?;
         let fin = self.ckpt_dir.join(format!("checkpoint-{step}"));
         let tmp = self
@@ -416,8 +430,7 @@ impl Trainer<'_> {
             std::fs::remove_dir_all(&tmp)?;
         }
         std::fs::create_dir_all(&tmp)?;
-        let map: std::collections::HashMap<String, Tensor> = self
-            .vars
+        let map: std::collections::HashMap<String, Tensor> = vars
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
             .collect();
@@ -452,14 +465,14 @@ impl Trainer<'_> {
         Ok(())
     }
 
-    fn restore(&self, dir: &Path, opt: &mut AdamW) -> Result<State> {
+    fn restore(&self, dir: &Path, vars: &[(String, Var)], opt: &mut AdamW) -> Result<State> {
         let state: State = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)
             .with_context(|| format!("{}: unreadable checkpoint state", dir.display()))?;
         let map = candle_core::safetensors::load(
             dir.join("adapter.safetensors"),
             &self.model.llama.device,
         )?;
-        for (n, v) in &self.vars {
+        for (n, v) in vars {
             let t = map
                 .get(n)
                 .with_context(|| format!("checkpoint {} lacks {n}", dir.display()))?;
@@ -475,7 +488,8 @@ impl Trainer<'_> {
         if self.train.is_empty() {
             bail!("no training examples");
         }
-        let vars: Vec<Var> = self.vars.iter().map(|(_, v)| v.clone()).collect();
+        let named = self.vars()?;
+        let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
         let s = self.s;
         let mut opt = AdamW::new(
             &vars,
@@ -489,7 +503,7 @@ impl Trainer<'_> {
         let mut start = 0;
         let mut resumed_from = None;
         if let Some((step, dir)) = self.latest_checkpoint() {
-            let st = self.restore(&dir, &mut opt)?;
+            let st = self.restore(&dir, &named, &mut opt)?;
             log = st.log;
             start = step;
             resumed_from = Some(step);
@@ -517,7 +531,7 @@ impl Trainer<'_> {
         let mut window = Acc::default();
         let mut norms = Vec::new();
         for (done, step) in (start..total).enumerate() {
-            let norm = self.step(&mut opt, step, &mut window)?;
+            let norm = self.step(&mut opt, &vars, step, &mut window)?;
             norms.push(norm as f32);
             let n = step + 1;
             bar.set_message(format!("loss {:.4}", window.loss / window.n.max(1.0)));
@@ -544,7 +558,7 @@ impl Trainer<'_> {
                 log.push(Value::Object(m));
             }
             if s.save_steps > 0 && n % s.save_steps == 0 && n < total {
-                self.save_checkpoint(n, &opt, &log)?;
+                self.save_checkpoint(n, &named, &opt, &log)?;
             }
             if stop_after.is_some_and(|k| done + 1 >= k) && n < total {
                 bar.abandon();
@@ -567,8 +581,28 @@ impl Trainer<'_> {
     }
 }
 
-/// Prepare a dense, LoRA-carrying model for training.
-pub fn attach_lora(model: &mut Model, s: &TrainSettings) -> Result<Vec<(String, Var)>> {
-    lora::attach(&mut model.llama, &s.lora, s.seed)?;
-    Ok(lora::vars(&model.llama))
+/// Attach a fresh adapter, drawn from `train.seed`, to a dense model for training.
+pub fn attach_lora(model: &mut Model, s: &TrainSettings) -> Result<()> {
+    let adapter = model.llama.new_adapter(&lora_spec(&s.lora)?, s.seed)?;
+    model.llama.attach(adapter)
+}
+
+/// `[train.lora]` as the model's adapter spec (targets were validated by name).
+fn lora_spec(l: &LoraSettings) -> Result<LoraSpec> {
+    let targets = l
+        .targets
+        .iter()
+        .map(|t| {
+            Projection::ALL
+                .into_iter()
+                .find(|p| p.name() == t)
+                .with_context(|| format!("train.lora.targets: {t:?} is not a Llama projection"))
+        })
+        .collect::<Result<_>>()?;
+    Ok(LoraSpec {
+        r: l.r,
+        alpha: l.alpha,
+        dropout: l.dropout,
+        targets,
+    })
 }
