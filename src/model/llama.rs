@@ -235,10 +235,6 @@ impl KvCache {
         })
     }
 
-    pub fn batch(&self) -> usize {
-        self.k[0].dim(0).unwrap_or(0)
-    }
-
     fn ensure(&mut self, extra: usize) -> Result<()> {
         if self.len + extra <= self.cap {
             return Ok(());
@@ -259,7 +255,7 @@ impl KvCache {
     }
 
     /// Keep only rows `idx` (in that order).
-    pub fn select_rows(&mut self, idx: &[usize]) -> Result<()> {
+    pub(crate) fn select_rows(&mut self, idx: &[usize]) -> Result<()> {
         let dev = self.k[0].device().clone();
         let ids = Tensor::new(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), &dev)?;
         for t in self.k.iter_mut().chain(self.v.iter_mut()) {
@@ -269,7 +265,7 @@ impl KvCache {
     }
 
     /// Shift every row right by `n` columns (prepend padding) so the cache is `n` longer.
-    pub fn pad_front(&mut self, n: usize) -> Result<()> {
+    pub(crate) fn pad_front(&mut self, n: usize) -> Result<()> {
         if n == 0 {
             return Ok(());
         }
@@ -289,7 +285,7 @@ impl KvCache {
     }
 
     /// Drop the first `n` columns (padding no row uses any more).
-    pub fn trim_front(&mut self, n: usize) -> Result<()> {
+    pub(crate) fn trim_front(&mut self, n: usize) -> Result<()> {
         if n == 0 {
             return Ok(());
         }
@@ -343,7 +339,7 @@ pub fn build_positions(start: &[usize], past: usize, t: usize, dev: &Device) -> 
 }
 
 /// Half types are upcast to f32 for reductions; f32 and f64 stay as they are.
-pub fn accum_dtype(dt: DType) -> DType {
+pub(crate) fn accum_dtype(dt: DType) -> DType {
     if dt == DType::F64 {
         DType::F64
     } else {
@@ -531,7 +527,7 @@ impl Llama {
     ///
     /// With `mode.checkpoint` this refuses to run: use [`Llama::forward_hidden_ckpt`], whose
     /// checkpoint must carry the gradient on through the layers.
-    pub fn forward_hidden(
+    pub(crate) fn forward_hidden(
         &self,
         ids: &Tensor,
         positions: &Tensor,
@@ -552,7 +548,7 @@ impl Llama {
     /// graph, only their inputs, and the returned [`Checkpoint`] recomputes each layer during
     /// the backward pass: activation memory of one layer instead of all of them, for one more
     /// forward pass.
-    pub fn forward_hidden_ckpt(
+    pub(crate) fn forward_hidden_ckpt(
         &self,
         ids: &Tensor,
         positions: &Tensor,

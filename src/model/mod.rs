@@ -195,20 +195,10 @@ impl Model {
 
 /// Undo llama.cpp's q/k permutation (interleaved RoPE layout -> HF rotate-half layout).
 /// w: [heads * hd, in]
-pub fn unpermute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
+fn unpermute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
     let hd = out / heads;
     Ok(w.reshape((heads, hd / 2, 2, inp))?
-        .transpose(1, 2)?
-        .reshape((out, inp))?
-        .contiguous()?)
-}
-
-/// The inverse: HF layout -> llama.cpp's interleaved layout.
-pub fn permute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
-    let (out, inp) = w.dims2()?;
-    let hd = out / heads;
-    Ok(w.reshape((heads, 2, hd / 2, inp))?
         .transpose(1, 2)?
         .reshape((out, inp))?
         .contiguous()?)
