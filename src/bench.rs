@@ -229,8 +229,15 @@ pub fn run(recipe: &Recipe, workdir: &std::path::Path, a: BenchArgs) -> Result<(
             let prep = crate::dpo::trainer::prepare(&model, &s, &rows, &[])?;
             let refs =
                 crate::dpo::trainer::reference_logps(&model, &prep.train, batch_size, false)?;
-            let vars = crate::dpo::trainer::attach_lora(&mut model, &s)?;
-            let n_params: usize = vars.iter().map(|(_, v)| v.as_tensor().elem_count()).sum();
+            crate::dpo::trainer::attach_lora(&mut model, &s)?;
+            let n_params: usize = model
+                .llama
+                .adapter()
+                .context("no adapter attached")?
+                .vars()
+                .iter()
+                .map(|(_, v)| v.as_tensor().elem_count())
+                .sum();
             let tokens_per_step: usize = (0..batch_size)
                 .map(|i| {
                     let e = &prep.train[i % prep.train.len()];
@@ -241,7 +248,6 @@ pub fn run(recipe: &Recipe, workdir: &std::path::Path, a: BenchArgs) -> Result<(
             let tr = crate::dpo::trainer::Trainer {
                 model: &model,
                 s: &s,
-                vars,
                 train: &prep.train,
                 eval: &[],
                 ref_train: &refs,

@@ -247,9 +247,9 @@ pub fn run(cli: Cli) -> Result<()> {
             let ctx = Ctx::new(&recipe, &g.workdir, g.quiet);
             crate::export_guard::check_merge_out(&ctx, &out)?;
             let mut model = recipe.load(&recipe.train)?;
-            crate::dpo::adapter::load(&mut model.llama, &adapter)?;
-            crate::dpo::adapter::merge_into(&mut model.llama)?;
-            crate::dpo::adapter::write_hf_folder(&model, &out)?;
+            model.load_adapter(&adapter)?;
+            model.llama.merge_adapter()?;
+            model.write_hf_folder(&out)?;
             ctx.say(
                 "Merged",
                 format!("{} into {}", adapter.display(), out.display()),
@@ -362,14 +362,14 @@ fn sample(g: &Global, a: SampleArgs) -> Result<()> {
     };
     if a.compare {
         let before = draw(&base)?;
-        crate::dpo::adapter::load(&mut base.llama, a.adapter.as_ref().unwrap())?;
+        base.load_adapter(a.adapter.as_ref().unwrap())?;
         let after = draw(&base)?;
         for (i, (b, x)) in before.iter().zip(&after).enumerate() {
             println!("[{}] base:    {b}\n[{}] adapter: {x}", i + 1, i + 1);
         }
     } else {
         if let Some(ad) = &a.adapter {
-            crate::dpo::adapter::load(&mut base.llama, ad)?;
+            base.load_adapter(ad)?;
         }
         for t in draw(&base)? {
             println!("{t}");

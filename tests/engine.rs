@@ -398,6 +398,144 @@ fn loads_and_generates_from_an_hf_folder_and_the_hub_cache() {
     }
 }
 
+/// A model loaded (f32, CPU) from an HF folder.
+fn load_folder(folder: &std::path::Path) -> Model {
+    let src = resolve(folder.to_str().unwrap(), "main").unwrap();
+    Model::load(&src, &LoadOptions::cpu_f32()).unwrap()
+}
+
+/// [`tiny_folder`] in `dir/tiny`, and the model loaded from it.
+fn tiny_model(dir: &std::path::Path) -> (std::path::PathBuf, Model) {
+    let folder = dir.join("tiny");
+    std::fs::create_dir_all(&folder).unwrap();
+    tiny_folder(&folder);
+    let m = load_folder(&folder);
+    (folder, m)
+}
+
+fn logits(m: &Model, ids: &[u32], mode: Mode) -> Vec<f32> {
+    let x = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    m.llama
+        .forward_all(&x, mode)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn one_loaded_model_serves_base_and_adapter() {
+    use reviewer2::model::lora::{LoraSpec, Projection};
+    let d = tempdir();
+    let (folder, mut m) = tiny_model(d.path());
+    let ids = chat_prompt(&m, "Low-Rank Adaptation of Large Language Models");
+    let base = logits(&m, &ids, Mode::infer());
+
+    // A fresh adapter leaves the model as it is (B = 0): give B values so it changes it.
+    let spec = LoraSpec {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.1,
+        targets: Projection::ALL.to_vec(),
+    };
+    let adapter = m.llama.new_adapter(&spec, 3).unwrap();
+    for (name, v) in adapter.vars() {
+        if name.ends_with("lora_B.weight") {
+            let b = Tensor::randn(0f32, 0.05, v.as_tensor().shape(), &Device::Cpu).unwrap();
+            v.set(&b).unwrap();
+        }
+    }
+    m.llama.attach(adapter).unwrap();
+    let saved = d.path().join("adapter");
+    m.save_adapter(&saved).unwrap();
+    let adapted = logits(&m, &ids, Mode::infer());
+    let changed = max_diff(&base, &adapted);
+    assert!(
+        changed > 1e-2,
+        "the adapter changes the logits by only {changed}"
+    );
+    // Switched off for one call (training's reference model): exactly the base.
+    let off = Mode {
+        lora: false,
+        ..Mode::infer()
+    };
+    assert!(logits(&m, &ids, off) == base);
+    // Detached: exactly the base; attached again: exactly the adapted model.
+    let adapter = m.llama.detach().unwrap();
+    assert!(m.llama.adapter().is_none() && m.llama.detach().is_none());
+    assert!(logits(&m, &ids, Mode::infer()) == base, "detached");
+    m.llama.attach(adapter).unwrap();
+    assert!(logits(&m, &ids, Mode::infer()) == adapted, "attached again");
+
+    // The saved PEFT files on a second copy: the same adapted model; merged into its weights,
+    // the same within rounding, with nothing left attached.
+    let mut m2 = load_folder(&folder);
+    m2.load_adapter(&saved).unwrap();
+    assert_eq!(m2.llama.adapter().unwrap().spec(), &spec);
+    assert!(logits(&m2, &ids, Mode::infer()) == adapted, "reloaded");
+    m2.llama.merge_adapter().unwrap();
+    assert!(m2.llama.adapter().is_none());
+    let merged = logits(&m2, &ids, Mode::infer());
+    let err = max_diff(&merged, &adapted);
+    assert!(
+        err < 1e-4,
+        "merged differs from attached by {err} (the adapter changes {changed})"
+    );
+    // Written as a plain HF folder and loaded back: the merged model.
+    let out = d.path().join("merged");
+    m2.write_hf_folder(&out).unwrap();
+    let m3 = load_folder(&out);
+    assert!(
+        logits(&m3, &ids, Mode::infer()) == merged,
+        "written and reloaded"
+    );
+}
+
+#[test]
+fn an_adapter_is_refused_by_a_model_it_does_not_fit() {
+    use reviewer2::model::lora::{LoraSpec, Projection};
+    let d = tempdir();
+    let (_, tiny) = tiny_model(d.path());
+    let spec = |targets: Vec<Projection>| LoraSpec {
+        r: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        targets,
+    };
+    let mut m = load(WeightsMode::Quantized);
+    let other = tiny
+        .llama
+        .new_adapter(&spec(vec![Projection::VProj]), 1)
+        .unwrap();
+    let e = m.llama.attach(other).unwrap_err().to_string();
+    assert!(e.contains("another base model"), "{e}");
+    // Quantized q/k weights stay in GGUF's RoPE layout, which an HF-layout adapter does not fit.
+    let qk = m
+        .llama
+        .new_adapter(&spec(vec![Projection::KProj]), 1)
+        .unwrap();
+    let e = m.llama.attach(qk).unwrap_err().to_string();
+    assert!(e.contains("dense weights"), "{e}");
+    assert!(m.llama.adapter().is_none());
+    let v = m
+        .llama
+        .new_adapter(&spec(vec![Projection::VProj]), 1)
+        .unwrap();
+    m.llama.attach(v).unwrap();
+}
+
 type Seen = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
 /// Serves `<repo>/resolve/<rev>/<file>` from `dir` the way the Hub does for hf-hub: a

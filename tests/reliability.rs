@@ -615,13 +615,12 @@ fn train_tiny(
 ) -> (Vec<serde_json::Value>, Option<usize>) {
     let process = |stop: Option<usize>| {
         let mut model = tiny_model();
-        let vars = attach_lora(&mut model, s).unwrap();
+        attach_lora(&mut model, s).unwrap();
         let exs = examples();
         let refs = reference_logps(&model, &exs, 2, false).unwrap();
         let tr = Trainer {
             model: &model,
             s,
-            vars,
             train: &exs,
             eval: &exs[..2],
             ref_train: &refs,

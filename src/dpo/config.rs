@@ -4,6 +4,7 @@
 //! recipe is parsed (with the valid choices) and no code compares strings later. The recipe
 //! ([`crate::config`]) composes this section; nothing here knows about files or `--set`.
 
+use crate::model::lora::{LoraSpec, Projection};
 use crate::model::DeviceChoice;
 use serde::{Deserialize, Serialize};
 
@@ -53,8 +54,19 @@ pub struct LoraSettings {
     pub r: usize,
     pub alpha: f64,
     pub dropout: f64,
-    /// Projection names (`q_proj`, ...); typed once LoRA lives in the model.
-    pub targets: Vec<String>,
+    pub targets: Vec<Projection>,
+}
+
+impl LoraSettings {
+    /// The adapter these settings describe.
+    pub fn spec(&self) -> LoraSpec {
+        LoraSpec {
+            r: self.r,
+            alpha: self.alpha,
+            dropout: self.dropout,
+            targets: self.targets.clone(),
+        }
+    }
 }
 
 impl Default for LoraSettings {
@@ -63,7 +75,7 @@ impl Default for LoraSettings {
             r: 8,
             alpha: 16.0,
             dropout: 0.05,
-            targets: vec!["q_proj".into(), "k_proj".into(), "v_proj".into()],
+            targets: vec![Projection::QProj, Projection::KProj, Projection::VProj],
         }
     }
 }
@@ -137,16 +149,6 @@ impl Default for TrainSettings {
         }
     }
 }
-
-pub const TARGETS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
 
 /// A value that cannot work: the dotted key (relative to the recipe root) and why.
 #[derive(Debug, Clone, PartialEq)]
@@ -256,16 +258,11 @@ impl TrainSettings {
             || format!("is {}; must be in [0, 1)", t.lora.dropout),
         )?;
         check(!t.lora.targets.is_empty(), "train.lora.targets", || {
-            format!("needs at least one of {}", TARGETS.join(", "))
+            format!(
+                "needs at least one of {}",
+                Projection::ALL.map(|p| p.name()).join(", ")
+            )
         })?;
-        for x in &t.lora.targets {
-            check(TARGETS.contains(&x.as_str()), "train.lora.targets", || {
-                format!(
-                    "{x:?} is not a Llama projection; use {}",
-                    TARGETS.join(", ")
-                )
-            })?;
-        }
         Ok(())
     }
 }

@@ -5,7 +5,8 @@
 //! earlier tokens only, at the positions they would have alone, so the log-probs are those of
 //! separate rows while the prompt (most of every pair's tokens) is computed once, not twice.
 
-use crate::model::llama::{Checkpoint, Llama, Mode, MASK_NEG};
+use crate::model::attention::MASK_NEG;
+use crate::model::llama::{Checkpoint, Llama, Mode};
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 use std::collections::HashMap;
@@ -126,11 +127,7 @@ pub fn sequence_logps_with(
     let sel = h
         .reshape((nr * l, hdim))?
         .index_select(&Tensor::from_vec(gather, m, dev)?, 0)?; // [M, H]
-    let logits = model
-        .lm_head
-        .forward(&sel.unsqueeze(0)?, mode, 0xffff)?
-        .squeeze(0)?
-        .to_dtype(crate::model::llama::accum_dtype(model.dtype))?; // [M, V]
+    let logits = model.logits(&sel.unsqueeze(0)?, mode)?.squeeze(0)?; // [M, V]
     let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let tgt = Tensor::from_vec(targets, (m, 1), dev)?;
     let tok_lp = lsm.gather(&tgt, 1)?; // [M, 1]

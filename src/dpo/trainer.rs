@@ -5,11 +5,9 @@
 use super::config::{TrainSettings, TruncationMode};
 use super::data::{truncate, Example, RawRow, Truncation, TruncationReport};
 use super::logps::sequence_logps;
-use super::lora;
 use super::loss::{dpo_loss, kto_loss, PairLoss};
 use super::optim::{lr_factor, AdamW};
-use crate::model::llama::Checkpoint;
-use crate::model::llama::Mode;
+use crate::model::llama::{Checkpoint, Mode};
 use crate::model::Model;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
@@ -142,10 +140,10 @@ impl Acc {
     }
 }
 
+/// Trains the adapter attached to `model` ([`attach_lora`]).
 pub struct Trainer<'a> {
     pub model: &'a Model,
     pub s: &'a TrainSettings,
-    pub vars: Vec<(String, Var)>,
     pub train: &'a [Example],
     pub eval: &'a [Example],
     pub ref_train: &'a [(f32, f32)],
@@ -165,6 +163,16 @@ pub struct Outcome {
 impl Trainer<'_> {
     fn is_kto(&self) -> bool {
         self.s.loss.is_unpaired()
+    }
+
+    /// The attached adapter's tensors, named as in checkpoints.
+    fn vars(&self) -> Result<Vec<(String, Var)>> {
+        Ok(self
+            .model
+            .llama
+            .adapter()
+            .context("the model carries no adapter to train")?
+            .vars())
     }
 
     pub fn total_steps(&self) -> usize {
@@ -331,9 +339,8 @@ impl Trainer<'_> {
     }
 
     /// One optimizer step: accumulate gradients over micro-batches, clip, update.
-    fn step(&self, opt: &mut AdamW, step: usize, acc: &mut Acc) -> Result<f64> {
+    fn step(&self, opt: &mut AdamW, vars: &[Var], step: usize, acc: &mut Acc) -> Result<f64> {
         let accum = self.s.gradient_accumulation_steps;
-        let vars: Vec<Var> = self.vars.iter().map(|(_, v)| v.clone()).collect();
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
         for k in 0..accum {
             let (idx, _) = self.batch_indices(step, k);
@@ -364,7 +371,7 @@ impl Trainer<'_> {
         }
         let grads: Vec<Tensor> = grads
             .into_iter()
-            .zip(&vars)
+            .zip(vars)
             .map(|(g, v)| g.map(Ok).unwrap_or_else(|| v.as_tensor().zeros_like()))
             .collect::<candle_core::Result<_>>()?;
         let mut sq = 0f64;
@@ -401,8 +408,8 @@ impl Trainer<'_> {
             grads
         };
         opt.lr = lr;
-        opt.update(&vars, &grads)?;
-        for v in &vars {
+        opt.update(vars, &grads)?;
+        for v in vars {
             // 0 * x is 0 for every finite x and NaN for inf or NaN.
             let z = v
                 .as_tensor()
@@ -449,11 +456,10 @@ impl Trainer<'_> {
         v
     }
 
-    fn new_optimizer(&self) -> Result<AdamW> {
-        let vars: Vec<Var> = self.vars.iter().map(|(_, v)| v.clone()).collect();
+    fn new_optimizer(&self, vars: &[Var]) -> Result<AdamW> {
         let s = self.s;
         AdamW::new(
-            &vars,
+            vars,
             s.learning_rate,
             s.adam_beta1,
             s.adam_beta2,
@@ -465,6 +471,7 @@ impl Trainer<'_> {
     fn save_checkpoint(
         &self,
         step: usize,
+        vars: &[(String, Var)],
         opt: &AdamW,
         log: &[Value],
         window: &(Acc, Vec<f32>),
@@ -478,8 +485,7 @@ impl Trainer<'_> {
             std::fs::remove_dir_all(&tmp)?;
         }
         std::fs::create_dir_all(&tmp)?;
-        let map: std::collections::HashMap<String, Tensor> = self
-            .vars
+        let map: std::collections::HashMap<String, Tensor> = vars
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
             .collect();
@@ -517,7 +523,13 @@ impl Trainer<'_> {
 
     /// Load checkpoint `step` from `dir`. Everything is read and checked before anything is
     /// changed, so a damaged checkpoint leaves the adapter and `opt` as they were.
-    fn restore(&self, step: usize, dir: &Path, opt: &mut AdamW) -> Result<State> {
+    fn restore(
+        &self,
+        step: usize,
+        dir: &Path,
+        named: &[(String, Var)],
+        opt: &mut AdamW,
+    ) -> Result<State> {
         let state: State = serde_json::from_slice(
             &std::fs::read(dir.join("state.json")).context("reading state.json")?,
         )
@@ -530,17 +542,18 @@ impl Trainer<'_> {
             &self.model.llama.device,
         )
         .context("reading adapter.safetensors")?;
-        let mut values = Vec::with_capacity(self.vars.len());
-        for (n, v) in &self.vars {
+        let mut values = Vec::with_capacity(named.len());
+        for (n, v) in named {
             let t = map.get(n).with_context(|| format!("no tensor {n}"))?;
             if t.dims() != v.dims() {
                 bail!("{n} has shape {:?}, not {:?}", t.dims(), v.dims());
             }
             values.push(t.to_dtype(v.dtype())?);
         }
-        let mut fresh = self.new_optimizer()?;
+        let plain: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
+        let mut fresh = self.new_optimizer(&plain)?;
         fresh.load(&dir.join("optimizer.safetensors"), state.step)?;
-        for ((_, v), t) in self.vars.iter().zip(&values) {
+        for ((_, v), t) in named.iter().zip(&values) {
             v.set(t)?;
         }
         *opt = fresh;
@@ -553,8 +566,10 @@ impl Trainer<'_> {
         if self.train.is_empty() {
             bail!("no training examples");
         }
+        let named = self.vars()?;
+        let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
         let s = self.s;
-        let mut opt = self.new_optimizer()?;
+        let mut opt = self.new_optimizer(&vars)?;
         let mut log: Vec<Value> = Vec::new();
         let mut start = 0;
         let mut resumed_from = None;
@@ -562,7 +577,7 @@ impl Trainer<'_> {
         let mut norms = Vec::new();
         // The newest checkpoint that reads back whole; a damaged one is passed over, not fatal.
         for (step, dir) in self.checkpoints() {
-            match self.restore(step, &dir, &mut opt) {
+            match self.restore(step, &dir, &named, &mut opt) {
                 Ok(st) => {
                     log = st.log;
                     (window, norms) = st.window.unwrap_or_default();
@@ -600,7 +615,7 @@ impl Trainer<'_> {
         };
         let t0 = Instant::now();
         for (done, step) in (start..total).enumerate() {
-            let norm = self.step(&mut opt, step, &mut window)?;
+            let norm = self.step(&mut opt, &vars, step, &mut window)?;
             norms.push(norm as f32);
             let n = step + 1;
             bar.set_message(format!("loss {:.4}", window.loss / window.n.max(1.0)));
@@ -627,7 +642,7 @@ impl Trainer<'_> {
                 log.push(Value::Object(m));
             }
             if s.save_steps > 0 && n % s.save_steps == 0 && n < total {
-                self.save_checkpoint(n, &opt, &log, &(window.clone(), norms.clone()))?;
+                self.save_checkpoint(n, &named, &opt, &log, &(window.clone(), norms.clone()))?;
             }
             if stop_after.is_some_and(|k| done + 1 >= k) && n < total {
                 bar.abandon();
@@ -650,8 +665,8 @@ impl Trainer<'_> {
     }
 }
 
-/// Prepare a dense, LoRA-carrying model for training.
-pub fn attach_lora(model: &mut Model, s: &TrainSettings) -> Result<Vec<(String, Var)>> {
-    lora::attach(&mut model.llama, &s.lora, s.seed)?;
-    Ok(lora::vars(&model.llama))
+/// Attach a fresh adapter, drawn from `train.seed`, to a dense model for training.
+pub fn attach_lora(model: &mut Model, s: &TrainSettings) -> Result<()> {
+    let adapter = model.llama.new_adapter(&s.lora.spec(), s.seed)?;
+    model.llama.attach(adapter)
 }

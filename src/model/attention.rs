@@ -12,7 +12,6 @@
 //! Only contiguous-last-dimension f32/f64 CPU tensors take this path; other devices and dtypes
 //! use the composed ops in `llama.rs`.
 
-use super::llama::MASK_NEG;
 use candle_core::{
     CpuStorage, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor, WithDType,
 };
@@ -21,6 +20,10 @@ use num_traits::Float;
 use rayon::prelude::*;
 
 type Res<T> = candle_core::Result<T>;
+
+/// Large finite negative for masked scores in additive masks: -inf would turn fully masked rows
+/// into NaN.
+pub const MASK_NEG: f32 = -1e9;
 
 /// Whether `sdpa` can run for tensors on `dev` in `dtype`.
 pub fn supported(dev: &Device, dtype: DType) -> bool {

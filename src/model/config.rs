@@ -151,7 +151,9 @@ impl LlamaConfig {
                 .map(|v| v.to_u32().map(|x| x as usize))
                 .transpose()?
                 .unwrap_or(2048),
-            tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+            tie_word_embeddings: !content
+                .tensor_infos
+                .contains_key(super::names::gguf::OUTPUT),
         };
         cfg.check().with_context(|| path.display().to_string())?;
         Ok(cfg)

@@ -10,9 +10,14 @@
 //!
 //! Shapes in comments: B batch, T new tokens, S cached + new tokens, H hidden, nh / nkv heads,
 //! hd head dim, V vocab.
+//!
+//! LoRA lives beside the base weights: a Llama carries at most one [`Adapter`], attached and
+//! detached without touching the base, and `Mode::lora` turns it off for one call.
 
-use crate::dpo::lora::Lora;
-use anyhow::{Context, Result};
+use super::adapter::Adapter;
+use super::attention::MASK_NEG;
+use super::lora::{Lora, LoraSpec, Projection};
+use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::quantized::QMatMul;
 use candle_core::{CpuStorage, DType, Device, Layout, Module, Shape, Tensor, Var, D};
@@ -20,15 +25,12 @@ use std::sync::Arc;
 
 use super::config::LlamaConfig;
 
-/// Large finite negative for masked scores: -inf would turn fully masked rows into NaN.
-pub const MASK_NEG: f32 = -1e9;
-
 /// How a forward pass runs.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Mode {
     /// Gradient-carrying ops (training); otherwise fused inference kernels.
     pub train: bool,
-    /// Apply LoRA adapters (off = the reference model).
+    /// Apply the attached adapter, if any (off = the base model, training's reference).
     pub lora: bool,
     /// Seed for LoRA dropout masks this step (`None` = no dropout, as in eval).
     pub dropout_seed: Option<u64>,
@@ -47,33 +49,40 @@ impl Mode {
     }
 }
 
-pub enum Weight {
+enum Weight {
     /// `[out, in]`, in the model's dtype.
     Dense(Tensor),
     Quant(Arc<QMatMul>),
 }
 
-/// A bias-free linear layer with an optional LoRA adapter.
-pub struct Linear {
-    pub weight: Weight,
-    pub lora: Option<Lora>,
-    pub out_features: usize,
-    pub in_features: usize,
+/// A bias-free linear layer (a frozen base weight).
+pub(crate) struct Linear {
+    weight: Weight,
+    out_features: usize,
+    in_features: usize,
 }
 
 impl Linear {
-    pub fn dense(w: Tensor) -> Result<Self> {
+    pub(crate) fn dense(w: Tensor) -> Result<Self> {
         let (o, i) = w.dims2()?;
         Ok(Self {
             weight: Weight::Dense(w),
-            lora: None,
             out_features: o,
             in_features: i,
         })
     }
 
-    /// x: [B, T, in] -> [B, T, out]
-    pub fn forward(&self, x: &Tensor, mode: Mode, salt: u64) -> Result<Tensor> {
+    pub(crate) fn quantized(q: QMatMul, (o, i): (usize, usize)) -> Self {
+        Self {
+            weight: Weight::Quant(Arc::new(q)),
+            out_features: o,
+            in_features: i,
+        }
+    }
+
+    /// x: [B, T, in] -> [B, T, out], plus `lora`'s contribution (its dropout mask seeded by the
+    /// step's seed and `salt`).
+    fn forward(&self, x: &Tensor, mode: Mode, lora: Option<&Lora>, salt: u64) -> Result<Tensor> {
         let (b, t, i) = x.dims3()?;
         let x2 = x.reshape((b * t, i))?;
         let base = match &self.weight {
@@ -81,15 +90,15 @@ impl Linear {
             Weight::Dense(w) => x2.matmul(&w.t()?)?,
             Weight::Quant(q) => q.forward(&x2.contiguous()?)?,
         };
-        let y = match (&self.lora, mode.lora) {
-            (Some(l), true) => (base + l.forward(&x2, mode.dropout_seed.map(|s| s ^ salt))?)?,
-            _ => base,
+        let y = match lora {
+            Some(l) => (base + l.forward(&x2, mode.dropout_seed.map(|s| s ^ salt))?)?,
+            None => base,
         };
         Ok(y.reshape((b, t, self.out_features))?)
     }
 
     /// The base weight as a dense f32 tensor `[out, in]`.
-    pub fn dense_f32(&self) -> Result<Tensor> {
+    pub(crate) fn dense_f32(&self) -> Result<Tensor> {
         Ok(match &self.weight {
             Weight::Dense(w) => w.to_dtype(DType::F32)?,
             Weight::Quant(q) => match q.as_ref() {
@@ -102,7 +111,7 @@ impl Linear {
 
 /// `x @ w^T` whose backward gives `x` its gradient and computes none for the frozen `w`
 /// (candle's matmul always computes both: a weight-sized matmul per layer for nothing).
-pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(x.apply_op2(w, FrozenMatmul)?)
 }
 
@@ -165,27 +174,29 @@ impl candle_core::CustomOp2 for FrozenMatmul {
     }
 }
 
-pub struct Layer {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
-    pub o_proj: Linear,
-    pub gate_proj: Linear,
-    pub up_proj: Linear,
-    pub down_proj: Linear,
-    pub input_layernorm: Tensor,
-    pub post_attention_layernorm: Tensor,
+pub(crate) struct Layer {
+    pub(crate) q_proj: Linear,
+    pub(crate) k_proj: Linear,
+    pub(crate) v_proj: Linear,
+    pub(crate) o_proj: Linear,
+    pub(crate) gate_proj: Linear,
+    pub(crate) up_proj: Linear,
+    pub(crate) down_proj: Linear,
+    pub(crate) input_layernorm: Tensor,
+    pub(crate) post_attention_layernorm: Tensor,
 }
 
 pub struct Llama {
     pub cfg: LlamaConfig,
     /// [V, H], in the compute dtype.
-    pub embed_tokens: Tensor,
-    pub layers: Vec<Layer>,
-    pub norm: Tensor,
-    pub lm_head: Linear,
+    pub(crate) embed_tokens: Tensor,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) norm: Tensor,
+    pub(crate) lm_head: Linear,
     /// GGUF keeps q/k in the interleaved (GPT-J) RoPE layout; HF checkpoints use rotate-half.
-    pub rope_interleaved: bool,
+    pub(crate) rope_interleaved: bool,
+    /// The LoRA adapter `Mode::lora` applies.
+    adapter: Option<Adapter>,
     /// [max_pos, hd/2], f32
     cos: Tensor,
     sin: Tensor,
@@ -193,7 +204,7 @@ pub struct Llama {
     pub dtype: DType,
     /// Attention through our fused kernel (`attention.rs`): on where it runs (CPU, f32/f64)
     /// unless the load options ask for the composed ops.
-    pub fused_attention: bool,
+    pub(crate) fused_attention: bool,
 }
 
 /// Per-layer key/value cache, preallocated and grown by doubling. Row `i` holds valid entries in
@@ -224,10 +235,6 @@ impl KvCache {
         })
     }
 
-    pub fn batch(&self) -> usize {
-        self.k[0].dim(0).unwrap_or(0)
-    }
-
     fn ensure(&mut self, extra: usize) -> Result<()> {
         if self.len + extra <= self.cap {
             return Ok(());
@@ -248,7 +255,7 @@ impl KvCache {
     }
 
     /// Keep only rows `idx` (in that order).
-    pub fn select_rows(&mut self, idx: &[usize]) -> Result<()> {
+    pub(crate) fn select_rows(&mut self, idx: &[usize]) -> Result<()> {
         let dev = self.k[0].device().clone();
         let ids = Tensor::new(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), &dev)?;
         for t in self.k.iter_mut().chain(self.v.iter_mut()) {
@@ -258,7 +265,7 @@ impl KvCache {
     }
 
     /// Shift every row right by `n` columns (prepend padding) so the cache is `n` longer.
-    pub fn pad_front(&mut self, n: usize) -> Result<()> {
+    pub(crate) fn pad_front(&mut self, n: usize) -> Result<()> {
         if n == 0 {
             return Ok(());
         }
@@ -278,7 +285,7 @@ impl KvCache {
     }
 
     /// Drop the first `n` columns (padding no row uses any more).
-    pub fn trim_front(&mut self, n: usize) -> Result<()> {
+    pub(crate) fn trim_front(&mut self, n: usize) -> Result<()> {
         if n == 0 {
             return Ok(());
         }
@@ -332,7 +339,7 @@ pub fn build_positions(start: &[usize], past: usize, t: usize, dev: &Device) -> 
 }
 
 /// Half types are upcast to f32 for reductions; f32 and f64 stay as they are.
-pub fn accum_dtype(dt: DType) -> DType {
+pub(crate) fn accum_dtype(dt: DType) -> DType {
     if dt == DType::F64 {
         DType::F64
     } else {
@@ -386,16 +393,17 @@ impl Checkpoint {
             let xv = Var::from_tensor(x)?;
             let y = model.layer_forward(li, xv.as_tensor(), &self.ctx, None, self.mode)?;
             let mut local = (y * &g)?.sum_all()?.backward()?;
-            for (_, lo) in model.layers[li].named() {
-                if let Some(l) = &lo.lora {
-                    for w in [&l.a, &l.b] {
-                        if let Some(gw) = local.remove(w.as_tensor()) {
-                            let sum = match grads.remove(w.as_tensor()) {
-                                Some(prev) => (prev + gw)?,
-                                None => gw,
-                            };
-                            grads.insert(w.as_tensor(), sum);
-                        }
+            for p in Projection::ALL {
+                let Some(l) = model.adapter.as_ref().and_then(|a| a.get(li, p)) else {
+                    continue;
+                };
+                for w in [&l.a, &l.b] {
+                    if let Some(gw) = local.remove(w.as_tensor()) {
+                        let sum = match grads.remove(w.as_tensor()) {
+                            Some(prev) => (prev + gw)?,
+                            None => gw,
+                        };
+                        grads.insert(w.as_tensor(), sum);
                     }
                 }
             }
@@ -410,7 +418,7 @@ impl Checkpoint {
 
 impl Llama {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    pub(crate) fn new(
         cfg: LlamaConfig,
         embed_tokens: Tensor,
         layers: Vec<Layer>,
@@ -439,6 +447,7 @@ impl Llama {
             norm,
             lm_head,
             rope_interleaved,
+            adapter: None,
             device: device.clone(),
             dtype,
             fused_attention: super::attention::supported(device, dtype),
@@ -494,10 +503,7 @@ impl Llama {
         } else {
             x.narrow(1, t - 1, 1)?
         };
-        let logits = self
-            .lm_head
-            .forward(&x, mode, 0xffff)?
-            .to_dtype(accum_dtype(self.dtype))?;
+        let logits = self.logits(&x, mode)?;
         Ok(if all_logits {
             logits
         } else {
@@ -505,12 +511,22 @@ impl Llama {
         })
     }
 
-    /// The final-norm hidden states [B, T, H]: training applies `lm_head` only where it needs
-    /// log-probabilities (the response tokens), which saves most of the vocabulary matmul.
+    /// The head: final-norm hidden states [B, T, H] -> logits [B, T, V], in f32 (f64 on an f64
+    /// model).
+    pub(crate) fn logits(&self, h: &Tensor, mode: Mode) -> Result<Tensor> {
+        Ok(self
+            .lm_head
+            .forward(h, mode, None, 0)?
+            .to_dtype(accum_dtype(self.dtype))?)
+    }
+
+    /// The final-norm hidden states [B, T, H]: training applies the head ([`Llama::logits`])
+    /// only where it needs log-probabilities (the response tokens), which saves most of the
+    /// vocabulary matmul.
     ///
     /// With `mode.checkpoint` this refuses to run: use [`Llama::forward_hidden_ckpt`], whose
     /// checkpoint must carry the gradient on through the layers.
-    pub fn forward_hidden(
+    pub(crate) fn forward_hidden(
         &self,
         ids: &Tensor,
         positions: &Tensor,
@@ -531,7 +547,7 @@ impl Llama {
     /// graph, only their inputs, and the returned [`Checkpoint`] recomputes each layer during
     /// the backward pass: activation memory of one layer instead of all of them, for one more
     /// forward pass.
-    pub fn forward_hidden_ckpt(
+    pub(crate) fn forward_hidden_ckpt(
         &self,
         ids: &Tensor,
         positions: &Tensor,
@@ -621,11 +637,17 @@ impl Llama {
         let rep = nh / nkv;
         let past = ctx.past;
         let scale = 1.0 / (hd as f64).sqrt();
-        let salt = (li as u64) << 8;
+        let adapter = self.adapter.as_ref().filter(|_| mode.lora);
+        // Each projection's dropout masks are seeded apart: salt (layer << 8) + 1..=7.
+        let proj = |p: Projection, x: &Tensor| {
+            let salt = ((li as u64) << 8) + p.index() as u64 + 1;
+            let lora = adapter.and_then(|a| a.get(li, p));
+            layer.proj(p).forward(x, mode, lora, salt)
+        };
         let h = rms_norm(x, &layer.input_layernorm, c.rms_norm_eps, mode.train)?;
-        let q = layer.q_proj.forward(&h, mode, salt + 1)?;
-        let k = layer.k_proj.forward(&h, mode, salt + 2)?;
-        let v = layer.v_proj.forward(&h, mode, salt + 3)?;
+        let q = proj(Projection::QProj, &h)?;
+        let k = proj(Projection::KProj, &h)?;
+        let v = proj(Projection::VProj, &h)?;
         let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?; // [B,nh,T,hd]
         let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?; // [B,nkv,T,hd]
         let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
@@ -664,7 +686,7 @@ impl Llama {
                 .transpose(1, 2)?
                 .reshape((b, t, nh * hd))?
         };
-        let y = layer.o_proj.forward(&y, mode, salt + 4)?;
+        let y = proj(Projection::OProj, &y)?;
         let x = (x + y)?;
         let h = rms_norm(
             &x,
@@ -672,14 +694,14 @@ impl Llama {
             c.rms_norm_eps,
             mode.train,
         )?;
-        let g = layer.gate_proj.forward(&h, mode, salt + 5)?;
-        let u = layer.up_proj.forward(&h, mode, salt + 6)?;
+        let g = proj(Projection::GateProj, &h)?;
+        let u = proj(Projection::UpProj, &h)?;
         let act = if mode.train {
             candle_nn::ops::silu(&g)?
         } else {
             g.silu()?
         };
-        let y = layer.down_proj.forward(&(act * u)?, mode, salt + 7)?;
+        let y = proj(Projection::DownProj, &(act * u)?)?;
         Ok((x + y)?)
     }
 
@@ -693,42 +715,126 @@ impl Llama {
             .context("forward")
     }
 
-    /// All LoRA adapters, with their PEFT module path.
-    pub fn loras(&self) -> Vec<(String, &Lora)> {
-        let mut out = Vec::new();
-        for (i, l) in self.layers.iter().enumerate() {
-            for (name, lin) in l.named() {
-                if let Some(lo) = &lin.lora {
-                    out.push((format!("model.layers.{i}.{name}"), lo));
-                }
+    /// A fresh adapter for this model's projections, as PEFT initialises one (B = 0, so the
+    /// adapted model starts as the base), drawn from `seed`. Kept in f32 (f64 on an f64 model).
+    pub fn new_adapter(&self, spec: &LoraSpec, seed: u64) -> Result<Adapter> {
+        Adapter::fresh(
+            spec,
+            self.layers.len(),
+            |li, p| {
+                let l = self.layers[li].proj(p);
+                (l.out_features, l.in_features)
+            },
+            &self.device,
+            accum_dtype(self.dtype),
+            seed,
+        )
+    }
+
+    /// Attach `adapter` (replacing any attached one), after checking that it fits this model.
+    pub fn attach(&mut self, adapter: Adapter) -> Result<()> {
+        let nl = self.layers.len();
+        if adapter.layers.len() > nl {
+            bail!(
+                "the adapter has {} layers, this model {nl}; was it trained on another base model?",
+                adapter.layers.len()
+            );
+        }
+        for (li, p, l) in adapter.loras() {
+            let lin = self.layers[li].proj(p);
+            let (o, i) = l.dims()?;
+            if (o, i) != (lin.out_features, lin.in_features) {
+                bail!(
+                    "the adapter's layer {li} {} is [{o}, {i}], the model's [{}, {}]; was it trained on another base model?",
+                    p.name(),
+                    lin.out_features,
+                    lin.in_features
+                );
+            }
+            if self.rope_interleaved && matches!(p, Projection::QProj | Projection::KProj) {
+                bail!(
+                    "the adapter changes {}, whose weights this model holds in GGUF's RoPE layout; load the model with dense weights",
+                    p.name()
+                );
             }
         }
-        out
+        self.adapter = Some(adapter);
+        Ok(())
+    }
+
+    /// Take the attached adapter off: the model is the base again.
+    pub fn detach(&mut self) -> Option<Adapter> {
+        self.adapter.take()
+    }
+
+    pub fn adapter(&self) -> Option<&Adapter> {
+        self.adapter.as_ref()
+    }
+
+    /// Fold the attached adapter into the base weights, `W' = W + (alpha/r) B A`, and drop it.
+    pub fn merge_adapter(&mut self) -> Result<()> {
+        let adapter = self
+            .adapter
+            .take()
+            .context("no adapter is attached to merge")?;
+        for (li, p, l) in adapter.loras() {
+            let lin = self.layers[li].proj_mut(p);
+            let w = (lin.dense_f32()? + l.delta()?)?;
+            *lin = Linear::dense(w.to_dtype(self.dtype)?)?;
+        }
+        Ok(())
     }
 }
 
 impl Layer {
-    pub fn named(&self) -> [(&'static str, &Linear); 7] {
-        [
-            ("self_attn.q_proj", &self.q_proj),
-            ("self_attn.k_proj", &self.k_proj),
-            ("self_attn.v_proj", &self.v_proj),
-            ("self_attn.o_proj", &self.o_proj),
-            ("mlp.gate_proj", &self.gate_proj),
-            ("mlp.up_proj", &self.up_proj),
-            ("mlp.down_proj", &self.down_proj),
-        ]
+    pub(crate) fn proj(&self, p: Projection) -> &Linear {
+        match p {
+            Projection::QProj => &self.q_proj,
+            Projection::KProj => &self.k_proj,
+            Projection::VProj => &self.v_proj,
+            Projection::OProj => &self.o_proj,
+            Projection::GateProj => &self.gate_proj,
+            Projection::UpProj => &self.up_proj,
+            Projection::DownProj => &self.down_proj,
+        }
     }
 
-    pub fn named_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
-        [
-            ("self_attn.q_proj", &mut self.q_proj),
-            ("self_attn.k_proj", &mut self.k_proj),
-            ("self_attn.v_proj", &mut self.v_proj),
-            ("self_attn.o_proj", &mut self.o_proj),
-            ("mlp.gate_proj", &mut self.gate_proj),
-            ("mlp.up_proj", &mut self.up_proj),
-            ("mlp.down_proj", &mut self.down_proj),
-        ]
+    fn proj_mut(&mut self, p: Projection) -> &mut Linear {
+        match p {
+            Projection::QProj => &mut self.q_proj,
+            Projection::KProj => &mut self.k_proj,
+            Projection::VProj => &mut self.v_proj,
+            Projection::OProj => &mut self.o_proj,
+            Projection::GateProj => &mut self.gate_proj,
+            Projection::UpProj => &mut self.up_proj,
+            Projection::DownProj => &mut self.down_proj,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The frozen base weights of training get no gradient (even a weight that would track
+    /// one); the input gets `grad @ w`.
+    #[test]
+    fn frozen_matmul_gives_the_weight_no_gradient() {
+        let dev = Device::Cpu;
+        let x =
+            Var::from_tensor(&Tensor::new(&[[1f64, 2., 3.], [4., 5., 6.]], &dev).unwrap()).unwrap();
+        let w =
+            Var::from_tensor(&Tensor::new(&[[0.5f64, -1., 2.], [3., 0.25, -0.5]], &dev).unwrap())
+                .unwrap();
+        let y = frozen_matmul(x.as_tensor(), w.as_tensor()).unwrap();
+        let want = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
+        assert_eq!(y.to_vec2::<f64>().unwrap(), want.to_vec2::<f64>().unwrap());
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(
+            grads.get(w.as_tensor()).is_none(),
+            "the frozen weight got a gradient"
+        );
+        let gx: Vec<Vec<f64>> = grads.get(x.as_tensor()).unwrap().to_vec2().unwrap();
+        assert_eq!(gx, vec![vec![3.5, -0.75, 1.5]; 2]);
     }
 }

@@ -1,12 +1,15 @@
 //! The model engine: loading Llama-architecture checkpoints (Hub id, folder, GGUF), the tokenizer
 //! and chat template, a batched forward pass, and generation. Generation and DPO training share the
-//! same [`llama::Llama`].
+//! same [`llama::Llama`], which carries an optional LoRA [`adapter::Adapter`] (PEFT's files).
 
+pub mod adapter;
 pub mod attention;
 pub mod chat;
 pub mod config;
 pub mod generate;
 pub mod llama;
+pub mod lora;
+mod names;
 pub mod prefix;
 pub mod source;
 pub mod tokenizer;
@@ -15,11 +18,12 @@ use anyhow::{bail, Context, Result};
 use candle_core::quantized::{gguf_file, QMatMul};
 use candle_core::{DType, Device, Tensor};
 use config::LlamaConfig;
-use llama::{Layer, Linear, Llama, Weight};
+use llama::{Layer, Linear, Llama};
+use lora::Projection;
 use serde::{Deserialize, Serialize};
 use source::{ModelFiles, ModelMeta, ModelSource};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::path::Path;
 
 /// How to hold a GGUF's weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,24 +194,88 @@ impl Model {
             share_prefixes: opts.share_prefixes,
         })
     }
+
+    /// Read a PEFT adapter folder and attach it (replacing any attached adapter).
+    pub fn load_adapter(&mut self, dir: &Path) -> Result<()> {
+        let adapter = adapter::Adapter::load(dir, &self.llama.device)?;
+        self.llama
+            .attach(adapter)
+            .with_context(|| format!("attaching the adapter in {}", dir.display()))
+    }
+
+    /// Save the attached adapter as a PEFT folder, naming this model as its base.
+    pub fn save_adapter(&self, dir: &Path) -> Result<()> {
+        self.llama
+            .adapter()
+            .context("the model carries no adapter to save")?
+            .save(dir, &self.source.spec)
+    }
+
+    /// Write the model as a plain HF folder: config.json, model.safetensors, tokenizer files.
+    /// An attached adapter is not part of it: merge it first ([`Llama::merge_adapter`]).
+    pub fn write_hf_folder(&self, out: &Path) -> Result<()> {
+        let l = &self.llama;
+        if l.rope_interleaved {
+            bail!(
+                "cannot export weights held in the GGUF RoPE layout; load the model with dense weights"
+            );
+        }
+        if l.adapter().is_some() {
+            bail!("the model carries an adapter: merge it into the weights before writing them");
+        }
+        std::fs::create_dir_all(out)?;
+        let mut map: HashMap<String, Tensor> = HashMap::new();
+        map.insert(
+            names::EMBED_TOKENS.into(),
+            l.embed_tokens.to_dtype(DType::F32)?,
+        );
+        map.insert(names::NORM.into(), l.norm.to_dtype(DType::F32)?);
+        map.insert(names::LM_HEAD.into(), l.lm_head.dense_f32()?);
+        for (i, layer) in l.layers.iter().enumerate() {
+            for p in Projection::ALL {
+                map.insert(names::weight(i, p), layer.proj(p).dense_f32()?);
+            }
+            map.insert(
+                names::input_layernorm(i),
+                layer.input_layernorm.to_dtype(DType::F32)?,
+            );
+            map.insert(
+                names::post_attention_layernorm(i),
+                layer.post_attention_layernorm.to_dtype(DType::F32)?,
+            );
+        }
+        let mut cfg = l.cfg.clone();
+        cfg.tie_word_embeddings = false;
+        let st = out.join("model.safetensors");
+        let tmp = crate::fsutil::tmp_sibling(&st);
+        candle_core::safetensors::save(&map, &tmp)?;
+        std::fs::rename(&tmp, &st)?;
+        crate::fsutil::write_json_pretty(&out.join("config.json"), &cfg.to_hf_json())?;
+        let tok = &self.meta.tok;
+        let tj = out.join("tokenizer.json");
+        tok.inner
+            .save(&tj, true)
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", tj.display()))?;
+        let mut tc = serde_json::json!({
+            "bos_token": tok.bos_token,
+            "eos_token": tok.eos_token,
+            "add_bos_token": tok.add_bos,
+            "add_eos_token": false,
+        });
+        if let Some(c) = &self.meta.chat {
+            tc["chat_template"] = serde_json::Value::String(c.source().to_string());
+        }
+        crate::fsutil::write_json_pretty(&out.join("tokenizer_config.json"), &tc)?;
+        Ok(())
+    }
 }
 
 /// Undo llama.cpp's q/k permutation (interleaved RoPE layout -> HF rotate-half layout).
 /// w: [heads * hd, in]
-pub fn unpermute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
+fn unpermute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
     let hd = out / heads;
     Ok(w.reshape((heads, hd / 2, 2, inp))?
-        .transpose(1, 2)?
-        .reshape((out, inp))?
-        .contiguous()?)
-}
-
-/// The inverse: HF layout -> llama.cpp's interleaved layout.
-pub fn permute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
-    let (out, inp) = w.dims2()?;
-    let hd = out / heads;
-    Ok(w.reshape((heads, 2, hd / 2, inp))?
         .transpose(1, 2)?
         .reshape((out, inp))?
         .contiguous()?)
@@ -242,13 +310,8 @@ impl GgufTensors<'_> {
         permute_heads: Option<usize>,
     ) -> Result<Linear> {
         if self.opts.weights == WeightsMode::Quantized {
-            let (o, i) = q.shape().dims2()?;
-            return Ok(Linear {
-                weight: Weight::Quant(Arc::new(QMatMul::from_qtensor(q)?)),
-                lora: None,
-                out_features: o,
-                in_features: i,
-            });
+            let dims = q.shape().dims2()?;
+            return Ok(Linear::quantized(QMatMul::from_qtensor(q)?, dims));
         }
         let mut w = q.dequantize(&self.opts.device)?;
         if let Some(h) = permute_heads {
@@ -277,25 +340,27 @@ fn load_gguf(
     let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     for i in 0..cfg.num_hidden_layers {
-        let p = format!("blk.{i}");
+        let mut proj = |p: Projection, permute_heads: Option<usize>| {
+            t.projection(&names::gguf::weight(i, p), permute_heads)
+        };
         layers.push(Layer {
-            q_proj: t.projection(&format!("{p}.attn_q.weight"), Some(nh))?,
-            k_proj: t.projection(&format!("{p}.attn_k.weight"), Some(nkv))?,
-            v_proj: t.projection(&format!("{p}.attn_v.weight"), None)?,
-            o_proj: t.projection(&format!("{p}.attn_output.weight"), None)?,
-            gate_proj: t.projection(&format!("{p}.ffn_gate.weight"), None)?,
-            up_proj: t.projection(&format!("{p}.ffn_up.weight"), None)?,
-            down_proj: t.projection(&format!("{p}.ffn_down.weight"), None)?,
-            input_layernorm: t.dense(&format!("{p}.attn_norm.weight"))?,
-            post_attention_layernorm: t.dense(&format!("{p}.ffn_norm.weight"))?,
+            q_proj: proj(Projection::QProj, Some(nh))?,
+            k_proj: proj(Projection::KProj, Some(nkv))?,
+            v_proj: proj(Projection::VProj, None)?,
+            o_proj: proj(Projection::OProj, None)?,
+            gate_proj: proj(Projection::GateProj, None)?,
+            up_proj: proj(Projection::UpProj, None)?,
+            down_proj: proj(Projection::DownProj, None)?,
+            input_layernorm: t.dense(&names::gguf::attn_norm(i))?,
+            post_attention_layernorm: t.dense(&names::gguf::ffn_norm(i))?,
         });
     }
-    let norm = t.dense("output_norm.weight")?;
-    let embed_q = t.quantized("token_embd.weight")?;
+    let norm = t.dense(names::gguf::OUTPUT_NORM)?;
+    let embed_q = t.quantized(names::gguf::TOKEN_EMBD)?;
     let embed = embed_q.dequantize(&opts.device)?.to_dtype(opts.dtype)?;
     // Tied embeddings: no output.weight, the head reuses token_embd.
-    let head_q = if content.tensor_infos.contains_key("output.weight") {
-        t.quantized("output.weight")?
+    let head_q = if content.tensor_infos.contains_key(names::gguf::OUTPUT) {
+        t.quantized(names::gguf::OUTPUT)?
     } else {
         embed_q
     };
@@ -328,30 +393,29 @@ pub fn from_hf_tensors(
     };
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     for i in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{i}");
         let mut lin =
-            |n: &str| -> Result<Linear> { Linear::dense(take(&format!("{p}.{n}.weight"))?) };
+            |p: Projection| -> Result<Linear> { Linear::dense(take(&names::weight(i, p))?) };
         layers.push(Layer {
-            q_proj: lin("self_attn.q_proj")?,
-            k_proj: lin("self_attn.k_proj")?,
-            v_proj: lin("self_attn.v_proj")?,
-            o_proj: lin("self_attn.o_proj")?,
-            gate_proj: lin("mlp.gate_proj")?,
-            up_proj: lin("mlp.up_proj")?,
-            down_proj: lin("mlp.down_proj")?,
-            input_layernorm: take(&format!("{p}.input_layernorm.weight"))?,
-            post_attention_layernorm: take(&format!("{p}.post_attention_layernorm.weight"))?,
+            q_proj: lin(Projection::QProj)?,
+            k_proj: lin(Projection::KProj)?,
+            v_proj: lin(Projection::VProj)?,
+            o_proj: lin(Projection::OProj)?,
+            gate_proj: lin(Projection::GateProj)?,
+            up_proj: lin(Projection::UpProj)?,
+            down_proj: lin(Projection::DownProj)?,
+            input_layernorm: take(&names::input_layernorm(i))?,
+            post_attention_layernorm: take(&names::post_attention_layernorm(i))?,
         });
     }
-    let embed = take("model.embed_tokens.weight")?;
-    let norm = take("model.norm.weight")?;
+    let embed = take(names::EMBED_TOKENS)?;
+    let norm = take(names::NORM)?;
     let lm_head = if cfg.tie_word_embeddings {
-        match map.remove("lm_head.weight") {
+        match map.remove(names::LM_HEAD) {
             Some(t) => Linear::dense(t.to_device(dev)?.to_dtype(dtype)?)?,
             None => Linear::dense(embed.clone())?,
         }
     } else {
-        Linear::dense(take("lm_head.weight")?)?
+        Linear::dense(take(names::LM_HEAD)?)?
     };
     Llama::new(cfg.clone(), embed, layers, norm, lm_head, false, dev, dtype)
 }
@@ -375,43 +439,28 @@ pub fn random_hf_tensors(
     let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
     let s = 0.5 / (h as f32).sqrt() * 1.7;
     let mut m = HashMap::new();
-    m.insert(
-        "model.embed_tokens.weight".into(),
-        mk((cfg.vocab_size, h), 1.0)?,
-    );
+    m.insert(names::EMBED_TOKENS.into(), mk((cfg.vocab_size, h), 1.0)?);
     for i in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        m.insert(format!("{p}.self_attn.q_proj.weight"), mk((nh * hd, h), s)?);
+        // In Projection::ALL order: the draws, and so the weights, depend on it.
+        for p in Projection::ALL {
+            let (shape, std) = match p {
+                Projection::QProj => ((nh * hd, h), s),
+                Projection::KProj | Projection::VProj => ((nkv * hd, h), s),
+                Projection::OProj => ((h, nh * hd), s),
+                Projection::GateProj | Projection::UpProj => ((im, h), s),
+                Projection::DownProj => ((h, im), 0.5 / (im as f32).sqrt() * 1.7),
+            };
+            m.insert(names::weight(i, p), mk(shape, std)?);
+        }
+        m.insert(names::input_layernorm(i), Tensor::ones(h, DType::F32, dev)?);
         m.insert(
-            format!("{p}.self_attn.k_proj.weight"),
-            mk((nkv * hd, h), s)?,
-        );
-        m.insert(
-            format!("{p}.self_attn.v_proj.weight"),
-            mk((nkv * hd, h), s)?,
-        );
-        m.insert(format!("{p}.self_attn.o_proj.weight"), mk((h, nh * hd), s)?);
-        m.insert(format!("{p}.mlp.gate_proj.weight"), mk((im, h), s)?);
-        m.insert(format!("{p}.mlp.up_proj.weight"), mk((im, h), s)?);
-        m.insert(
-            format!("{p}.mlp.down_proj.weight"),
-            mk((h, im), 0.5 / (im as f32).sqrt() * 1.7)?,
-        );
-        m.insert(
-            format!("{p}.input_layernorm.weight"),
-            Tensor::ones(h, DType::F32, dev)?,
-        );
-        m.insert(
-            format!("{p}.post_attention_layernorm.weight"),
+            names::post_attention_layernorm(i),
             Tensor::ones(h, DType::F32, dev)?,
         );
     }
-    m.insert(
-        "model.norm.weight".into(),
-        Tensor::ones(h, DType::F32, dev)?,
-    );
+    m.insert(names::NORM.into(), Tensor::ones(h, DType::F32, dev)?);
     if !cfg.tie_word_embeddings {
-        m.insert("lm_head.weight".into(), mk((cfg.vocab_size, h), s)?);
+        m.insert(names::LM_HEAD.into(), mk((cfg.vocab_size, h), s)?);
     }
     Ok(m)
 }

@@ -208,8 +208,7 @@ fn run_nodes(model: &Model, nodes: &mut [Node], rows: &[usize]) -> Result<()> {
             .index_select(&Tensor::new(at, &dev)?, 0)?;
         let logits: Vec<Vec<f32>> = model
             .llama
-            .lm_head
-            .forward(&sel.unsqueeze(0)?, Mode::infer(), 0xffff)?
+            .logits(&sel.unsqueeze(0)?, Mode::infer())?
             .squeeze(0)?
             .to_dtype(DType::F32)?
             .to_vec2()?;

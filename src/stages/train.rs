@@ -6,7 +6,7 @@
 use super::{Built, Ctx};
 use crate::cache::{KeyMaterial, Lookup};
 use crate::config::TrainSettings;
-use crate::dpo::{adapter, charts, data, trainer};
+use crate::dpo::{charts, data, trainer};
 use crate::fsutil::{sha256_file, write_atomic, write_json_pretty};
 use crate::model::Model;
 use anyhow::{Context, Result};
@@ -173,11 +173,10 @@ pub fn build(ctx: &Ctx, split_dir: Option<&Path>, key: &str, out: &Path) -> Resu
         &prep,
         &crate::fsutil::sha256_hex(data_key.as_bytes()),
     )?;
-    let vars = trainer::attach_lora(&mut model, s)?;
+    trainer::attach_lora(&mut model, s)?;
     let tr = trainer::Trainer {
         model: &model,
         s,
-        vars,
         train: &prep.train,
         eval: &prep.eval,
         ref_train: &ref_train,
@@ -186,7 +185,7 @@ pub fn build(ctx: &Ctx, split_dir: Option<&Path>, key: &str, out: &Path) -> Resu
         quiet: ctx.quiet,
     };
     let outcome = tr.run(None)?;
-    adapter::save(&model.llama, &s.lora, &model.source.spec, out)?;
+    model.save_adapter(out)?;
     let mut lines = Vec::new();
     for m in &outcome.log {
         serde_json::to_writer(&mut lines, m)?;
