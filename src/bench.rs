@@ -1,11 +1,11 @@
 //! `pipeline bench`: speed and memory of generation and of a DPO training step, on real prompts.
 //! Figures go to docs/PERF.md with the command and the machine; tests never time anything.
 
+use crate::error::{Context, Result};
 use crate::model::generate::{generate, Request, Sampling};
 use crate::model::{default_dtype, Model, WeightsMode};
 use crate::recipe::Recipe;
 use crate::stages::{self, Ctx, Plan, Stage};
-use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use std::time::Instant;
 

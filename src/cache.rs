@@ -6,8 +6,8 @@
 //! complete, with a manifest that records checksums; an artifact whose files no longer match their
 //! checksums is reported as damaged and rebuilt, never read.
 
+use crate::error::{Context, Result};
 use crate::fsutil::{sha256_file, sha256_hex, write_json_pretty};
-use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs;
@@ -299,6 +299,9 @@ impl Staging {
         } else {
             fs::rename(&self.dir, &fin)
                 .with_context(|| format!("moving {} into place", fin.display()))?;
+        }
+        if let Some(parent) = fin.parent() {
+            crate::fsutil::sync_dir(parent);
         }
         write_json_pretty(&cache.root.join(&self.stage).join("latest.json"), &m)?;
         Ok(m)

@@ -2,9 +2,9 @@
 //! command is a few lines over the library.
 
 use crate::config::{self, Sources};
+use crate::error::{bail, Context, Result};
 use crate::recipe::{Network, Recipe};
 use crate::stages::{self, Ctx, Plan, Stage};
-use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::io::IsTerminal;
 use std::path::PathBuf;

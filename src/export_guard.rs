@@ -6,8 +6,8 @@
 //! folder without the marker, and any folder that is, holds or lies inside the workdir are refused.
 //! `merge-adapter` refuses to write into the base model's folder.
 
+use crate::error::{bail, Context, Result};
 use crate::model::source::{ModelFiles, ModelSource};
-use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};

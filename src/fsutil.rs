@@ -4,7 +4,7 @@
 //! Everything the pipeline writes goes through a temporary name and a rename, so a reader never
 //! sees a half-written file, whatever moment the process is killed.
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use serde::{de::DeserializeOwned, Serialize};
 use sha2::{Digest, Sha256};
 use std::fs;
@@ -39,18 +39,29 @@ pub fn write_atomic_via(path: &Path, write: impl FnOnce(&Path) -> Result<()>) ->
     };
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let tmp = tmp_sibling(path);
-    let done = write(&tmp).and_then(|()| {
-        fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .with_context(|| format!("syncing {}", tmp.display()))
-    });
-    if let Err(e) = done {
+    if let Err(e) = write(&tmp) {
         fs::remove_file(&tmp).ok();
         return Err(e);
     }
-    fs::rename(&tmp, path)
+    commit_tmp(&tmp, path)
+}
+
+/// Put a fully written temporary file in place: fsync it, rename it to `path`, fsync the folder.
+/// For writers that must choose the temporary name themselves (an image encoder reads the
+/// format from the extension).
+pub fn commit_tmp(tmp: &Path, path: &Path) -> Result<()> {
+    let synced = fs::File::open(tmp)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", tmp.display()));
+    if let Err(e) = synced {
+        fs::remove_file(tmp).ok();
+        return Err(e);
+    }
+    fs::rename(tmp, path)
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    sync_dir(dir);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        sync_dir(dir);
+    }
     Ok(())
 }
 

@@ -3,9 +3,9 @@
 
 use crate::cache::Manifest;
 use crate::config::Settings;
+use crate::error::{Context, Result};
 use crate::export_guard;
 use crate::stages::split::read_parquet;
-use anyhow::{Context, Result};
 use std::fmt::Write as _;
 use std::path::Path;
 

@@ -17,6 +17,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod dpo;
+pub mod error;
 pub mod estimate;
 pub mod fsutil;
 pub mod hub;

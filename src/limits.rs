@@ -3,7 +3,7 @@
 //! that does not fit is an error that names the row and the limit, checked before anything is
 //! allocated, never an out-of-range position or a KV cache too large for memory.
 
-use anyhow::{bail, Result};
+use crate::error::{bail, Result};
 
 /// Refuse when any row's prompt plus `max_new_tokens` exceeds `context`. `rows` are (prompt
 /// tokens, how to name the row); the first row that does not fit is named and the rest counted.

@@ -6,7 +6,7 @@
 //! it exits (a crash, `kill -9`), so a lock left by a dead process is simply taken over; the file
 //! itself stays (deleting a lock file is what makes lock files racy).
 
-use anyhow::{bail, Context, Result};
+use crate::error::{bail, Context, Result};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};

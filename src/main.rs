@@ -60,9 +60,16 @@ fn main() {
         .with_target(false)
         .init();
     if let Err(e) = run(cli) {
-        eprintln!("error: {e}");
-        for cause in e.chain().skip(1) {
-            eprintln!("  caused by: {cause}");
+        let msg = e.to_string();
+        eprintln!("error: {msg}");
+        // Context already prints its cause inline; print only what the message does not say.
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            let text = c.to_string();
+            if !msg.contains(&text) {
+                eprintln!("  caused by: {text}");
+            }
+            cause = c.source();
         }
         std::process::exit(1);
     }

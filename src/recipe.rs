@@ -8,9 +8,9 @@
 //! [`Network::Never`]: it reads manifests and local files and never downloads a model.
 
 use crate::config::Loaded;
+use crate::error::{Context, Result};
 use crate::model::source::{self, FingerprintMemo, HubAccess, ModelSource, ModelSpec};
 use crate::model::{AttentionChoice, LoadOptions, WeightsMode};
-use anyhow::{Context, Result};
 use candle_core::Device;
 use std::cell::OnceCell;
 use std::path::{Path, PathBuf};

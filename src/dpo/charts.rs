@@ -5,7 +5,7 @@
 //! font (or with any other drawing error) it skips them with a warning. `REVIEWER2_FONT` names
 //! the TTF file to use instead of the DejaVu Sans paths below.
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use plotters::prelude::*;
 use serde_json::Value;
 use std::path::Path;
@@ -40,7 +40,7 @@ fn register_font() -> Result<()> {
         ))
     })
     .clone()
-    .map_err(|e| anyhow::anyhow!(e))
+    .map_err(|e| crate::error::err!("{e}"))
 }
 
 fn series(log: &[Value], key: &str) -> Vec<(f64, f64)> {
@@ -116,6 +116,5 @@ pub fn plot(log: &[Value], metric: &str, title: &str, out: &Path) -> Result<()> 
             .draw()?;
         root.present().context("writing chart")?;
     }
-    std::fs::rename(&tmp, out)?;
-    Ok(())
+    crate::fsutil::commit_tmp(&tmp, out)
 }

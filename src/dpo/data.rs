@@ -4,8 +4,8 @@
 //! `max_length - max_prompt_length`.
 
 use super::config::Loss;
+use crate::error::{bail, Context, Result};
 use crate::model::tokenizer::Tok;
-use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 

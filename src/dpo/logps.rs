@@ -5,9 +5,9 @@
 //! earlier tokens only, at the positions they would have alone, so the log-probs are those of
 //! separate rows while the prompt (most of every pair's tokens) is computed once, not twice.
 
+use crate::error::Result;
 use crate::model::attention::MASK_NEG;
 use crate::model::llama::{Checkpoint, Llama, Mode};
-use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 use std::collections::HashMap;
 

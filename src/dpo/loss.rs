@@ -3,7 +3,7 @@
 //! robust `(-(1-e) log s(bx) + e log s(-bx)) / (1-2e)`. Rewards are `b (log pi - log ref)`.
 
 use super::config::Loss;
-use anyhow::{bail, Result};
+use crate::error::{bail, Result};
 use candle_core::{DType, Tensor};
 
 /// log(sigmoid(z)) = min(z, 0) - log(1 + exp(-|z|)), stable for any z.

@@ -2,7 +2,7 @@
 //! and restored, and the learning-rate schedules of `transformers`.
 
 use super::config::LrScheduler;
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use candle_core::{Tensor, Var};
 use std::collections::HashMap;
 use std::path::Path;
@@ -64,10 +64,7 @@ impl AdamW {
             map.insert(format!("m.{i}"), m.clone());
             map.insert(format!("v.{i}"), v.clone());
         }
-        let tmp = crate::fsutil::tmp_sibling(path);
-        candle_core::safetensors::save(&map, &tmp)?;
-        std::fs::rename(&tmp, path)?;
-        Ok(())
+        crate::fsutil::write_atomic_via(path, |tmp| Ok(candle_core::safetensors::save(&map, tmp)?))
     }
 
     pub fn load(&mut self, path: &Path, step: usize) -> Result<()> {

@@ -7,9 +7,9 @@ use super::data::{truncate, Example, RawRow, Truncation, TruncationReport};
 use super::logps::sequence_logps;
 use super::loss::{dpo_loss, kto_loss, PairLoss};
 use super::optim::{lr_factor, AdamW};
+use crate::error::{bail, Context, Result};
 use crate::model::llama::{Checkpoint, Mode};
 use crate::model::Model;
-use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -426,12 +426,12 @@ impl Trainer<'_> {
 
     /// The error that stops a diverged run: the step, what went non-finite, the likely causes,
     /// and which checkpoint (written before anything went wrong) is kept.
-    fn diverged(&self, step: usize, what: &str, lr: f64) -> anyhow::Error {
+    fn diverged(&self, step: usize, what: &str, lr: f64) -> crate::error::Error {
         let kept = match self.checkpoints().first() {
             Some((n, dir)) => format!("checkpoint-{n} ({}) is kept", dir.display()),
             None => "no checkpoint had been written".to_string(),
         };
-        anyhow::anyhow!(
+        crate::error::err!(
             "training diverged at step {step}: {what}. The likely cause is a learning rate too \
              high (train.learning_rate = {:e}, {lr:.3e} at this step); lower it and run again \
              (a train.beta far from 0.1 or extreme data can do this too). Nothing was marked \
@@ -503,6 +503,7 @@ impl Trainer<'_> {
             std::fs::remove_dir_all(&fin)?;
         }
         std::fs::rename(&tmp, &fin)?;
+        crate::fsutil::sync_dir(&self.ckpt_dir);
         // Keep the newest two.
         let mut all: Vec<usize> = std::fs::read_dir(&self.ckpt_dir)?
             .flatten()

@@ -8,7 +8,7 @@
 
 use super::lora::{Lora, LoraSpec, Projection};
 use super::names;
-use anyhow::{bail, Context, Result};
+use crate::error::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
@@ -109,9 +109,9 @@ impl Adapter {
             bail!("the adapter adapts no projection: nothing to save");
         }
         let path = dir.join("adapter_model.safetensors");
-        let tmp = crate::fsutil::tmp_sibling(&path);
-        candle_core::safetensors::save(&map, &tmp)?;
-        std::fs::rename(&tmp, &path)?;
+        crate::fsutil::write_atomic_via(&path, |tmp| {
+            Ok(candle_core::safetensors::save(&map, tmp)?)
+        })?;
         crate::fsutil::write_json_pretty(
             &dir.join("adapter_config.json"),
             &peft_config(&self.spec, base_model),

@@ -2,7 +2,7 @@
 //! minijinja the way Hugging Face renders it: `trim_blocks` and `lstrip_blocks` on, Python string
 //! methods available, `raise_exception` and `strftime_now` registered.
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -60,7 +60,7 @@ impl ChatTemplate {
     pub fn new(source: &str, bos_token: &str, eos_token: &str, origin: &str) -> Result<Self> {
         let mut env = hf_environment();
         env.add_template_owned("chat_template", source.to_string())
-            .map_err(|e| anyhow::anyhow!("chat template from {origin}: {e:#}"))?;
+            .map_err(|e| crate::error::err!("chat template from {origin}: {e:#}"))?;
         Ok(Self {
             env,
             bos_token: bos_token.into(),
@@ -94,7 +94,7 @@ impl ChatTemplate {
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
         })
-        .map_err(|e| anyhow::anyhow!("rendering the chat template from {}: {e:#}", self.origin))
+        .map_err(|e| crate::error::err!("rendering the chat template from {}: {e:#}", self.origin))
         .context("chat template")
     }
 }

@@ -1,6 +1,6 @@
 //! Llama hyper-parameters, read from a HF `config.json` or a GGUF header.
 
-use anyhow::{bail, Context, Result};
+use crate::error::{bail, Context, Result};
 use candle_core::quantized::gguf_file;
 use serde::Deserialize;
 use std::path::Path;

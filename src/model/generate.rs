@@ -7,7 +7,7 @@
 
 use super::llama::{build_mask, build_positions, KvCache, Mode};
 use super::Model;
-use anyhow::Result;
+use crate::error::Result;
 use candle_core::Tensor;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;

@@ -17,7 +17,7 @@
 use super::adapter::Adapter;
 use super::attention::MASK_NEG;
 use super::lora::{Lora, LoraSpec, Projection};
-use anyhow::{bail, Context, Result};
+use crate::error::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::quantized::QMatMul;
 use candle_core::{CpuStorage, DType, Device, Layout, Module, Shape, Tensor, Var, D};
@@ -534,7 +534,7 @@ impl Llama {
         cache: Option<&mut KvCache>,
         mode: Mode,
     ) -> Result<Tensor> {
-        anyhow::ensure!(
+        crate::error::ensure!(
             !mode.checkpoint,
             "internal: a checkpointed forward must keep its checkpoint (forward_hidden_ckpt)"
         );
@@ -586,7 +586,7 @@ impl Llama {
         };
         let checkpoint = mode.checkpoint && mode.train;
         // A recomputed layer could not append to a cache a second time, and training has none.
-        anyhow::ensure!(
+        crate::error::ensure!(
             !(checkpoint && cache.is_some()),
             "internal: gradient checkpointing runs without a KV cache"
         );

@@ -2,7 +2,7 @@
 //! zero, so an untrained adapter is exactly the base model. Adapters are kept in f32 (f64 on an
 //! f64 base) whatever the base dtype.
 
-use anyhow::Result;
+use crate::error::Result;
 use candle_core::{Tensor, Var};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};

@@ -14,7 +14,7 @@ pub mod prefix;
 pub mod source;
 pub mod tokenizer;
 
-use anyhow::{bail, Context, Result};
+use crate::error::{bail, Context, Result};
 use candle_core::quantized::{gguf_file, QMatMul};
 use candle_core::{DType, Device, Tensor};
 use config::LlamaConfig;
@@ -155,7 +155,7 @@ impl Model {
             ModelFiles::Gguf(p) => {
                 let mut f = std::fs::File::open(p)?;
                 let content = gguf_file::Content::read(&mut f).map_err(|e| {
-                    anyhow::anyhow!("{}: not a readable GGUF file: {e}", p.display())
+                    crate::error::err!("{}: not a readable GGUF file: {e}", p.display())
                 })?;
                 let meta = source::meta_from_gguf(&content, p)?;
                 let llama = load_gguf(&content, &mut f, &meta.config, opts)
@@ -247,15 +247,13 @@ impl Model {
         let mut cfg = l.cfg.clone();
         cfg.tie_word_embeddings = false;
         let st = out.join("model.safetensors");
-        let tmp = crate::fsutil::tmp_sibling(&st);
-        candle_core::safetensors::save(&map, &tmp)?;
-        std::fs::rename(&tmp, &st)?;
+        crate::fsutil::write_atomic_via(&st, |tmp| Ok(candle_core::safetensors::save(&map, tmp)?))?;
         crate::fsutil::write_json_pretty(&out.join("config.json"), &cfg.to_hf_json())?;
         let tok = &self.meta.tok;
         let tj = out.join("tokenizer.json");
         tok.inner
             .save(&tj, true)
-            .map_err(|e| anyhow::anyhow!("writing {}: {e}", tj.display()))?;
+            .map_err(|e| crate::error::err!("writing {}: {e}", tj.display()))?;
         let mut tc = serde_json::json!({
             "bos_token": tok.bos_token,
             "eos_token": tok.eos_token,
@@ -292,7 +290,7 @@ impl GgufTensors<'_> {
     fn quantized(&mut self, name: &str) -> Result<candle_core::quantized::QTensor> {
         self.content
             .tensor(self.file, name, &self.opts.device)
-            .map_err(|e| anyhow::anyhow!("tensor {name}: {e}"))
+            .map_err(|e| crate::error::err!("tensor {name}: {e}"))
     }
 
     /// A small tensor (norm weights, embeddings), always dequantized.

@@ -11,7 +11,7 @@
 
 use super::llama::{build_mask, build_positions, KvCache, Mode};
 use super::Model;
-use anyhow::Result;
+use crate::error::Result;
 use candle_core::{DType, Tensor};
 
 struct Node {
@@ -253,7 +253,7 @@ pub fn prefill_shared(
     prompts: &[&[u32]],
     cap: usize,
 ) -> Result<(KvCache, Vec<usize>, Vec<Vec<f32>>)> {
-    anyhow::ensure!(
+    crate::error::ensure!(
         prompts.iter().all(|p| !p.is_empty()),
         "shared-prefix prefill needs non-empty prompts (prompt {} is empty)",
         prompts.iter().position(|p| p.is_empty()).unwrap_or(0)

@@ -5,8 +5,8 @@
 use super::chat::ChatTemplate;
 use super::config::LlamaConfig;
 use super::tokenizer::{self, Tok};
+use crate::error::{bail, Context, Result};
 use crate::fsutil::sha256_hex;
-use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file;
 use std::path::{Path, PathBuf};
 
@@ -303,7 +303,7 @@ fn from_hub(
             Err(hf_hub::api::sync::ApiError::RequestError(e)) if e.to_string().contains("404") => {
                 Ok(None)
             }
-            Err(e) => Err(anyhow::anyhow!("{e}")),
+            Err(e) => Err(crate::error::err!("{e}")),
         }
     };
     let hint = || {
@@ -360,8 +360,9 @@ pub fn load_meta(src: &ModelSource) -> Result<ModelMeta> {
     match &src.files {
         ModelFiles::Gguf(p) => {
             let mut f = std::fs::File::open(p)?;
-            let content = gguf_file::Content::read(&mut f)
-                .map_err(|e| anyhow::anyhow!("{}: not a readable GGUF file: {e}", p.display()))?;
+            let content = gguf_file::Content::read(&mut f).map_err(|e| {
+                crate::error::err!("{}: not a readable GGUF file: {e}", p.display())
+            })?;
             meta_from_gguf(&content, p)
         }
         ModelFiles::Hf {

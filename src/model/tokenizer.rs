@@ -4,7 +4,7 @@
 //! candle's GGUF helper gets SmolLM2's pre-tokenizer wrong, so [`from_gguf`] builds the byte-level
 //! BPE tokenizer itself (digits split, byte-level without prefix space, special tokens added).
 
-use anyhow::{bail, Context, Result};
+use crate::error::{bail, Context, Result};
 use candle_core::quantized::gguf_file;
 use std::path::Path;
 
@@ -28,7 +28,7 @@ impl Tok {
         let enc = self
             .inner
             .encode(text, false)
-            .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+            .map_err(|e| crate::error::err!("tokenizing: {e}"))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if add_bos && self.add_bos {
             if let Some(b) = self.bos_id {
@@ -42,7 +42,7 @@ impl Tok {
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner
             .decode(ids, skip_special)
-            .map_err(|e| anyhow::anyhow!("decoding: {e}"))
+            .map_err(|e| crate::error::err!("decoding: {e}"))
     }
 
     pub fn is_stop(&self, id: u32) -> bool {
@@ -56,7 +56,7 @@ impl Tok {
     /// From an HF folder's tokenizer.json (+ tokenizer_config.json for special tokens).
     pub fn from_hf(tokenizer_json: &Path, tcfg: &serde_json::Value) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_file(tokenizer_json)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", tokenizer_json.display()))?;
+            .map_err(|e| crate::error::err!("{}: {e}", tokenizer_json.display()))?;
         let tok_str = |k: &str| -> Option<String> {
             match tcfg.get(k)? {
                 serde_json::Value::String(s) => Some(s.clone()),
@@ -196,7 +196,7 @@ pub fn from_gguf(content: &gguf_file::Content, path: &Path) -> Result<Tok> {
             "ignore_merges": false, "vocab": vocab, "merges": merges},
     });
     let inner: tokenizers::Tokenizer = std::str::FromStr::from_str(&json.to_string())
-        .map_err(|e| anyhow::anyhow!("{}: building the tokenizer: {e}", path.display()))?;
+        .map_err(|e| crate::error::err!("{}: building the tokenizer: {e}", path.display()))?;
     let id = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
     let eos_id =
         id("tokenizer.ggml.eos_token_id").context("GGUF lacks tokenizer.ggml.eos_token_id")?;

@@ -8,10 +8,10 @@
 use super::prompts::{Polarity, PromptRow};
 use super::{Built, Ctx};
 use crate::cache::KeyMaterial;
+use crate::error::{bail, Context, Result};
 use crate::fsutil::{read_jsonl, write_jsonl};
 use crate::model::generate::{self as gen, Finish, Request};
 use crate::model::WeightsMode;
-use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

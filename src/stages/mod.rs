@@ -13,8 +13,8 @@ pub mod train;
 
 use crate::cache::{Cache, KeyMaterial, Lookup, Manifest};
 use crate::config::{Loaded, Settings};
+use crate::error::{bail, Result};
 use crate::recipe::Recipe;
-use anyhow::{bail, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -8,9 +8,9 @@ use super::scrape::TitleRow;
 use super::{Built, Ctx};
 use crate::cache::KeyMaterial;
 use crate::config::{PromptStyle, Shot};
+use crate::error::{Context, Result};
 use crate::fsutil::{read_jsonl, sha256_file, sha256_hex, write_jsonl};
 use crate::model::chat::{hf_environment, ChatTemplate, Message};
-use anyhow::{Context, Result};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -138,13 +138,13 @@ impl Templates {
 }
 
 /// "templates/plain.jinja:3: undefined value ..." rather than a bare message.
-fn template_error(e: &minijinja::Error) -> anyhow::Error {
+fn template_error(e: &minijinja::Error) -> crate::error::Error {
     let loc = match (e.name(), e.line()) {
         (Some(n), Some(l)) => format!("{n}:{l}: "),
         (Some(n), None) => format!("{n}: "),
         _ => String::new(),
     };
-    anyhow::anyhow!(
+    crate::error::err!(
         "{loc}{}",
         e.detail()
             .map(str::to_string)

@@ -8,9 +8,9 @@
 use super::{Built, Ctx};
 use crate::cache::KeyMaterial;
 use crate::config::ScrapeSettings;
+use crate::error::{bail, Context, Result};
 use crate::fsutil::{sha256_hex, write_atomic, write_jsonl};
 use crate::recipe::PageSource;
-use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -133,7 +133,7 @@ pub fn build(ctx: &Ctx, page: &Page, out: &Path) -> Result<Built> {
     let source = &page.label;
     let html = String::from_utf8_lossy(&page.bytes);
     let parsed = parse_titles(&html, &s.selector).map_err(|e| {
-        anyhow::anyhow!(
+        crate::error::err!(
             "{e}\n  (selector set at {})",
             ctx.loaded.origin("scrape.selector")
         )
@@ -148,7 +148,7 @@ pub fn build(ctx: &Ctx, page: &Page, out: &Path) -> Result<Built> {
         );
     }
     let sample = sample_titles(&parsed.titles, s.count, s.seed).map_err(|e| {
-        anyhow::anyhow!(
+        crate::error::err!(
             "{e} in {source}; lower scrape.count ({})",
             ctx.loaded.origin("scrape.count")
         )
@@ -179,7 +179,7 @@ pub struct Parsed {
 /// parser), whitespace folded, empties and duplicates dropped, page order kept.
 pub fn parse_titles(html: &str, selector: &str) -> Result<Parsed> {
     let sel = scraper::Selector::parse(selector).map_err(|e| {
-        anyhow::anyhow!("scrape.selector `{selector}` is not a valid CSS selector: {e}")
+        crate::error::err!("scrape.selector `{selector}` is not a valid CSS selector: {e}")
     })?;
     let doc = scraper::Html::parse_document(html);
     let mut seen = HashSet::new();

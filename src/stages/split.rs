@@ -4,8 +4,8 @@
 use super::merge::Pair;
 use super::{Built, Ctx};
 use crate::cache::KeyMaterial;
+use crate::error::{bail, Context, Result};
 use crate::fsutil::{read_jsonl, write_atomic_with};
-use anyhow::{bail, Context, Result};
 use arrow_array::{ArrayRef, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
 use std::collections::BTreeMap;

@@ -7,9 +7,9 @@ use super::{Built, Ctx};
 use crate::cache::{KeyMaterial, Lookup};
 use crate::config::TrainSettings;
 use crate::dpo::{charts, data, trainer};
+use crate::error::{Context, Result};
 use crate::fsutil::{sha256_file, write_atomic, write_json_pretty};
 use crate::model::Model;
-use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -21,7 +21,7 @@ type RefLogps = Vec<(f32, f32)>;
 
 fn dataset_files(ctx: &Ctx, p: &Path) -> Result<Vec<PathBuf>> {
     data::parquet_files(p).map_err(|e| {
-        anyhow::anyhow!(
+        crate::error::err!(
             "{e} ({}); point it at a Parquet file or a folder holding some",
             ctx.loaded.origin("train.dataset")
         )

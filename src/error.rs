@@ -1,0 +1,138 @@
+//! The library's error type. Callers can match on what went wrong (a bad recipe, a bad input
+//! file, a model that cannot be used, training that diverged, ...); every layer adds context with
+//! [`Context`], and the binary prints the chain (`error: ...`, `caused by: ...`).
+
+use std::fmt::Display;
+
+/// What went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The recipe (file, preset, `--set`) cannot be used.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// Input that cannot be used as it is: a file, a row, a page, a model. The message names it
+    /// and says what to do.
+    #[error("{0}")]
+    Invalid(String),
+    /// A failure, with what was being done when it happened. Displays as the whole chain,
+    /// `context: cause`, so a message that embeds an error keeps its reason.
+    #[error("{context}: {cause}")]
+    Context { context: String, cause: Box<Error> },
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Parquet(#[from] parquet::errors::ParquetError),
+    #[error(transparent)]
+    Arrow(#[from] arrow_schema::ArrowError),
+    #[error(transparent)]
+    Template(#[from] minijinja::Error),
+    #[error(transparent)]
+    Http(#[from] reqwest::Error),
+    #[error(transparent)]
+    Hub(#[from] hf_hub::api::sync::ApiError),
+    #[error(transparent)]
+    Safetensors(#[from] safetensors::SafeTensorError),
+    /// Errors of libraries that box theirs (tokenizers, the chart backend).
+    #[error(transparent)]
+    Other(#[from] Box<dyn std::error::Error + Send + Sync>),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn msg(m: impl Display) -> Self {
+        Error::Invalid(m.to_string())
+    }
+
+    /// What went wrong underneath every added context.
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::Context { cause, .. } => cause.root(),
+            e => e,
+        }
+    }
+
+    /// Wrap an error of a library that has no variant here.
+    pub fn other(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Error::Other(e.into())
+    }
+}
+
+/// Small standard errors a message's context explains (a malformed number, bad UTF-8).
+macro_rules! other_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Error {
+            fn from(e: $t) -> Self {
+                Error::Other(Box::new(e))
+            }
+        }
+    )*};
+}
+other_from!(
+    std::num::ParseIntError,
+    std::num::ParseFloatError,
+    std::string::FromUtf8Error,
+    std::str::Utf8Error
+);
+
+// The chart backend's error is generic over the drawing backend.
+impl<E: std::error::Error + Send + Sync + 'static> From<plotters::drawing::DrawingAreaErrorKind<E>>
+    for Error
+{
+    fn from(e: plotters::drawing::DrawingAreaErrorKind<E>) -> Self {
+        Error::Other(Box::new(e))
+    }
+}
+
+/// Context for results and options: `.context("reading x")?`, `.with_context(|| ...)?`.
+pub trait Context<T> {
+    fn context(self, c: impl Display) -> Result<T>;
+    fn with_context<C: Display>(self, f: impl FnOnce() -> C) -> Result<T>;
+}
+
+impl<T, E: Into<Error>> Context<T> for std::result::Result<T, E> {
+    fn context(self, c: impl Display) -> Result<T> {
+        self.map_err(|e| Error::Context {
+            context: c.to_string(),
+            cause: Box::new(e.into()),
+        })
+    }
+
+    fn with_context<C: Display>(self, f: impl FnOnce() -> C) -> Result<T> {
+        self.map_err(|e| Error::Context {
+            context: f().to_string(),
+            cause: Box::new(e.into()),
+        })
+    }
+}
+
+impl<T> Context<T> for Option<T> {
+    fn context(self, c: impl Display) -> Result<T> {
+        self.ok_or_else(|| Error::Invalid(c.to_string()))
+    }
+
+    fn with_context<C: Display>(self, f: impl FnOnce() -> C) -> Result<T> {
+        self.ok_or_else(|| Error::Invalid(f().to_string()))
+    }
+}
+
+/// `Error::Invalid(format!(...))`.
+macro_rules! err {
+    ($($t:tt)*) => { $crate::error::Error::Invalid(format!($($t)*)) };
+}
+
+/// `return Err(err!(...))`.
+macro_rules! bail {
+    ($($t:tt)*) => { return Err($crate::error::err!($($t)*).into()) };
+}
+
+/// `bail!(...)` unless the condition holds.
+macro_rules! ensure {
+    ($cond:expr, $($t:tt)*) => { if !$cond { $crate::error::bail!($($t)*) } };
+}
+
+pub(crate) use {bail, ensure, err};
