@@ -245,7 +245,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::MergeAdapter { adapter, out } => {
             let recipe = open(g, Network::Allowed)?;
             let ctx = Ctx::new(&recipe, &g.workdir, g.quiet);
-            crate::export_guard::check_merge_out(&ctx, &out)?;
+            crate::export_guard::refuse_base_folder(&out, recipe.model(&recipe.train)?)?;
             let mut model = recipe.load(&recipe.train)?;
             model.load_adapter(&adapter)?;
             model.llama.merge_adapter()?;

@@ -13,35 +13,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// Why a recipe cannot be loaded. Every variant names where the bad value came from.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config {path}: {source}; pass --config FILE or create it")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{origin}: invalid TOML: {msg}")]
-    Syntax { origin: String, msg: String },
-    #[error("{origin}: unknown key `{key}`{suggestion}")]
-    UnknownKey {
-        origin: String,
-        key: String,
-        suggestion: String,
-    },
-    #[error("{origin}: {msg}")]
-    Type { origin: String, msg: String },
-    #[error("{origin}: {key}: {why}")]
-    Invalid {
-        origin: String,
-        key: String,
-        why: String,
-    },
-    #[error("--set {arg}: expected KEY=VALUE, e.g. --set split.seed=7")]
-    SetSyntax { arg: String },
-    #[error("--preset {name}: no such preset; choose one of: {choices}")]
-    UnknownPreset { name: String, choices: String },
-}
+pub use crate::error::ConfigError;
 
 type Result<T, E = ConfigError> = std::result::Result<T, E>;
 

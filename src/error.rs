@@ -3,13 +3,44 @@
 //! [`Context`], and the binary prints the chain (`error: ...`, `caused by: ...`).
 
 use std::fmt::Display;
+use std::path::PathBuf;
+
+/// Why a recipe cannot be loaded. Every variant names where the bad value came from.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}; pass --config FILE or create it")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{origin}: invalid TOML: {msg}")]
+    Syntax { origin: String, msg: String },
+    #[error("{origin}: unknown key `{key}`{suggestion}")]
+    UnknownKey {
+        origin: String,
+        key: String,
+        suggestion: String,
+    },
+    #[error("{origin}: {msg}")]
+    Type { origin: String, msg: String },
+    #[error("{origin}: {key}: {why}")]
+    Invalid {
+        origin: String,
+        key: String,
+        why: String,
+    },
+    #[error("--set {arg}: expected KEY=VALUE, e.g. --set split.seed=7")]
+    SetSyntax { arg: String },
+    #[error("--preset {name}: no such preset; choose one of: {choices}")]
+    UnknownPreset { name: String, choices: String },
+}
 
 /// What went wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The recipe (file, preset, `--set`) cannot be used.
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] ConfigError),
     /// Input that cannot be used as it is: a file, a row, a page, a model. The message names it
     /// and says what to do.
     #[error("{0}")]

@@ -238,12 +238,6 @@ fn remove_export(dir: &Path, files: &[String]) {
     }
 }
 
-/// `merge-adapter --out` against the model `train.model` (or `generate.model`) names.
-pub fn check_merge_out(ctx: &crate::stages::Ctx, out: &Path) -> Result<()> {
-    let base = ctx.recipe.model(&ctx.recipe.train)?;
-    refuse_base_folder(out, base)
-}
-
 /// Refuse an output folder that is, or lies inside, the base model's folder (for a GGUF: the
 /// folder holding the file, by the path given and by the file's real location), or that names one
 /// of the base model's files.

@@ -510,14 +510,14 @@ fn a_title_with_special_token_text_reaches_the_model_as_text() {
         );
     }
     // The neutralized title alone tokenizes to no special id.
-    let specials_text = reviewer2::special_text::special_texts(tok);
+    let specials_text = reviewer2::model::special_text::special_texts(tok);
     assert!(specials_text.iter().any(|s| s == "<|im_end|>"));
-    let t = reviewer2::special_text::neutralize("Foo <|im_end|> bar", &specials_text);
+    let t = reviewer2::model::special_text::neutralize("Foo <|im_end|> bar", &specials_text);
     let ids = tok.encode(&t, false).unwrap();
     assert!(ids.iter().all(|i| !specials.contains(i)), "{ids:?}");
     // Ordinary text is untouched.
     assert!(matches!(
-        reviewer2::special_text::neutralize("Attention Is All You Need", &specials_text),
+        reviewer2::model::special_text::neutralize("Attention Is All You Need", &specials_text),
         std::borrow::Cow::Borrowed(_)
     ));
 }

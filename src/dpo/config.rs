@@ -2,7 +2,7 @@
 //!
 //! Every setting with a fixed set of values is an enum, so an unknown value is refused where the
 //! recipe is parsed (with the valid choices) and no code compares strings later. The recipe
-//! ([`crate::config`]) composes this section; nothing here knows about files or `--set`.
+//! (the `config` module) composes this section; nothing here knows about files or `--set`.
 
 use crate::model::lora::{LoraSpec, Projection};
 use crate::model::DeviceChoice;

@@ -231,7 +231,7 @@ fn read_rows(path: &Path) -> Result<(Vec<RawRow>, Kind)> {
         let batch = batch?;
         let base = out.len();
         let strings = |name: &str| -> Result<Vec<String>> {
-            let v = crate::stages::split::string_column(&batch, name, path)?
+            let v = string_column(&batch, name, path)?
                 .with_context(|| format!("{}: no `{name}` column", path.display()))?;
             // string_column reads a null as "": both are refused here.
             if let Some(i) = v.iter().position(|s| s.trim().is_empty()) {
@@ -288,4 +288,27 @@ fn read_rows(path: &Path) -> Result<(Vec<RawRow>, Kind)> {
         }
     }
     Ok((out, kind))
+}
+
+/// A column of `Utf8` or `LargeUtf8` strings (nulls read as ""); `None` if the batch lacks it.
+pub fn string_column(
+    batch: &arrow_array::RecordBatch,
+    name: &str,
+    path: &Path,
+) -> Result<Option<Vec<String>>> {
+    use arrow_array::cast::AsArray;
+    let Some(c) = batch.column_by_name(name) else {
+        return Ok(None);
+    };
+    if let Some(s) = c.as_string_opt::<i32>() {
+        return Ok(Some(
+            s.iter().map(|v| v.unwrap_or("").to_string()).collect(),
+        ));
+    }
+    if let Some(s) = c.as_string_opt::<i64>() {
+        return Ok(Some(
+            s.iter().map(|v| v.unwrap_or("").to_string()).collect(),
+        ));
+    }
+    bail!("{}: column `{name}` is not a string column", path.display())
 }

@@ -27,7 +27,7 @@ pub struct ChatTemplate {
     /// Where the template came from, for error messages.
     pub origin: String,
     source: String,
-    /// Special tokens' texts, neutralized in message contents (see [`crate::special_text`]).
+    /// Special tokens' texts, neutralized in message contents (see [`crate::model::special_text`]).
     specials: Vec<String>,
 }
 
@@ -87,7 +87,7 @@ impl ChatTemplate {
 
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let t = self.env.get_template("chat_template")?;
-        let messages = crate::special_text::neutralize_messages(messages, &self.specials);
+        let messages = crate::model::special_text::neutralize_messages(messages, &self.specials);
         t.render(minijinja::context! {
             messages => messages.as_ref(),
             add_generation_prompt => add_generation_prompt,

@@ -148,7 +148,7 @@ pub fn generate(
     batch_size: usize,
     mut on_done: impl FnMut(Output, &Stats) -> Result<()>,
 ) -> Result<Stats> {
-    crate::limits::check_generation_fits(
+    crate::model::limits::check_generation_fits(
         model.llama.cfg.max_position_embeddings,
         s.max_new_tokens,
         reqs.iter()

@@ -7,11 +7,13 @@ pub mod attention;
 pub mod chat;
 pub mod config;
 pub mod generate;
+pub mod limits;
 pub mod llama;
 pub mod lora;
 mod names;
 pub mod prefix;
 pub mod source;
+pub mod special_text;
 pub mod tokenizer;
 
 use crate::error::{bail, Context, Result};

@@ -386,7 +386,7 @@ pub fn load_meta(src: &ModelSource) -> Result<ModelMeta> {
                         &tok.eos_token,
                         &tokenizer_config.as_ref().unwrap().display().to_string(),
                     )?
-                    .with_special_texts(crate::special_text::special_texts(&tok)),
+                    .with_special_texts(crate::model::special_text::special_texts(&tok)),
                 ),
                 _ => None,
             };
@@ -410,7 +410,7 @@ pub fn meta_from_gguf(content: &gguf_file::Content, p: &Path) -> Result<ModelMet
                 &tok.eos_token,
                 &format!("{} (tokenizer.chat_template)", p.display()),
             )?
-            .with_special_texts(crate::special_text::special_texts(&tok)),
+            .with_special_texts(crate::model::special_text::special_texts(&tok)),
         ),
         None => None,
     };

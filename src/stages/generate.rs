@@ -105,7 +105,7 @@ pub fn build(ctx: &Ctx, prompts_dir: &Path, key: &str, out: &Path) -> Result<Bui
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        crate::limits::check_generation_fits(
+        crate::model::limits::check_generation_fits(
             model.llama.cfg.max_position_embeddings,
             g.max_new_tokens,
             reqs.iter().map(|r| {

@@ -88,7 +88,7 @@ pub fn read_parquet(path: &Path) -> Result<Vec<Pair>> {
     for batch in reader {
         let batch = batch?;
         let get = |name: &str| -> Result<Vec<String>> {
-            string_column(&batch, name, path)?.with_context(|| {
+            crate::dpo::data::string_column(&batch, name, path)?.with_context(|| {
                 format!(
                     "{}: no column `{name}` (a preference set needs prompt, chosen, rejected)",
                     path.display()
@@ -107,23 +107,4 @@ pub fn read_parquet(path: &Path) -> Result<Vec<Pair>> {
         }
     }
     Ok(out)
-}
-
-/// A column of `Utf8` or `LargeUtf8` strings (nulls read as ""); `None` if the batch lacks it.
-pub fn string_column(batch: &RecordBatch, name: &str, path: &Path) -> Result<Option<Vec<String>>> {
-    use arrow_array::cast::AsArray;
-    let Some(c) = batch.column_by_name(name) else {
-        return Ok(None);
-    };
-    if let Some(s) = c.as_string_opt::<i32>() {
-        return Ok(Some(
-            s.iter().map(|v| v.unwrap_or("").to_string()).collect(),
-        ));
-    }
-    if let Some(s) = c.as_string_opt::<i64>() {
-        return Ok(Some(
-            s.iter().map(|v| v.unwrap_or("").to_string()).collect(),
-        ));
-    }
-    bail!("{}: column `{name}` is not a string column", path.display())
 }
