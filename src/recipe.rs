@@ -152,8 +152,15 @@ impl Recipe {
         if let Some(s) = plan.source.get() {
             return Ok(s);
         }
-        let src = source::resolve_spec(&plan.spec, &self.hub, &self.memo)
-            .with_context(|| format!("{} ({})", plan.key, self.loaded.origin(plan.key)))?;
+        let hint = match plan.spec {
+            ModelSpec::Hub { .. } => {
+                "; without the Hub, `pipeline run --preset quick` runs everything offline with SmolLM2"
+            }
+            _ => "",
+        };
+        let src = source::resolve_spec(&plan.spec, &self.hub, &self.memo).with_context(|| {
+            format!("{} ({}){hint}", plan.key, self.loaded.origin(plan.key))
+        })?;
         Ok(plan.source.get_or_init(|| src))
     }
 

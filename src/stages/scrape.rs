@@ -86,13 +86,10 @@ pub fn page(ctx: &Ctx, fetch: bool) -> Result<Option<Page>> {
                         label: url.clone(),
                     },
                     Err(e) if *fallback => {
-                        tracing::warn!(
-                            "{e:#}\n  using the {BUNDLED_NAME} instead (scrape.fallback = true)"
-                        );
                         if !ctx.quiet {
                             eprintln!(
-                                "{:>12} {url} could not be fetched; using the {BUNDLED_NAME} (set scrape.fallback = false to fail instead)",
-                                "Warning"
+                                "{:>12} {e}\n{:>12} using the {BUNDLED_NAME} instead (set scrape.fallback = false to fail)",
+                                "Warning", ""
                             );
                         }
                         Page {
