@@ -203,6 +203,17 @@ fn final_files_are_whole(cache: &Path, src: &Path) -> usize {
     n
 }
 
+/// `fault` on every body request of the weights, nothing else.
+fn on_weights(fault: Fault) -> Plan {
+    Box::new(move |file, probe, _| {
+        if file == "model.safetensors" && !probe {
+            fault
+        } else {
+            Fault::None
+        }
+    })
+}
+
 fn parts(cache: &Path) -> Vec<String> {
     std::fs::read_dir(repo_dir(cache).join("blobs"))
         .map(|d| {
@@ -257,14 +268,7 @@ fn lasting_faults_end_in_an_error_naming_the_repo_and_file_and_a_cut_file_resume
     tiny_folder(&src);
     let cache = d.path().join("hub");
     for fault in [Fault::Status(502), Fault::Cut] {
-        let plan: Plan = Box::new(move |file, probe, _| {
-            if file == "model.safetensors" && !probe {
-                fault
-            } else {
-                Fault::None
-            }
-        });
-        let (url, log) = hub(src.clone(), plan);
+        let (url, log) = hub(src.clone(), on_weights(fault));
         let e = format!("{:#}", download(&cache, &url).unwrap_err());
         for want in [REPO, "model.safetensors", "in 4 tries", "run again", &url] {
             assert!(e.contains(want), "{fault:?}: {want:?} not in: {e}");
@@ -300,14 +304,7 @@ fn a_file_that_does_not_match_its_hash_is_refused_and_deleted() {
     tiny_folder(&src);
     for fault in [Fault::Corrupt, Fault::Short] {
         let cache = d.path().join(format!("hub-{fault:?}"));
-        let plan: Plan = Box::new(move |file, probe, _| {
-            if file == "model.safetensors" && !probe {
-                fault
-            } else {
-                Fault::None
-            }
-        });
-        let (url, _) = hub(src.clone(), plan);
+        let (url, _) = hub(src.clone(), on_weights(fault));
         let e = format!("{:#}", download(&cache, &url).unwrap_err());
         for want in [REPO, "model.safetensors", "SHA-256", "was deleted"] {
             assert!(e.contains(want), "{fault:?}: {want:?} not in: {e}");
