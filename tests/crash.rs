@@ -208,7 +208,10 @@ fn compare(a: &Path, b: &Path) -> u64 {
             serde_json::from_slice(&std::fs::read(da.join("manifest.json")).unwrap()).unwrap();
         for f in m["files"].as_array().unwrap() {
             let n = f["name"].as_str().unwrap();
-            let (x, y) = (std::fs::read(da.join(n)).unwrap(), std::fs::read(db.join(n)));
+            let (x, y) = (
+                std::fs::read(da.join(n)).unwrap(),
+                std::fs::read(db.join(n)),
+            );
             if n == "summary.json" {
                 // The run's report: its wall time and the checkpoint it resumed from differ by
                 // design; everything else in it must be equal.
@@ -387,7 +390,10 @@ fn crash_consistency(full: bool, default_kills: usize) {
                 }
                 None => {
                     missed += 1;
-                    eprintln!("crash-test: round {round}: the run ended before the kill aimed at {}", STAGES[t]);
+                    eprintln!(
+                        "crash-test: round {round}: the run ended before the kill aimed at {}",
+                        STAGES[t]
+                    );
                 }
             }
         }
