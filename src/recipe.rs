@@ -158,9 +158,8 @@ impl Recipe {
             }
             _ => "",
         };
-        let src = source::resolve_spec(&plan.spec, &self.hub, &self.memo).with_context(|| {
-            format!("{} ({}){hint}", plan.key, self.loaded.origin(plan.key))
-        })?;
+        let src = source::resolve_spec(&plan.spec, &self.hub, &self.memo)
+            .with_context(|| format!("{} ({}){hint}", plan.key, self.loaded.origin(plan.key)))?;
         Ok(plan.source.get_or_init(|| src))
     }
 

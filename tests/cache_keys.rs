@@ -96,3 +96,47 @@ fn quantized_generation_keys_on_batch_size_and_dense_does_not() {
     // status built nothing.
     assert!(!d.path().join("cache/scrape").exists());
 }
+
+#[test]
+fn reference_log_probs_are_keyed_on_device_and_dtype() {
+    let d = tempdir();
+    let cfg = repo().join("pipeline.toml");
+    let model = format!("generate.model={}", smollm2().display());
+    let work = d.path().join("w");
+    let mut args = vec![
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--preset",
+        "quick",
+        "--workdir",
+        work.to_str().unwrap(),
+        "--set",
+        &model,
+    ];
+    for s in [
+        "scrape.count=4",
+        "split.train=2",
+        "split.test=1",
+        "generate.max_new_tokens=4",
+        "train.max_steps=1",
+        "train.batch_size=1",
+        "train.eval_steps=0",
+    ] {
+        args.extend(["--set", s]);
+    }
+    pipeline_ok(d.path(), &args);
+    let refs: Vec<_> = std::fs::read_dir(work.join("cache/train-ref"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().join("manifest.json").is_file())
+        .collect();
+    assert_eq!(refs.len(), 1);
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(refs[0].path().join("manifest.json")).unwrap())
+            .unwrap();
+    let s = &m["material"]["settings"];
+    // Log-probs differ between devices and dtypes: a GPU run must not reuse CPU ones.
+    assert_eq!(s["device"], "cpu", "{m}");
+    assert_eq!(s["dtype"], "f32", "{m}");
+}

@@ -20,6 +20,17 @@ pub enum Loss {
 }
 
 impl Loss {
+    /// The name as the recipe spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Loss::Sigmoid => "sigmoid",
+            Loss::Hinge => "hinge",
+            Loss::Ipo => "ipo",
+            Loss::Robust => "robust",
+            Loss::Kto => "kto",
+        }
+    }
+
     /// IPO compares length-averaged log-probs; every other loss sums them.
     pub fn averages_logps(self) -> bool {
         self == Loss::Ipo

@@ -139,9 +139,10 @@ fn load(path: &Path, loss: Option<Loss>) -> Result<RawSplits> {
             let want = kind_for_loss(loss);
             if kind != want {
                 bail!(
-                    "{} holds {}, but train.loss = {loss:?} trains on {}; {}",
+                    "{} holds {}, but train.loss = \"{}\" trains on {}; {}",
                     f.display(),
                     kind.describe(),
+                    loss.name(),
                     want.describe(),
                     match want {
                         Kind::Unpaired => "set a pairwise train.loss (sigmoid, hinge, ipo, robust) or give it unpaired data",

@@ -284,6 +284,7 @@ fn from_hub(
         hf_hub::Repo::with_revision(repo_id.into(), hf_hub::RepoType::Model, revision.into());
     let cached = cache.repo(repo.clone());
     let offline = hub.offline;
+    let endpoint = hub.endpoint.as_deref().unwrap_or("https://huggingface.co");
     let fetch = |name: &str| -> Result<Option<PathBuf>> {
         if let Some(p) = cached.get(name) {
             return Ok(Some(p));
@@ -298,13 +299,38 @@ fn from_hub(
             api = api.with_endpoint(e.clone());
         }
         let api = api.build()?;
-        match api.repo(repo.clone()).get(name) {
-            Ok(p) => Ok(Some(p)),
-            Err(hf_hub::api::sync::ApiError::RequestError(e)) if e.to_string().contains("404") => {
-                Ok(None)
+        // hf-hub 0.4.3 does not retry by default (its `with_retries` covers only the body, not
+        // the metadata request) and never checks a download against its etag. So each file gets
+        // HUB_ATTEMPTS tries with backoff on transient faults (5xx, a cut connection, a body
+        // that fails its hash), and `check_lfs_hash` deletes a file whose SHA-256 differs from
+        // the one the Hub announced. A body cut short stays as hf-hub's `blobs/<etag>.part`
+        // (never at the final name), and the next try resumes it with a Range request.
+        let mut last = String::new();
+        for attempt in 0..HUB_ATTEMPTS {
+            if attempt > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(250 << attempt));
             }
-            Err(e) => Err(crate::error::err!("{e}")),
+            match api.repo(repo.clone()).get(name) {
+                Ok(p) => match check_lfs_hash(&p) {
+                    Ok(()) => return Ok(Some(p)),
+                    Err(why) => last = why,
+                },
+                Err(e) => match http_status(&e.to_string()) {
+                    Some(404) => return Ok(None),
+                    Some(s) if (400..500).contains(&s) && s != 408 && s != 429 => {
+                        bail!("{repo_id}@{revision}: {name}: {e}")
+                    }
+                    _ => last = e.to_string(),
+                },
+            }
+            tracing::warn!(
+                "downloading {name} from {repo_id}@{revision} failed (try {} of {HUB_ATTEMPTS}): {last}",
+                attempt + 1
+            );
         }
+        bail!(
+            "could not download {name} of the Hub repo {repo_id}@{revision} from {endpoint} in {HUB_ATTEMPTS} tries (last: {last}); check the connection or the Hub's status and run again (what was downloaded stays in the cache and a cut file resumes)"
+        )
     };
     let hint = || {
         format!(
@@ -347,6 +373,41 @@ fn from_hub(
     // The snapshot folder is named by the commit: the best identity a Hub model has.
     src.identity = format!("hub:{repo_id}@{}", file_name(&dir));
     Ok(src)
+}
+
+/// Tries per file downloaded from the Hub (waits of 0.5, 1 and 2 s between them).
+const HUB_ATTEMPTS: u32 = 4;
+
+/// The HTTP status in an hf-hub (ureq) error's text, "<url>: status code 503" (ureq is not a
+/// direct dependency, so its error type cannot be matched).
+fn http_status(err: &str) -> Option<u16> {
+    let (_, rest) = err.rsplit_once("status code ")?;
+    rest.get(..3)?.parse().ok()
+}
+
+/// An LFS file's blob is named by its etag, the SHA-256 of its content (a small git file's etag
+/// is a git SHA-1, not checked). On a mismatch the blob, its snapshot link and any partial
+/// download are deleted, so the next try (or run) downloads it afresh.
+fn check_lfs_hash(pointer: &Path) -> std::result::Result<(), String> {
+    let blob = match std::fs::read_link(pointer) {
+        Ok(t) => pointer.parent().unwrap().join(t),
+        Err(_) => return Ok(()), // not a link (hf-hub renames where symlinks fail): no etag
+    };
+    let etag = file_name(&blob);
+    if etag.len() != 64 || !etag.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(());
+    }
+    let got = crate::fsutil::sha256_file(&blob).map_err(|e| format!("{e:#}"))?;
+    if got.eq_ignore_ascii_case(&etag) {
+        return Ok(());
+    }
+    for f in [pointer.to_path_buf(), blob.with_extension("part"), blob] {
+        std::fs::remove_file(&f).ok();
+    }
+    Err(format!(
+        "{}: the downloaded file's SHA-256 is {got} but the Hub announced {etag} (its etag); the file was deleted",
+        file_name(pointer)
+    ))
 }
 
 /// Model facts needed before any weight is loaded: config, tokenizer, chat template.
