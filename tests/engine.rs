@@ -272,42 +272,6 @@ fn tokenizer_encodes_the_chat_prompt_as_the_model_expects() {
     );
 }
 
-/// A tiny random Llama written as an HF folder: safetensors + config + tokenizer.json.
-fn tiny_folder(dir: &std::path::Path) -> reviewer2::model::config::LlamaConfig {
-    let src = resolve(smollm2().to_str().unwrap(), "main").unwrap();
-    let meta = load_meta(&src).unwrap();
-    let cfg = reviewer2::model::config::LlamaConfig {
-        vocab_size: meta.config.vocab_size,
-        hidden_size: 64,
-        intermediate_size: 128,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 16,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        max_position_embeddings: 512,
-        tie_word_embeddings: true,
-    };
-    let t = reviewer2::model::random_hf_tensors(&cfg, 7, &Device::Cpu).unwrap();
-    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_vec_pretty(&cfg.to_hf_json()).unwrap(),
-    )
-    .unwrap();
-    meta.tok
-        .inner
-        .save(dir.join("tokenizer.json"), false)
-        .unwrap();
-    let tc = serde_json::json!({
-        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": false,
-        "chat_template": meta.chat.as_ref().unwrap().source(),
-    });
-    std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
-    cfg
-}
-
 fn greedy(m: &Model) -> Vec<u32> {
     let ids = chat_prompt(m, "A title");
     let mut out = Vec::new();
@@ -330,7 +294,7 @@ fn loads_and_generates_from_an_hf_folder_and_the_hub_cache() {
     let d = tempdir();
     let folder = d.path().join("tiny");
     std::fs::create_dir_all(&folder).unwrap();
-    tiny_folder(&folder);
+    tiny_folder(&folder, 64, 2);
     let src = resolve(folder.to_str().unwrap(), "main").unwrap();
     assert!(src.identity.starts_with("folder:"));
     let m = Model::load(&src, &LoadOptions::cpu_f32()).unwrap();
@@ -408,7 +372,7 @@ fn load_folder(folder: &std::path::Path) -> Model {
 fn tiny_model(dir: &std::path::Path) -> (std::path::PathBuf, Model) {
     let folder = dir.join("tiny");
     std::fs::create_dir_all(&folder).unwrap();
-    tiny_folder(&folder);
+    tiny_folder(&folder, 64, 2);
     let m = load_folder(&folder);
     (folder, m)
 }

@@ -5,12 +5,9 @@
 //! file at its final name in the hf-hub cache is ever truncated or wrong.
 
 mod common;
-use candle_core::Device;
 use common::*;
 use reviewer2::fsutil::sha256_hex;
-use reviewer2::model::source::{
-    load_meta, resolve, resolve_spec, FingerprintMemo, HubAccess, ModelSource, ModelSpec,
-};
+use reviewer2::model::source::{resolve_spec, FingerprintMemo, HubAccess, ModelSource, ModelSpec};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -127,41 +124,6 @@ fn hub(dir: PathBuf, plan: Plan) -> (String, Log) {
     (url, log)
 }
 
-/// A tiny random Llama as an HF folder (as tests/engine.rs writes one), with SmolLM2's tokenizer.
-fn tiny_folder(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    let meta = load_meta(&resolve(smollm2().to_str().unwrap(), "main").unwrap()).unwrap();
-    let cfg = reviewer2::model::config::LlamaConfig {
-        vocab_size: meta.config.vocab_size,
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_hidden_layers: 1,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 8,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        max_position_embeddings: 512,
-        tie_word_embeddings: true,
-    };
-    let t = reviewer2::model::random_hf_tensors(&cfg, 7, &Device::Cpu).unwrap();
-    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_vec_pretty(&cfg.to_hf_json()).unwrap(),
-    )
-    .unwrap();
-    meta.tok
-        .inner
-        .save(dir.join("tokenizer.json"), false)
-        .unwrap();
-    let tc = serde_json::json!({
-        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": false,
-        "chat_template": meta.chat.as_ref().unwrap().source(),
-    });
-    std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
-}
-
 fn download(cache: &Path, endpoint: &str) -> reviewer2::error::Result<ModelSource> {
     let hub = HubAccess {
         cache_dir: cache.to_path_buf(),
@@ -229,7 +191,7 @@ fn parts(cache: &Path) -> Vec<String> {
 fn transient_faults_are_retried_and_the_download_completes() {
     let d = tempdir();
     let src = d.path().join("tiny");
-    tiny_folder(&src);
+    tiny_folder(&src, 32, 1);
     let plan: Plan = Box::new(|file, probe, n| match (file, probe, n) {
         ("config.json", true, 0) => Fault::Status(503),
         ("tokenizer.json", false, 0) => Fault::Cut,
@@ -265,7 +227,7 @@ fn transient_faults_are_retried_and_the_download_completes() {
 fn lasting_faults_end_in_an_error_naming_the_repo_and_file_and_a_cut_file_resumes_later() {
     let d = tempdir();
     let src = d.path().join("tiny");
-    tiny_folder(&src);
+    tiny_folder(&src, 32, 1);
     let cache = d.path().join("hub");
     for fault in [Fault::Status(502), Fault::Cut] {
         let (url, log) = hub(src.clone(), on_weights(fault));
@@ -301,7 +263,7 @@ fn lasting_faults_end_in_an_error_naming_the_repo_and_file_and_a_cut_file_resume
 fn a_file_that_does_not_match_its_hash_is_refused_and_deleted() {
     let d = tempdir();
     let src = d.path().join("tiny");
-    tiny_folder(&src);
+    tiny_folder(&src, 32, 1);
     for fault in [Fault::Corrupt, Fault::Short] {
         let cache = d.path().join(format!("hub-{fault:?}"));
         let (url, _) = hub(src.clone(), on_weights(fault));

@@ -132,3 +132,45 @@ pub fn tiny_cfg() -> reviewer2::model::config::LlamaConfig {
         tie_word_embeddings: false,
     }
 }
+
+/// A tiny random-weight Llama written as an HF model folder, with SmolLM2's tokenizer and chat
+/// template: `hidden` wide (4 heads over 2 KV heads), `layers` deep.
+pub fn tiny_folder(
+    dir: &Path,
+    hidden: usize,
+    layers: usize,
+) -> reviewer2::model::config::LlamaConfig {
+    use reviewer2::model::source::{load_meta, resolve};
+    std::fs::create_dir_all(dir).unwrap();
+    let meta = load_meta(&resolve(smollm2().to_str().unwrap(), "main").unwrap()).unwrap();
+    let cfg = reviewer2::model::config::LlamaConfig {
+        vocab_size: meta.config.vocab_size,
+        hidden_size: hidden,
+        intermediate_size: 2 * hidden,
+        num_hidden_layers: layers,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: hidden / 4,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        max_position_embeddings: 512,
+        tie_word_embeddings: true,
+    };
+    let t = reviewer2::model::random_hf_tensors(&cfg, 7, &candle_core::Device::Cpu).unwrap();
+    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_vec_pretty(&cfg.to_hf_json()).unwrap(),
+    )
+    .unwrap();
+    meta.tok
+        .inner
+        .save(dir.join("tokenizer.json"), false)
+        .unwrap();
+    let tc = serde_json::json!({
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": false,
+        "chat_template": meta.chat.as_ref().unwrap().source(),
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
+    cfg
+}
