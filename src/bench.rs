@@ -264,7 +264,9 @@ pub fn run(recipe: &Recipe, workdir: &std::path::Path, a: BenchArgs) -> Result<(
             std::fs::remove_dir_all(&tmp).ok();
             println!(
                 "model {}, LoRA r {} on {:?} ({n_params} trainable), batch {batch_size} pairs, max_length {max_length}",
-                model.source.spec, s.lora.r, s.lora.targets
+                model.source.spec,
+                s.lora.r,
+                s.lora.targets.iter().map(|p| p.name()).collect::<Vec<_>>()
             );
             println!("| s/step | tokens/s | warm-up step s | peak RSS MiB |");
             println!("|---|---|---|---|");
