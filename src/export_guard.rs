@@ -211,6 +211,9 @@ pub fn install(staging: &Path, out: &Path, target: &ExportTarget) -> Result<()> 
             remove_export(&old, files);
         }
     }
+    if let Some(p) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        crate::fsutil::sync_dir(p);
+    }
     Ok(())
 }
 

@@ -489,7 +489,9 @@ impl Trainer<'_> {
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
             .collect();
-        candle_core::safetensors::save(&map, tmp.join("adapter.safetensors"))?;
+        crate::fsutil::write_atomic_via(&tmp.join("adapter.safetensors"), |p| {
+            Ok(candle_core::safetensors::save(&map, p)?)
+        })?;
         opt.save(&tmp.join("optimizer.safetensors"))?;
         crate::fsutil::write_json_pretty(
             &tmp.join("state.json"),
