@@ -134,9 +134,10 @@ impl Recipe {
                 source: OnceCell::new(),
             },
             network,
-            hub: HubAccess {
-                offline: HubAccess::from_env().offline || network == Network::Never,
-                ..HubAccess::from_env()
+            hub: {
+                let mut hub = HubAccess::from_env();
+                hub.offline |= network == Network::Never;
+                hub
             },
             memo: FingerprintMemo::new(Some(workdir.join("cache").join("fingerprints.json"))),
             loaded,

@@ -266,18 +266,22 @@ fn a_non_html_body_is_refused() {
     assert!(e.contains("not an HTML page"), "{e}");
 }
 
+/// A small recipe in `dir` that scrapes `url`.
+fn url_recipe(dir: &std::path::Path, url: &str) {
+    std::fs::write(
+        dir.join("pipeline.toml"),
+        format!(
+            "[scrape]\nurl = \"{url}\"\ncount = 3\ntimeout_secs = 2\n[split]\ntrain = 2\ntest = 1\n"
+        ),
+    )
+    .unwrap();
+}
+
 #[test]
 fn pipeline_fetches_once_then_works_offline() {
     let s = serve(vec![Reply::Status(503), Reply::Ok("text/html", page())]);
     let d = tempdir();
-    std::fs::write(
-        d.path().join("pipeline.toml"),
-        format!(
-            "[scrape]\nurl = \"{}\"\ncount = 3\ntimeout_secs = 2\n[split]\ntrain = 2\ntest = 1\n",
-            s.url
-        ),
-    )
-    .unwrap();
+    url_recipe(d.path(), &s.url);
     let out = pipeline_ok(d.path(), &["run", "--until", "scrape"]);
     assert!(out.contains("Built scrape"), "{out}");
     assert_eq!(s.hits.load(Ordering::SeqCst), 2);
@@ -393,14 +397,7 @@ fn a_refetched_page_that_changed_gets_a_new_key() {
         Reply::Ok("text/html", other.into_bytes()),
     ]);
     let d = tempdir();
-    std::fs::write(
-        d.path().join("pipeline.toml"),
-        format!(
-            "[scrape]\nurl = \"{}\"\ncount = 3\ntimeout_secs = 2\n[split]\ntrain = 2\ntest = 1\n",
-            s.url
-        ),
-    )
-    .unwrap();
+    url_recipe(d.path(), &s.url);
     pipeline_ok(d.path(), &["run", "--until", "scrape"]);
     let (k1, m1) = scrape_manifest(d.path());
     assert_eq!(m1["material"]["settings"]["source"], "url");
@@ -414,4 +411,20 @@ fn a_refetched_page_that_changed_gets_a_new_key() {
     let out = pipeline_ok(d.path(), &["status"]);
     assert!(out.contains(&k2), "{out}");
     assert_eq!(s.hits.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn status_before_the_page_is_fetched_reports_unknown_and_fetches_nothing() {
+    let s = serve(vec![Reply::Ok("text/html", page())]);
+    let d = tempdir();
+    url_recipe(d.path(), &s.url);
+    let out = pipeline_ok(d.path(), &["status", "--json"]);
+    let json = &out[..out.rfind(']').unwrap() + 1];
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    for st in v.as_array().unwrap() {
+        // No stage's key can be known before the titles are: none may claim "missing".
+        assert_eq!(st["state"], "unknown", "{st}");
+        assert!(st["key"].is_null(), "{st}");
+    }
+    assert_eq!(s.hits.load(Ordering::SeqCst), 0);
 }

@@ -337,6 +337,18 @@ pub fn status(ctx: &Ctx) -> Vec<StageStatus> {
             finished_at: None,
             seconds: None,
         };
+        // A stage whose input's key is unknown has no key either: computing one from an empty
+        // input key would report a made-up state.
+        let unknown_input = stage
+            .inputs(ctx.settings())
+            .into_iter()
+            .find(|i| !r.keys.contains_key(i));
+        if let Some(i) = unknown_input {
+            st.reasons
+                .push(format!("its input {} is not known yet", i.name()));
+            out.push(st);
+            continue;
+        }
         match material(ctx, stage, &mut r, false) {
             Err(e) => st.reasons.push(format!("{e:#}")),
             Ok(None) => st
