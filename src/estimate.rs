@@ -140,3 +140,36 @@ pub fn human(secs: f64) -> String {
         format!("{:.1} days", secs / 86400.0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stages::ALL;
+
+    const TINYLLAMA: u64 = 1_100_048_384;
+    const SMOLLM2: u64 = 134_515_008;
+
+    #[test]
+    fn the_default_recipe_on_two_cpu_cores_takes_days_and_the_quick_one_minutes() {
+        let full = estimate(
+            &Settings::default(),
+            &ALL,
+            (Some(TINYLLAMA), Some(TINYLLAMA)),
+            false,
+        );
+        assert!(full.total > 86_400.0, "{}", human(full.total));
+        let mut quick = Settings::default();
+        quick.scrape.count = 24;
+        quick.generate.max_new_tokens = 32;
+        (quick.split.train, quick.split.test) = (20, 4);
+        (quick.train.max_steps, quick.train.batch_size) = (20, 2);
+        let q = estimate(&quick, &ALL, (Some(SMOLLM2), Some(SMOLLM2)), false);
+        assert!(q.total > 30.0 && q.total < 900.0, "{}", human(q.total));
+        // An unknown model size is said, not guessed as zero.
+        let u = estimate(&quick, &[Stage::Generate], (None, None), false);
+        assert!(u.stages[0].seconds.is_nan() && human(u.stages[0].seconds) == "unknown");
+        // Fresh stages cost nothing: only what is to be built is counted.
+        let split_only = estimate(&Settings::default(), &[Stage::Split], (None, None), false);
+        assert!(split_only.total < 5.0);
+    }
+}

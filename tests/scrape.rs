@@ -367,6 +367,8 @@ fn an_unreachable_page_falls_back_to_the_bundled_snapshot_and_says_so() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("bundled NeurIPS 2023 snapshot"), "{err}");
+    // Before building, run says what it will build and how long that should take here.
+    assert!(err.contains("Plan scrape on the CPU (estimate"), "{err}");
     let (_, m) = scrape_manifest(d.path());
     assert_eq!(m["material"]["settings"]["source"], "bundled", "{m}");
     assert_eq!(m["counts"]["found"], 3551);
