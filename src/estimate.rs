@@ -16,7 +16,7 @@ struct Rates {
     measured: bool,
 }
 
-fn rates(cuda: bool) -> Rates {
+fn rates(cuda: bool, cores: usize) -> Rates {
     if cuda {
         return Rates {
             generate: 2e12,
@@ -24,9 +24,7 @@ fn rates(cuda: bool) -> Rates {
             measured: false,
         };
     }
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2) as f64;
+    let cores = cores as f64;
     // docs/PERF.md: 2 * 135M params * ~150 tok/s at batch 16, and 6 * 135M * ~1000 tok / 6.8 s.
     Rates {
         generate: 4.0e10 * cores / 2.0,
@@ -58,7 +56,21 @@ pub fn estimate(
     params: (Option<u64>, Option<u64>),
     cuda: bool,
 ) -> Estimate {
-    let r = rates(cuda);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    estimate_on(s, todo, params, cuda, cores)
+}
+
+/// [`estimate`] for a CPU with `cores` cores (the rates scale with them).
+fn estimate_on(
+    s: &Settings,
+    todo: &[Stage],
+    params: (Option<u64>, Option<u64>),
+    cuda: bool,
+    cores: usize,
+) -> Estimate {
+    let r = rates(cuda, cores);
     // A few-shot chat prompt is about 170 tokens, of which the shared prefix is computed once.
     const PROMPT_TOKENS: f64 = 60.0;
     let mut out = Vec::new();
@@ -102,6 +114,22 @@ pub fn estimate(
                             "{steps} steps of {} pairs",
                             t.batch_size * t.gradient_accumulation_steps
                         ),
+                    ),
+                    None => (f64::NAN, "model size unknown until it is downloaded".into()),
+                }
+            }
+            Stage::Eval => {
+                let titles = if s.eval.titles > 0 {
+                    s.eval.titles
+                } else {
+                    s.split.test
+                };
+                let n = (2 * titles * s.eval.samples) as f64;
+                let tokens = n * (s.generate.max_new_tokens as f64 + 3.0 * PROMPT_TOKENS);
+                match params.1 {
+                    Some(p) => (
+                        2.0 * p as f64 * tokens / r.generate,
+                        format!("{n} reviews, base and adapter, judged"),
                     ),
                     None => (f64::NAN, "model size unknown until it is downloaded".into()),
                 }
@@ -151,11 +179,12 @@ mod tests {
 
     #[test]
     fn the_default_recipe_on_two_cpu_cores_takes_days_and_the_quick_one_minutes() {
-        let full = estimate(
+        let full = estimate_on(
             &Settings::default(),
             &ALL,
             (Some(TINYLLAMA), Some(TINYLLAMA)),
             false,
+            2,
         );
         assert!(full.total > 86_400.0, "{}", human(full.total));
         let mut quick = Settings::default();
@@ -163,13 +192,19 @@ mod tests {
         quick.generate.max_new_tokens = 32;
         (quick.split.train, quick.split.test) = (20, 4);
         (quick.train.max_steps, quick.train.batch_size) = (20, 2);
-        let q = estimate(&quick, &ALL, (Some(SMOLLM2), Some(SMOLLM2)), false);
+        let q = estimate_on(&quick, &ALL, (Some(SMOLLM2), Some(SMOLLM2)), false, 2);
         assert!(q.total > 30.0 && q.total < 900.0, "{}", human(q.total));
         // An unknown model size is said, not guessed as zero.
-        let u = estimate(&quick, &[Stage::Generate], (None, None), false);
+        let u = estimate_on(&quick, &[Stage::Generate], (None, None), false, 2);
         assert!(u.stages[0].seconds.is_nan() && human(u.stages[0].seconds) == "unknown");
         // Fresh stages cost nothing: only what is to be built is counted.
-        let split_only = estimate(&Settings::default(), &[Stage::Split], (None, None), false);
+        let split_only = estimate_on(
+            &Settings::default(),
+            &[Stage::Split],
+            (None, None),
+            false,
+            2,
+        );
         assert!(split_only.total < 5.0);
     }
 }

@@ -130,3 +130,15 @@ pub fn write_json_pretty<T: Serialize>(path: &Path, v: &T) -> Result<()> {
     s.push(b'\n');
     write_atomic(path, &s)
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sha256_matches_the_published_test_vector() {
+        // FIPS 180-2, appendix B.1: SHA-256("abc").
+        assert_eq!(
+            super::sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

@@ -1,5 +1,9 @@
 //! The Hugging Face dataset folder: `data/{split}-00000-of-00001.parquet` plus a `README.md`
 //! dataset card whose YAML front matter (configs, dataset_info) the Hub reads.
+//!
+//! Two layouts: `paired` (prompt, chosen, rejected: what DPOTrainer reads, the published
+//! dataset) and `unpaired` (prompt, completion, label: what KTOTrainer reads; each pair becomes
+//! its chosen row, label true, then its rejected row, label false).
 
 use crate::cache::Manifest;
 use crate::config::Settings;
@@ -8,6 +12,15 @@ use crate::export_guard;
 use crate::stages::split::read_parquet;
 use std::fmt::Write as _;
 use std::path::Path;
+
+/// The dataset layout an export writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// prompt, chosen, rejected (DPO)
+    Paired,
+    /// prompt, completion, label (KTO): two rows per pair
+    Unpaired,
+}
 
 pub struct SplitInfo {
     pub name: &'static str,
@@ -26,6 +39,7 @@ pub fn export(
     workdir: &Path,
     s: &Settings,
     manifests: &[Manifest],
+    format: Format,
 ) -> Result<Vec<SplitInfo>> {
     let target = export_guard::check_export_target(out, workdir, force)?;
     let staging = out.with_file_name(format!(
@@ -46,23 +60,41 @@ pub fn export(
         let dst = staging
             .join("data")
             .join(format!("{name}-00000-of-00001.parquet"));
-        std::fs::copy(&src, &dst).with_context(|| format!("copying {}", src.display()))?;
-        let rows = read_parquet(&dst)?;
-        let num_bytes = rows
-            .iter()
-            .map(|r| (r.prompt.len() + r.chosen.len() + r.rejected.len()) as u64)
-            .sum::<u64>()
-            + 3 * 4 * (rows.len() as u64 + 1);
+        let (num_examples, num_bytes) = match format {
+            Format::Paired => {
+                std::fs::copy(&src, &dst).with_context(|| format!("copying {}", src.display()))?;
+                let rows = read_parquet(&dst)?;
+                let bytes = rows
+                    .iter()
+                    .map(|r| (r.prompt.len() + r.chosen.len() + r.rejected.len()) as u64)
+                    .sum::<u64>()
+                    + 3 * 4 * (rows.len() as u64 + 1);
+                (rows.len(), bytes)
+            }
+            Format::Unpaired => {
+                let rows = read_parquet(&src)?;
+                write_unpaired(&dst, &rows)?;
+                // Two string columns with 32-bit offsets, and a bit-packed bool column.
+                let n = 2 * rows.len() as u64;
+                let bytes = rows
+                    .iter()
+                    .map(|r| (2 * r.prompt.len() + r.chosen.len() + r.rejected.len()) as u64)
+                    .sum::<u64>()
+                    + 2 * 4 * (n + 1)
+                    + n.div_ceil(8);
+                (2 * rows.len(), bytes)
+            }
+        };
         infos.push(SplitInfo {
             name,
-            num_examples: rows.len(),
+            num_examples,
             num_bytes,
             file_bytes: std::fs::metadata(&dst)?.len(),
         });
     }
     crate::fsutil::write_atomic(
         &staging.join("README.md"),
-        card(s, &infos, manifests).as_bytes(),
+        card(s, &infos, manifests, format).as_bytes(),
     )?;
     let mut written: Vec<String> = infos
         .iter()
@@ -74,19 +106,60 @@ pub fn export(
     Ok(infos)
 }
 
-fn card(s: &Settings, infos: &[SplitInfo], manifests: &[Manifest]) -> String {
+/// Prompt, completion, label (bool) rows: each pair's chosen (true) then its rejected (false).
+fn write_unpaired(path: &Path, rows: &[crate::stages::merge::Pair]) -> Result<()> {
+    use arrow_array::{ArrayRef, BooleanArray, RecordBatch, StringArray};
+    use arrow_schema::{DataType, Field, Schema};
+    use std::sync::Arc;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("prompt", DataType::Utf8, true),
+        Field::new("completion", DataType::Utf8, true),
+        Field::new("label", DataType::Boolean, true),
+    ]));
+    let prompts = rows
+        .iter()
+        .flat_map(|r| [r.prompt.as_str(), r.prompt.as_str()]);
+    let completions = rows
+        .iter()
+        .flat_map(|r| [r.chosen.as_str(), r.rejected.as_str()]);
+    let labels = rows.iter().flat_map(|_| [Some(true), Some(false)]);
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(StringArray::from_iter_values(prompts)) as ArrayRef,
+            Arc::new(StringArray::from_iter_values(completions)),
+            Arc::new(BooleanArray::from_iter(labels)),
+        ],
+    )?;
+    crate::fsutil::write_atomic_with(path, |file| {
+        let props = parquet::file::properties::WriterProperties::builder()
+            .set_compression(parquet::basic::Compression::SNAPPY)
+            .build();
+        let mut w = parquet::arrow::ArrowWriter::try_new(file, schema, Some(props))?;
+        w.write(&batch)?;
+        w.close()?;
+        Ok(())
+    })
+}
+
+fn card(s: &Settings, infos: &[SplitInfo], manifests: &[Manifest], format: Format) -> String {
     let mut y = String::new();
     let download: u64 = infos.iter().map(|i| i.file_bytes).sum();
     let size: u64 = infos.iter().map(|i| i.num_bytes).sum();
-    y.push_str(
-        "---\nlicense: apache-2.0\nlanguage:\n- en\ntags:\n- dpo\n- preference\n- synthetic\n",
+    let (tag, layout) = match format {
+        Format::Paired => ("dpo", "paired"),
+        Format::Unpaired => ("kto", "unpaired"),
+    };
+    let _ = write!(
+        y,
+        "---\nlicense: apache-2.0\nlanguage:\n- en\ntags:\n- {tag}\n- preference\n- synthetic\n"
     );
     let rows: usize = infos.iter().map(|i| i.num_examples).sum();
     let label = size_label(rows);
     let model = public_model_name(&s.generate.model, manifests);
     let _ = write!(
         y,
-        "size_categories:\n- {}\ntask_categories:\n- text-generation\npretty_name: Reviewer2 {label} paired\n",
+        "size_categories:\n- {}\ntask_categories:\n- text-generation\npretty_name: Reviewer2 {label} {layout}\n",
         size_category(rows)
     );
     y.push_str("configs:\n- config_name: default\n  data_files:\n");
@@ -94,8 +167,20 @@ fn card(s: &Settings, infos: &[SplitInfo], manifests: &[Manifest]) -> String {
         let _ = writeln!(y, "  - split: {}\n    path: data/{}-*", i.name, i.name);
     }
     y.push_str("dataset_info:\n  features:\n");
-    for c in crate::stages::split::COLUMNS {
-        let _ = writeln!(y, "  - name: {c}\n    dtype: string");
+    let features: &[(&str, &str)] = match format {
+        Format::Paired => &[
+            ("prompt", "string"),
+            ("chosen", "string"),
+            ("rejected", "string"),
+        ],
+        Format::Unpaired => &[
+            ("prompt", "string"),
+            ("completion", "string"),
+            ("label", "bool"),
+        ],
+    };
+    for (c, t) in features {
+        let _ = writeln!(y, "  - name: {c}\n    dtype: {t}");
     }
     y.push_str("  splits:\n");
     for i in infos {
@@ -119,9 +204,9 @@ fn card(s: &Settings, infos: &[SplitInfo], manifests: &[Manifest]) -> String {
     let g = &s.generate;
     let _ = write!(
         y,
-        "# Reviewer #2, {label} paired\n\n\
+        "# Reviewer #2, {label} {layout}\n\n\
 A synthetic preference dataset of one-sentence paper reviews: for each title of a NeurIPS 2023 \
-accepted paper, `chosen` is a negative review and `rejected` a positive one, both written by \
+accepted paper, {intro}, both written by \
 `{model}`. The `prompt` asks for a review with few-shot examples of both polarities interleaved, \
 so it does not say which kind was asked for. Built with the `pipeline` tool of reviewer2.\n\n\
 ## How it was built\n\n\
@@ -135,11 +220,23 @@ so it does not say which kind was asked for. Built with the `pipeline` tool of r
 ## Columns\n\n\
 | column | type | meaning |\n|---|---|---|\n\
 | `prompt` | string | the neutral request, rendered with the model's chat template |\n\
-| `chosen` | string | the negative review |\n\
-| `rejected` | string | the positive review |\n\n\
+{columns}\n\
 ## Intended use\n\n\
-Preference tuning (DPO, IPO, ...) of a small chat model into a harsh \"Reviewer #2\". The reviews \
+{use_} of a small chat model into a harsh \"Reviewer #2\". The reviews \
 are machine-written and say nothing true about the papers.\n",
+        intro = match format {
+            Format::Paired => "`chosen` is a negative review and `rejected` a positive one",
+            Format::Unpaired => "two rows: a negative review as `completion` with `label` true (desirable) \
+                and a positive one with `label` false; the unpaired layout of the paired dataset, row for row",
+        },
+        columns = match format {
+            Format::Paired => "| `chosen` | string | the negative review |\n| `rejected` | string | the positive review |\n",
+            Format::Unpaired => "| `completion` | string | a review |\n| `label` | bool | true for the negative (desirable) review, false for the positive one |\n",
+        },
+        use_ = match format {
+            Format::Paired => "Preference tuning (DPO, IPO, ...)",
+            Format::Unpaired => "Tuning on unpaired feedback (KTO: TRL's KTOTrainer reads these columns)",
+        },
         found = count("scrape", "found"),
         url = if scrape_source(manifests) == Some("bundled") {
             "the NeurIPS 2023 poster list (the compact snapshot bundled with reviewer2)".to_string()

@@ -27,6 +27,7 @@ pub mod estimate;
 pub mod export_guard;
 pub mod fsutil;
 pub mod hub;
+pub mod judge;
 pub mod lock;
 pub mod model;
 pub mod recipe;

@@ -67,6 +67,8 @@ pub struct Recipe {
     pub train_dataset: Option<PathBuf>,
     pub generate: ModelPlan,
     pub train: ModelPlan,
+    /// The `llm` judge's model (`judge.model`, or generate.model), loaded as for generation.
+    pub judge: ModelPlan,
     pub network: Network,
     hub: HubAccess,
     memo: FingerprintMemo,
@@ -100,6 +102,16 @@ impl Recipe {
             share_prefixes: g.prefix_sharing,
             ..LoadOptions::new(gen_device)
         };
+        let (judge_key, judge_text) = if s.judge.model.is_empty() {
+            ("generate.model", g.model.as_str())
+        } else {
+            ("judge.model", s.judge.model.as_str())
+        };
+        let judge_spec = spec(judge_key, judge_text)?;
+        let judge_load = LoadOptions {
+            weights: g.weights.mode(matches!(judge_spec, ModelSpec::Gguf(_))),
+            ..gen_load.clone()
+        };
         let t = &s.train;
         let (train_key, train_text) = if t.model.is_empty() {
             ("generate.model", g.model.as_str())
@@ -131,6 +143,12 @@ impl Recipe {
                 key: train_key,
                 spec: spec(train_key, train_text)?,
                 load: train_load,
+                source: OnceCell::new(),
+            },
+            judge: ModelPlan {
+                key: judge_key,
+                spec: judge_spec,
+                load: judge_load,
                 source: OnceCell::new(),
             },
             network,

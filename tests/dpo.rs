@@ -440,6 +440,70 @@ fn kto_trains_on_unpaired_rows() {
     );
 }
 
+#[test]
+fn eval_metrics_are_means_over_rows_whatever_the_batch_size() {
+    // 5 eval rows: at batch 2 the last batch holds one row, which a mean of batch means would
+    // weigh double (TRL's Trainer weighs rows).
+    let model = wrap(with_lora(tiny(DType::F32), 4, 0.0, 3));
+    let exs: Vec<Example> = (0..5u32)
+        .map(|i| Example {
+            prompt: vec![1, 3 + i],
+            chosen: vec![10 + i, 20, 2],
+            rejected: vec![30 + i, 2],
+            label: None,
+        })
+        .collect();
+    // Reference log-probs shifted per row, so every row has a different loss.
+    let refs: Vec<(f32, f32)> = reviewer2::dpo::trainer::reference_logps(&model, &exs, 5, false)
+        .unwrap()
+        .into_iter()
+        .enumerate()
+        .map(|(i, (c, r))| (c - 3.0 * i as f32, r + 2.0 * i as f32))
+        .collect();
+    let d = tempdir();
+    let eval_at = |batch_size: usize| {
+        let s = TrainSettings {
+            batch_size,
+            ..TrainSettings::default()
+        };
+        let tr = reviewer2::dpo::trainer::Trainer {
+            model: &model,
+            s: &s,
+            train: &[],
+            eval: &exs,
+            ref_train: &[],
+            ref_eval: &refs,
+            ckpt_dir: d.path().to_path_buf(),
+            quiet: true,
+        };
+        tr.evaluate().unwrap()
+    };
+    let one = eval_at(1);
+    // The row losses by hand: before training the policy equals the true reference (B = 0),
+    // and the stored chosen reference fell by 3i while the rejected one rose by 2i, so
+    // x = (pc - pr) - (rc - rr) = 5i and the loss is -log sigmoid(0.1 * 5i).
+    let want: f64 = (0..5)
+        .map(|i| (1.0 + (-0.5 * i as f64).exp()).ln())
+        .sum::<f64>()
+        / 5.0;
+    let l1 = one["eval_loss"].as_f64().unwrap();
+    assert!((l1 - want).abs() < 1e-5, "{l1} vs {want}");
+    for bs in [2, 3, 5] {
+        let m = eval_at(bs);
+        for k in [
+            "eval_loss",
+            "eval_rewards/accuracies",
+            "eval_rewards/margins",
+        ] {
+            let (a, b) = (m[k].as_f64().unwrap(), one[k].as_f64().unwrap());
+            assert!(
+                (a - b).abs() < 1e-5,
+                "batch {bs}, {k}: {a} vs {b} at batch 1"
+            );
+        }
+    }
+}
+
 // ---- the real model ----
 
 const PEFT_010_KEYS: [&str; 24] = [
@@ -501,7 +565,9 @@ fn real_model_learns_resumes_and_saves_a_peft_adapter() {
         .filter(|m| m.get("eval_loss").is_some())
         .collect();
     assert_eq!(train.len(), 6);
-    assert_eq!(evals.len(), 2);
+    // The baseline before the first update, then every eval_steps.
+    let steps: Vec<i64> = evals.iter().map(|m| m["step"].as_i64().unwrap()).collect();
+    assert_eq!(steps, [0, 12, 24]);
     for k in [
         "rewards/chosen",
         "rewards/rejected",

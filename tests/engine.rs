@@ -299,7 +299,8 @@ fn loads_and_generates_from_an_hf_folder_and_the_hub_cache() {
     assert!(src.identity.starts_with("folder:"));
     let m = Model::load(&src, &LoadOptions::cpu_f32()).unwrap();
     let a = greedy(&m);
-    assert_eq!(a.len(), 8);
+    // Random weights: eight tokens, or fewer ending where the model chose to stop.
+    assert!(!a.is_empty() && a.len() <= 8, "{a:?}");
 
     // The same files laid out as hf-hub's cache: models--org--name/{refs/main, snapshots/<sha>/}.
     let hub = d.path().join("hf/hub/models--tiny-org--tiny-llama");

@@ -191,7 +191,17 @@ fn end_to_end_eight_titles_to_a_hub_folder_read_by_pyarrow() {
     let d = tempdir();
     small_recipe(d.path(), 8, 6, 2, 32, "");
     let out = pipeline_ok(d.path(), &["run", "--until", "split"]);
-    assert!(out.contains("8 pairs"), "{out}");
+    // Every title becomes a pair unless merge dropped it, and says so.
+    let st = pipeline_ok(d.path(), &["status", "--json"]);
+    let st: Vec<serde_json::Value> =
+        serde_json::from_str(&st[..st.rfind(']').unwrap() + 1]).unwrap();
+    let c = &st.iter().find(|s| s["stage"] == "merge").unwrap()["counts"];
+    let n = |k: &str| c[k].as_u64().unwrap_or(0);
+    assert_eq!(
+        n("pairs") + n("dropped_empty") + n("dropped_identical"),
+        8,
+        "{out}"
+    );
     let hub = d.path().join("hub");
     pipeline_ok(d.path(), &["export", "--out", hub.to_str().unwrap()]);
     assert!(hub.join("data/train-00000-of-00001.parquet").is_file());

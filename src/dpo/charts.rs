@@ -1,5 +1,9 @@
 //! Learning curves as PNG (plotters' bitmap backend, DejaVu Sans for text): loss and reward
-//! margins, train and eval, like the charts of the original post.
+//! margins, train and eval on one chart each. The train curve is drawn raw (faint) and smoothed
+//! as TensorBoard smooths it (a debiased exponential moving average, weight 0.6); eval is drawn
+//! from step 0, the baseline before the first update; step ticks are whole numbers.
+//!
+//! The eval stage's score distributions are drawn here too ([`plot_distributions`]).
 //!
 //! Charts are a convenience: [`plot_curves`] never fails a finished training. Without a usable
 //! font (or with any other drawing error) it skips them with a warning. `REVIEWER2_FONT` names
@@ -49,6 +53,43 @@ fn series(log: &[Value], key: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// Draw an 800x480 PNG into `out` atomically (a temp file renamed into place when drawn).
+fn png(
+    out: &Path,
+    draw: impl FnOnce(&DrawingArea<BitMapBackend, plotters::coord::Shift>) -> Result<()>,
+) -> Result<()> {
+    register_font()?;
+    let tmp = crate::fsutil::tmp_sibling(out).with_extension("png");
+    {
+        let root = BitMapBackend::new(&tmp, (800, 480)).into_drawing_area();
+        root.fill(&WHITE)?;
+        draw(&root)?;
+        root.present().context("writing chart")?;
+    }
+    crate::fsutil::commit_tmp(&tmp, out)
+}
+
+/// Charts never fail the work they show: a chart that cannot be drawn is skipped, with a warning.
+fn or_skip(out: &Path, r: Result<()>) {
+    if let Err(e) = r {
+        let _ = std::fs::remove_file(crate::fsutil::tmp_sibling(out).with_extension("png"));
+        tracing::warn!("skipped the chart {}: {e:#}", out.display());
+    }
+}
+
+/// TensorBoard's smoothing: an exponential moving average, debiased so it starts at the first
+/// value instead of at zero.
+pub fn smooth(points: &[(f64, f64)], weight: f64) -> Vec<(f64, f64)> {
+    let mut last = 0.0;
+    let mut out = Vec::with_capacity(points.len());
+    for (i, (x, y)) in points.iter().enumerate() {
+        last = last * weight + (1.0 - weight) * y;
+        let debias = 1.0 - weight.powi(i as i32 + 1);
+        out.push((*x, last / debias));
+    }
+    out
+}
+
 /// The loss and reward-margin charts into `dir` (`loss.png`, `margins.png`). A chart that cannot
 /// be drawn is skipped with a warning: the training it shows is done and kept either way.
 pub fn plot_curves(log: &[Value], dir: &Path) {
@@ -57,18 +98,15 @@ pub fn plot_curves(log: &[Value], dir: &Path) {
         ("rewards/margins", "Reward margins", "margins.png"),
     ] {
         let out = dir.join(file);
-        if let Err(e) = plot(log, metric, title, &out) {
-            let _ = std::fs::remove_file(crate::fsutil::tmp_sibling(&out).with_extension("png"));
-            tracing::warn!("skipped the chart {file}: {e:#}");
-        }
+        or_skip(&out, plot(log, metric, title, &out));
     }
 }
 
 /// Draw `metric` and `eval_{metric}` against the step into `out`.
 pub fn plot(log: &[Value], metric: &str, title: &str, out: &Path) -> Result<()> {
-    register_font()?;
     let train = series(log, metric);
     let eval = series(log, &format!("eval_{metric}"));
+    let smoothed = smooth(&train, 0.6);
     let all: Vec<&(f64, f64)> = train.iter().chain(eval.iter()).collect();
     let (mut x1, mut y0, mut y1) = (1.0f64, f64::MAX, f64::MIN);
     for (x, y) in &all {
@@ -81,25 +119,32 @@ pub fn plot(log: &[Value], metric: &str, title: &str, out: &Path) -> Result<()> 
         y1 = 1.0;
     }
     let pad = ((y1 - y0) * 0.1).max(1e-3);
-    let tmp = crate::fsutil::tmp_sibling(out).with_extension("png");
-    {
-        let root = BitMapBackend::new(&tmp, (800, 480)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let mut chart = ChartBuilder::on(&root)
+    png(out, |root| {
+        let mut chart = ChartBuilder::on(root)
             .caption(title, ("sans-serif", 24))
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(64)
             .build_cartesian_2d(0f64..x1, (y0 - pad)..(y1 + pad))?;
+        // At most one label per step: plotters then picks round steps (1, 2, 5, 10, ...), all
+        // whole numbers.
+        let labels = (x1 as usize).clamp(1, 10) + 1;
         chart
             .configure_mesh()
+            .x_labels(labels)
+            .x_label_formatter(&|x| format!("{}", x.round() as i64))
             .x_desc("step")
             .y_desc(metric)
             .label_style(("sans-serif", 14))
             .draw()?;
+        let faint = RGBColor(150, 170, 230);
+        chart.draw_series(LineSeries::new(
+            train.iter().copied(),
+            faint.stroke_width(1),
+        ))?;
         chart
-            .draw_series(LineSeries::new(train.iter().copied(), BLUE.stroke_width(2)))?
-            .label("train")
+            .draw_series(LineSeries::new(smoothed, BLUE.stroke_width(2)))?
+            .label("train (smoothed)")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
         if !eval.is_empty() {
             chart
@@ -114,7 +159,61 @@ pub fn plot(log: &[Value], metric: &str, title: &str, out: &Path) -> Result<()> 
             .border_style(BLACK)
             .label_font(("sans-serif", 14))
             .draw()?;
-        root.present().context("writing chart")?;
-    }
-    crate::fsutil::commit_tmp(&tmp, out)
+        Ok(())
+    })
+}
+
+/// Two score distributions (base and adapter) as overlaid histograms into `out`; skipped with a
+/// warning when it cannot be drawn, like the learning curves.
+pub fn plot_distributions(base: &[f64], adapter: &[f64], title: &str, out: &Path) {
+    or_skip(out, histograms(base, adapter, title, out));
+}
+
+fn histograms(base: &[f64], adapter: &[f64], title: &str, out: &Path) -> Result<()> {
+    let all = base.iter().chain(adapter);
+    let lo = all.clone().fold(f64::MAX, |a, b| a.min(*b)).min(0.0);
+    let hi = all.fold(f64::MIN, |a, b| a.max(*b)).max(lo + 1e-9);
+    const BINS: usize = 20;
+    let w = (hi - lo) / BINS as f64;
+    let count = |v: &[f64]| {
+        let mut c = [0usize; BINS];
+        for x in v {
+            c[(((x - lo) / w) as usize).min(BINS - 1)] += 1;
+        }
+        c
+    };
+    let (cb, ca) = (count(base), count(adapter));
+    let top = cb.iter().chain(&ca).copied().max().unwrap_or(1).max(1) as f64;
+    png(out, |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption(title, ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(56)
+            .build_cartesian_2d(lo..hi, 0f64..top * 1.1)?;
+        chart
+            .configure_mesh()
+            .x_desc("negativity (judge score)")
+            .y_desc("reviews")
+            .label_style(("sans-serif", 14))
+            .draw()?;
+        for (c, color, name) in [(&cb, BLUE, "base"), (&ca, RED, "Reviewer #2")] {
+            chart
+                .draw_series(c.iter().enumerate().map(|(i, &n)| {
+                    let x0 = lo + i as f64 * w;
+                    Rectangle::new([(x0, 0.0), (x0 + w, n as f64)], color.mix(0.35).filled())
+                }))?
+                .label(name)
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 16, y + 5)], color.mix(0.5).filled())
+                });
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .draw()?;
+        Ok(())
+    })
 }

@@ -9,6 +9,7 @@
 //! - [`optim`]: AdamW and the learning-rate schedule, with checkpointable state.
 //! - [`trainer`]: the loop: reference log-probs, steps, eval, logs, checkpoints, resume.
 //! - [`charts`]: learning-curve PNGs.
+//! - [`tensorboard`]: the same metrics as TensorBoard event files.
 
 pub mod charts;
 pub mod config;
@@ -16,4 +17,5 @@ pub mod data;
 pub mod logps;
 pub mod loss;
 pub mod optim;
+pub mod tensorboard;
 pub mod trainer;

@@ -98,7 +98,7 @@ struct State {
     window: Option<(Acc, Vec<f32>)>,
 }
 
-/// Metrics of one batch, summed for averaging.
+/// Metrics of the rows seen so far, summed for averaging: every metric is a mean over rows.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 struct Acc {
     n: f64,
@@ -292,8 +292,9 @@ impl Trainer<'_> {
             }
             l
         };
-        acc.n += 1.0;
-        acc.loss += pl.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        // Means over rows, as TRL's Trainer weighs them: a short last batch counts for its rows.
+        acc.n += b as f64;
+        acc.loss += b as f64 * pl.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         acc.chosen.extend(pl.chosen_rewards);
         acc.rejected.extend(pl.rejected_rewards);
         Ok((pl.loss, ckpt))
@@ -617,6 +618,13 @@ impl Trainer<'_> {
             b
         };
         let t0 = Instant::now();
+        if start == 0 && !self.eval.is_empty() && s.eval_steps > 0 {
+            // The baseline before the first update, so every eval curve starts where the
+            // reference model stands (a fresh adapter changes nothing: loss ln 2 for DPO).
+            let mut m = self.evaluate()?;
+            m.insert("step".into(), json!(0));
+            log.push(Value::Object(m));
+        }
         for (done, step) in (start..total).enumerate() {
             let norm = self.step(&mut opt, &vars, step, &mut window)?;
             norms.push(norm as f32);

@@ -111,10 +111,25 @@ mod tests {
             assert_eq!(parse_peft(&a), Some((12, p, false)), "{a}");
             assert_eq!(parse_peft(&b), Some((3, p, true)), "{b}");
         }
-        assert_eq!(
-            lora_a(0, Projection::QProj),
-            "model.layers.0.self_attn.q_proj.lora_A.weight"
-        );
+        // The module paths of transformers' LlamaForCausalLM, as PEFT names its LoRA weights.
+        for (p, module) in [
+            (Projection::QProj, "self_attn.q_proj"),
+            (Projection::KProj, "self_attn.k_proj"),
+            (Projection::VProj, "self_attn.v_proj"),
+            (Projection::OProj, "self_attn.o_proj"),
+            (Projection::GateProj, "mlp.gate_proj"),
+            (Projection::UpProj, "mlp.up_proj"),
+            (Projection::DownProj, "mlp.down_proj"),
+        ] {
+            assert_eq!(
+                lora_a(0, p),
+                format!("model.layers.0.{module}.lora_A.weight")
+            );
+            assert_eq!(
+                lora_b(7, p),
+                format!("model.layers.7.{module}.lora_B.weight")
+            );
+        }
         for bad in [
             "model.layers.0.self_attn.q_proj.lora_A.weight",
             "base_model.model.model.layers.0.self_attn.q_proj.weight",

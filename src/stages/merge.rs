@@ -1,13 +1,19 @@
 //! Stage 4, merge: one preference pair per title. chosen = the negative review, rejected = the
 //! positive one, prompt = the neutral pair prompt with interleaved examples. Pairs with an empty or
 //! too-short review, or two identical reviews, are dropped and counted.
+//!
+//! With `merge.judge` on, the labels are checked: a pair whose chosen review is not judged more
+//! negative than its rejected one by `merge.min_margin` is dropped, counted, and kept with its
+//! scores in `rejected_pairs.jsonl` beside `pairs.jsonl`.
 
 use super::generate::GenRow;
 use super::prompts::{PairPromptRow, Polarity};
 use super::{Built, Ctx};
 use crate::cache::KeyMaterial;
+use crate::config::JudgeKind;
 use crate::error::Result;
 use crate::fsutil::{read_jsonl, write_jsonl};
+use crate::judge::Judge;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -23,13 +29,59 @@ pub struct Pair {
     pub rejected: String,
 }
 
+/// A pair the label check dropped, with the judge's scores.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JudgedOut {
+    #[serde(flatten)]
+    pub pair: Pair,
+    pub judge: String,
+    pub chosen_score: f64,
+    pub rejected_score: f64,
+}
+
+/// Split pairs into those whose chosen review the judge scores more negative than the rejected
+/// one by more than `min_margin` (kept, in order) and the rest (with their scores).
+pub fn check_labels(
+    judge: &Judge,
+    pairs: Vec<Pair>,
+    min_margin: f64,
+) -> Result<(Vec<Pair>, Vec<JudgedOut>)> {
+    let texts: Vec<&str> = pairs
+        .iter()
+        .flat_map(|p| [p.chosen.as_str(), p.rejected.as_str()])
+        .collect();
+    let scores = judge.score(&texts)?;
+    let mut kept = Vec::with_capacity(pairs.len());
+    let mut out = Vec::new();
+    for (p, s) in pairs.into_iter().zip(scores.chunks(2)) {
+        if s[0] - s[1] > min_margin {
+            kept.push(p);
+        } else {
+            out.push(JudgedOut {
+                pair: p,
+                judge: judge.kind().name().into(),
+                chosen_score: s[0],
+                rejected_score: s[1],
+            });
+        }
+    }
+    Ok((kept, out))
+}
+
 pub fn material(ctx: &Ctx, prompts_key: &str, generate_key: &str) -> Result<KeyMaterial> {
+    let m = &ctx.settings().merge;
+    let mut settings = serde_json::to_value(m)?;
+    let mut model = None;
+    if m.judge == JudgeKind::Llm {
+        settings["judge_settings"] = serde_json::to_value(&ctx.settings().judge)?;
+        model = Some(ctx.recipe.model(&ctx.recipe.judge)?.identity.clone());
+    }
     Ok(KeyMaterial {
         stage: "merge".into(),
         version: VERSION,
-        settings: serde_json::to_value(&ctx.settings().merge)?,
+        settings,
         files: BTreeMap::new(),
-        model: None,
+        model,
         inputs: BTreeMap::from([
             ("prompts".to_string(), prompts_key.to_string()),
             ("generate".to_string(), generate_key.to_string()),
@@ -75,9 +127,32 @@ pub fn build(ctx: &Ctx, prompts_dir: &Path, gen_dir: &Path, out: &Path) -> Resul
             format!("{empty} pairs with an empty review, {identical} with identical reviews"),
         );
     }
+    let ms = &ctx.settings().merge;
+    let mut mislabeled = 0;
+    if ms.judge != JudgeKind::Off {
+        let model = match ms.judge {
+            JudgeKind::Llm => Some(ctx.recipe.load(&ctx.recipe.judge)?),
+            _ => None,
+        };
+        let judge = Judge::new(ms.judge, &ctx.settings().judge, model.as_ref())?;
+        let (kept, out_pairs) = check_labels(&judge, pairs, ms.min_margin)?;
+        mislabeled = out_pairs.len();
+        ctx.say(
+            "Checked",
+            format!(
+                "labels with the {} judge: {} pairs kept, {mislabeled} whose chosen review is not judged more negative by {} (rejected_pairs.jsonl)",
+                ms.judge.name(),
+                kept.len(),
+                ms.min_margin
+            ),
+        );
+        write_jsonl(&out.join("rejected_pairs.jsonl"), &out_pairs)?;
+        pairs = kept;
+    }
     write_jsonl(&out.join("pairs.jsonl"), &pairs)?;
     Ok(Built::new("pairs", pairs.len())
         .with("dropped_empty", empty)
         .with("dropped_identical", identical)
+        .with("dropped_by_judge", mislabeled)
         .with("not_generated", missing))
 }

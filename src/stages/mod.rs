@@ -1,9 +1,10 @@
-//! The stage graph: scrape -> prompts -> generate -> merge -> split -> train.
+//! The stage graph: scrape -> prompts -> generate -> merge -> split -> train -> eval.
 //!
 //! Each stage module exposes `material` (what its output depends on, cheap to compute) and `build`
 //! (make the output in a staging folder). This module decides what is up to date, builds what is
 //! not, in order, and reports it, cargo-style.
 
+pub mod eval;
 pub mod generate;
 pub mod merge;
 pub mod prompts;
@@ -13,7 +14,7 @@ pub mod train;
 
 use crate::cache::{Cache, KeyMaterial, Lookup, Manifest};
 use crate::config::{Loaded, Settings};
-use crate::error::{bail, Result};
+use crate::error::{bail, Context, Result};
 use crate::recipe::Recipe;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -29,15 +30,17 @@ pub enum Stage {
     Merge,
     Split,
     Train,
+    Eval,
 }
 
-pub const ALL: [Stage; 6] = [
+pub const ALL: [Stage; 7] = [
     Stage::Scrape,
     Stage::Prompts,
     Stage::Generate,
     Stage::Merge,
     Stage::Split,
     Stage::Train,
+    Stage::Eval,
 ];
 
 impl Stage {
@@ -49,6 +52,7 @@ impl Stage {
             Stage::Merge => "merge",
             Stage::Split => "split",
             Stage::Train => "train",
+            Stage::Eval => "eval",
         }
     }
 
@@ -62,6 +66,16 @@ impl Stage {
             Stage::Split => vec![Stage::Merge],
             Stage::Train if s.train.dataset.is_empty() => vec![Stage::Split],
             Stage::Train => vec![],
+            Stage::Eval => {
+                let mut v = vec![Stage::Train];
+                if s.train.dataset.is_empty() {
+                    v.extend([Stage::Split, Stage::Merge]);
+                }
+                if s.eval.titles > 0 {
+                    v.push(Stage::Scrape);
+                }
+                v
+            }
         }
     }
 }
@@ -151,6 +165,12 @@ fn material(ctx: &Ctx, stage: Stage, r: &mut Outputs, fetch: bool) -> Result<Opt
         Stage::Merge => merge::material(ctx, &key(Stage::Prompts), &key(Stage::Generate))?,
         Stage::Split => split::material(ctx, &key(Stage::Merge))?,
         Stage::Train => train::material(ctx, r.keys.get(&Stage::Split).map(|s| s.as_str()))?,
+        Stage::Eval => eval::material(
+            ctx,
+            eval::AdapterSource::Train(&key(Stage::Train)),
+            r.keys.get(&Stage::Split).map(|s| s.as_str()),
+            r.keys.get(&Stage::Scrape).map(|s| s.as_str()),
+        )?,
     }))
 }
 
@@ -167,6 +187,16 @@ fn build(ctx: &Ctx, stage: Stage, r: &Outputs, key: &str, out: &Path) -> Result<
             key,
             out,
         ),
+        Stage::Eval => eval::build(
+            ctx,
+            &eval::Inputs {
+                adapter: r.dir(Stage::Train),
+                split: r.dirs.get(&Stage::Split).map(|p| p.as_path()),
+                merge: r.dirs.get(&Stage::Merge).map(|p| p.as_path()),
+                scrape: r.dirs.get(&Stage::Scrape).map(|p| p.as_path()),
+            },
+            out,
+        ),
     }
 }
 
@@ -180,7 +210,7 @@ pub struct Plan {
 impl Plan {
     /// The stages this plan visits, in order (an `--only` run visits the inputs it reads).
     fn stages(&self, s: &Settings) -> Vec<(Stage, bool)> {
-        let last = self.only.or(self.until).unwrap_or(Stage::Train);
+        let last = self.only.or(self.until).unwrap_or(Stage::Eval);
         ALL.into_iter()
             .filter(|st| *st <= last)
             .filter_map(|st| {
@@ -273,6 +303,72 @@ pub fn run(
         );
     }
     Ok(r)
+}
+
+/// The eval stage on `adapter` (`pipeline eval --adapter DIR`), or on the train stage's output
+/// when `None` (`--only eval`). The dataset stages it reads must be up to date; the result is
+/// cached under `cache/eval/` by the adapter's bytes like any stage. Returns the output folder.
+pub fn eval_adapter(ctx: &mut Ctx, adapter: Option<&Path>) -> Result<PathBuf> {
+    let Some(adapter) = adapter else {
+        let plan = Plan {
+            only: Some(Stage::Eval),
+            ..Plan::default()
+        };
+        let r = run(ctx, &plan, |_| Ok(()))?;
+        return Ok(r.dir(Stage::Eval).to_path_buf());
+    };
+    ctx.cache.sweep();
+    let mut r = Outputs::default();
+    for stage in ALL {
+        if !needed_by(ctx.settings(), Stage::Eval, stage) || stage == Stage::Train {
+            continue;
+        }
+        let m = material(ctx, stage, &mut r, false)?.with_context(|| {
+            format!(
+                "the {} stage has not run in this workdir; run `pipeline run --until split` first",
+                stage.name()
+            )
+        })?;
+        let key = m.key();
+        if !matches!(ctx.cache.lookup(stage.name(), &key), Lookup::Fresh(_)) {
+            bail!(
+                "`pipeline eval --adapter` reads the {} stage's output, which is not up to date ({}); run `pipeline run --until split` first",
+                stage.name(),
+                stale_reason(ctx, stage, &m)
+            );
+        }
+        r.dirs.insert(stage, ctx.cache.dir(stage.name(), &key));
+        r.keys.insert(stage, key);
+    }
+    let m = eval::material(
+        ctx,
+        eval::AdapterSource::Dir(adapter),
+        r.keys.get(&Stage::Split).map(|s| s.as_str()),
+        r.keys.get(&Stage::Scrape).map(|s| s.as_str()),
+    )?;
+    let key = m.key();
+    let dir = ctx.cache.dir("eval", &key);
+    if let Lookup::Fresh(man) = ctx.cache.lookup("eval", &key) {
+        ctx.say("Fresh", format!("eval ({key}) {}", summary(&man)));
+        return Ok(dir);
+    }
+    ctx.say("Building", format!("eval ({key}) of {}", adapter.display()));
+    let t0 = Instant::now();
+    let staging = ctx.cache.begin("eval", &key)?;
+    let built = eval::build(
+        ctx,
+        &eval::Inputs {
+            adapter,
+            split: r.dirs.get(&Stage::Split).map(|p| p.as_path()),
+            merge: r.dirs.get(&Stage::Merge).map(|p| p.as_path()),
+            scrape: r.dirs.get(&Stage::Scrape).map(|p| p.as_path()),
+        },
+        &staging.dir,
+    )?;
+    let secs = t0.elapsed().as_secs_f64();
+    let man = staging.commit(&ctx.cache, m, built.counts, secs)?;
+    ctx.say("Built", format!("eval in {secs:.1}s: {}", summary(&man)));
+    Ok(dir)
 }
 
 fn needed_by(s: &Settings, target: Stage, stage: Stage) -> bool {

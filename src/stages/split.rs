@@ -4,7 +4,7 @@
 use super::merge::Pair;
 use super::{Built, Ctx};
 use crate::cache::KeyMaterial;
-use crate::error::{bail, Context, Result};
+use crate::error::{Context, Result};
 use crate::fsutil::{read_jsonl, write_atomic_with};
 use arrow_array::{ArrayRef, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
@@ -29,24 +29,53 @@ pub fn material(ctx: &Ctx, merge_key: &str) -> Result<KeyMaterial> {
 pub fn build(ctx: &Ctx, merge_dir: &Path, out: &Path) -> Result<Built> {
     let s = &ctx.settings().split;
     let pairs: Vec<Pair> = read_jsonl(&merge_dir.join("pairs.jsonl"))?;
-    if pairs.len() < s.train + s.test {
-        bail!(
-            "merge kept {} pairs but split asks for {} train + {} test; lower split.train / split.test ({}) or raise scrape.count",
+    let (n_train, n_test) = sizes(s, pairs.len()).ok_or_else(|| {
+        crate::error::err!(
+            "merge kept {} pairs but split asks for {} train + {} test; lower split.train / split.test ({}), raise scrape.count, or set split.shrink = true to take the {} that survived",
             pairs.len(),
             s.train,
             s.test,
-            ctx.loaded.origin("split.train")
+            ctx.loaded.origin("split.train"),
+            pairs.len()
+        )
+    })?;
+    if (n_train, n_test) != (s.train, s.test) {
+        ctx.say(
+            "Shrunk",
+            format!(
+                "the split to {n_train} train + {n_test} test: merge kept {} pairs, fewer than the {} + {} asked for (split.shrink)",
+                pairs.len(),
+                s.train,
+                s.test
+            ),
         );
     }
     let idx = crate::rng::permutation(pairs.len(), &mut crate::rng::seeded(s.seed));
-    let train: Vec<&Pair> = idx[..s.train].iter().map(|&i| &pairs[i]).collect();
-    let test: Vec<&Pair> = idx[s.train..s.train + s.test]
+    let train: Vec<&Pair> = idx[..n_train].iter().map(|&i| &pairs[i]).collect();
+    let test: Vec<&Pair> = idx[n_train..n_train + n_test]
         .iter()
         .map(|&i| &pairs[i])
         .collect();
     write_parquet(&out.join("train.parquet"), &train)?;
     write_parquet(&out.join("test.parquet"), &test)?;
     Ok(Built::new("train", train.len()).with("test", test.len()))
+}
+
+/// (train, test) sizes for `n` pairs: as asked when there are enough; with `shrink`, both sides
+/// scaled by the same factor (test rounded, at least one of each when n >= 2); otherwise `None`.
+fn sizes(s: &crate::config::SplitSettings, n: usize) -> Option<(usize, usize)> {
+    let want = s.train + s.test;
+    if n >= want {
+        return Some((s.train, s.test));
+    }
+    if !s.shrink || n == 0 {
+        return None;
+    }
+    let mut test = ((n * s.test) as f64 / want as f64).round() as usize;
+    if s.test > 0 && n >= 2 {
+        test = test.clamp(1, n - 1);
+    }
+    Some((n - test, test))
 }
 
 pub fn schema() -> Arc<Schema> {

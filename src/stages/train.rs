@@ -13,8 +13,9 @@ use crate::model::Model;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// 2: data order and dropout masks drawn from `rng` streams of train.seed.
-pub const VERSION: u32 = 2;
+/// 2: data order and dropout masks drawn from `rng` streams of train.seed. 3: metrics are means
+/// over rows (not over batches), and eval runs at step 0 too.
+pub const VERSION: u32 = 3;
 
 /// (chosen, rejected) reference log-probs per example.
 type RefLogps = Vec<(f32, f32)>;
@@ -193,6 +194,12 @@ pub fn build(ctx: &Ctx, split_dir: Option<&Path>, key: &str, out: &Path) -> Resu
     }
     write_atomic(&out.join("metrics.jsonl"), &lines)?;
     charts::plot_curves(&outcome.log, out);
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+        - outcome.seconds;
+    crate::dpo::tensorboard::write_events(&outcome.log, out, started, outcome.seconds)?;
     let last_train = outcome
         .log
         .iter()

@@ -104,6 +104,24 @@ test = {test}
     std::fs::write(dir.join("pipeline.toml"), toml).unwrap();
 }
 
+/// A Python interpreter that imports `modules` (import names; `pip` names as scripts/setup.sh
+/// installs them), for the independent checks. Fails, naming the install command, without them.
+pub fn python_with(modules: &[(&str, &str)]) -> String {
+    let py = python();
+    for (import, pip) in modules {
+        let ok = Command::new(&py)
+            .args(["-c", &format!("import {import}")])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(
+            ok,
+            "{py} lacks {import}: run `python3 -m pip install {pip}` (scripts/setup.sh does)"
+        );
+    }
+    py
+}
+
 /// A Python interpreter with pyarrow (and yaml) for the independent checks.
 pub fn python() -> String {
     let py = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
