@@ -690,6 +690,47 @@ fn real_model_learns_resumes_and_saves_a_peft_adapter() {
     for (a, b) in lp.iter().zip(&lp2) {
         assert!((a - b).abs() < 2e-2, "merged {b} vs adapter {a}");
     }
+    // The merge is PEFT's, W' = W + (alpha / r) B A, checked with plain loops on layer 0's v_proj
+    // (no RoPE permutation in its layout): W read from the GGUF by candle's own reader, A and B
+    // from the adapter file, W' from the merged folder.
+    let acfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tdir.join("adapter_config.json")).unwrap()).unwrap();
+    let scale = acfg["lora_alpha"].as_f64().unwrap() / acfg["r"].as_f64().unwrap();
+    let cpu = candle_core::Device::Cpu;
+    let ad = candle_core::safetensors::load(tdir.join("adapter_model.safetensors"), &cpu).unwrap();
+    let name =
+        |ab: &str| format!("base_model.model.model.layers.0.self_attn.v_proj.lora_{ab}.weight");
+    let a: Vec<Vec<f32>> = ad[&name("A")].to_vec2().unwrap();
+    let b: Vec<Vec<f32>> = ad[&name("B")].to_vec2().unwrap();
+    let merged_w: Vec<Vec<f32>> =
+        candle_core::safetensors::load(merged.join("model.safetensors"), &cpu).unwrap()
+            ["model.layers.0.self_attn.v_proj.weight"]
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+    let mut f = std::fs::File::open(smollm2()).unwrap();
+    let gguf = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+    let base_w: Vec<Vec<f32>> = gguf
+        .tensor(&mut f, "blk.0.attn_v.weight", &cpu)
+        .unwrap()
+        .dequantize(&cpu)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let mut moved = 0f64;
+    for (i, row) in merged_w.iter().enumerate() {
+        for (j, m) in row.iter().enumerate() {
+            let ba: f64 = (0..a.len()).map(|k| b[i][k] as f64 * a[k][j] as f64).sum();
+            let want = base_w[i][j] as f64 + scale * ba;
+            assert!(
+                (*m as f64 - want).abs() < 1e-5,
+                "v_proj[{i}][{j}]: {m} vs {want}"
+            );
+            moved += (scale * ba).abs();
+        }
+    }
+    assert!(moved > 0.0, "training moved the merged weights");
     // sample --adapter --compare runs and prints both.
     let s = pipeline_ok(
         d.path(),

@@ -643,6 +643,15 @@ impl Trainer<'_> {
                     ),
                 );
                 m.insert("step".into(), json!(n));
+                if !self.quiet && bar.is_hidden() {
+                    // No bar off a terminal (a log file, CI): a line per logging step instead.
+                    eprintln!(
+                        "{:>12} step {n}/{total}, loss {:.4}, {:.1}s",
+                        "Training",
+                        m["loss"].as_f64().unwrap_or(f64::NAN),
+                        t0.elapsed().as_secs_f64()
+                    );
+                }
                 log.push(Value::Object(m));
                 window = Acc::default();
                 norms.clear();

@@ -139,6 +139,16 @@ pub fn build(ctx: &Ctx, prompts_dir: &Path, key: &str, out: &Path) -> Result<Bui
                 n_chunks += 1;
                 write_jsonl(&partial.join(format!("chunk-{n_chunks:05}.jsonl")), &buf)?;
                 done.append(&mut buf);
+                if !ctx.quiet && bar.is_hidden() {
+                    // No bar off a terminal (a log file, CI): a line per flushed chunk instead.
+                    eprintln!(
+                        "{:>12} {}/{} prompts, {:.1} tok/s",
+                        "Generating",
+                        bar.position(),
+                        bar.length().unwrap_or(0),
+                        st.generated_tokens as f64 / secs
+                    );
+                }
             }
             Ok(())
         })?;

@@ -158,11 +158,9 @@ pub fn tiny_folder(
     hidden: usize,
     layers: usize,
 ) -> reviewer2::model::config::LlamaConfig {
-    use reviewer2::model::source::{load_meta, resolve};
-    std::fs::create_dir_all(dir).unwrap();
-    let meta = load_meta(&resolve(smollm2().to_str().unwrap(), "main").unwrap()).unwrap();
+    let vocab_size = smollm2_vocab();
     let cfg = reviewer2::model::config::LlamaConfig {
-        vocab_size: meta.config.vocab_size,
+        vocab_size,
         hidden_size: hidden,
         intermediate_size: 2 * hidden,
         num_hidden_layers: layers,
@@ -174,7 +172,26 @@ pub fn tiny_folder(
         max_position_embeddings: 512,
         tie_word_embeddings: true,
     };
-    let t = reviewer2::model::random_hf_tensors(&cfg, 7, &candle_core::Device::Cpu).unwrap();
+    model_folder(dir, &cfg, 7);
+    cfg
+}
+
+/// SmolLM2's vocabulary size (the tokenizer the test folders carry).
+pub fn smollm2_vocab() -> usize {
+    use reviewer2::model::source::{load_meta, resolve};
+    load_meta(&resolve(smollm2().to_str().unwrap(), "main").unwrap())
+        .unwrap()
+        .config
+        .vocab_size
+}
+
+/// A random-weight Llama of shape `cfg` (weights drawn from `seed`) written as an HF model
+/// folder (config.json, model.safetensors), with SmolLM2's tokenizer and chat template.
+pub fn model_folder(dir: &Path, cfg: &reviewer2::model::config::LlamaConfig, seed: u64) {
+    use reviewer2::model::source::{load_meta, resolve};
+    std::fs::create_dir_all(dir).unwrap();
+    let meta = load_meta(&resolve(smollm2().to_str().unwrap(), "main").unwrap()).unwrap();
+    let t = reviewer2::model::random_hf_tensors(cfg, seed, &candle_core::Device::Cpu).unwrap();
     candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
     std::fs::write(
         dir.join("config.json"),
@@ -190,5 +207,4 @@ pub fn tiny_folder(
         "chat_template": meta.chat.as_ref().unwrap().source(),
     });
     std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
-    cfg
 }
