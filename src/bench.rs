@@ -10,13 +10,13 @@ use clap::{Args, Subcommand};
 use std::time::Instant;
 
 #[derive(Args, Debug)]
-pub struct BenchArgs {
+pub(crate) struct BenchArgs {
     #[command(subcommand)]
-    pub what: BenchWhat,
+    what: BenchWhat,
 }
 
 #[derive(Subcommand, Debug)]
-pub enum BenchWhat {
+enum BenchWhat {
     /// Batched generation over the first N reviewer prompts (builds scrape + prompts if needed)
     Generate {
         /// Number of prompts
@@ -54,12 +54,12 @@ pub enum BenchWhat {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum BenchWeights {
+enum BenchWeights {
     F32,
     Quantized,
 }
 
-pub fn peak_rss_mib() -> f64 {
+fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -79,7 +79,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Run a benchmark on the resolved recipe; scratch files go under `workdir`.
-pub fn run(recipe: &Recipe, workdir: &std::path::Path, a: BenchArgs) -> Result<()> {
+pub(crate) fn run(recipe: &Recipe, workdir: &std::path::Path, a: BenchArgs) -> Result<()> {
     let mut ctx = Ctx::new(recipe, workdir, true);
     match a.what {
         BenchWhat::Generate {

@@ -15,27 +15,27 @@ use std::path::{Path, PathBuf};
 
 /// Everything a stage's output depends on. Its hash is the stage's cache key.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
-pub struct KeyMaterial {
-    pub stage: String,
-    pub version: u32,
+pub(crate) struct KeyMaterial {
+    pub(crate) stage: String,
+    pub(crate) version: u32,
     /// The stage's own settings (a JSON object, flattened for diffs).
-    pub settings: serde_json::Value,
+    pub(crate) settings: serde_json::Value,
     /// Template or data files read by the stage: name -> sha256.
-    pub files: BTreeMap<String, String>,
+    pub(crate) files: BTreeMap<String, String>,
     /// Identity of the model the stage uses, if any.
-    pub model: Option<String>,
+    pub(crate) model: Option<String>,
     /// Input stage name -> its key.
-    pub inputs: BTreeMap<String, String>,
+    pub(crate) inputs: BTreeMap<String, String>,
 }
 
 impl KeyMaterial {
-    pub fn key(&self) -> String {
+    pub(crate) fn key(&self) -> String {
         let bytes = serde_json::to_vec(self).expect("key material serializes");
         sha256_hex(&bytes)[..16].to_string()
     }
 
     /// Human-readable differences from an older material: why a stage is stale.
-    pub fn diff(&self, old: &KeyMaterial) -> Vec<String> {
+    pub(crate) fn diff(&self, old: &KeyMaterial) -> Vec<String> {
         let mut out = Vec::new();
         if self.version != old.version {
             out.push(format!(
@@ -106,60 +106,60 @@ fn flatten(v: &serde_json::Value) -> BTreeMap<String, String> {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FileEntry {
-    pub name: String,
-    pub bytes: u64,
-    pub sha256: String,
+struct FileEntry {
+    name: String,
+    bytes: u64,
+    sha256: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Manifest {
-    pub stage: String,
-    pub key: String,
-    pub material: KeyMaterial,
-    pub files: Vec<FileEntry>,
+pub(crate) struct Manifest {
+    pub(crate) stage: String,
+    pub(crate) key: String,
+    pub(crate) material: KeyMaterial,
+    files: Vec<FileEntry>,
     /// Named row counts ("titles": 1100, "dropped_empty": 3, ...).
-    pub counts: BTreeMap<String, u64>,
+    pub(crate) counts: BTreeMap<String, u64>,
     /// RFC 3339 time the build finished.
-    pub finished_at: String,
-    pub seconds: f64,
+    pub(crate) finished_at: String,
+    pub(crate) seconds: f64,
 }
 
 impl Manifest {
-    pub fn count(&self, name: &str) -> u64 {
+    pub(crate) fn count(&self, name: &str) -> u64 {
         self.counts.get(name).copied().unwrap_or(0)
     }
 }
 
-pub enum Lookup {
+pub(crate) enum Lookup {
     Fresh(Box<Manifest>),
     Missing,
     Damaged(String),
 }
 
 #[derive(Debug, Clone)]
-pub struct Cache {
-    pub root: PathBuf,
+pub(crate) struct Cache {
+    pub(crate) root: PathBuf,
 }
 
 impl Cache {
-    pub fn new(workdir: &Path) -> Self {
+    pub(crate) fn new(workdir: &Path) -> Self {
         Self {
             root: workdir.join("cache"),
         }
     }
 
-    pub fn dir(&self, stage: &str, key: &str) -> PathBuf {
+    pub(crate) fn dir(&self, stage: &str, key: &str) -> PathBuf {
         self.root.join(stage).join(key)
     }
 
     /// A persistent folder for resumable partial work on `key` (e.g. generation chunks).
-    pub fn partial_dir(&self, stage: &str, key: &str) -> PathBuf {
+    pub(crate) fn partial_dir(&self, stage: &str, key: &str) -> PathBuf {
         self.root.join(stage).join(format!("{key}.partial"))
     }
 
     /// Is the artifact present and intact? Checks every file's size and checksum.
-    pub fn lookup(&self, stage: &str, key: &str) -> Lookup {
+    pub(crate) fn lookup(&self, stage: &str, key: &str) -> Lookup {
         let dir = self.dir(stage, key);
         let mpath = dir.join("manifest.json");
         if !dir.exists() {
@@ -197,13 +197,13 @@ impl Cache {
     }
 
     /// The material of the last artifact built for `stage`, to explain staleness.
-    pub fn latest(&self, stage: &str) -> Option<Manifest> {
+    pub(crate) fn latest(&self, stage: &str) -> Option<Manifest> {
         let b = fs::read(self.root.join(stage).join("latest.json")).ok()?;
         serde_json::from_slice(&b).ok()
     }
 
     /// Start building `stage`/`key` in a fresh temporary folder.
-    pub fn begin(&self, stage: &str, key: &str) -> Result<Staging> {
+    pub(crate) fn begin(&self, stage: &str, key: &str) -> Result<Staging> {
         let tmp = self
             .root
             .join(stage)
@@ -220,7 +220,7 @@ impl Cache {
     }
 
     /// Remove temporary folders left by killed runs (never the resumable `.partial` ones).
-    pub fn sweep(&self) {
+    pub(crate) fn sweep(&self) {
         let Ok(stages) = fs::read_dir(&self.root) else {
             return;
         };
@@ -243,19 +243,19 @@ impl Cache {
 }
 
 /// A stage output being built. Nothing is visible under the final key until [`Staging::commit`].
-pub struct Staging {
-    pub dir: PathBuf,
+pub(crate) struct Staging {
+    pub(crate) dir: PathBuf,
     stage: String,
     key: String,
 }
 
 impl Staging {
-    pub fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
 
     /// Checksum every file, write the manifest, and rename the folder into place.
-    pub fn commit(
+    pub(crate) fn commit(
         self,
         cache: &Cache,
         material: KeyMaterial,

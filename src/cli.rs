@@ -1,4 +1,4 @@
-//! The command line: arguments parsed once, the recipe resolved once ([`open`]), then each
+//! The command line: arguments parsed once, the recipe resolved once (`open`), then each
 //! command is a few lines over the library.
 
 use crate::config::{self, Sources};
@@ -34,7 +34,7 @@ pub struct Cli {
     #[command(flatten)]
     pub global: Global,
     #[command(subcommand)]
-    pub command: Command,
+    command: Command,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -46,16 +46,16 @@ pub struct Global {
         default_value = "pipeline.toml",
         value_name = "FILE"
     )]
-    pub config: PathBuf,
+    config: PathBuf,
     /// Where stage outputs are cached
     #[arg(long, global = true, default_value = "data", value_name = "DIR")]
-    pub workdir: PathBuf,
+    workdir: PathBuf,
     /// Override a setting by its dotted name (repeatable), e.g. --set split.seed=7
     #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
-    pub set: Vec<String>,
+    set: Vec<String>,
     /// A named recipe on top of the config file: `quick` (offline, minutes on a CPU)
     #[arg(long, global = true, value_name = "NAME")]
-    pub preset: Option<String>,
+    preset: Option<String>,
     /// Print only errors
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     pub quiet: bool,
@@ -65,7 +65,7 @@ pub struct Global {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {
+enum Command {
     /// Run the stages in order, skipping those that are up to date
     Run(RunArgs),
     /// Show each stage: up to date, stale (and why), damaged or missing
@@ -109,42 +109,42 @@ pub enum Command {
 }
 
 #[derive(Args, Debug)]
-pub struct RunArgs {
+struct RunArgs {
     /// Stop after this stage
     #[arg(long, value_enum, conflicts_with = "only")]
-    pub until: Option<Stage>,
+    until: Option<Stage>,
     /// Run only this stage (its inputs must be up to date)
     #[arg(long, value_enum)]
-    pub only: Option<Stage>,
+    only: Option<Stage>,
     /// Rebuild this stage even if it is up to date (repeatable; `--force scrape` refetches the page)
     #[arg(long, value_enum)]
-    pub force: Vec<Stage>,
+    force: Vec<Stage>,
     /// Start long work without asking (a run estimated at over an hour asks on a terminal)
     #[arg(long, short = 'y')]
-    pub yes: bool,
+    yes: bool,
 }
 
 #[derive(Args, Debug)]
-pub struct SampleArgs {
+struct SampleArgs {
     /// Paper title to review
     #[arg(long)]
-    pub title: String,
+    title: String,
     /// LoRA adapter folder to apply
     #[arg(long, value_name = "DIR")]
-    pub adapter: Option<PathBuf>,
+    adapter: Option<PathBuf>,
     /// Print the base model's and the adapter's reviews side by side
     #[arg(long, requires = "adapter")]
-    pub compare: bool,
+    compare: bool,
     /// Number of reviews to draw
     #[arg(long, default_value_t = 1)]
-    pub n: usize,
+    n: usize,
     /// Sampling seed (default: generate.seed)
     #[arg(long)]
-    pub seed: Option<u64>,
+    seed: Option<u64>,
 }
 
 /// Load the recipe (file, preset, `--set`) and resolve it once for this command.
-pub fn open(g: &Global, network: Network) -> Result<Recipe> {
+fn open(g: &Global, network: Network) -> Result<Recipe> {
     let loaded = config::load(&Sources {
         file: g.config.clone(),
         must_exist: g.config != std::path::Path::new("pipeline.toml"),

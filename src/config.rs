@@ -7,7 +7,7 @@
 //! line (or the preset, or the `--set`), the key, and suggest the nearest valid key for a typo,
 //! because a silently ignored setting is the worst kind of bug in a data pipeline.
 
-pub use crate::dpo::config::{LoraSettings, TrainSettings};
+pub use crate::dpo::config::TrainSettings;
 use crate::model::{AttentionChoice, DeviceChoice, WeightsChoice};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -21,58 +21,58 @@ type Result<T, E = ConfigError> = std::result::Result<T, E>;
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     pub scrape: ScrapeSettings,
-    pub prompts: PromptSettings,
+    pub(crate) prompts: PromptSettings,
     pub generate: GenerateSettings,
-    pub merge: MergeSettings,
+    pub(crate) merge: MergeSettings,
     pub split: SplitSettings,
     pub train: TrainSettings,
-    pub eval: EvalSettings,
-    pub judge: JudgeSettings,
+    pub(crate) eval: EvalSettings,
+    pub(crate) judge: JudgeSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ScrapeSettings {
     /// Page listing the accepted papers.
-    pub url: String,
+    pub(crate) url: String,
     /// A saved copy of the page to parse instead of fetching `url` ("" = fetch; "bundled" = the
     /// compact NeurIPS 2023 snapshot shipped in the binary).
     pub snapshot: String,
     /// When `url` cannot be fetched, use the bundled NeurIPS 2023 snapshot (with a warning).
-    pub fallback: bool,
+    pub(crate) fallback: bool,
     /// CSS selector whose elements' text are the titles.
-    pub selector: String,
+    pub(crate) selector: String,
     pub count: usize,
-    pub seed: u64,
-    pub timeout_secs: u64,
-    pub retries: u32,
+    pub(crate) seed: u64,
+    pub(crate) timeout_secs: u64,
+    pub(crate) retries: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Shot {
-    pub title: String,
+    pub(crate) title: String,
     pub negative: String,
     pub positive: String,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
-pub enum PromptStyle {
+pub(crate) enum PromptStyle {
     Chat,
     Plain,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
-pub struct PromptSettings {
-    pub style: PromptStyle,
-    pub system: String,
-    pub shots: usize,
-    pub seed: u64,
+pub(crate) struct PromptSettings {
+    pub(crate) style: PromptStyle,
+    pub(crate) system: String,
+    pub(crate) shots: usize,
+    pub(crate) seed: u64,
     /// Folder holding the minijinja templates, relative to the config file.
-    pub templates: String,
-    pub pool: Vec<Shot>,
+    pub(crate) templates: String,
+    pub(crate) pool: Vec<Shot>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -80,35 +80,35 @@ pub struct PromptSettings {
 pub struct GenerateSettings {
     /// A Hugging Face repo id, a local model folder, or a .gguf file.
     pub model: String,
-    pub revision: String,
-    pub device: DeviceChoice,
+    pub(crate) revision: String,
+    pub(crate) device: DeviceChoice,
     /// For .gguf models: how the weights are held.
-    pub weights: WeightsChoice,
+    pub(crate) weights: WeightsChoice,
     /// Which attention implementation runs (results differ in the last bits).
-    pub attention: AttentionChoice,
+    pub(crate) attention: AttentionChoice,
     /// Prefill a batch's shared prompt prefixes once (results differ in the last bits).
-    pub prefix_sharing: bool,
-    pub batch_size: usize,
-    pub max_new_tokens: usize,
+    pub(crate) prefix_sharing: bool,
+    pub(crate) batch_size: usize,
+    pub(crate) max_new_tokens: usize,
     pub temperature: f64,
-    pub top_k: usize,
-    pub top_p: f64,
-    pub seed: u64,
+    pub(crate) top_k: usize,
+    pub(crate) top_p: f64,
+    pub(crate) seed: u64,
     /// Finished records are flushed to disk every `chunk_size` prompts (the resume granularity).
-    pub chunk_size: usize,
+    pub(crate) chunk_size: usize,
     /// Only the first `limit` prompts (0 = all); handy for quick looks.
-    pub limit: usize,
+    pub(crate) limit: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
-pub struct MergeSettings {
+pub(crate) struct MergeSettings {
     /// Reviews shorter than this many characters (after trimming) drop their pair.
-    pub min_chars: usize,
+    pub(crate) min_chars: usize,
     /// Check each pair's labels with a judge: a pair whose chosen review is not judged more
     /// negative than its rejected one by `min_margin` is dropped (kept in rejected_pairs.jsonl).
-    pub judge: JudgeKind,
-    pub min_margin: f64,
+    pub(crate) judge: JudgeKind,
+    pub(crate) min_margin: f64,
 }
 
 /// Which judge scores a review's negativity (`crate::judge`).
@@ -123,7 +123,7 @@ pub enum JudgeKind {
 }
 
 impl JudgeKind {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             JudgeKind::Off => "off",
             JudgeKind::Lexicon => "lexicon",
@@ -137,16 +137,16 @@ impl JudgeKind {
 #[serde(deny_unknown_fields, default)]
 pub struct JudgeSettings {
     /// The model that judges ("" = generate.model).
-    pub model: String,
+    pub(crate) model: String,
     /// The question, sent as the user turn through the model's chat template; `{review}` is
     /// replaced by the review. The answer is read from the next token's log-probabilities.
-    pub question: String,
+    pub(crate) question: String,
     /// The start of the answer (after the assistant turn opens); the verdict is the next word.
-    pub answer_prefix: String,
+    pub(crate) answer_prefix: String,
     /// The two verdict words, read as the first token of " word".
-    pub negative: String,
-    pub positive: String,
-    pub batch_size: usize,
+    pub(crate) negative: String,
+    pub(crate) positive: String,
+    pub(crate) batch_size: usize,
 }
 
 impl Default for JudgeSettings {
@@ -165,14 +165,14 @@ impl Default for JudgeSettings {
 /// The eval stage: base model against the trained adapter on held-out titles.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
-pub struct EvalSettings {
-    pub judge: JudgeKind,
+pub(crate) struct EvalSettings {
+    pub(crate) judge: JudgeKind,
     /// 0 = the test split's titles; N = N titles drawn (with `seed`) from the scraped page that
     /// are in neither split.
-    pub titles: usize,
+    pub(crate) titles: usize,
     /// Reviews per title and model; sample k of a title has the same seed for both models.
-    pub samples: usize,
-    pub seed: u64,
+    pub(crate) samples: usize,
+    pub(crate) seed: u64,
 }
 
 impl Default for EvalSettings {
@@ -191,10 +191,10 @@ impl Default for EvalSettings {
 pub struct SplitSettings {
     pub train: usize,
     pub test: usize,
-    pub seed: u64,
+    pub(crate) seed: u64,
     /// When merge kept fewer pairs than train + test: false refuses with the count; true takes
     /// what survived, shrinking both sides in proportion.
-    pub shrink: bool,
+    pub(crate) shrink: bool,
 }
 
 pub const SYSTEM_MESSAGE: &str = "You are an experienced researcher and a reviewer of scientific papers. Given a title of the paper, write a review about it in one sentence.";
@@ -259,7 +259,7 @@ impl Default for PromptSettings {
 
 impl GenerateSettings {
     /// The sampler settings the engine takes.
-    pub fn sampling(&self) -> crate::model::generate::Sampling {
+    pub(crate) fn sampling(&self) -> crate::model::generate::Sampling {
         crate::model::generate::Sampling {
             temperature: self.temperature,
             top_k: self.top_k,
@@ -313,7 +313,7 @@ impl Default for SplitSettings {
 }
 
 /// The presets shipped with the binary: name, what it is for, its TOML.
-pub const PRESETS: [(&str, &str, &str); 1] = [(
+const PRESETS: [(&str, &str, &str); 1] = [(
     "quick",
     "the whole pipeline offline in a few minutes on 2 CPU cores: the bundled NeurIPS 2023 \
      snapshot, SmolLM2-135M from scripts/setup.sh, 24 titles, 20 training steps",
@@ -334,10 +334,9 @@ pub struct Sources {
 #[derive(Debug, Clone)]
 pub struct Loaded {
     pub settings: Settings,
-    pub file: PathBuf,
+    file: PathBuf,
     /// Folder of the config file: relative paths in the recipe resolve against it.
-    pub base_dir: PathBuf,
-    pub preset: Option<String>,
+    pub(crate) base_dir: PathBuf,
     /// dotted key -> where it was last set.
     origins: BTreeMap<String, Origin>,
 }
@@ -361,7 +360,7 @@ impl Loaded {
     }
 
     /// Resolve a path setting relative to the config file's folder.
-    pub fn resolve(&self, p: &str) -> PathBuf {
+    pub(crate) fn resolve(&self, p: &str) -> PathBuf {
         let p = Path::new(p);
         if p.is_absolute() {
             p.to_path_buf()
@@ -590,7 +589,6 @@ pub fn load(src: &Sources) -> Result<Loaded> {
         settings,
         file: file.clone(),
         base_dir,
-        preset: src.preset.clone(),
         origins,
     };
     if let Err(e) = loaded.settings.validate() {
@@ -632,7 +630,7 @@ use crate::dpo::config::{check, Invalid};
 impl Settings {
     /// Impossible values, each reported with what would be valid. The one place each setting
     /// outside `[train]` is checked (`[train]` checks itself, in `dpo::config`).
-    pub fn validate(&self) -> Result<(), Invalid> {
+    fn validate(&self) -> Result<(), Invalid> {
         let s = self;
         check(s.scrape.count > 0, "scrape.count", || {
             "must be at least 1".into()

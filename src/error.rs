@@ -1,6 +1,6 @@
 //! The library's error type. Callers can match on what went wrong (a bad recipe, a bad input
 //! file, a model that cannot be used, training that diverged, ...); every layer adds context with
-//! [`Context`], and the binary prints the chain (`error: ...`, `caused by: ...`).
+//! `Context`, and the binary prints the chain (`error: ...`, `caused by: ...`).
 
 use std::fmt::Display;
 use std::path::PathBuf;
@@ -74,25 +74,6 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-impl Error {
-    pub fn msg(m: impl Display) -> Self {
-        Error::Invalid(m.to_string())
-    }
-
-    /// What went wrong underneath every added context.
-    pub fn root(&self) -> &Error {
-        match self {
-            Error::Context { cause, .. } => cause.root(),
-            e => e,
-        }
-    }
-
-    /// Wrap an error of a library that has no variant here.
-    pub fn other(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
-        Error::Other(e.into())
-    }
-}
-
 /// Small standard errors a message's context explains (a malformed number, bad UTF-8).
 macro_rules! other_from {
     ($($t:ty),*) => {$(
@@ -120,7 +101,7 @@ impl<E: std::error::Error + Send + Sync + 'static> From<plotters::drawing::Drawi
 }
 
 /// Context for results and options: `.context("reading x")?`, `.with_context(|| ...)?`.
-pub trait Context<T> {
+pub(crate) trait Context<T> {
     fn context(self, c: impl Display) -> Result<T>;
     fn with_context<C: Display>(self, f: impl FnOnce() -> C) -> Result<T>;
 }

@@ -34,23 +34,23 @@ fn rates(cuda: bool, cores: usize) -> Rates {
 }
 
 /// One stage's estimate, in seconds, with what it counted.
-pub struct StageEstimate {
-    pub stage: Stage,
-    pub seconds: f64,
-    pub what: String,
+pub(crate) struct StageEstimate {
+    pub(crate) stage: Stage,
+    pub(crate) seconds: f64,
+    pub(crate) what: String,
 }
 
-pub struct Estimate {
-    pub stages: Vec<StageEstimate>,
-    pub total: f64,
-    pub device: &'static str,
+pub(crate) struct Estimate {
+    pub(crate) stages: Vec<StageEstimate>,
+    pub(crate) total: f64,
+    pub(crate) device: &'static str,
     /// The figures come from measurements on this kind of device (else they are guesses).
-    pub measured: bool,
+    pub(crate) measured: bool,
 }
 
 /// The estimate for building `todo`. `params`: the generation and training models' parameter
 /// counts (None when unknown, e.g. a Hub model not downloaded yet).
-pub fn estimate(
+pub(crate) fn estimate(
     s: &Settings,
     todo: &[Stage],
     params: (Option<u64>, Option<u64>),
@@ -155,7 +155,7 @@ fn estimate_on(
 }
 
 /// "40 s", "12 min", "3.5 h", "2.1 days".
-pub fn human(secs: f64) -> String {
+pub(crate) fn human(secs: f64) -> String {
     if !secs.is_finite() {
         "unknown".into()
     } else if secs < 90.0 {

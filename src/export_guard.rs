@@ -13,7 +13,7 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 /// Written by `export` beside the files it wrote.
-pub const EXPORT_MARKER: &str = ".reviewer2-export.json";
+const EXPORT_MARKER: &str = ".reviewer2-export.json";
 const WRITTEN_BY: &str = "reviewer2 pipeline export";
 
 #[derive(Serialize, Deserialize)]
@@ -25,7 +25,7 @@ struct Marker {
 
 /// What `--out` holds before an export.
 #[derive(Debug, PartialEq)]
-pub enum ExportTarget {
+pub(crate) enum ExportTarget {
     /// Nothing there yet.
     Absent,
     /// An empty folder.
@@ -36,7 +36,7 @@ pub enum ExportTarget {
 
 /// `p` made absolute with symlinks resolved, also when it does not exist yet: the longest
 /// existing ancestor is canonicalized and the rest appended (`..` applied lexically).
-pub fn real_path(p: &Path) -> Result<PathBuf> {
+fn real_path(p: &Path) -> Result<PathBuf> {
     let abs = if p.is_absolute() {
         p.to_path_buf()
     } else {
@@ -66,7 +66,7 @@ pub fn real_path(p: &Path) -> Result<PathBuf> {
 }
 
 /// Check `out` for an export: refuse the workdir and folders export did not write.
-pub fn check_export_target(out: &Path, workdir: &Path, force: bool) -> Result<ExportTarget> {
+pub(crate) fn check_export_target(out: &Path, workdir: &Path, force: bool) -> Result<ExportTarget> {
     let o = real_path(out)?;
     let w = real_path(workdir)?;
     if o == w || o.starts_with(&w) || w.starts_with(&o) {
@@ -168,7 +168,7 @@ fn files_below(dir: &Path) -> Result<Vec<String>> {
 }
 
 /// Record, in the staging folder, which files this export wrote.
-pub fn write_marker(staging: &Path, files: &[String]) -> Result<()> {
+pub(crate) fn write_marker(staging: &Path, files: &[String]) -> Result<()> {
     crate::fsutil::write_json_pretty(
         &staging.join(EXPORT_MARKER),
         &Marker {
@@ -180,7 +180,7 @@ pub fn write_marker(staging: &Path, files: &[String]) -> Result<()> {
 
 /// Put the finished staging folder at `out`. A previous export there is swapped out and then
 /// removed file by file (only the files its marker lists); anything that appeared meanwhile stays.
-pub fn install(staging: &Path, out: &Path, target: &ExportTarget) -> Result<()> {
+pub(crate) fn install(staging: &Path, out: &Path, target: &ExportTarget) -> Result<()> {
     match target {
         ExportTarget::Absent => {
             if let Some(p) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -244,7 +244,7 @@ fn remove_export(dir: &Path, files: &[String]) {
 /// Refuse an output folder that is, or lies inside, the base model's folder (for a GGUF: the
 /// folder holding the file, by the path given and by the file's real location), or that names one
 /// of the base model's files.
-pub fn refuse_base_folder(out: &Path, base: &ModelSource) -> Result<()> {
+pub(crate) fn refuse_base_folder(out: &Path, base: &ModelSource) -> Result<()> {
     let o = real_path(out)?;
     let mut dirs: Vec<PathBuf> = Vec::new();
     let mut files: Vec<PathBuf> = Vec::new();

@@ -12,14 +12,14 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 /// Write `bytes` to `path` atomically (see [`write_atomic_with`]).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic_with(path, |f| Ok(f.write_all(bytes)?))
 }
 
 /// Write `path` atomically through a writer: a sibling temporary file, fsync, rename, fsync of
 /// the folder. A reader never sees a half-written file, and after a crash the file is either the
 /// old one or the new one, whatever moment the process or the machine stopped.
-pub fn write_atomic_with(
+pub(crate) fn write_atomic_with(
     path: &Path,
     write: impl FnOnce(&mut fs::File) -> Result<()>,
 ) -> Result<()> {
@@ -32,7 +32,7 @@ pub fn write_atomic_with(
 
 /// The same for writers that take a path (safetensors, image encoders): `write` creates the
 /// temporary file it is given; it is then fsynced and renamed into place.
-pub fn write_atomic_via(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+pub(crate) fn write_atomic_via(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -49,7 +49,7 @@ pub fn write_atomic_via(path: &Path, write: impl FnOnce(&Path) -> Result<()>) ->
 /// Put a fully written temporary file in place: fsync it, rename it to `path`, fsync the folder.
 /// For writers that must choose the temporary name themselves (an image encoder reads the
 /// format from the extension).
-pub fn commit_tmp(tmp: &Path, path: &Path) -> Result<()> {
+pub(crate) fn commit_tmp(tmp: &Path, path: &Path) -> Result<()> {
     let synced = fs::File::open(tmp)
         .and_then(|f| f.sync_all())
         .with_context(|| format!("syncing {}", tmp.display()));
@@ -66,14 +66,14 @@ pub fn commit_tmp(tmp: &Path, path: &Path) -> Result<()> {
 }
 
 /// Make a rename in `dir` durable. Best effort: some filesystems refuse to open a folder.
-pub fn sync_dir(dir: &Path) {
+pub(crate) fn sync_dir(dir: &Path) {
     if let Ok(d) = fs::File::open(dir) {
         d.sync_all().ok();
     }
 }
 
 /// A temporary name next to `path` that is unique to this process.
-pub fn tmp_sibling(path: &Path) -> PathBuf {
+pub(crate) fn tmp_sibling(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -100,7 +100,7 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 }
 
 /// Serialize rows as JSON Lines and write them atomically.
-pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+pub(crate) fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
     let mut out = Vec::new();
     for r in rows {
         serde_json::to_writer(&mut out, r)?;
@@ -125,7 +125,7 @@ pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
     Ok(rows)
 }
 
-pub fn write_json_pretty<T: Serialize>(path: &Path, v: &T) -> Result<()> {
+pub(crate) fn write_json_pretty<T: Serialize>(path: &Path, v: &T) -> Result<()> {
     let mut s = serde_json::to_vec_pretty(v)?;
     s.push(b'\n');
     write_atomic(path, &s)

@@ -15,24 +15,24 @@ use std::path::Path;
 
 /// The dataset layout an export writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
+pub(crate) enum Format {
     /// prompt, chosen, rejected (DPO)
     Paired,
     /// prompt, completion, label (KTO): two rows per pair
     Unpaired,
 }
 
-pub struct SplitInfo {
-    pub name: &'static str,
-    pub num_examples: usize,
+pub(crate) struct SplitInfo {
+    pub(crate) name: &'static str,
+    pub(crate) num_examples: usize,
     /// Arrow in-memory size of the string columns (values + 32-bit offsets), as `datasets` counts it.
-    pub num_bytes: u64,
-    pub file_bytes: u64,
+    num_bytes: u64,
+    file_bytes: u64,
 }
 
 /// Export the split stage's output to `out`. Refuses the workdir and any folder export did not
 /// write; a previous export is replaced only with `force` (see [`crate::export_guard`]).
-pub fn export(
+pub(crate) fn export(
     split_dir: &Path,
     out: &Path,
     force: bool,
@@ -309,7 +309,7 @@ fn scrape_source(manifests: &[Manifest]) -> Option<&str> {
 
 /// The model as a public card may name it: a Hub id as given; a local file or folder by its name
 /// alone (never the local path). Taken from the generate stage's model identity when present.
-pub fn public_model_name(spec: &str, manifests: &[Manifest]) -> String {
+fn public_model_name(spec: &str, manifests: &[Manifest]) -> String {
     let identity = manifests
         .iter()
         .find(|m| m.stage == "generate")

@@ -3,34 +3,34 @@
 //! The binary `pipeline` is a thin CLI ([`cli`]) over these modules (docs/ARCHITECTURE.md shows
 //! the whole on one page):
 //! - [`config`]: the recipe (`pipeline.toml`, presets, `--set`), typed and validated.
-//! - [`recipe`]: the recipe resolved once (model files, devices, load options, page source).
-//! - [`cache`]: the content-addressed stage cache (keys, manifests, atomic commits, verification).
+//! - `recipe`: the recipe resolved once (model files, devices, load options, page source).
+//! - `cache`: the content-addressed stage cache (keys, manifests, atomic commits, verification).
 //! - [`stages`]: one module per pipeline stage, plus the graph that runs them.
 //! - [`model`]: the Llama engine (loading, tokenizer, chat template, forward, batched generation,
 //!   LoRA adapters and their PEFT files).
 //! - [`dpo`]: preference training only: data, log-probs, losses, optimizer, trainer, charts.
 //! - [`hub`]: the Hugging Face dataset folder (Parquet + dataset card).
 //! - [`error`]: the library's error type.
-//! - [`fsutil`], [`rng`]: the one atomic write, hashes, JSONL; the one seed mixer and seeded orders.
-//! - [`estimate`]: how long a run's plan will take on this device.
-//! - [`lock`], [`export_guard`], [`term`]: one writer per workdir, outputs that never replace what
+//! - [`fsutil`], `rng`: the one atomic write, hashes, JSONL; the one seed mixer and seeded orders.
+//! - `estimate`: how long a run's plan will take on this device.
+//! - [`lock`], `export_guard`, [`term`]: one writer per workdir, outputs that never replace what
 //!   they did not write, colour only on a terminal (docs/RELIABILITY.md).
 //! - [`bench`]: `pipeline bench`.
 
-pub mod bench;
-pub mod cache;
+pub(crate) mod bench;
+pub(crate) mod cache;
 pub mod cli;
 pub mod config;
 pub mod dpo;
 pub mod error;
-pub mod estimate;
-pub mod export_guard;
+pub(crate) mod estimate;
+pub(crate) mod export_guard;
 pub mod fsutil;
 pub mod hub;
 pub mod judge;
 pub mod lock;
 pub mod model;
-pub mod recipe;
-pub mod rng;
+pub(crate) mod recipe;
+pub(crate) mod rng;
 pub mod stages;
 pub mod term;

@@ -20,7 +20,7 @@ pub struct WorkdirLock {
 
 impl WorkdirLock {
     /// The lock file of `workdir`.
-    pub fn path_in(workdir: &Path) -> PathBuf {
+    fn path_in(workdir: &Path) -> PathBuf {
         workdir.join("cache").join("pipeline.lock")
     }
 

@@ -11,13 +11,12 @@ use crate::config::Loaded;
 use crate::error::{Context, Result};
 use crate::model::source::{self, FingerprintMemo, HubAccess, ModelSource, ModelSpec};
 use crate::model::{AttentionChoice, LoadOptions, WeightsMode};
-use candle_core::Device;
 use std::cell::OnceCell;
 use std::path::{Path, PathBuf};
 
 /// Whether resolving may use the network (model downloads, page fetches).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Network {
+pub(crate) enum Network {
     Allowed,
     /// `status`: caches and local files only.
     Never,
@@ -25,7 +24,7 @@ pub enum Network {
 
 /// Where the scrape stage reads its page from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PageSource {
+pub(crate) enum PageSource {
     /// A saved copy of a page (`scrape.snapshot` = a path).
     Snapshot(PathBuf),
     /// The compact NeurIPS 2023 snapshot shipped in the binary (`scrape.snapshot = "bundled"`).
@@ -35,17 +34,17 @@ pub enum PageSource {
 }
 
 /// One model as a stage uses it: what it names, how it loads, and (once asked) its files.
-pub struct ModelPlan {
+pub(crate) struct ModelPlan {
     /// The setting it came from, for error messages.
-    pub key: &'static str,
-    pub spec: ModelSpec,
-    pub load: LoadOptions,
+    key: &'static str,
+    spec: ModelSpec,
+    pub(crate) load: LoadOptions,
     source: OnceCell<ModelSource>,
 }
 
 impl ModelPlan {
     /// "cpu" or "cuda": numerics differ between devices, so cache keys hold it.
-    pub fn device_name(&self) -> &'static str {
+    pub(crate) fn device_name(&self) -> &'static str {
         if self.load.device.is_cuda() {
             "cuda"
         } else {
@@ -54,29 +53,28 @@ impl ModelPlan {
     }
 
     /// The dtype weights are computed in, by name (cache keys).
-    pub fn dtype_name(&self) -> String {
+    pub(crate) fn dtype_name(&self) -> String {
         format!("{:?}", self.load.dtype).to_lowercase()
     }
 }
 
-pub struct Recipe {
-    pub loaded: Loaded,
-    pub page: PageSource,
-    pub templates: PathBuf,
+pub(crate) struct Recipe {
+    pub(crate) loaded: Loaded,
+    pub(crate) page: PageSource,
+    pub(crate) templates: PathBuf,
     /// `train.dataset` as a path, or `None` for the split stage's output.
-    pub train_dataset: Option<PathBuf>,
-    pub generate: ModelPlan,
-    pub train: ModelPlan,
+    pub(crate) train_dataset: Option<PathBuf>,
+    pub(crate) generate: ModelPlan,
+    pub(crate) train: ModelPlan,
     /// The `llm` judge's model (`judge.model`, or generate.model), loaded as for generation.
-    pub judge: ModelPlan,
-    pub network: Network,
+    pub(crate) judge: ModelPlan,
     hub: HubAccess,
     memo: FingerprintMemo,
 }
 
 impl Recipe {
     /// Resolve everything that needs no model files: paths, devices, load options, Hub access.
-    pub fn resolve(loaded: Loaded, workdir: &Path, network: Network) -> Result<Self> {
+    pub(crate) fn resolve(loaded: Loaded, workdir: &Path, network: Network) -> Result<Self> {
         let s = &loaded.settings;
         let page = match s.scrape.snapshot.as_str() {
             "" => PageSource::Url {
@@ -151,7 +149,6 @@ impl Recipe {
                 load: judge_load,
                 source: OnceCell::new(),
             },
-            network,
             hub: {
                 let mut hub = HubAccess::from_env();
                 hub.offline |= network == Network::Never;
@@ -162,12 +159,12 @@ impl Recipe {
         })
     }
 
-    pub fn settings(&self) -> &crate::config::Settings {
+    pub(crate) fn settings(&self) -> &crate::config::Settings {
         &self.loaded.settings
     }
 
     /// The model's files, found (and downloaded, when allowed) on first use, then remembered.
-    pub fn model<'a>(&self, plan: &'a ModelPlan) -> Result<&'a ModelSource> {
+    pub(crate) fn model<'a>(&self, plan: &'a ModelPlan) -> Result<&'a ModelSource> {
         if let Some(s) = plan.source.get() {
             return Ok(s);
         }
@@ -181,16 +178,11 @@ impl Recipe {
             .with_context(|| format!("{} ({}){hint}", plan.key, self.loaded.origin(plan.key)))?;
         Ok(plan.source.get_or_init(|| src))
     }
-
-    /// The device the generation model runs on.
-    pub fn generate_device(&self) -> &Device {
-        &self.generate.load.device
-    }
 }
 
 impl Recipe {
     /// Load a model as its plan says: the one place load options turn into a loaded model.
-    pub fn load(&self, plan: &ModelPlan) -> Result<crate::model::Model> {
+    pub(crate) fn load(&self, plan: &ModelPlan) -> Result<crate::model::Model> {
         let src = self.model(plan)?;
         let t0 = std::time::Instant::now();
         let m = crate::model::Model::load(src, &plan.load)?;

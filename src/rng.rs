@@ -8,7 +8,7 @@ use rand_chacha::ChaCha8Rng;
 
 /// A stream seed for `(seed, stream)`, SplitMix64-finalized so neighbouring streams (row ids,
 /// epochs, steps) are unrelated.
-pub fn mix(seed: u64, stream: u64) -> u64 {
+pub(crate) fn mix(seed: u64, stream: u64) -> u64 {
     let mut z = seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -16,18 +16,18 @@ pub fn mix(seed: u64, stream: u64) -> u64 {
 }
 
 /// The generator of one stream of `seed`.
-pub fn stream(seed: u64, stream: u64) -> ChaCha8Rng {
+pub(crate) fn stream(seed: u64, stream: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(mix(seed, stream))
 }
 
 /// A generator seeded directly (a user's seed used as it is).
-pub fn seeded(seed: u64) -> ChaCha8Rng {
+pub(crate) fn seeded(seed: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed)
 }
 
 /// `k` distinct indices of `0..n` in draw order: the first `k` steps of a forward Fisher-Yates
 /// shuffle, so drawing more keeps the earlier draws.
-pub fn draw(n: usize, k: usize, rng: &mut ChaCha8Rng) -> Vec<usize> {
+pub(crate) fn draw(n: usize, k: usize, rng: &mut ChaCha8Rng) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..n).collect();
     for i in 0..k.min(n) {
         let j = i + (rng.random::<u64>() % (n - i) as u64) as usize;
@@ -38,7 +38,7 @@ pub fn draw(n: usize, k: usize, rng: &mut ChaCha8Rng) -> Vec<usize> {
 }
 
 /// A uniformly random permutation of `0..n` (Durstenfeld's Fisher-Yates, from the back).
-pub fn permutation(n: usize, rng: &mut ChaCha8Rng) -> Vec<usize> {
+pub(crate) fn permutation(n: usize, rng: &mut ChaCha8Rng) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
         let j = (rng.random::<u64>() % (i as u64 + 1)) as usize;

@@ -79,7 +79,7 @@ fn or_skip(out: &Path, r: Result<()>) {
 
 /// TensorBoard's smoothing: an exponential moving average, debiased so it starts at the first
 /// value instead of at zero.
-pub fn smooth(points: &[(f64, f64)], weight: f64) -> Vec<(f64, f64)> {
+fn smooth(points: &[(f64, f64)], weight: f64) -> Vec<(f64, f64)> {
     let mut last = 0.0;
     let mut out = Vec::with_capacity(points.len());
     for (i, (x, y)) in points.iter().enumerate() {
@@ -92,7 +92,7 @@ pub fn smooth(points: &[(f64, f64)], weight: f64) -> Vec<(f64, f64)> {
 
 /// The loss and reward-margin charts into `dir` (`loss.png`, `margins.png`). A chart that cannot
 /// be drawn is skipped with a warning: the training it shows is done and kept either way.
-pub fn plot_curves(log: &[Value], dir: &Path) {
+pub(crate) fn plot_curves(log: &[Value], dir: &Path) {
     for (metric, title, file) in [
         ("loss", "DPO loss", "loss.png"),
         ("rewards/margins", "Reward margins", "margins.png"),
@@ -103,7 +103,7 @@ pub fn plot_curves(log: &[Value], dir: &Path) {
 }
 
 /// Draw `metric` and `eval_{metric}` against the step into `out`.
-pub fn plot(log: &[Value], metric: &str, title: &str, out: &Path) -> Result<()> {
+fn plot(log: &[Value], metric: &str, title: &str, out: &Path) -> Result<()> {
     let train = series(log, metric);
     let eval = series(log, &format!("eval_{metric}"));
     let smoothed = smooth(&train, 0.6);
@@ -165,7 +165,7 @@ pub fn plot(log: &[Value], metric: &str, title: &str, out: &Path) -> Result<()> 
 
 /// Two score distributions (base and adapter) as overlaid histograms into `out`; skipped with a
 /// warning when it cannot be drawn, like the learning curves.
-pub fn plot_distributions(base: &[f64], adapter: &[f64], title: &str, out: &Path) {
+pub(crate) fn plot_distributions(base: &[f64], adapter: &[f64], title: &str, out: &Path) {
     or_skip(out, histograms(base, adapter, title, out));
 }
 

@@ -21,7 +21,7 @@ pub enum Loss {
 
 impl Loss {
     /// The name as the recipe spells it.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Loss::Sigmoid => "sigmoid",
             Loss::Hinge => "hinge",
@@ -32,12 +32,12 @@ impl Loss {
     }
 
     /// IPO compares length-averaged log-probs; every other loss sums them.
-    pub fn averages_logps(self) -> bool {
+    pub(crate) fn averages_logps(self) -> bool {
         self == Loss::Ipo
     }
 
     /// KTO reads prompt/completion/label rows instead of prompt/chosen/rejected.
-    pub fn is_unpaired(self) -> bool {
+    pub(crate) fn is_unpaired(self) -> bool {
         self == Loss::Kto
     }
 }
@@ -63,14 +63,14 @@ pub enum TruncationMode {
 #[serde(deny_unknown_fields, default)]
 pub struct LoraSettings {
     pub r: usize,
-    pub alpha: f64,
-    pub dropout: f64,
-    pub targets: Vec<Projection>,
+    alpha: f64,
+    dropout: f64,
+    pub(crate) targets: Vec<Projection>,
 }
 
 impl LoraSettings {
     /// The adapter these settings describe.
-    pub fn spec(&self) -> LoraSpec {
+    pub(crate) fn spec(&self) -> LoraSpec {
         LoraSpec {
             r: self.r,
             alpha: self.alpha,
@@ -163,9 +163,9 @@ impl Default for TrainSettings {
 
 /// A value that cannot work: the dotted key (relative to the recipe root) and why.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Invalid {
-    pub key: &'static str,
-    pub why: String,
+pub(crate) struct Invalid {
+    pub(crate) key: &'static str,
+    pub(crate) why: String,
 }
 
 /// `Err(Invalid)` with the key and the reason unless `ok`.
@@ -187,7 +187,7 @@ fn finite_positive(x: f64) -> bool {
 
 impl TrainSettings {
     /// Every range the trainer relies on, checked once where the recipe is loaded.
-    pub fn validate(&self) -> Result<(), Invalid> {
+    pub(crate) fn validate(&self) -> Result<(), Invalid> {
         let t = self;
         check(
             t.max_length > t.max_prompt_length,

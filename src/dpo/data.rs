@@ -54,7 +54,7 @@ pub fn truncate(mut ex: Example, t: &Truncation, rep: &mut TruncationReport) -> 
     ex
 }
 
-pub fn tokenize(tok: &Tok, prompt: &str, chosen: &str, rejected: &str) -> Result<Example> {
+pub(crate) fn tokenize(tok: &Tok, prompt: &str, chosen: &str, rejected: &str) -> Result<Example> {
     let mut p = tok.encode(prompt, false)?;
     if let Some(b) = tok.bos_id {
         // TRL adds BOS to every prompt, whatever the tokenizer's add_bos_token says.
@@ -85,15 +85,15 @@ pub struct RawSplits {
 
 #[derive(Debug, Clone)]
 pub struct RawRow {
-    pub prompt: String,
-    pub chosen: String,
-    pub rejected: String,
-    pub label: Option<bool>,
+    pub(crate) prompt: String,
+    pub(crate) chosen: String,
+    pub(crate) rejected: String,
+    pub(crate) label: Option<bool>,
 }
 
 /// What a dataset file holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+enum Kind {
     /// prompt / chosen / rejected: for the pairwise losses (sigmoid, hinge, ipo, robust).
     Paired,
     /// prompt / completion / label: for KTO.
@@ -110,7 +110,7 @@ impl Kind {
 }
 
 /// The kind of rows a loss trains on.
-pub fn kind_for_loss(loss: Loss) -> Kind {
+fn kind_for_loss(loss: Loss) -> Kind {
     if loss.is_unpaired() {
         Kind::Unpaired
     } else {
@@ -180,7 +180,7 @@ fn load(path: &Path, loss: Option<Loss>) -> Result<RawSplits> {
 
 /// The Parquet files a dataset path names: the file itself, or every `.parquet` below a folder,
 /// sorted. Loading and cache keys both use this list, so they can never disagree.
-pub fn parquet_files(path: &Path) -> Result<Vec<std::path::PathBuf>> {
+pub(crate) fn parquet_files(path: &Path) -> Result<Vec<std::path::PathBuf>> {
     let mut files = if path.is_dir() {
         walk_parquet(path)?
     } else if path.is_file() {
@@ -292,7 +292,7 @@ fn read_rows(path: &Path) -> Result<(Vec<RawRow>, Kind)> {
 }
 
 /// A column of `Utf8` or `LargeUtf8` strings (nulls read as ""); `None` if the batch lacks it.
-pub fn string_column(
+pub(crate) fn string_column(
     batch: &arrow_array::RecordBatch,
     name: &str,
     path: &Path,

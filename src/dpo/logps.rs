@@ -13,7 +13,7 @@ use std::collections::HashMap;
 
 /// Per-sequence results. `logps` keeps the graph (for the policy); the rest are plain numbers.
 pub struct SeqLogps {
-    /// [N]: summed (or per-token mean) response log-prob.
+    /// \[N\]: summed (or per-token mean) response log-prob.
     pub logps: Tensor,
     /// Mean logit over the response tokens and the vocabulary, per row.
     pub mean_logits: Vec<f32>,

@@ -7,7 +7,7 @@ use crate::error::{bail, Result};
 use candle_core::{DType, Tensor};
 
 /// log(sigmoid(z)) = min(z, 0) - log(1 + exp(-|z|)), stable for any z.
-pub fn log_sigmoid(z: &Tensor) -> Result<Tensor> {
+fn log_sigmoid(z: &Tensor) -> Result<Tensor> {
     let neg_abs = z.abs()?.neg()?;
     Ok((z.minimum(0f64)? - (neg_abs.exp()? + 1.0)?.log()?)?)
 }
@@ -19,7 +19,7 @@ pub struct PairLoss {
     pub rejected_rewards: Vec<f32>,
 }
 
-/// pc, pr: policy log-probs [B]; rc, rr: reference log-probs [B].
+/// pc, pr: policy log-probs \[B\]; rc, rr: reference log-probs \[B\].
 pub fn dpo_loss(
     kind: Loss,
     beta: f64,

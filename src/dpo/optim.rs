@@ -7,19 +7,19 @@ use candle_core::{Tensor, Var};
 use std::collections::HashMap;
 use std::path::Path;
 
-pub struct AdamW {
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-    pub step: usize,
+pub(crate) struct AdamW {
+    pub(crate) lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+    step: usize,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
 }
 
 impl AdamW {
-    pub fn new(
+    pub(crate) fn new(
         vars: &[Var],
         lr: f64,
         beta1: f64,
@@ -40,7 +40,7 @@ impl AdamW {
         })
     }
 
-    pub fn update(&mut self, vars: &[Var], grads: &[Tensor]) -> Result<()> {
+    pub(crate) fn update(&mut self, vars: &[Var], grads: &[Tensor]) -> Result<()> {
         self.step += 1;
         let t = self.step as i32;
         let (c1, c2) = (1.0 - self.beta1.powi(t), 1.0 - self.beta2.powi(t));
@@ -58,7 +58,7 @@ impl AdamW {
         Ok(())
     }
 
-    pub fn save(&self, path: &Path) -> Result<()> {
+    pub(crate) fn save(&self, path: &Path) -> Result<()> {
         let mut map: HashMap<String, Tensor> = HashMap::new();
         for (i, (m, v)) in self.m.iter().zip(&self.v).enumerate() {
             map.insert(format!("m.{i}"), m.clone());
@@ -67,7 +67,7 @@ impl AdamW {
         crate::fsutil::write_atomic_via(path, |tmp| Ok(candle_core::safetensors::save(&map, tmp)?))
     }
 
-    pub fn load(&mut self, path: &Path, step: usize) -> Result<()> {
+    pub(crate) fn load(&mut self, path: &Path, step: usize) -> Result<()> {
         let dev = self
             .m
             .first()
@@ -92,7 +92,7 @@ impl AdamW {
 
 /// Multiplier of the base learning rate for optimizer step `step` (0-based), as `transformers`'
 /// `get_{cosine,linear,constant}_schedule_with_warmup` compute it.
-pub fn lr_factor(kind: LrScheduler, step: usize, total: usize, warmup: usize) -> f64 {
+pub(crate) fn lr_factor(kind: LrScheduler, step: usize, total: usize, warmup: usize) -> f64 {
     if step < warmup {
         return step as f64 / warmup.max(1) as f64;
     }

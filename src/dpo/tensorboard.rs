@@ -60,7 +60,12 @@ fn tag(key: &str) -> String {
 /// Write the whole log as one event file in `dir`, atomically; returns its path. Times are
 /// `wall_time` (seconds since the epoch) spread over `seconds` so the relative-time axis shows
 /// the run's length.
-pub fn write_events(log: &[Value], dir: &Path, started_unix: f64, seconds: f64) -> Result<PathBuf> {
+pub(crate) fn write_events(
+    log: &[Value],
+    dir: &Path,
+    started_unix: f64,
+    seconds: f64,
+) -> Result<PathBuf> {
     use prost::Message;
     let mut buf = Vec::new();
     let head = Event {

@@ -21,9 +21,9 @@ const SHUFFLE: u64 = 1;
 const DROPOUT: u64 = 2;
 
 pub struct Prepared {
-    pub train: Vec<Example>,
+    pub(crate) train: Vec<Example>,
     pub eval: Vec<Example>,
-    pub report: TruncationReport,
+    pub(crate) report: TruncationReport,
 }
 
 pub fn prepare(
@@ -155,8 +155,8 @@ pub struct Trainer<'a> {
 
 pub struct Outcome {
     pub log: Vec<Value>,
-    pub steps: usize,
-    pub seconds: f64,
+    pub(crate) steps: usize,
+    pub(crate) seconds: f64,
     pub resumed_from: Option<usize>,
 }
 
@@ -175,7 +175,7 @@ impl Trainer<'_> {
             .vars())
     }
 
-    pub fn total_steps(&self) -> usize {
+    fn total_steps(&self) -> usize {
         if self.s.max_steps > 0 {
             return self.s.max_steps;
         }

@@ -1,17 +1,17 @@
 //! Judges of negativity, and the statistics that say how far to trust them.
 //!
 //! A judge maps a review to a negativity score, higher = harsher:
-//! - `lexicon`: VADER (Hutto and Gilbert, 2014), its published lexicon and rules ([`vader`], a
+//! - `lexicon`: VADER (Hutto and Gilbert, 2014), its published lexicon and rules (`vader`, a
 //!   port of vaderSentiment 3.3.2 that matches it bit for bit); the score is the negated compound
 //!   score, in [-1, 1].
 //! - `llm`: a question about the review, sent through a model's chat template, then the start of
 //!   the answer; the score is P(negative) from the next token's log-probabilities of the two
 //!   verdict words, renormalised over the two (no sampling), in [0, 1].
 //!
-//! A judge is only as good as its validation: [`auroc`] on pairs whose labels are known (the
+//! A judge is only as good as its validation: `auroc` on pairs whose labels are known (the
 //! split's test pairs, never used to tune it) is reported next to every number it produces.
 
-pub mod vader;
+pub(crate) mod vader;
 
 use crate::config::{JudgeKind, JudgeSettings};
 use crate::error::{bail, Context, Result};
@@ -38,7 +38,7 @@ impl<'m> Judge<'m> {
         })
     }
 
-    pub fn kind(&self) -> JudgeKind {
+    pub(crate) fn kind(&self) -> JudgeKind {
         match self {
             Judge::Lexicon(_) => JudgeKind::Lexicon,
             Judge::Llm(_) => JudgeKind::Llm,
@@ -68,7 +68,7 @@ pub struct LlmJudge<'m> {
 }
 
 impl<'m> LlmJudge<'m> {
-    pub fn new(model: &'m Model, s: &JudgeSettings) -> Result<Self> {
+    fn new(model: &'m Model, s: &JudgeSettings) -> Result<Self> {
         let mut j = Self {
             model,
             question: s.question.clone(),
@@ -116,7 +116,7 @@ impl<'m> LlmJudge<'m> {
         Ok(p)
     }
 
-    pub fn score(&self, reviews: &[&str]) -> Result<Vec<f64>> {
+    fn score(&self, reviews: &[&str]) -> Result<Vec<f64>> {
         let mut reqs = Vec::with_capacity(reviews.len());
         for (i, r) in reviews.iter().enumerate() {
             let ids = self.model.meta.tok.encode(&self.prompt(r)?, true)?;
@@ -142,7 +142,7 @@ impl<'m> LlmJudge<'m> {
 
 /// The area under the ROC curve for telling `pos` (should score higher) from `neg`: the
 /// probability that a random positive outscores a random negative, ties counting one half.
-pub fn auroc(pos: &[f64], neg: &[f64]) -> f64 {
+pub(crate) fn auroc(pos: &[f64], neg: &[f64]) -> f64 {
     if pos.is_empty() || neg.is_empty() {
         return f64::NAN;
     }
@@ -162,7 +162,7 @@ pub fn auroc(pos: &[f64], neg: &[f64]) -> f64 {
 }
 
 /// Wilson's 95% score interval for `k` successes in `n` trials.
-pub fn wilson95(k: usize, n: usize) -> [f64; 2] {
+pub(crate) fn wilson95(k: usize, n: usize) -> [f64; 2] {
     if n == 0 {
         return [0.0, 1.0];
     }
@@ -177,7 +177,7 @@ pub fn wilson95(k: usize, n: usize) -> [f64; 2] {
 /// Distinct-2: distinct word bigrams over all bigrams of all texts (lower-cased, split on
 /// whitespace). 1.0 = no bigram repeats; a bot that writes one review for every paper scores
 /// near 1 / (number of texts).
-pub fn distinct2<S: AsRef<str>>(texts: &[S]) -> f64 {
+pub(crate) fn distinct2<S: AsRef<str>>(texts: &[S]) -> f64 {
     let mut seen = std::collections::HashSet::new();
     let mut total = 0usize;
     for t in texts {

@@ -157,11 +157,11 @@ fn special_case(phrase: &str) -> Option<f64> {
 /// the normalised sum of the word valences in [-1, 1] (rounded to 4 decimals). All four are 0
 /// for a text without words.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct Scores {
-    pub neg: f64,
-    pub neu: f64,
-    pub pos: f64,
-    pub compound: f64,
+pub(crate) struct Scores {
+    neg: f64,
+    neu: f64,
+    pos: f64,
+    pub(crate) compound: f64,
 }
 
 /// The analyser (`SentimentIntensityAnalyzer`) with its lexicons parsed; build it once.
@@ -180,7 +180,7 @@ impl Default for Vader {
 }
 
 impl Vader {
-    pub fn new() -> Self {
+    fn new() -> Self {
         let mut lexicon = HashMap::new();
         for line in LEXICON.trim_end_matches('\n').split('\n') {
             if line.is_empty() {
@@ -211,7 +211,7 @@ impl Vader {
     }
 
     /// Scores of `text`, rounded exactly as the Python package rounds them.
-    pub fn polarity_scores(&self, text: &str) -> Scores {
+    pub(crate) fn polarity_scores(&self, text: &str) -> Scores {
         let s = self.polarity_scores_unrounded(text);
         Scores {
             neg: py_round(s.neg, 3),

@@ -23,10 +23,10 @@ type Res<T> = candle_core::Result<T>;
 
 /// Large finite negative for masked scores in additive masks: -inf would turn fully masked rows
 /// into NaN.
-pub const MASK_NEG: f32 = -1e9;
+pub(crate) const MASK_NEG: f32 = -1e9;
 
 /// Whether `sdpa` can run for tensors on `dev` in `dtype`.
-pub fn supported(dev: &Device, dtype: DType) -> bool {
+pub(crate) fn supported(dev: &Device, dtype: DType) -> bool {
     dev.is_cpu() && matches!(dtype, DType::F32 | DType::F64)
 }
 
@@ -34,7 +34,7 @@ pub fn supported(dev: &Device, dtype: DType) -> bool {
 ///
 /// q: [B, nh, T, hd] · k, v: [B, nkv, S, hd] (views into a KV cache are fine) ·
 /// mask: [B, 1, T, S] additive. Returns [B, T, nh * hd].
-pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Res<Tensor> {
+pub(crate) fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Res<Tensor> {
     let (b, nh, t, hd) = q.dims4()?;
     let (kb, nkv, s, khd) = k.dims4()?;
     if (kb, khd) != (b, hd) || v.dims4()? != (kb, nkv, s, khd) || nkv == 0 || nh % nkv != 0 {

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Message {
-    pub role: String,
-    pub content: String,
+    pub(crate) role: String,
+    pub(crate) content: String,
 }
 
 impl Message {
@@ -22,16 +22,16 @@ impl Message {
 
 pub struct ChatTemplate {
     env: minijinja::Environment<'static>,
-    pub bos_token: String,
-    pub eos_token: String,
+    pub(crate) bos_token: String,
+    pub(crate) eos_token: String,
     /// Where the template came from, for error messages.
-    pub origin: String,
+    origin: String,
     source: String,
     /// Special tokens' texts, neutralized in message contents (see [`crate::model::special_text`]).
     specials: Vec<String>,
 }
 
-pub fn hf_environment() -> minijinja::Environment<'static> {
+pub(crate) fn hf_environment() -> minijinja::Environment<'static> {
     let mut env = minijinja::Environment::new();
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
@@ -72,7 +72,7 @@ impl ChatTemplate {
     }
 
     /// Keep these special tokens' texts out of rendered message contents.
-    pub fn with_special_texts(mut self, specials: Vec<String>) -> Self {
+    pub(crate) fn with_special_texts(mut self, specials: Vec<String>) -> Self {
         self.specials = specials;
         self
     }
@@ -81,7 +81,7 @@ impl ChatTemplate {
         &self.source
     }
 
-    pub fn source_hash(&self) -> String {
+    pub(crate) fn source_hash(&self) -> String {
         crate::fsutil::sha256_hex(self.source.as_bytes())
     }
 

@@ -100,7 +100,7 @@ impl LlamaConfig {
         Ok(cfg)
     }
 
-    pub fn from_gguf(content: &gguf_file::Content, path: &Path) -> Result<Self> {
+    pub(crate) fn from_gguf(content: &gguf_file::Content, path: &Path) -> Result<Self> {
         let md = &content.metadata;
         let arch = md
             .get("general.architecture")
@@ -178,7 +178,7 @@ impl LlamaConfig {
 
     /// TinyLlama-1.1B-Chat-v1.0's shape, for benchmarks with random weights.
     /// Parameters in the network (embeddings, attention, MLP, norms, and an untied head).
-    pub fn n_params(&self) -> u64 {
+    pub(crate) fn n_params(&self) -> u64 {
         let (h, i, v) = (
             self.hidden_size as u64,
             self.intermediate_size as u64,

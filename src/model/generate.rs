@@ -47,7 +47,7 @@ pub struct Request {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Finish {
+pub(crate) enum Finish {
     Eos,
     Length,
 }
@@ -55,20 +55,20 @@ pub enum Finish {
 #[derive(Debug, Clone)]
 pub struct Output {
     pub id: usize,
-    pub prompt_tokens: usize,
+    pub(crate) prompt_tokens: usize,
     /// Generated ids, without the stop token.
     pub tokens: Vec<u32>,
-    pub finish: Finish,
+    pub(crate) finish: Finish,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Stats {
-    pub prompts: usize,
-    pub prompt_tokens: usize,
-    pub generated_tokens: usize,
-    pub prefill_secs: f64,
-    pub decode_secs: f64,
-    pub decode_steps: usize,
+    pub(crate) prompts: usize,
+    pub(crate) prompt_tokens: usize,
+    pub(crate) generated_tokens: usize,
+    pub(crate) prefill_secs: f64,
+    pub(crate) decode_secs: f64,
+    decode_steps: usize,
 }
 
 /// The sampler of one prompt: its own stream of the sampling seed.

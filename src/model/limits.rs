@@ -7,7 +7,7 @@ use crate::error::{bail, Result};
 
 /// Refuse when any row's prompt plus `max_new_tokens` exceeds `context`. `rows` are (prompt
 /// tokens, how to name the row); the first row that does not fit is named and the rest counted.
-pub fn check_generation_fits<N: FnOnce() -> String>(
+pub(crate) fn check_generation_fits<N: FnOnce() -> String>(
     context: usize,
     max_new_tokens: usize,
     rows: impl IntoIterator<Item = (usize, N)>,

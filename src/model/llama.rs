@@ -4,14 +4,14 @@
 //! mask, so left-padded batches give each row exactly its solo result; the KV cache is per layer
 //! and preallocated; logits can be returned for every position. `Mode::train` swaps candle's fused
 //! inference kernels (which silently drop gradients) for composed ops, and multiplies by frozen
-//! base weights through [`FrozenMatmul`], which returns no weight gradient. Attention on the CPU
+//! base weights through `FrozenMatmul`, which returns no weight gradient. Attention on the CPU
 //! is our own kernel with a backward (`attention.rs`). `Mode::checkpoint` keeps only each
 //! layer's input and recomputes the layer during the backward pass ([`Checkpoint`]).
 //!
 //! Shapes in comments: B batch, T new tokens, S cached + new tokens, H hidden, nh / nkv heads,
 //! hd head dim, V vocab.
 //!
-//! LoRA lives beside the base weights: a Llama carries at most one [`Adapter`], attached and
+//! LoRA lives beside the base weights: a Llama carries at most one `Adapter`, attached and
 //! detached without touching the base, and `Mode::lora` turns it off for one call.
 
 use super::adapter::Adapter;
@@ -34,7 +34,7 @@ pub struct Mode {
     pub lora: bool,
     /// Seed for LoRA dropout masks this step (`None` = no dropout, as in eval).
     pub dropout_seed: Option<u64>,
-    /// Gradient checkpointing (training): see [`Llama::forward_hidden_ckpt`].
+    /// Gradient checkpointing (training): see `Llama::forward_hidden_ckpt`.
     pub checkpoint: bool,
 }
 
@@ -200,8 +200,8 @@ pub struct Llama {
     /// [max_pos, hd/2], f32
     cos: Tensor,
     sin: Tensor,
-    pub device: Device,
-    pub dtype: DType,
+    pub(crate) device: Device,
+    pub(crate) dtype: DType,
     /// Attention through our fused kernel (`attention.rs`): on where it runs (CPU, f32/f64)
     /// unless the load options ask for the composed ops.
     pub(crate) fused_attention: bool,

@@ -33,7 +33,7 @@ impl Projection {
     ];
 
     /// `q_proj`, ..., as in `target_modules`.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Projection::QProj => "q_proj",
             Projection::KProj => "k_proj",

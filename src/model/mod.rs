@@ -1,20 +1,20 @@
 //! The model engine: loading Llama-architecture checkpoints (Hub id, folder, GGUF), the tokenizer
 //! and chat template, a batched forward pass, and generation. Generation and DPO training share the
-//! same [`llama::Llama`], which carries an optional LoRA [`adapter::Adapter`] (PEFT's files).
+//! same [`llama::Llama`], which carries an optional LoRA `adapter::Adapter` (PEFT's files).
 
-pub mod adapter;
-pub mod attention;
+pub(crate) mod adapter;
+pub(crate) mod attention;
 pub mod chat;
 pub mod config;
 pub mod generate;
-pub mod limits;
+pub(crate) mod limits;
 pub mod llama;
 pub mod lora;
 mod names;
 pub mod prefix;
 pub mod source;
 pub mod special_text;
-pub mod tokenizer;
+pub(crate) mod tokenizer;
 
 use crate::error::{bail, Context, Result};
 use candle_core::quantized::{gguf_file, QMatMul};
@@ -49,7 +49,7 @@ pub enum DeviceChoice {
 
 impl DeviceChoice {
     /// Open the device (CUDA only when built with `--features cuda`).
-    pub fn open(self) -> Result<Device> {
+    pub(crate) fn open(self) -> Result<Device> {
         match self {
             DeviceChoice::Cpu => Ok(Device::Cpu),
             DeviceChoice::Cuda => {
@@ -73,7 +73,7 @@ impl DeviceChoice {
 /// `generate.weights`: how a GGUF's weights are held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum WeightsChoice {
+pub(crate) enum WeightsChoice {
     /// Dense f32: measured faster than candle's Q4_1 matmuls at every batch size on the CPU
     /// (docs/PERF.md), and the same text at any batch size.
     #[default]
@@ -84,7 +84,7 @@ pub enum WeightsChoice {
 
 impl WeightsChoice {
     /// Only GGUF files have quantized weights to keep; everything else is dense.
-    pub fn mode(self, gguf: bool) -> WeightsMode {
+    pub(crate) fn mode(self, gguf: bool) -> WeightsMode {
         match self {
             WeightsChoice::Quantized if gguf => WeightsMode::Quantized,
             _ => WeightsMode::Dense,
@@ -118,7 +118,7 @@ pub struct LoadOptions {
 
 impl LoadOptions {
     /// Dense weights in the device's default dtype, default engine switches.
-    pub fn new(device: Device) -> Self {
+    pub(crate) fn new(device: Device) -> Self {
         Self {
             dtype: default_dtype(&device),
             device,
@@ -134,7 +134,7 @@ impl LoadOptions {
 }
 
 /// bf16 on a GPU, f32 on the CPU (no fast bf16 matmul there).
-pub fn default_dtype(dev: &Device) -> DType {
+pub(crate) fn default_dtype(dev: &Device) -> DType {
     if dev.is_cuda() {
         DType::BF16
     } else {

@@ -11,7 +11,7 @@ use candle_core::quantized::gguf_file;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone)]
-pub enum ModelFiles {
+pub(crate) enum ModelFiles {
     Gguf(PathBuf),
     Hf {
         dir: PathBuf,
@@ -24,16 +24,10 @@ pub enum ModelFiles {
 
 #[derive(Debug, Clone)]
 pub struct ModelSource {
-    pub spec: String,
-    pub files: ModelFiles,
+    pub(crate) spec: String,
+    pub(crate) files: ModelFiles,
     /// Stable identity: changes when the weights or tokenizer change.
     pub identity: String,
-}
-
-impl ModelSource {
-    pub fn is_gguf(&self) -> bool {
-        matches!(self.files, ModelFiles::Gguf(_))
-    }
 }
 
 /// How to reach the Hugging Face Hub, read from the environment once by the recipe
@@ -60,7 +54,7 @@ impl std::fmt::Debug for HubAccess {
 }
 
 impl HubAccess {
-    pub fn from_env() -> Self {
+    pub(crate) fn from_env() -> Self {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         Self {
             cache_dir: hf_hub::Cache::from_env().path().clone(),
@@ -82,7 +76,7 @@ pub enum ModelSpec {
 
 impl ModelSpec {
     /// `spec` as written in the recipe; a path-like spec resolves against `base`.
-    pub fn parse(spec: &str, revision: &str, base: &Path) -> Result<Self> {
+    pub(crate) fn parse(spec: &str, revision: &str, base: &Path) -> Result<Self> {
         let p = base.join(spec);
         if spec.to_ascii_lowercase().ends_with(".gguf") {
             return Ok(ModelSpec::Gguf(p));
@@ -98,15 +92,6 @@ impl ModelSpec {
             });
         }
         bail!("{spec:?} is neither a .gguf file, a model folder, nor a Hub repo id (owner/name)")
-    }
-
-    /// The public name of the model: the Hub id, or a file or folder's name alone (a local
-    /// layout never goes into a dataset card).
-    pub fn public_name(&self) -> String {
-        match self {
-            ModelSpec::Hub { repo, .. } => repo.clone(),
-            ModelSpec::Gguf(p) | ModelSpec::Folder(p) => file_name(p),
-        }
     }
 }
 
@@ -178,7 +163,7 @@ impl FingerprintMemo {
             .unwrap_or_default()
     }
 
-    pub fn hash(&self, p: &Path) -> Result<String> {
+    fn hash(&self, p: &Path) -> Result<String> {
         let md = std::fs::metadata(p).with_context(|| format!("reading {}", p.display()))?;
         let mtime = md
             .modified()
@@ -460,7 +445,7 @@ pub fn load_meta(src: &ModelSource) -> Result<ModelMeta> {
     }
 }
 
-pub fn meta_from_gguf(content: &gguf_file::Content, p: &Path) -> Result<ModelMeta> {
+pub(crate) fn meta_from_gguf(content: &gguf_file::Content, p: &Path) -> Result<ModelMeta> {
     let config = LlamaConfig::from_gguf(content, p)?;
     let tok = tokenizer::from_gguf(content, p)?;
     let chat = match content.metadata.get("tokenizer.chat_template") {

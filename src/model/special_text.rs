@@ -20,7 +20,7 @@ use crate::model::tokenizer::Tok;
 use std::borrow::Cow;
 
 /// What is inserted into special-token text found in user content.
-pub const BREAK: char = '\u{200B}';
+const BREAK: char = '\u{200B}';
 
 /// The texts of the tokenizer's special tokens (those the tokenizer matches in any input),
 /// longest first. (A one-character special could not be broken up, and no tokenizer here has one.)
@@ -37,7 +37,7 @@ pub fn special_texts(tok: &Tok) -> Vec<String> {
     v
 }
 
-/// `text` with every occurrence of a special token's text broken by [`BREAK`] after its first
+/// `text` with every occurrence of a special token's text broken by `BREAK` after its first
 /// character. Borrowed unchanged when there is none (the common case).
 pub fn neutralize<'a>(text: &'a str, specials: &[String]) -> Cow<'a, str> {
     if !specials.iter().any(|s| text.contains(s.as_str())) {
@@ -70,7 +70,10 @@ pub fn neutralize<'a>(text: &'a str, specials: &[String]) -> Cow<'a, str> {
 }
 
 /// Messages whose contents are neutralized (roles are the template's business and left alone).
-pub fn neutralize_messages<'a>(messages: &'a [Message], specials: &[String]) -> Cow<'a, [Message]> {
+pub(crate) fn neutralize_messages<'a>(
+    messages: &'a [Message],
+    specials: &[String],
+) -> Cow<'a, [Message]> {
     if specials.is_empty()
         || !messages
             .iter()

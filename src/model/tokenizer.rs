@@ -10,13 +10,13 @@ use std::path::Path;
 
 pub struct Tok {
     pub inner: tokenizers::Tokenizer,
-    pub bos_id: Option<u32>,
-    pub bos_token: String,
-    pub eos_id: u32,
-    pub eos_token: String,
+    pub(crate) bos_id: Option<u32>,
+    pub(crate) bos_token: String,
+    pub(crate) eos_id: u32,
+    pub(crate) eos_token: String,
     /// Extra ids that also end generation (e.g. `<|im_end|>` when it differs from eos).
-    pub stop_ids: Vec<u32>,
-    pub pad_id: u32,
+    pub(crate) stop_ids: Vec<u32>,
+    pub(crate) pad_id: u32,
     /// Prepend BOS when encoding a prompt (tokenizer_config's add_bos_token / GGUF's flag).
     pub add_bos: bool,
 }
@@ -54,7 +54,7 @@ impl Tok {
     }
 
     /// From an HF folder's tokenizer.json (+ tokenizer_config.json for special tokens).
-    pub fn from_hf(tokenizer_json: &Path, tcfg: &serde_json::Value) -> Result<Self> {
+    pub(crate) fn from_hf(tokenizer_json: &Path, tcfg: &serde_json::Value) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_file(tokenizer_json)
             .map_err(|e| crate::error::err!("{}: {e}", tokenizer_json.display()))?;
         let tok_str = |k: &str| -> Option<String> {
@@ -113,7 +113,7 @@ fn has_bos_postprocessor(p: &Path) -> bool {
 }
 
 /// Build the byte-level BPE tokenizer stored in a GGUF's metadata.
-pub fn from_gguf(content: &gguf_file::Content, path: &Path) -> Result<Tok> {
+pub(crate) fn from_gguf(content: &gguf_file::Content, path: &Path) -> Result<Tok> {
     let md = &content.metadata;
     let model = md
         .get("tokenizer.ggml.model")

@@ -24,10 +24,10 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
-pub const VERSION: u32 = 1;
+const VERSION: u32 = 1;
 
 /// Where the adapter under evaluation comes from.
-pub enum AdapterSource<'a> {
+pub(crate) enum AdapterSource<'a> {
     /// The train stage's output, by its key.
     Train(&'a str),
     /// `pipeline eval --adapter DIR`: any adapter folder, keyed by its files' bytes.
@@ -35,45 +35,45 @@ pub enum AdapterSource<'a> {
 }
 
 /// The upstream outputs eval reads (those that exist in this recipe).
-pub struct Inputs<'a> {
-    pub adapter: &'a Path,
-    pub split: Option<&'a Path>,
-    pub merge: Option<&'a Path>,
-    pub scrape: Option<&'a Path>,
+pub(crate) struct Inputs<'a> {
+    pub(crate) adapter: &'a Path,
+    pub(crate) split: Option<&'a Path>,
+    pub(crate) merge: Option<&'a Path>,
+    pub(crate) scrape: Option<&'a Path>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SampleRow {
-    pub title: String,
-    pub sample: usize,
+struct SampleRow {
+    title: String,
+    sample: usize,
     /// The sampler of this row (both models) is stream `stream` of `seed` (`eval.seed`).
-    pub seed: u64,
-    pub stream: usize,
-    pub base: String,
-    pub adapter: String,
-    pub base_score: f64,
-    pub adapter_score: f64,
+    seed: u64,
+    stream: usize,
+    base: String,
+    adapter: String,
+    base_score: f64,
+    adapter_score: f64,
 }
 
 /// `report.json`, exactly the keys the issue names.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Report {
-    pub n: usize,
-    pub judge: String,
-    pub judge_auroc: f64,
-    pub harsher_rate: f64,
-    pub harsher_rate_ci: [f64; 2],
-    pub negativity_base: f64,
-    pub negativity_adapter: f64,
-    pub eval_loss: f64,
-    pub eval_reward_accuracy: f64,
-    pub distinct2_base: f64,
-    pub distinct2_adapter: f64,
-    pub mean_chars_base: f64,
-    pub mean_chars_adapter: f64,
+struct Report {
+    n: usize,
+    judge: String,
+    judge_auroc: f64,
+    harsher_rate: f64,
+    harsher_rate_ci: [f64; 2],
+    negativity_base: f64,
+    negativity_adapter: f64,
+    eval_loss: f64,
+    eval_reward_accuracy: f64,
+    distinct2_base: f64,
+    distinct2_adapter: f64,
+    mean_chars_base: f64,
+    mean_chars_adapter: f64,
 }
 
-pub fn material(
+pub(crate) fn material(
     ctx: &Ctx,
     adapter: AdapterSource,
     split_key: Option<&str>,
@@ -226,7 +226,7 @@ fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
-pub fn build(ctx: &Ctx, inp: &Inputs, out: &Path) -> Result<Built> {
+pub(crate) fn build(ctx: &Ctx, inp: &Inputs, out: &Path) -> Result<Built> {
     let s = ctx.settings();
     let es = &s.eval;
     let ts = &s.train;

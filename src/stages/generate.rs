@@ -17,23 +17,23 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Instant;
 
-pub const VERSION: u32 = 1;
+const VERSION: u32 = 1;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct GenRow {
-    pub id: usize,
-    pub title_id: usize,
-    pub title: String,
-    pub polarity: Polarity,
-    pub prompt: String,
+pub(crate) struct GenRow {
+    id: usize,
+    pub(crate) title_id: usize,
+    title: String,
+    pub(crate) polarity: Polarity,
+    prompt: String,
     /// Special tokens stripped, trimmed.
-    pub text: String,
-    pub tokens: usize,
-    pub prompt_tokens: usize,
-    pub finish: Finish,
+    pub(crate) text: String,
+    tokens: usize,
+    prompt_tokens: usize,
+    finish: Finish,
 }
 
-pub fn material(ctx: &Ctx, prompts_key: &str) -> Result<KeyMaterial> {
+pub(crate) fn material(ctx: &Ctx, prompts_key: &str) -> Result<KeyMaterial> {
     let g = &ctx.settings().generate;
     let plan = &ctx.recipe.generate;
     let src = ctx.recipe.model(plan)?;
@@ -68,7 +68,7 @@ pub fn material(ctx: &Ctx, prompts_key: &str) -> Result<KeyMaterial> {
     })
 }
 
-pub fn build(ctx: &Ctx, prompts_dir: &Path, key: &str, out: &Path) -> Result<Built> {
+pub(crate) fn build(ctx: &Ctx, prompts_dir: &Path, key: &str, out: &Path) -> Result<Built> {
     let g = &ctx.settings().generate;
     let mut prompts: Vec<PromptRow> = read_jsonl(&prompts_dir.join("prompts.jsonl"))?;
     if g.limit > 0 {
@@ -234,7 +234,7 @@ fn read_chunks(dir: &Path) -> Result<(Vec<GenRow>, usize)> {
     Ok((rows, max))
 }
 
-pub fn progress_bar(ctx: &Ctx, len: u64, pos: u64) -> indicatif::ProgressBar {
+fn progress_bar(ctx: &Ctx, len: u64, pos: u64) -> indicatif::ProgressBar {
     if ctx.quiet {
         return indicatif::ProgressBar::hidden();
     }

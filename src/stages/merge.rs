@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-pub const VERSION: u32 = 1;
+const VERSION: u32 = 1;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Pair {
@@ -34,7 +34,7 @@ pub struct Pair {
 pub struct JudgedOut {
     #[serde(flatten)]
     pub pair: Pair,
-    pub judge: String,
+    judge: String,
     pub chosen_score: f64,
     pub rejected_score: f64,
 }
@@ -68,7 +68,7 @@ pub fn check_labels(
     Ok((kept, out))
 }
 
-pub fn material(ctx: &Ctx, prompts_key: &str, generate_key: &str) -> Result<KeyMaterial> {
+pub(crate) fn material(ctx: &Ctx, prompts_key: &str, generate_key: &str) -> Result<KeyMaterial> {
     let m = &ctx.settings().merge;
     let mut settings = serde_json::to_value(m)?;
     let mut model = None;
@@ -89,7 +89,7 @@ pub fn material(ctx: &Ctx, prompts_key: &str, generate_key: &str) -> Result<KeyM
     })
 }
 
-pub fn build(ctx: &Ctx, prompts_dir: &Path, gen_dir: &Path, out: &Path) -> Result<Built> {
+pub(crate) fn build(ctx: &Ctx, prompts_dir: &Path, gen_dir: &Path, out: &Path) -> Result<Built> {
     let min = ctx.settings().merge.min_chars.max(1);
     let pair_prompts: Vec<PairPromptRow> = read_jsonl(&prompts_dir.join("pair_prompts.jsonl"))?;
     let gens: Vec<GenRow> = read_jsonl(&gen_dir.join("generations.jsonl"))?;

@@ -4,13 +4,13 @@
 //! (make the output in a staging folder). This module decides what is up to date, builds what is
 //! not, in order, and reports it, cargo-style.
 
-pub mod eval;
-pub mod generate;
+pub(crate) mod eval;
+pub(crate) mod generate;
 pub mod merge;
-pub mod prompts;
+pub(crate) mod prompts;
 pub mod scrape;
-pub mod split;
-pub mod train;
+pub(crate) mod split;
+pub(crate) mod train;
 
 use crate::cache::{Cache, KeyMaterial, Lookup, Manifest};
 use crate::config::{Loaded, Settings};
@@ -23,7 +23,7 @@ use std::time::Instant;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Stage {
+pub(crate) enum Stage {
     Scrape,
     Prompts,
     Generate,
@@ -33,7 +33,7 @@ pub enum Stage {
     Eval,
 }
 
-pub const ALL: [Stage; 7] = [
+pub(crate) const ALL: [Stage; 7] = [
     Stage::Scrape,
     Stage::Prompts,
     Stage::Generate,
@@ -44,7 +44,7 @@ pub const ALL: [Stage; 7] = [
 ];
 
 impl Stage {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Stage::Scrape => "scrape",
             Stage::Prompts => "prompts",
@@ -57,7 +57,7 @@ impl Stage {
     }
 
     /// The stages whose outputs this one reads.
-    pub fn inputs(self, s: &Settings) -> Vec<Stage> {
+    fn inputs(self, s: &Settings) -> Vec<Stage> {
         match self {
             Stage::Scrape => vec![],
             Stage::Prompts => vec![Stage::Scrape],
@@ -81,33 +81,31 @@ impl Stage {
 }
 
 /// What one run of the graph shares.
-pub struct Ctx<'a> {
-    pub recipe: &'a Recipe,
-    pub loaded: &'a Loaded,
-    pub workdir: PathBuf,
-    pub cache: Cache,
-    pub quiet: bool,
+pub(crate) struct Ctx<'a> {
+    recipe: &'a Recipe,
+    loaded: &'a Loaded,
+    pub(crate) cache: Cache,
+    quiet: bool,
     /// Fetch the page again even if cached (`--force scrape`).
-    pub refetch: bool,
+    refetch: bool,
 }
 
 impl<'a> Ctx<'a> {
-    pub fn new(recipe: &'a Recipe, workdir: &Path, quiet: bool) -> Self {
+    pub(crate) fn new(recipe: &'a Recipe, workdir: &Path, quiet: bool) -> Self {
         Self {
             recipe,
             loaded: &recipe.loaded,
-            workdir: workdir.to_path_buf(),
             cache: Cache::new(workdir),
             quiet,
             refetch: false,
         }
     }
 
-    pub fn settings(&self) -> &Settings {
+    fn settings(&self) -> &Settings {
         &self.loaded.settings
     }
 
-    pub fn say(&self, verb: &str, msg: impl AsRef<str>) {
+    pub(crate) fn say(&self, verb: &str, msg: impl AsRef<str>) {
         if !self.quiet {
             eprintln!("{verb:>12} {}", msg.as_ref());
         }
@@ -115,19 +113,17 @@ impl<'a> Ctx<'a> {
 }
 
 /// What a stage's build reports: named counts, the first being the main one.
-pub struct Built {
-    pub main: String,
-    pub counts: BTreeMap<String, u64>,
+pub(crate) struct Built {
+    counts: BTreeMap<String, u64>,
 }
 
 impl Built {
-    pub fn new(main: &str, n: usize) -> Self {
+    fn new(main: &str, n: usize) -> Self {
         Self {
-            main: main.into(),
             counts: BTreeMap::from([(main.to_string(), n as u64)]),
         }
     }
-    pub fn with(mut self, name: &str, n: usize) -> Self {
+    fn with(mut self, name: &str, n: usize) -> Self {
         self.counts.insert(name.into(), n as u64);
         self
     }
@@ -135,14 +131,14 @@ impl Built {
 
 /// Keys and folders of the stages computed so far in a run, and the page scrape read.
 #[derive(Default)]
-pub struct Outputs {
-    pub keys: BTreeMap<Stage, String>,
-    pub dirs: BTreeMap<Stage, PathBuf>,
+pub(crate) struct Outputs {
+    keys: BTreeMap<Stage, String>,
+    dirs: BTreeMap<Stage, PathBuf>,
     page: Option<scrape::Page>,
 }
 
 impl Outputs {
-    pub fn dir(&self, s: Stage) -> &Path {
+    pub(crate) fn dir(&self, s: Stage) -> &Path {
         &self.dirs[&s]
     }
 }
@@ -201,10 +197,10 @@ fn build(ctx: &Ctx, stage: Stage, r: &Outputs, key: &str, out: &Path) -> Result<
 }
 
 #[derive(Debug, Default, Clone)]
-pub struct Plan {
-    pub until: Option<Stage>,
-    pub only: Option<Stage>,
-    pub force: Vec<Stage>,
+pub(crate) struct Plan {
+    pub(crate) until: Option<Stage>,
+    pub(crate) only: Option<Stage>,
+    pub(crate) force: Vec<Stage>,
 }
 
 impl Plan {
@@ -226,7 +222,7 @@ impl Plan {
 /// on its settings and its inputs' keys, never on their bytes, so every key is known before
 /// anything is built: `before_build` sees exactly the stages that will be built (the CLI prints
 /// the plan and its time estimate there, and may stop).
-pub fn run(
+pub(crate) fn run(
     ctx: &mut Ctx,
     plan: &Plan,
     before_build: impl FnOnce(&[Stage]) -> Result<()>,
@@ -308,7 +304,7 @@ pub fn run(
 /// The eval stage on `adapter` (`pipeline eval --adapter DIR`), or on the train stage's output
 /// when `None` (`--only eval`). The dataset stages it reads must be up to date; the result is
 /// cached under `cache/eval/` by the adapter's bytes like any stage. Returns the output folder.
-pub fn eval_adapter(ctx: &mut Ctx, adapter: Option<&Path>) -> Result<PathBuf> {
+pub(crate) fn eval_adapter(ctx: &mut Ctx, adapter: Option<&Path>) -> Result<PathBuf> {
     let Some(adapter) = adapter else {
         let plan = Plan {
             only: Some(Stage::Eval),
@@ -406,20 +402,20 @@ fn stale_reason(ctx: &Ctx, stage: Stage, m: &KeyMaterial) -> String {
 }
 
 #[derive(Debug, Serialize)]
-pub struct StageStatus {
-    pub stage: Stage,
+pub(crate) struct StageStatus {
+    pub(crate) stage: Stage,
     /// "up to date" | "stale" | "missing" | "damaged" | "unknown"
-    pub state: String,
-    pub key: Option<String>,
-    pub reasons: Vec<String>,
-    pub path: Option<PathBuf>,
-    pub counts: BTreeMap<String, u64>,
-    pub finished_at: Option<String>,
-    pub seconds: Option<f64>,
+    pub(crate) state: String,
+    pub(crate) key: Option<String>,
+    pub(crate) reasons: Vec<String>,
+    pub(crate) path: Option<PathBuf>,
+    pub(crate) counts: BTreeMap<String, u64>,
+    pub(crate) finished_at: Option<String>,
+    pub(crate) seconds: Option<f64>,
 }
 
 /// Where every stage stands, without building, fetching or downloading anything.
-pub fn status(ctx: &Ctx) -> Vec<StageStatus> {
+pub(crate) fn status(ctx: &Ctx) -> Vec<StageStatus> {
     let mut r = Outputs::default();
     let mut out = Vec::new();
     for stage in ALL {

@@ -17,18 +17,18 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// 2: special-token text inside titles and examples reaches the model as text.
-pub const VERSION: u32 = 2;
-pub const TEMPLATE_FILES: [&str; 2] = ["chat_user.jinja", "plain.jinja"];
+const VERSION: u32 = 2;
+const TEMPLATE_FILES: [&str; 2] = ["chat_user.jinja", "plain.jinja"];
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
-pub enum Polarity {
+pub(crate) enum Polarity {
     Negative,
     Positive,
 }
 
 impl Polarity {
-    pub fn as_str(self) -> &'static str {
+    fn as_str(self) -> &'static str {
         match self {
             Polarity::Negative => "negative",
             Polarity::Positive => "positive",
@@ -37,26 +37,26 @@ impl Polarity {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct PromptRow {
+pub(crate) struct PromptRow {
     /// 2 * title id + (0 negative, 1 positive): the generation request id.
-    pub id: usize,
-    pub title_id: usize,
-    pub title: String,
-    pub polarity: Polarity,
-    pub messages: Vec<Message>,
-    pub prompt: String,
+    pub(crate) id: usize,
+    pub(crate) title_id: usize,
+    pub(crate) title: String,
+    pub(crate) polarity: Polarity,
+    messages: Vec<Message>,
+    pub(crate) prompt: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct PairPromptRow {
-    pub title_id: usize,
-    pub title: String,
-    pub messages: Vec<Message>,
-    pub prompt: String,
+pub(crate) struct PairPromptRow {
+    pub(crate) title_id: usize,
+    pub(crate) title: String,
+    messages: Vec<Message>,
+    pub(crate) prompt: String,
 }
 
 /// The chat template of the configured model, and a fingerprint of what affects prompt text.
-pub fn chat_template(ctx: &Ctx) -> Result<(ChatTemplate, String)> {
+fn chat_template(ctx: &Ctx) -> Result<(ChatTemplate, String)> {
     let src = ctx.recipe.model(&ctx.recipe.generate)?;
     let meta = crate::model::source::load_meta(src)?;
     let chat = meta.chat.with_context(|| {
@@ -77,7 +77,7 @@ pub fn chat_template(ctx: &Ctx) -> Result<(ChatTemplate, String)> {
     Ok((chat, format!("chat-template:{}", &fp[..16])))
 }
 
-pub fn material(ctx: &Ctx, scrape_key: &str) -> Result<KeyMaterial> {
+pub(crate) fn material(ctx: &Ctx, scrape_key: &str) -> Result<KeyMaterial> {
     let p = &ctx.settings().prompts;
     let dir = &ctx.recipe.templates;
     let mut files = BTreeMap::new();
@@ -160,7 +160,7 @@ fn pick_shots(pool: &[Shot], shots: usize, seed: u64, title_id: usize) -> (Vec<&
     (idx.iter().map(|&i| &pool[i]).collect(), negative_first)
 }
 
-pub fn build(ctx: &Ctx, scrape_dir: &Path, out: &Path) -> Result<Built> {
+pub(crate) fn build(ctx: &Ctx, scrape_dir: &Path, out: &Path) -> Result<Built> {
     let p = &ctx.settings().prompts;
     let titles: Vec<TitleRow> = read_jsonl(&scrape_dir.join("titles.jsonl"))?;
     let dir = &ctx.recipe.templates;
@@ -272,7 +272,10 @@ fn messages_for(
 }
 
 /// The neutral (pair-style) messages for one title, as `pipeline sample` prompts the bot.
-pub fn neutral_messages(recipe: &crate::recipe::Recipe, title: &str) -> Result<Vec<Message>> {
+pub(crate) fn neutral_messages(
+    recipe: &crate::recipe::Recipe,
+    title: &str,
+) -> Result<Vec<Message>> {
     let p = &recipe.settings().prompts;
     let dir = &recipe.templates;
     let tpl = Templates::load(dir)?;

@@ -17,38 +17,38 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// 2: the key holds the page's hash and where it came from.
-pub const VERSION: u32 = 2;
-pub const USER_AGENT: &str = concat!(
+const VERSION: u32 = 2;
+const USER_AGENT: &str = concat!(
     "reviewer2-pipeline/",
     env!("CARGO_PKG_VERSION"),
     " (dataset builder; +https://huggingface.co/datasets/shionhonda/reviewer2-1k-paired)"
 );
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct TitleRow {
+pub(crate) struct TitleRow {
     /// Position in the sample (0-based); later stages key their rows by it.
-    pub id: usize,
-    pub title: String,
+    pub(crate) id: usize,
+    pub(crate) title: String,
 }
 
 /// The compact NeurIPS 2023 snapshot (`data/neurips-2023-posters.html`), compiled in so the quick
 /// preset and the offline fallback work from any folder.
 pub const BUNDLED: &[u8] = include_bytes!("../../data/neurips-2023-posters.html");
-pub const BUNDLED_NAME: &str = "bundled NeurIPS 2023 snapshot";
+const BUNDLED_NAME: &str = "bundled NeurIPS 2023 snapshot";
 
 /// The page scrape reads, with where it came from.
-pub struct Page {
-    pub bytes: Vec<u8>,
+pub(crate) struct Page {
+    bytes: Vec<u8>,
     /// "url", "snapshot" or "bundled": recorded in the key and the manifest.
-    pub kind: &'static str,
+    kind: &'static str,
     /// For messages: the URL, the file, or the bundled snapshot's name.
-    pub label: String,
+    label: String,
 }
 
 /// The page as the recipe says. With `fetch`, a URL not in the page cache is fetched (and, if
 /// that fails and `scrape.fallback` is on, the bundled snapshot is used with a warning);
 /// without it (`status`), `None` means "not fetched yet".
-pub fn page(ctx: &Ctx, fetch: bool) -> Result<Option<Page>> {
+pub(crate) fn page(ctx: &Ctx, fetch: bool) -> Result<Option<Page>> {
     let s = &ctx.settings().scrape;
     Ok(Some(match &ctx.recipe.page {
         PageSource::Bundled => Page {
@@ -107,7 +107,7 @@ pub fn page(ctx: &Ctx, fetch: bool) -> Result<Option<Page>> {
 
 /// The key covers the page's bytes, so a refetched page that changed, or a fallback to the
 /// bundled snapshot, gives new titles a new key and everything downstream reruns.
-pub fn material(ctx: &Ctx, page: &Page) -> Result<KeyMaterial> {
+pub(crate) fn material(ctx: &Ctx, page: &Page) -> Result<KeyMaterial> {
     let s = &ctx.settings().scrape;
     Ok(KeyMaterial {
         stage: "scrape".into(),
@@ -125,7 +125,7 @@ pub fn material(ctx: &Ctx, page: &Page) -> Result<KeyMaterial> {
     })
 }
 
-pub fn build(ctx: &Ctx, page: &Page, out: &Path) -> Result<Built> {
+pub(crate) fn build(ctx: &Ctx, page: &Page, out: &Path) -> Result<Built> {
     let s = &ctx.settings().scrape;
     let source = &page.label;
     let html = String::from_utf8_lossy(&page.bytes);

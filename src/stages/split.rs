@@ -12,10 +12,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-pub const VERSION: u32 = 1;
-pub const COLUMNS: [&str; 3] = ["prompt", "chosen", "rejected"];
+const VERSION: u32 = 1;
+const COLUMNS: [&str; 3] = ["prompt", "chosen", "rejected"];
 
-pub fn material(ctx: &Ctx, merge_key: &str) -> Result<KeyMaterial> {
+pub(crate) fn material(ctx: &Ctx, merge_key: &str) -> Result<KeyMaterial> {
     Ok(KeyMaterial {
         stage: "split".into(),
         version: VERSION,
@@ -26,7 +26,7 @@ pub fn material(ctx: &Ctx, merge_key: &str) -> Result<KeyMaterial> {
     })
 }
 
-pub fn build(ctx: &Ctx, merge_dir: &Path, out: &Path) -> Result<Built> {
+pub(crate) fn build(ctx: &Ctx, merge_dir: &Path, out: &Path) -> Result<Built> {
     let s = &ctx.settings().split;
     let pairs: Vec<Pair> = read_jsonl(&merge_dir.join("pairs.jsonl"))?;
     let (n_train, n_test) = sizes(s, pairs.len()).ok_or_else(|| {
@@ -78,7 +78,7 @@ fn sizes(s: &crate::config::SplitSettings, n: usize) -> Option<(usize, usize)> {
     Some((n - test, test))
 }
 
-pub fn schema() -> Arc<Schema> {
+fn schema() -> Arc<Schema> {
     Arc::new(Schema::new(
         COLUMNS
             .iter()
@@ -88,7 +88,7 @@ pub fn schema() -> Arc<Schema> {
 }
 
 /// Write pairs as Parquet (snappy), atomically.
-pub fn write_parquet(path: &Path, rows: &[&Pair]) -> Result<()> {
+fn write_parquet(path: &Path, rows: &[&Pair]) -> Result<()> {
     let col = |f: fn(&Pair) -> &str| -> ArrayRef {
         Arc::new(StringArray::from_iter_values(rows.iter().map(|p| f(p))))
     };
@@ -108,7 +108,7 @@ pub fn write_parquet(path: &Path, rows: &[&Pair]) -> Result<()> {
 }
 
 /// Read a preference Parquet file (any string columns named prompt/chosen/rejected).
-pub fn read_parquet(path: &Path) -> Result<Vec<Pair>> {
+pub(crate) fn read_parquet(path: &Path) -> Result<Vec<Pair>> {
     let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
         .with_context(|| format!("{}: not a Parquet file", path.display()))?

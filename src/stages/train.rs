@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 /// 2: data order and dropout masks drawn from `rng` streams of train.seed. 3: metrics are means
 /// over rows (not over batches), and eval runs at step 0 too.
-pub const VERSION: u32 = 3;
+const VERSION: u32 = 3;
 
 /// (chosen, rejected) reference log-probs per example.
 type RefLogps = Vec<(f32, f32)>;
@@ -29,7 +29,7 @@ fn dataset_files(ctx: &Ctx, p: &Path) -> Result<Vec<PathBuf>> {
     })
 }
 
-pub fn material(ctx: &Ctx, split_key: Option<&str>) -> Result<KeyMaterial> {
+pub(crate) fn material(ctx: &Ctx, split_key: Option<&str>) -> Result<KeyMaterial> {
     let t = &ctx.settings().train;
     let mut files = BTreeMap::new();
     let mut inputs = BTreeMap::new();
@@ -68,7 +68,7 @@ pub fn material(ctx: &Ctx, split_key: Option<&str>) -> Result<KeyMaterial> {
     })
 }
 
-pub fn load_data(ctx: &Ctx, split_dir: Option<&Path>) -> Result<data::RawSplits> {
+fn load_data(ctx: &Ctx, split_dir: Option<&Path>) -> Result<data::RawSplits> {
     let loss = ctx.settings().train.loss;
     match &ctx.recipe.train_dataset {
         None => {
@@ -134,7 +134,7 @@ fn cached_reference(
     Ok((tr, ev))
 }
 
-pub fn build(ctx: &Ctx, split_dir: Option<&Path>, key: &str, out: &Path) -> Result<Built> {
+pub(crate) fn build(ctx: &Ctx, split_dir: Option<&Path>, key: &str, out: &Path) -> Result<Built> {
     let s = &ctx.settings().train;
     let raw = load_data(ctx, split_dir)?;
     let mut model = ctx.recipe.load(&ctx.recipe.train)?;
