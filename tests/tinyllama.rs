@@ -107,8 +107,7 @@ fn tinyllama_shape_matches_candle_transformers_llama() {
         // Greedy decoding, 12 tokens, through both engines' KV caches.
         let mut want_tokens = Vec::new();
         let mut next = want.argmax(0).unwrap().to_scalar::<u32>().unwrap();
-        let mut pos = ids.len();
-        for _ in 0..12 {
+        for pos in ids.len()..ids.len() + 12 {
             want_tokens.push(next);
             let x = Tensor::new(&[next], &Device::Cpu)
                 .unwrap()
@@ -120,7 +119,6 @@ fn tinyllama_shape_matches_candle_transformers_llama() {
                 .squeeze(0)
                 .unwrap();
             next = l.argmax(0).unwrap().to_scalar::<u32>().unwrap();
-            pos += 1;
         }
         let mut got_tokens = Vec::new();
         generate(

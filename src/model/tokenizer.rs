@@ -10,13 +10,13 @@ use std::path::Path;
 
 pub struct Tok {
     pub inner: tokenizers::Tokenizer,
-    pub(crate) bos_id: Option<u32>,
-    pub(crate) bos_token: String,
-    pub(crate) eos_id: u32,
-    pub(crate) eos_token: String,
+    pub bos_id: Option<u32>,
+    pub bos_token: String,
+    pub eos_id: u32,
+    pub eos_token: String,
     /// Extra ids that also end generation (e.g. `<|im_end|>` when it differs from eos).
-    pub(crate) stop_ids: Vec<u32>,
-    pub(crate) pad_id: u32,
+    pub stop_ids: Vec<u32>,
+    pub pad_id: u32,
     /// Prepend BOS when encoding a prompt (tokenizer_config's add_bos_token / GGUF's flag).
     pub add_bos: bool,
 }
