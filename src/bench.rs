@@ -3,7 +3,7 @@
 
 use crate::error::{Context, Result};
 use crate::model::generate::{generate, Request, Sampling};
-use crate::model::{default_dtype, Model, WeightsMode};
+use crate::model::{Model, WeightsMode};
 use crate::recipe::Recipe;
 use crate::stages::{self, Ctx, Plan, Stage};
 use clap::{Args, Subcommand};
@@ -13,6 +13,60 @@ use std::time::Instant;
 pub(crate) struct BenchArgs {
     #[command(subcommand)]
     what: BenchWhat,
+}
+
+/// A random-weight model of TinyLlama-1.1B's proportions instead of the configured model.
+#[derive(Args, Debug, Clone, Copy)]
+struct Shape {
+    /// Use a random-weight model of TinyLlama-1.1B's shape (untied, 8:1 grouped attention)
+    #[arg(long)]
+    tinyllama_shape: bool,
+    /// With --tinyllama-shape: its width (2048 = TinyLlama; smaller keeps the proportions)
+    #[arg(long, default_value_t = 2048, requires = "tinyllama_shape")]
+    shape_hidden: usize,
+    /// With --tinyllama-shape: its depth (22 = TinyLlama)
+    #[arg(long, default_value_t = 22, requires = "tinyllama_shape")]
+    shape_layers: usize,
+}
+
+impl Shape {
+    /// TinyLlama's config scaled to `shape_hidden` (heads of 64, 8 query heads per KV head,
+    /// intermediate at 2.75x), or `None` for the configured model.
+    fn config(&self) -> Option<crate::model::config::LlamaConfig> {
+        if !self.tinyllama_shape {
+            return None;
+        }
+        let full = crate::model::config::LlamaConfig::tinyllama();
+        let heads = ((self.shape_hidden / full.head_dim).max(8) / 8) * 8;
+        Some(crate::model::config::LlamaConfig {
+            hidden_size: self.shape_hidden,
+            intermediate_size: full.intermediate_size * self.shape_hidden / full.hidden_size,
+            num_hidden_layers: self.shape_layers,
+            num_attention_heads: heads,
+            num_key_value_heads: heads / 8,
+            head_dim: self.shape_hidden / heads,
+            ..full
+        })
+    }
+
+    /// The random model on `plan`'s device and dtype, with the configured model's tokenizer.
+    fn model(
+        &self,
+        cfg: &crate::model::config::LlamaConfig,
+        recipe: &Recipe,
+        plan: &crate::recipe::ModelPlan,
+    ) -> Result<Model> {
+        let src = recipe.model(plan)?;
+        let meta = crate::model::source::load_meta(src)?;
+        let dev = &plan.load.device;
+        let t = crate::model::random_hf_tensors(cfg, 0, dev)?;
+        Ok(Model {
+            llama: crate::model::from_hf_tensors(cfg, t, dev, plan.load.dtype)?,
+            meta,
+            source: src.clone(),
+            share_prefixes: plan.load.share_prefixes,
+        })
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -31,12 +85,14 @@ enum BenchWhat {
         /// For GGUF models: quantized or f32 weights
         #[arg(long, value_enum, default_value = "f32")]
         weights: BenchWeights,
-        /// Use a random-weight model of TinyLlama-1.1B's shape instead of generate.model
-        #[arg(long)]
-        tinyllama_shape: bool,
+        #[command(flatten)]
+        shape: Shape,
         /// Repeat each measurement and report the median
         #[arg(long, default_value_t = 3)]
         repeat: usize,
+        /// One JSON object per line instead of a table (scripts/gpu-check.sh reads it)
+        #[arg(long)]
+        json: bool,
     },
     /// Optimizer steps of DPO + LoRA on real pairs (the split, or prompts with pool reviews)
     Train {
@@ -50,6 +106,11 @@ enum BenchWhat {
         /// Steps to time (after one warm-up step)
         #[arg(long, default_value_t = 5)]
         steps: usize,
+        #[command(flatten)]
+        shape: Shape,
+        /// One JSON object instead of a table
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -87,8 +148,9 @@ pub(crate) fn run(recipe: &Recipe, workdir: &std::path::Path, a: BenchArgs) -> R
             batch_size,
             new_tokens,
             weights,
-            tinyllama_shape,
+            shape,
             repeat,
+            json,
         } => {
             let r = stages::run(
                 &mut ctx,
@@ -103,18 +165,9 @@ pub(crate) fn run(recipe: &Recipe, workdir: &std::path::Path, a: BenchArgs) -> R
             let plan = &recipe.generate;
             let device = plan.load.device.clone();
             let src = recipe.model(plan)?;
-            let mut model = if tinyllama_shape {
-                let cfg = crate::model::config::LlamaConfig::tinyllama();
-                let meta = crate::model::source::load_meta(src)?;
-                let t = crate::model::random_hf_tensors(&cfg, 0, &device)?;
-                let llama =
-                    crate::model::from_hf_tensors(&cfg, t, &device, default_dtype(&device))?;
-                Model {
-                    llama,
-                    meta,
-                    source: src.clone(),
-                    share_prefixes: plan.load.share_prefixes,
-                }
+            let tinyllama_shape = shape.tinyllama_shape;
+            let mut model = if let Some(cfg) = shape.config() {
+                shape.model(&cfg, recipe, plan)?
             } else {
                 let mut opts = plan.load.clone();
                 opts.weights = match weights {
@@ -147,7 +200,9 @@ pub(crate) fn run(recipe: &Recipe, workdir: &std::path::Path, a: BenchArgs) -> R
                 seed: 1,
             };
             let all: Vec<&[u32]> = reqs.iter().map(|r| &r.ids[..]).collect();
-            println!(
+            let _ = &device;
+            if !json {
+                println!(
                 "model {} ({}), {} prompts ({} prompt tokens, {} of them not a prefix another prompt \
                  already has), {} new tokens each, device {:?}, dtype {:?}",
                 if tinyllama_shape { "random TinyLlama-1.1B shape".to_string() } else { model.source.spec.clone() },
@@ -165,8 +220,9 @@ pub(crate) fn run(recipe: &Recipe, workdir: &std::path::Path, a: BenchArgs) -> R
                 model.llama.device.location(),
                 model.llama.dtype
             );
-            println!("| batch | prompt tok/s | generated tok/s | wall s | peak RSS MiB |");
-            println!("|---|---|---|---|---|");
+                println!("| batch | prompt tok/s | generated tok/s | wall s | peak RSS MiB |");
+                println!("|---|---|---|---|---|");
+            }
             for &bs in &batch_size {
                 let mut pre = Vec::new();
                 let mut dec = Vec::new();
@@ -177,6 +233,23 @@ pub(crate) fn run(recipe: &Recipe, workdir: &std::path::Path, a: BenchArgs) -> R
                     wall.push(t0.elapsed().as_secs_f64());
                     pre.push(st.prompt_tokens as f64 / st.prefill_secs);
                     dec.push(st.generated_tokens as f64 / st.decode_secs.max(1e-9));
+                }
+                if json {
+                    let generated = (reqs.len() * new_tokens) as f64;
+                    let w = median(wall.clone());
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "bench": "generate", "batch": bs, "prompts": reqs.len(),
+                            "new_tokens": new_tokens, "params": model.llama.cfg.n_params(),
+                            "dtype": format!("{:?}", model.llama.dtype).to_lowercase(),
+                            "device": format!("{:?}", model.llama.device.location()),
+                            "prompt_tok_s": median(pre.clone()), "decode_tok_s": median(dec.clone()),
+                            "end_to_end_tok_s": generated / w, "wall_s": w,
+                            "peak_rss_mib": peak_rss_mib(),
+                        })
+                    );
+                    continue;
                 }
                 println!(
                     "| {bs} | {:.0} | {:.1} | {:.1} | {:.0} |",
@@ -193,6 +266,8 @@ pub(crate) fn run(recipe: &Recipe, workdir: &std::path::Path, a: BenchArgs) -> R
             max_length,
             max_prompt_length,
             steps,
+            shape,
+            json,
         } => {
             let r = stages::run(
                 &mut ctx,
@@ -225,8 +300,23 @@ pub(crate) fn run(recipe: &Recipe, workdir: &std::path::Path, a: BenchArgs) -> R
             s.save_steps = 0;
             s.eval_steps = 0;
             s.logging_steps = 1;
-            let mut model = recipe.load(&recipe.train)?;
-            let prep = crate::dpo::trainer::prepare(&model, &s, &rows, &[])?;
+            let mut model = match shape.config() {
+                Some(cfg) => shape.model(&cfg, recipe, &recipe.train)?,
+                None => recipe.load(&recipe.train)?,
+            };
+            let mut prep = crate::dpo::trainer::prepare(&model, &s, &rows, &[])?;
+            // A shape model's vocabulary may be smaller than the tokenizer's.
+            let vocab = model.llama.cfg.vocab_size as u32;
+            for e in &mut prep.train {
+                for t in e
+                    .prompt
+                    .iter_mut()
+                    .chain(&mut e.chosen)
+                    .chain(&mut e.rejected)
+                {
+                    *t %= vocab;
+                }
+            }
             let refs =
                 crate::dpo::trainer::reference_logps(&model, &prep.train, batch_size, false)?;
             crate::dpo::trainer::attach_lora(&mut model, &s)?;
@@ -262,6 +352,20 @@ pub(crate) fn run(recipe: &Recipe, workdir: &std::path::Path, a: BenchArgs) -> R
             let out = tr.run(None)?;
             let secs = t1.elapsed().as_secs_f64() / (out.steps - 1).max(1) as f64;
             std::fs::remove_dir_all(&tmp).ok();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "bench": "train", "batch": batch_size, "max_length": max_length,
+                        "params": model.llama.cfg.n_params(), "trainable": n_params,
+                        "dtype": format!("{:?}", model.llama.dtype).to_lowercase(),
+                        "device": format!("{:?}", model.llama.device.location()),
+                        "step_s": secs, "tokens_per_s": tokens_per_step as f64 / secs,
+                        "warmup_s": warm, "steps": out.steps - 1, "peak_rss_mib": peak_rss_mib(),
+                    })
+                );
+                return Ok(());
+            }
             println!(
                 "model {}, LoRA r {} on {:?} ({n_params} trainable), batch {batch_size} pairs, max_length {max_length}",
                 model.source.spec,

@@ -8,7 +8,7 @@
 //! because a silently ignored setting is the worst kind of bug in a data pipeline.
 
 pub use crate::dpo::config::TrainSettings;
-use crate::model::{AttentionChoice, DeviceChoice, WeightsChoice};
+use crate::model::{AttentionChoice, DTypeChoice, DeviceChoice, WeightsChoice};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -86,6 +86,8 @@ pub struct GenerateSettings {
     pub(crate) weights: WeightsChoice,
     /// Which attention implementation runs (results differ in the last bits).
     pub(crate) attention: AttentionChoice,
+    /// What the weights are computed in (`auto`: bf16 on a GPU, f32 on the CPU).
+    pub(crate) dtype: DTypeChoice,
     /// Prefill a batch's shared prompt prefixes once (results differ in the last bits).
     pub(crate) prefix_sharing: bool,
     pub(crate) batch_size: usize,
@@ -278,6 +280,7 @@ impl Default for GenerateSettings {
             device: DeviceChoice::Auto,
             weights: WeightsChoice::Auto,
             attention: AttentionChoice::Auto,
+            dtype: DTypeChoice::Auto,
             prefix_sharing: true,
             batch_size: 16,
             max_new_tokens: 64,

@@ -10,7 +10,7 @@
 use crate::config::Loaded;
 use crate::error::{Context, Result};
 use crate::model::source::{self, FingerprintMemo, HubAccess, ModelSource, ModelSpec};
-use crate::model::{AttentionChoice, LoadOptions, WeightsMode};
+use crate::model::{LoadOptions, WeightsMode};
 use std::cell::OnceCell;
 use std::path::{Path, PathBuf};
 
@@ -98,6 +98,7 @@ impl Recipe {
             weights: g.weights.mode(matches!(gen_spec, ModelSpec::Gguf(_))),
             attention: g.attention,
             share_prefixes: g.prefix_sharing,
+            dtype: g.dtype.resolve(&gen_device),
             ..LoadOptions::new(gen_device)
         };
         let (judge_key, judge_text) = if s.judge.model.is_empty() {
@@ -124,7 +125,8 @@ impl Recipe {
         // the adapter applies to the HF checkpoint as it is.
         let train_load = LoadOptions {
             weights: WeightsMode::Dense,
-            attention: AttentionChoice::Auto,
+            attention: t.attention,
+            dtype: t.dtype.resolve(&train_device),
             ..LoadOptions::new(train_device)
         };
         Ok(Self {

@@ -218,6 +218,26 @@ fn compare(a: &Path, b: &Path) -> u64 {
             serde_json::from_slice(&std::fs::read(da.join("manifest.json")).unwrap()).unwrap();
         for f in m["files"].as_array().unwrap() {
             let n = f["name"].as_str().unwrap();
+            if n.starts_with("events.out.tfevents.") {
+                // TensorBoard's file is named by its start time and holds wall times: the same
+                // records (metrics.jsonl is compared byte for byte) in a file of the same size.
+                let other = std::fs::read_dir(db)
+                    .unwrap()
+                    .map(|e| e.unwrap().path())
+                    .find(|p| {
+                        p.file_name()
+                            .unwrap()
+                            .to_string_lossy()
+                            .starts_with("events.out.tfevents.")
+                    })
+                    .unwrap_or_else(|| panic!("{stage}: no TensorBoard events after the resume"));
+                assert_eq!(
+                    std::fs::metadata(da.join(n)).unwrap().len(),
+                    std::fs::metadata(&other).unwrap().len(),
+                    "{stage}/{n}"
+                );
+                continue;
+            }
             let (x, y) = (
                 std::fs::read(da.join(n)).unwrap(),
                 std::fs::read(db.join(n)),

@@ -5,7 +5,7 @@
 //! (the `config` module) composes this section; nothing here knows about files or `--set`.
 
 use crate::model::lora::{LoraSpec, Projection};
-use crate::model::DeviceChoice;
+use crate::model::{AttentionChoice, DTypeChoice, DeviceChoice};
 use serde::{Deserialize, Serialize};
 
 /// The preference loss (TRL's `loss_type`); `Kto` trains on unpaired rows.
@@ -124,6 +124,12 @@ pub struct TrainSettings {
     pub logging_steps: usize,
     pub seed: u64,
     pub device: DeviceChoice,
+    /// The frozen base's dtype (`auto`: bf16 on a GPU, f32 on the CPU); LoRA weights and the
+    /// optimizer state stay f32 whatever it is.
+    pub dtype: DTypeChoice,
+    /// Attention in the training forward: `auto` (the fused kernel on the CPU in f32, composed
+    /// ops elsewhere), `fused` or `composed`.
+    pub attention: AttentionChoice,
     pub lora: LoraSettings,
 }
 
@@ -156,6 +162,8 @@ impl Default for TrainSettings {
             logging_steps: 10,
             seed: 42,
             device: DeviceChoice::Auto,
+            dtype: DTypeChoice::Auto,
+            attention: AttentionChoice::Auto,
             lora: LoraSettings::default(),
         }
     }

@@ -70,6 +70,29 @@ impl DeviceChoice {
     }
 }
 
+/// `dtype` settings: what the base weights are computed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DTypeChoice {
+    /// bf16 on a GPU, f32 on the CPU.
+    #[default]
+    Auto,
+    F32,
+    /// What the GPU runs; selectable on the CPU (slowly: candle widens bf16 matmuls to f32
+    /// there) to exercise that path where no GPU is at hand.
+    Bf16,
+}
+
+impl DTypeChoice {
+    pub(crate) fn resolve(self, dev: &Device) -> DType {
+        match self {
+            DTypeChoice::Auto => default_dtype(dev),
+            DTypeChoice::F32 => DType::F32,
+            DTypeChoice::Bf16 => DType::BF16,
+        }
+    }
+}
+
 /// `generate.weights`: how a GGUF's weights are held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

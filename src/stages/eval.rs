@@ -92,6 +92,8 @@ pub(crate) fn material(
                  "max_length": t.max_length, "max_prompt_length": t.max_prompt_length,
                  "truncation_mode": t.truncation_mode},
         "device": ctx.recipe.train.device_name(),
+        "dtype": ctx.recipe.train.dtype_name(),
+        "attention": t.attention,
     });
     let mut model = ctx.recipe.model(&ctx.recipe.train)?.identity.clone();
     match s.eval.judge {

@@ -55,7 +55,7 @@ pub(crate) fn material(ctx: &Ctx, prompts_key: &str) -> Result<KeyMaterial> {
         // quantized weights the text depends on how rows are batched.
         settings["batch_size"] = serde_json::json!(g.batch_size);
     }
-    if plan.load.device.is_cuda() {
+    if plan.load.device.is_cuda() || g.dtype != crate::model::DTypeChoice::Auto {
         settings["dtype"] = serde_json::json!(plan.dtype_name());
     }
     Ok(KeyMaterial {

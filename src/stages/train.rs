@@ -53,8 +53,14 @@ pub(crate) fn material(ctx: &Ctx, split_key: Option<&str>) -> Result<KeyMaterial
         .as_object_mut()
         .expect("settings serialize as a table");
     o.insert("device".into(), serde_json::json!(plan.device_name()));
-    if plan.load.device.is_cuda() {
+    // The resolved dtype, on CUDA or when chosen; "auto" on the CPU is f32, as before the
+    // setting existed, so those keys stay what they were.
+    o.remove("dtype");
+    if plan.load.device.is_cuda() || t.dtype != crate::model::DTypeChoice::Auto {
         o.insert("dtype".into(), serde_json::json!(plan.dtype_name()));
+    }
+    if t.attention == crate::model::AttentionChoice::Auto {
+        o.remove("attention");
     }
     o.remove("dataset");
     o.remove("model");

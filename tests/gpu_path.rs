@@ -1,0 +1,174 @@
+//! The GPU's numerical choices, exercised on the CPU where CI runs: bf16 base weights, composed
+//! attention instead of the fused CPU kernel, the frozen-weight op's backend matmul in bf16, f32
+//! LoRA and optimizer state over the bf16 base, and gradient checkpointing in bf16, all chosen by
+//! settings (`generate.dtype`, `generate.attention`, `train.dtype`, `train.attention`), against
+//! the f32 path on the real SmolLM2.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+const GPU: [&str; 8] = [
+    "--set",
+    "generate.dtype=bf16",
+    "--set",
+    "generate.attention=composed",
+    "--set",
+    "train.dtype=bf16",
+    "--set",
+    "train.attention=composed",
+];
+
+fn stage(d: &Path, name: &str, extra: &[&str]) -> PathBuf {
+    let mut args = vec!["status", "--json"];
+    args.extend_from_slice(extra);
+    let out = pipeline_ok(d, &args);
+    let st: Vec<Value> = serde_json::from_str(&out[..out.rfind(']').unwrap() + 1]).unwrap();
+    let s = st.iter().find(|s| s["stage"] == name).unwrap();
+    assert_eq!(s["state"], "up to date", "{s}");
+    d.join(s["path"].as_str().unwrap())
+}
+
+fn jsonl(p: &Path) -> Vec<Value> {
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn ref_logps(workdir: &Path) -> Vec<(f64, f64)> {
+    let dir = workdir.join("data/cache/train-ref");
+    let key = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.join("ref_logps.json").is_file())
+        .unwrap();
+    let (tr, ev): (Vec<(f64, f64)>, Vec<(f64, f64)>) =
+        serde_json::from_slice(&std::fs::read(key.join("ref_logps.json")).unwrap()).unwrap();
+    tr.into_iter().chain(ev).collect()
+}
+
+#[test]
+fn the_gpu_choices_on_the_cpu_agree_with_f32_and_train() {
+    let train = "[train]\nmax_steps = 3\nbatch_size = 2\nlogging_steps = 1\neval_steps = 3\nlearning_rate = 2e-3\n";
+    let greedy = ["--set", "generate.temperature=0"];
+    let f32 = tempdir();
+    small_recipe(f32.path(), 10, 6, 2, 12, train);
+    let mut args = vec!["run", "--until", "train"];
+    args.extend_from_slice(&greedy);
+    pipeline_ok(f32.path(), &args);
+
+    // Generation: bf16 greedy tokens agree with f32 on most prompts for the first tokens.
+    let bf16 = tempdir();
+    small_recipe(bf16.path(), 10, 6, 2, 12, train);
+    let mut args = vec!["run", "--until", "generate"];
+    args.extend_from_slice(&greedy);
+    args.extend_from_slice(&GPU);
+    pipeline_ok(bf16.path(), &args);
+    let a = jsonl(&stage(f32.path(), "generate", &greedy).join("generations.jsonl"));
+    let mut with_gpu = greedy.to_vec();
+    with_gpu.extend_from_slice(&GPU);
+    let b = jsonl(&stage(bf16.path(), "generate", &with_gpu).join("generations.jsonl"));
+    assert_eq!(a.len(), 20);
+    assert_eq!(a.len(), b.len());
+    let first_words = |v: &Value| -> Vec<String> {
+        v["text"]
+            .as_str()
+            .unwrap()
+            .split_whitespace()
+            .take(3)
+            .map(String::from)
+            .collect()
+    };
+    let agree = a
+        .iter()
+        .zip(&b)
+        .filter(|(x, y)| first_words(x) == first_words(y))
+        .count();
+    assert!(
+        agree * 4 >= a.len() * 3,
+        "the first words agree on only {agree} of {} prompts",
+        a.len()
+    );
+
+    // Training in bf16 on the f32 run's pairs: reference log-probs within bf16's tolerance of
+    // f32's, and the eval loss falls from its step-0 baseline in three steps.
+    let split = stage(f32.path(), "split", &greedy);
+    let set_data = format!("train.dataset={}", split.display());
+    let mut args = vec!["run", "--until", "train", "--set", &set_data];
+    args.extend_from_slice(&GPU);
+    pipeline_ok(bf16.path(), &args);
+    let (lp32, lp16) = (ref_logps(f32.path()), ref_logps(bf16.path()));
+    assert_eq!(lp32.len(), 8);
+    assert_eq!(lp32.len(), lp16.len());
+    for ((c32, r32), (c16, r16)) in lp32.iter().zip(&lp16) {
+        for (x, y) in [(c32, c16), (r32, r16)] {
+            // bf16 keeps 8 bits of mantissa: a summed log-prob is good to a few percent.
+            assert!((x - y).abs() <= 0.05 * x.abs() + 0.5, "f32 {x} vs bf16 {y}");
+        }
+    }
+    let tdir = bf16.path().join("data/cache/train");
+    let tdir = std::fs::read_dir(&tdir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.join("metrics.jsonl").is_file())
+        .unwrap();
+    let log = jsonl(&tdir.join("metrics.jsonl"));
+    let evals: Vec<f64> = log
+        .iter()
+        .filter_map(|m| m.get("eval_loss")?.as_f64())
+        .collect();
+    assert_eq!(evals.len(), 2, "{log:?}");
+    assert!(
+        (evals[0] - std::f64::consts::LN_2).abs() < 1e-2,
+        "{evals:?}"
+    );
+    assert!(evals[1] < evals[0], "the eval loss falls: {evals:?}");
+    let summary: Value =
+        serde_json::from_slice(&std::fs::read(tdir.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(
+        summary["material"]["settings"]["dtype"], "bf16",
+        "{summary}"
+    );
+}
+
+/// `scripts/gpu-check.sh --dry-run`: the GPU check's steps on the CPU with a tiny model, so the
+/// script cannot rot between GPU runs.
+#[test]
+fn the_gpu_check_script_runs_dry_on_the_cpu() {
+    let out = tempdir();
+    let summary = out.path().join("summary.json");
+    let o = std::process::Command::new("bash")
+        .arg(repo().join("scripts/gpu-check.sh"))
+        .args([
+            "--dry-run",
+            "--bin",
+            env!("CARGO_BIN_EXE_pipeline"),
+            "--out",
+        ])
+        .arg(&summary)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let s: Value = serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
+    assert_eq!(s["dry_run"], true);
+    let gen = s["generate"].as_array().unwrap();
+    assert_eq!(gen.len(), 2);
+    for g in gen {
+        assert_eq!(g["dtype"], "bf16", "{g}");
+        assert!(g["end_to_end_tok_s"].as_f64().unwrap() > 0.0);
+    }
+    assert_eq!(s["train"]["steps"], 3);
+    assert!(s["train"]["step_s"].as_f64().unwrap() > 0.0);
+    let agree = s["smollm2_greedy_first_words_agree"].as_f64().unwrap();
+    assert!(agree >= 0.75, "{s}");
+    assert_eq!(s["smollm2_prompts"], 8);
+    assert!(s["weight_bytes_per_decode_step"].as_u64().unwrap() > 0);
+}
