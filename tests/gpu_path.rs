@@ -45,7 +45,8 @@ fn ref_logps(workdir: &Path) -> Vec<(f64, f64)> {
         .map(|e| e.unwrap().path())
         .find(|p| p.join("ref_logps.json").is_file())
         .unwrap();
-    let (tr, ev): (Vec<(f64, f64)>, Vec<(f64, f64)>) =
+    type Pairs = Vec<(f64, f64)>;
+    let (tr, ev): (Pairs, Pairs) =
         serde_json::from_slice(&std::fs::read(key.join("ref_logps.json")).unwrap()).unwrap();
     tr.into_iter().chain(ev).collect()
 }
