@@ -29,16 +29,34 @@ fn the_model_fingerprint_covers_every_byte_and_is_remembered() {
     let memo_file = std::fs::read_to_string(d.path().join("fingerprints.json")).unwrap();
     assert!(memo_file.contains("model.gguf"), "{memo_file}");
     // One byte in the middle of the file, far from the first and last 4 MiB, same size.
+    let mtime = std::fs::metadata(&gguf).unwrap().modified().unwrap();
     let mut bytes = std::fs::read(&gguf).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x55;
-    std::thread::sleep(std::time::Duration::from_millis(20));
     std::fs::write(&gguf, &bytes).unwrap();
-    let b = identity(&gguf, &memo);
+    // Remembered: the memo answers by path, size and mtime (as make and cargo do), so with the
+    // old mtime put back it still gives the old hash: it was not hashed again.
+    std::fs::File::options()
+        .write(true)
+        .open(&gguf)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    assert_eq!(identity(&gguf, &memo), a, "the memo was not consulted");
+    // Whole-file: a fresh memo sees the changed byte.
+    let b = identity(&gguf, &FingerprintMemo::new(None));
     assert_ne!(
         a, b,
         "a changed weight must change every model-dependent key"
     );
+    // And a new mtime makes the old memo hash the file again.
+    std::fs::File::options()
+        .write(true)
+        .open(&gguf)
+        .unwrap()
+        .set_modified(mtime + std::time::Duration::from_secs(1))
+        .unwrap();
+    assert_eq!(identity(&gguf, &memo), b);
 }
 
 fn status_keys(dir: &std::path::Path, sets: &[&str]) -> serde_json::Value {
