@@ -5,6 +5,9 @@
 # and 7 minutes on 2 cores).
 #
 #   bash scripts/cuda-check.sh            # cargo check + clippy with --features cuda
+#   bash scripts/cuda-check.sh --build    # also build the release binary for scripts/gpu-check.sh:
+#                                         # target/release/pipeline.xz (the device tool carries
+#                                         # at most 64 MiB; gpu-check.sh unpacks it)
 #
 # Wheels and build output go under ${CUDA_CHECK_DIR:-/tmp/reviewer2-cuda-check}.
 set -euo pipefail
@@ -35,3 +38,9 @@ export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 cargo check --features cuda --target-dir "$dir/target"
 cargo clippy --features cuda --all-targets --target-dir "$dir/target" -- -D warnings
 echo "CUDA build compile-checks (nothing was run on a GPU)."
+if [ "${1:-}" = "--build" ]; then
+  cargo build --release --features cuda --target-dir "$dir/target"
+  mkdir -p target/release
+  xz -9 -T0 -c "$dir/target/release/pipeline" >target/release/pipeline.xz
+  ls -l target/release/pipeline.xz
+fi
