@@ -73,7 +73,8 @@ fn png(
 fn or_skip(out: &Path, r: Result<()>) {
     if let Err(e) = r {
         let _ = std::fs::remove_file(crate::fsutil::tmp_sibling(out).with_extension("png"));
-        tracing::warn!("skipped the chart {}: {e:#}", out.display());
+        let name = out.file_name().unwrap_or_default().to_string_lossy();
+        tracing::warn!("skipped the chart {name}: {e:#}");
     }
 }
 
