@@ -373,7 +373,10 @@ pub(crate) fn build(ctx: &Ctx, inp: &Inputs, out: &Path) -> Result<Built> {
     crate::dpo::charts::plot_distributions(
         &sb,
         &sa,
-        &format!("{} judge: negativity of {n} reviews per model", es.judge.name()),
+        &format!(
+            "{} judge: negativity of {n} reviews per model",
+            es.judge.name()
+        ),
         &out.join("scores.png"),
     );
     ctx.say(
