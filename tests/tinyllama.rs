@@ -33,6 +33,15 @@ fn tinyllama_shape(vocab_size: usize) -> LlamaConfig {
     }
 }
 
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 #[test]
 fn tinyllama_shape_matches_candle_transformers_llama() {
     let d = tempdir();
@@ -83,21 +92,8 @@ fn tinyllama_shape_matches_candle_transformers_llama() {
             .unwrap();
         let got = ours.llama.forward_all(&x, Mode::infer()).unwrap();
         let got = got.squeeze(0).unwrap().get(ids.len() - 1).unwrap();
-        let diff = (&got - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let scale = want
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs(&(&got - &want).unwrap());
+        let scale = max_abs(&want);
         assert!(
             diff < 1e-4 * scale.max(1.0),
             "{} tokens: max |diff| {diff} (logits up to {scale})",

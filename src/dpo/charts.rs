@@ -10,6 +10,7 @@
 //! the TTF file to use instead of the DejaVu Sans paths below.
 
 use crate::error::{Context, Result};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use serde_json::Value;
 use std::path::Path;
@@ -67,6 +68,22 @@ fn png(
         root.present().context("writing chart")?;
     }
     crate::fsutil::commit_tmp(&tmp, out)
+}
+
+/// The legend box, the same on every chart.
+fn legend<'a, 'b>(
+    chart: &mut ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+) -> Result<()>
+where
+    'b: 'a,
+{
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()?;
+    Ok(())
 }
 
 /// Charts never fail the work they show: a chart that cannot be drawn is skipped, with a warning.
@@ -154,13 +171,7 @@ fn plot(log: &[Value], metric: &str, title: &str, out: &Path) -> Result<()> {
                 .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
             chart.draw_series(eval.iter().map(|p| Circle::new(*p, 3, RED.filled())))?;
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .draw()?;
-        Ok(())
+        legend(&mut chart)
     })
 }
 
@@ -209,12 +220,6 @@ fn histograms(base: &[f64], adapter: &[f64], title: &str, out: &Path) -> Result<
                     Rectangle::new([(x, y - 5), (x + 16, y + 5)], color.mix(0.5).filled())
                 });
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .draw()?;
-        Ok(())
+        legend(&mut chart)
     })
 }
