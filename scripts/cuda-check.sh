@@ -8,6 +8,9 @@
 #   bash scripts/cuda-check.sh --build    # also build the release binary for scripts/gpu-check.sh:
 #                                         # target/release/pipeline.xz (the device tool carries
 #                                         # at most 64 MiB; gpu-check.sh unpacks it)
+#   Known gap (2026-12-01): --build compiles every kernel but fails to link here: the wheels above
+#   carry no libcuda stub, libnvrtc, libcurand, libcublas(Lt) or libcudart .so to link against
+#   (nvidia-cuda-nvrtc, nvidia-curand, nvidia-cublas wheels and a libcuda stub are the next step).
 #
 # Wheels and build output go under ${CUDA_CHECK_DIR:-/tmp/reviewer2-cuda-check}.
 set -euo pipefail
