@@ -270,6 +270,13 @@ pub(crate) fn build(ctx: &Ctx, inp: &Inputs, out: &Path) -> Result<Built> {
             raw.test.iter().map(|r| r.rejected.as_str()).collect(),
         )
     };
+    if harsh.is_empty() || kind.is_empty() {
+        bail!(
+            "the test rows hold {} desirable and {} undesirable reviews; validating the judge needs both",
+            harsh.len(),
+            kind.len()
+        );
+    }
     let judge_auroc = auroc(&judge.score(&harsh)?, &judge.score(&kind)?);
     ctx.say(
         "Judge",
@@ -324,7 +331,13 @@ pub(crate) fn build(ctx: &Ctx, inp: &Inputs, out: &Path) -> Result<Built> {
         quiet: true,
     };
     let m = tr.evaluate()?;
-    let metric = |k: &str| m.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+    // A missing or non-finite metric is a failed evaluation, never a `null` in a report.
+    let metric = |k: &str| -> Result<f64> {
+        match m.get(k).and_then(|v| v.as_f64()) {
+            Some(x) if x.is_finite() => Ok(x),
+            other => bail!("the adapter's {k} on the test pairs is {other:?}, not a number"),
+        }
+    };
 
     let base_refs: Vec<&str> = base.iter().map(|s| s.as_str()).collect();
     let adapted_refs: Vec<&str> = adapted.iter().map(|s| s.as_str()).collect();
@@ -347,8 +360,8 @@ pub(crate) fn build(ctx: &Ctx, inp: &Inputs, out: &Path) -> Result<Built> {
         harsher_rate_ci: wilson95(harsher, n),
         negativity_base: mean(&sb),
         negativity_adapter: mean(&sa),
-        eval_loss: metric("eval_loss"),
-        eval_reward_accuracy: metric("eval_rewards/accuracies"),
+        eval_loss: metric("eval_loss")?,
+        eval_reward_accuracy: metric("eval_rewards/accuracies")?,
         distinct2_base: distinct2(&base),
         distinct2_adapter: distinct2(&adapted),
         mean_chars_base: chars(&base),
