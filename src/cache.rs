@@ -123,6 +123,10 @@ pub(crate) struct Manifest {
     /// RFC 3339 time the build finished.
     pub(crate) finished_at: String,
     pub(crate) seconds: f64,
+    /// What a build wants on record beyond counts (the openai backend: the served model and
+    /// each endpoint's answers). Never part of the key.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub(crate) info: serde_json::Value,
 }
 
 impl Manifest {
@@ -260,6 +264,7 @@ impl Staging {
         cache: &Cache,
         material: KeyMaterial,
         counts: BTreeMap<String, u64>,
+        info: serde_json::Value,
         seconds: f64,
     ) -> Result<Manifest> {
         let mut files = Vec::new();
@@ -284,6 +289,7 @@ impl Staging {
             material,
             files,
             counts,
+            info,
             finished_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
                 .to_string(),
             seconds,

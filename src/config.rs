@@ -100,6 +100,76 @@ pub struct GenerateSettings {
     pub(crate) chunk_size: usize,
     /// Only the first `limit` prompts (0 = all); handy for quick looks.
     pub(crate) limit: usize,
+    /// Where the reviews are written: `local` (this binary's engine) or `openai` (servers that
+    /// speak the OpenAI HTTP API: vLLM, TGI, SGLang, llama.cpp; see `[generate.openai]`).
+    pub(crate) backend: Backend,
+    pub(crate) openai: OpenAiSettings,
+}
+
+/// Which engine writes the generate stage's reviews.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Backend {
+    Local,
+    Openai,
+}
+
+/// Which OpenAI endpoint the `openai` backend calls.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum OpenAiApi {
+    /// `POST /completions` with the prompt text the local engine would tokenize (the prompts
+    /// stage already rendered the model's chat template), so both backends answer the same text.
+    Completions,
+    /// `POST /chat/completions` with the messages, for servers that only take chat; the server
+    /// applies its own chat template.
+    Chat,
+}
+
+impl OpenAiApi {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            OpenAiApi::Completions => "completions",
+            OpenAiApi::Chat => "chat",
+        }
+    }
+}
+
+/// `[generate.openai]`: the servers the `openai` backend spreads requests over.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct OpenAiSettings {
+    /// Base URLs, each ending where the OpenAI paths start (`http://10.0.0.5:8000/v1`).
+    pub(crate) endpoints: Vec<String>,
+    /// The served model's name, as the servers' `GET /v1/models` lists it.
+    pub(crate) model: String,
+    pub(crate) api: OpenAiApi,
+    /// The name of the environment variable holding the API key ("" = send none). The key itself
+    /// is never printed, logged, or written into a manifest or cache key.
+    pub(crate) api_key_env: String,
+    /// Requests in flight per endpoint.
+    pub(crate) concurrency: usize,
+    /// Per request, connect to last byte.
+    pub(crate) timeout_secs: u64,
+    /// Retries of one prompt after a connect error, a timeout, 408, 429 or 5xx.
+    pub(crate) max_retries: u32,
+    /// Send `top_k` (vLLM, TGI, SGLang and llama.cpp take it; api.openai.com refuses it).
+    pub(crate) send_top_k: bool,
+}
+
+impl Default for OpenAiSettings {
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+            model: String::new(),
+            api: OpenAiApi::Completions,
+            api_key_env: String::new(),
+            concurrency: 8,
+            timeout_secs: 300,
+            max_retries: 6,
+            send_top_k: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -290,6 +360,8 @@ impl Default for GenerateSettings {
             seed: 1234,
             chunk_size: 64,
             limit: 0,
+            backend: Backend::Local,
+            openai: OpenAiSettings::default(),
         }
     }
 }
@@ -685,6 +757,42 @@ impl Settings {
         )?;
         check(g.top_p > 0.0 && g.top_p <= 1.0, "generate.top_p", || {
             format!("is {}; must be in (0, 1]", g.top_p)
+        })?;
+        let o = &g.openai;
+        if g.backend == Backend::Openai {
+            check(!o.endpoints.is_empty(), "generate.openai.endpoints", || {
+                "is empty; the openai backend needs at least one base URL, e.g. \
+                 --set 'generate.openai.endpoints=[\"http://127.0.0.1:8000/v1\"]'"
+                    .into()
+            })?;
+        }
+        for e in &o.endpoints {
+            let bad = |why: String| Invalid {
+                key: "generate.openai.endpoints",
+                why: format!("{:?} {why}", crate::model::remote::redact(e)),
+            };
+            let u = reqwest::Url::parse(e).map_err(|err| {
+                bad(format!(
+                    "is not a URL ({err}); write it as http://HOST:PORT/v1"
+                ))
+            })?;
+            if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+                return Err(bad("must be an http:// or https:// URL with a host".into()));
+            }
+            if u.query().is_some() || u.fragment().is_some() {
+                return Err(bad("must be a base URL without a query or fragment".into()));
+            }
+        }
+        if g.backend == Backend::Openai {
+            check(!o.model.trim().is_empty(), "generate.openai.model", || {
+                "must name the served model, as the servers' GET /v1/models lists it".into()
+            })?;
+        }
+        check(o.concurrency > 0, "generate.openai.concurrency", || {
+            "must be at least 1".into()
+        })?;
+        check(o.timeout_secs > 0, "generate.openai.timeout_secs", || {
+            "must be at least 1".into()
         })?;
         check(s.split.train + s.split.test > 0, "split.train", || {
             "train + test must be at least 1".into()

@@ -85,12 +85,20 @@ fn estimate_on(
                     2 * s.scrape.count
                 } as f64;
                 let tokens = n * (s.generate.max_new_tokens as f64 + PROMPT_TOKENS);
-                match params.0 {
-                    Some(p) => (
-                        2.0 * p as f64 * tokens / r.generate,
-                        format!("{n} reviews of up to {} tokens", s.generate.max_new_tokens),
-                    ),
-                    None => (f64::NAN, "model size unknown until it is downloaded".into()),
+                if s.generate.backend == crate::config::Backend::Openai {
+                    // The servers' speed is theirs: nothing here measures it.
+                    (
+                        f64::NAN,
+                        format!("{n} reviews on the openai backend's servers"),
+                    )
+                } else {
+                    match params.0 {
+                        Some(p) => (
+                            2.0 * p as f64 * tokens / r.generate,
+                            format!("{n} reviews of up to {} tokens", s.generate.max_new_tokens),
+                        ),
+                        None => (f64::NAN, "model size unknown until it is downloaded".into()),
+                    }
                 }
             }
             Stage::Train => {

@@ -12,6 +12,7 @@ pub mod llama;
 pub mod lora;
 mod names;
 pub mod prefix;
+pub(crate) mod remote;
 pub mod source;
 pub mod special_text;
 pub(crate) mod tokenizer;

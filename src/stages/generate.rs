@@ -4,17 +4,23 @@
 //! `generate.chunk_size` prompts. A killed run resumes from those chunks: prompts already done are
 //! skipped, and because each prompt's sampler is seeded from (seed, prompt id) the final artifact
 //! equals an uninterrupted run's.
+//!
+//! Two backends write the reviews: `local`, this binary's engine (`crate::model::generate`), and
+//! `openai`, servers that speak the OpenAI API (`crate::model::remote`). Both go through the same
+//! chunks, so resume works the same way for both.
 
 use super::prompts::{Polarity, PromptRow};
 use super::{Built, Ctx};
 use crate::cache::KeyMaterial;
+use crate::config::{Backend, GenerateSettings};
 use crate::error::{bail, Context, Result};
 use crate::fsutil::{read_jsonl, write_jsonl};
 use crate::model::generate::{self as gen, Finish, Request};
+use crate::model::remote::Remote;
 use crate::model::WeightsMode;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 const VERSION: u32 = 1;
@@ -35,6 +41,9 @@ pub(crate) struct GenRow {
 
 pub(crate) fn material(ctx: &Ctx, prompts_key: &str) -> Result<KeyMaterial> {
     let g = &ctx.settings().generate;
+    if g.backend == Backend::Openai {
+        return Ok(remote_material(g, prompts_key));
+    }
     let plan = &ctx.recipe.generate;
     let src = ctx.recipe.model(plan)?;
     let mut settings = serde_json::json!({
@@ -68,6 +77,34 @@ pub(crate) fn material(ctx: &Ctx, prompts_key: &str) -> Result<KeyMaterial> {
     })
 }
 
+/// The key of a generation on servers: the backend, the API, the served model's name and the
+/// sampling settings. Not the URLs (moving to other hosts serving the same model reuses the
+/// work) and never the API key.
+fn remote_material(g: &GenerateSettings, prompts_key: &str) -> KeyMaterial {
+    let o = &g.openai;
+    let mut settings = serde_json::json!({
+        "backend": "openai",
+        "api": o.api.name(),
+        "served_model": o.model,
+        "max_new_tokens": g.max_new_tokens,
+        "temperature": g.temperature,
+        "top_p": g.top_p,
+        "seed": g.seed,
+        "limit": g.limit,
+    });
+    if o.send_top_k {
+        settings["top_k"] = serde_json::json!(g.top_k);
+    }
+    KeyMaterial {
+        stage: "generate".into(),
+        version: VERSION,
+        settings,
+        files: BTreeMap::new(),
+        model: None,
+        inputs: BTreeMap::from([("prompts".to_string(), prompts_key.to_string())]),
+    }
+}
+
 pub(crate) fn build(ctx: &Ctx, prompts_dir: &Path, key: &str, out: &Path) -> Result<Built> {
     let g = &ctx.settings().generate;
     let mut prompts: Vec<PromptRow> = read_jsonl(&prompts_dir.join("prompts.jsonl"))?;
@@ -76,7 +113,8 @@ pub(crate) fn build(ctx: &Ctx, prompts_dir: &Path, key: &str, out: &Path) -> Res
     }
     let partial = ctx.cache.partial_dir("generate", key);
     std::fs::create_dir_all(&partial)?;
-    let (mut done, mut n_chunks) = read_chunks(&partial)?;
+    let (done, n_chunks) = read_chunks(&partial)?;
+    let resumed = done.len();
     let done_ids: BTreeSet<usize> = done.iter().map(|r| r.id).collect();
     let todo: Vec<&PromptRow> = prompts
         .iter()
@@ -92,84 +130,25 @@ pub(crate) fn build(ctx: &Ctx, prompts_dir: &Path, key: &str, out: &Path) -> Res
             ),
         );
     }
+    let mut w = Chunks {
+        dir: partial.clone(),
+        buf: Vec::new(),
+        done,
+        n: n_chunks,
+        size: g.chunk_size,
+        bar: progress_bar(ctx, prompts.len() as u64, resumed as u64),
+        quiet: ctx.quiet,
+        t0: Instant::now(),
+        tokens: 0,
+    };
+    let mut info = serde_json::Value::Null;
     if !todo.is_empty() {
-        let model = ctx.recipe.load(&ctx.recipe.generate)?;
-        let tok = &model.meta.tok;
-        let by_id: BTreeMap<usize, &PromptRow> = todo.iter().map(|p| (p.id, *p)).collect();
-        let reqs = todo
-            .iter()
-            .map(|p| {
-                Ok(Request {
-                    id: p.id,
-                    ids: tok.encode(&p.prompt, true)?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        crate::model::limits::check_generation_fits(
-            model.llama.cfg.max_position_embeddings,
-            g.max_new_tokens,
-            reqs.iter().map(|r| {
-                (r.ids.len(), || {
-                    format!("prompt {} ({:?})", r.id, by_id[&r.id].title)
-                })
-            }),
-        )?;
-        let bar = progress_bar(ctx, prompts.len() as u64, done.len() as u64);
-        let t0 = Instant::now();
-        let mut buf: Vec<GenRow> = Vec::new();
-        let s = g.sampling();
-        let stats = gen::generate(&model, reqs, &s, g.batch_size, |o, st| {
-            let p = by_id[&o.id];
-            let text = tok.decode(&o.tokens, true)?.trim().to_string();
-            buf.push(GenRow {
-                id: o.id,
-                title_id: p.title_id,
-                title: p.title.clone(),
-                polarity: p.polarity,
-                prompt: p.prompt.clone(),
-                text,
-                tokens: o.tokens.len(),
-                prompt_tokens: o.prompt_tokens,
-                finish: o.finish,
-            });
-            let secs = t0.elapsed().as_secs_f64().max(1e-9);
-            bar.set_message(format!("{:.1} tok/s", st.generated_tokens as f64 / secs));
-            bar.inc(1);
-            if buf.len() >= g.chunk_size {
-                n_chunks += 1;
-                write_jsonl(&partial.join(format!("chunk-{n_chunks:05}.jsonl")), &buf)?;
-                done.append(&mut buf);
-                if !ctx.quiet && bar.is_hidden() {
-                    // No bar off a terminal (a log file, CI): a line per flushed chunk instead.
-                    eprintln!(
-                        "{:>12} {}/{} prompts, {:.1} tok/s",
-                        "Generating",
-                        bar.position(),
-                        bar.length().unwrap_or(0),
-                        st.generated_tokens as f64 / secs
-                    );
-                }
-            }
-            Ok(())
-        })?;
-        if !buf.is_empty() {
-            n_chunks += 1;
-            write_jsonl(&partial.join(format!("chunk-{n_chunks:05}.jsonl")), &buf)?;
-            done.append(&mut buf);
+        match g.backend {
+            Backend::Local => local(ctx, &todo, &mut w)?,
+            Backend::Openai => info = remote(ctx, &todo, &mut w, resumed)?,
         }
-        bar.finish_and_clear();
-        let secs = t0.elapsed().as_secs_f64();
-        ctx.say(
-            "Generated",
-            format!(
-                "{} reviews, {} tokens in {secs:.1}s ({:.1} tok/s; prompt {:.0} tok/s)",
-                stats.prompts,
-                stats.generated_tokens,
-                stats.generated_tokens as f64 / stats.decode_secs.max(1e-9),
-                stats.prompt_tokens as f64 / stats.prefill_secs.max(1e-9),
-            ),
-        );
     }
+    let mut done = w.done;
     done.sort_by_key(|r| r.id);
     let ids: Vec<usize> = done.iter().map(|r| r.id).collect();
     let want: Vec<usize> = {
@@ -192,7 +171,196 @@ pub(crate) fn build(ctx: &Ctx, prompts_dir: &Path, key: &str, out: &Path) -> Res
         .with("finished_eos", eos)
         .with("finished_length", done.len() - eos)
         .with("empty", empty)
-        .with("tokens", done.iter().map(|r| r.tokens).sum()))
+        .with("tokens", done.iter().map(|r| r.tokens).sum())
+        .info(info))
+}
+
+/// Finished rows on their way to disk: every `size` rows become one chunk file (atomically), the
+/// unit a killed run resumes from.
+struct Chunks {
+    dir: PathBuf,
+    buf: Vec<GenRow>,
+    done: Vec<GenRow>,
+    /// The number of the last chunk written.
+    n: usize,
+    size: usize,
+    bar: indicatif::ProgressBar,
+    quiet: bool,
+    t0: Instant,
+    /// Tokens generated in this run.
+    tokens: usize,
+}
+
+impl Chunks {
+    fn push(&mut self, row: GenRow) -> Result<()> {
+        self.tokens += row.tokens;
+        self.buf.push(row);
+        let rate = self.tokens as f64 / self.t0.elapsed().as_secs_f64().max(1e-9);
+        self.bar.set_message(format!("{rate:.1} tok/s"));
+        self.bar.inc(1);
+        if self.buf.len() >= self.size {
+            self.flush()?;
+            if !self.quiet && self.bar.is_hidden() {
+                // No bar off a terminal (a log file, CI): a line per flushed chunk instead.
+                eprintln!(
+                    "{:>12} {}/{} prompts, {rate:.1} tok/s",
+                    "Generating",
+                    self.bar.position(),
+                    self.bar.length().unwrap_or(0),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        self.n += 1;
+        write_jsonl(
+            &self.dir.join(format!("chunk-{:05}.jsonl", self.n)),
+            &self.buf,
+        )?;
+        self.done.append(&mut self.buf);
+        Ok(())
+    }
+}
+
+fn row(p: &PromptRow, text: String, tokens: usize, prompt_tokens: usize, finish: Finish) -> GenRow {
+    GenRow {
+        id: p.id,
+        title_id: p.title_id,
+        title: p.title.clone(),
+        polarity: p.polarity,
+        prompt: p.prompt.clone(),
+        text,
+        tokens,
+        prompt_tokens,
+        finish,
+    }
+}
+
+/// The reviews from this binary's engine.
+fn local(ctx: &Ctx, todo: &[&PromptRow], w: &mut Chunks) -> Result<()> {
+    let g = &ctx.settings().generate;
+    let model = ctx.recipe.load(&ctx.recipe.generate)?;
+    let tok = &model.meta.tok;
+    let by_id: BTreeMap<usize, &PromptRow> = todo.iter().map(|p| (p.id, *p)).collect();
+    let reqs = todo
+        .iter()
+        .map(|p| {
+            Ok(Request {
+                id: p.id,
+                ids: tok.encode(&p.prompt, true)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    crate::model::limits::check_generation_fits(
+        model.llama.cfg.max_position_embeddings,
+        g.max_new_tokens,
+        reqs.iter().map(|r| {
+            (r.ids.len(), || {
+                format!("prompt {} ({:?})", r.id, by_id[&r.id].title)
+            })
+        }),
+    )?;
+    w.t0 = Instant::now();
+    let stats = gen::generate(&model, reqs, &g.sampling(), g.batch_size, |o, _| {
+        let text = tok.decode(&o.tokens, true)?.trim().to_string();
+        w.push(row(
+            by_id[&o.id],
+            text,
+            o.tokens.len(),
+            o.prompt_tokens,
+            o.finish,
+        ))
+    })?;
+    w.flush()?;
+    w.bar.finish_and_clear();
+    let secs = w.t0.elapsed().as_secs_f64();
+    ctx.say(
+        "Generated",
+        format!(
+            "{} reviews, {} tokens in {secs:.1}s ({:.1} tok/s; prompt {:.0} tok/s)",
+            stats.prompts,
+            stats.generated_tokens,
+            stats.generated_tokens as f64 / stats.decode_secs.max(1e-9),
+            stats.prompt_tokens as f64 / stats.prefill_secs.max(1e-9),
+        ),
+    );
+    Ok(())
+}
+
+/// The reviews from OpenAI-compatible servers. Returns what the manifest records: the served
+/// model as each endpoint describes it, and each endpoint's answers in this run.
+fn remote(
+    ctx: &Ctx,
+    todo: &[&PromptRow],
+    w: &mut Chunks,
+    resumed: usize,
+) -> Result<serde_json::Value> {
+    let g = &ctx.settings().generate;
+    let o = &g.openai;
+    let servers = Remote::connect(o)?;
+    ctx.say(
+        "Serving",
+        format!(
+            "{} on {} ({}, {} in flight each)",
+            o.model,
+            servers
+                .endpoints
+                .iter()
+                .map(|e| e.shown.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            o.api.name(),
+            o.concurrency
+        ),
+    );
+    let by_id: BTreeMap<usize, &PromptRow> = todo.iter().map(|p| (p.id, *p)).collect();
+    let jobs = todo.iter().map(|p| p.job()).collect();
+    let mut answers = vec![0usize; servers.endpoints.len()];
+    let mut retries = 0u64;
+    w.t0 = Instant::now();
+    let r = servers.generate(jobs, &g.sampling(), &Default::default(), |a| {
+        answers[a.endpoint] += 1;
+        retries += u64::from(a.retries);
+        w.push(row(
+            by_id[&a.id],
+            a.text,
+            a.tokens,
+            a.prompt_tokens,
+            a.finish,
+        ))
+    });
+    // Whatever was answered before a failure is kept for the next run.
+    w.flush()?;
+    w.bar.finish_and_clear();
+    r?;
+    let secs = w.t0.elapsed().as_secs_f64();
+    ctx.say(
+        "Generated",
+        format!(
+            "{} reviews, {} tokens in {secs:.1}s ({:.1} tok/s over {} endpoints, {retries} retries)",
+            todo.len(),
+            w.tokens,
+            w.tokens as f64 / secs.max(1e-9),
+            servers.endpoints.len()
+        ),
+    );
+    Ok(serde_json::json!({
+        "backend": "openai",
+        "api": o.api.name(),
+        "model": o.model,
+        "resumed": resumed,
+        "retries": retries,
+        "endpoints": servers.endpoints.iter().zip(&answers).map(|(e, n)| serde_json::json!({
+            "url": e.shown,
+            "served": e.served,
+            "answers": n,
+        })).collect::<Vec<_>>(),
+    }))
 }
 
 /// Finished records from earlier runs. Chunks are written atomically, but a disk can still lose

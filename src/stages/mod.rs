@@ -115,13 +115,19 @@ impl<'a> Ctx<'a> {
 /// What a stage's build reports: named counts, the first being the main one.
 pub(crate) struct Built {
     counts: BTreeMap<String, u64>,
+    info: serde_json::Value,
 }
 
 impl Built {
     fn new(main: &str, n: usize) -> Self {
         Self {
             counts: BTreeMap::from([(main.to_string(), n as u64)]),
+            info: serde_json::Value::Null,
         }
+    }
+    fn info(mut self, info: serde_json::Value) -> Self {
+        self.info = info;
+        self
     }
     fn with(mut self, name: &str, n: usize) -> Self {
         self.counts.insert(name.into(), n as u64);
@@ -287,7 +293,7 @@ pub(crate) fn run(
         let staging = ctx.cache.begin(stage.name(), &key)?;
         let built = build(ctx, stage, &r, &key, &staging.dir)?;
         let secs = t0.elapsed().as_secs_f64();
-        let man = staging.commit(&ctx.cache, m, built.counts, secs)?;
+        let man = staging.commit(&ctx.cache, m, built.counts, built.info, secs)?;
         // Resumable partial work (generation chunks, checkpoints) is done with.
         let partial = ctx.cache.partial_dir(stage.name(), &key);
         if partial.exists() {
@@ -362,7 +368,7 @@ pub(crate) fn eval_adapter(ctx: &mut Ctx, adapter: Option<&Path>) -> Result<Path
         &staging.dir,
     )?;
     let secs = t0.elapsed().as_secs_f64();
-    let man = staging.commit(&ctx.cache, m, built.counts, secs)?;
+    let man = staging.commit(&ctx.cache, m, built.counts, built.info, secs)?;
     ctx.say("Built", format!("eval in {secs:.1}s: {}", summary(&man)));
     Ok(dir)
 }

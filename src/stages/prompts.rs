@@ -43,8 +43,19 @@ pub(crate) struct PromptRow {
     pub(crate) title_id: usize,
     pub(crate) title: String,
     pub(crate) polarity: Polarity,
-    messages: Vec<Message>,
+    pub(crate) messages: Vec<Message>,
     pub(crate) prompt: String,
+}
+
+impl PromptRow {
+    /// The request the `openai` backend sends for this prompt.
+    pub(crate) fn job(&self) -> crate::model::remote::Job {
+        crate::model::remote::Job {
+            id: self.id,
+            prompt: self.prompt.clone(),
+            messages: self.messages.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -135,6 +135,7 @@ fn cached_reference(
         &ctx.cache,
         m,
         BTreeMap::from([("examples".into(), (tr.len() + ev.len()) as u64)]),
+        serde_json::Value::Null,
         t0.elapsed().as_secs_f64(),
     )?;
     Ok((tr, ev))

@@ -1,0 +1,95 @@
+"""This project's engine against llama.cpp's server, side by side in one run, on the same
+prompts: the first N reviewer prompts of the workdir's recipe, N new tokens each, EOS ignored,
+temperature 0.5, top-k 50, top-p 0.95.
+
+For each parallelism P it starts llama.cpp's server (PyPI `xllamacpp`, which embeds it) with P
+slots on the SmolLM2 GGUF and runs `pipeline bench generate --backend openai` against it with P
+requests in flight; then it runs `pipeline bench generate` (the local engine) at batch P. Both
+count end-to-end generated tokens per second, prefill included.
+
+    python3 bench/llama_server.py --pipeline target/release/pipeline --preset quick \
+        --parallel 1,64 --prompts 64 --new-tokens 64 [--threads 2] [--repeat 1]
+
+Needs `python3 -m pip install xllamacpp` (scripts/setup.sh installs it).
+"""
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench(pipeline, common, extra):
+    out = subprocess.run(
+        [pipeline, *common, "bench", "generate", "--json", *extra],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pipeline", default=os.path.join(ROOT, "target/release/pipeline"))
+    ap.add_argument("--model", default=os.path.join(ROOT, "models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    ap.add_argument("--preset", default="quick")
+    ap.add_argument("--workdir", default=None, help="pipeline --workdir (default: its own)")
+    ap.add_argument("--parallel", default="1,64")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--local-weights", default="f32", choices=["f32", "quantized"])
+    a = ap.parse_args()
+
+    common = ["--preset", a.preset, "--set", f"generate.model={a.model}", "--quiet"]
+    if a.workdir:
+        common = ["--workdir", a.workdir, *common]
+    sizes = [int(x) for x in a.parallel.split(",")]
+    shared = ["--prompts", str(a.prompts), "--new-tokens", str(a.new_tokens), "--repeat", str(a.repeat)]
+    rows = []
+    for p in sizes:
+        port = free_port()
+        server = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "tests/fixtures/llama_server.py"), a.model, str(port),
+             "--parallel", str(p), "--threads", str(a.threads), "--alias", "smollm2",
+             "--ctx", str(p * 512), "--watch-stdin"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+        try:
+            line = server.stdout.readline().strip()
+            if line != f"ready {port}":
+                sys.exit(f"llama.cpp's server did not start ({line!r})")
+            r = bench(a.pipeline, common + [
+                "--set", f'generate.openai.endpoints=["http://127.0.0.1:{port}/v1"]',
+                "--set", "generate.openai.model=smollm2",
+            ], ["--backend", "openai", "--batch-size", str(p), *shared])[0]
+            rows.append(("llama.cpp server (xllamacpp, Q4_1)", p, r["end_to_end_tok_s"], r["wall_s"]))
+        finally:
+            server.kill()
+            server.wait()
+        time.sleep(1)
+    for r in bench(a.pipeline, common, ["--batch-size", ",".join(map(str, sizes)),
+                                        "--weights", a.local_weights, *shared]):
+        rows.append((f"this project (local engine, {a.local_weights})", r["batch"], r["end_to_end_tok_s"], r["wall_s"]))
+    print(f"{a.prompts} prompts, {a.new_tokens} new tokens each, EOS ignored, {a.threads} threads, "
+          f"{os.cpu_count()} cores; end-to-end generated tokens/s, prefill included")
+    print("| engine | parallel / batch | generated tok/s | wall s |")
+    print("|---|---|---|---|")
+    for name, p, t, w in rows:
+        print(f"| {name} | {p} | {t:.1} | {w:.1} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,630 @@
+//! The generate stage on the `openai` backend, against llama.cpp's real server (PyPI `xllamacpp`,
+//! serving the SmolLM2 GGUF on 127.0.0.1): two servers as two endpoints; a fault-injecting proxy
+//! in front of one (500s, 429 with Retry-After, connections dropped mid-response, stalls past the
+//! timeout) after which every prompt is still answered exactly once; a run killed mid-stage that
+//! resumes with only the missing prompts; answers that must fail at once; and bad settings.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// llama.cpp's server on a free loopback port, for as long as this value lives.
+struct LlamaServer {
+    child: Child,
+    port: u16,
+}
+
+impl LlamaServer {
+    fn start(parallel: usize) -> LlamaServer {
+        let py = python_with(&[("xllamacpp", "xllamacpp")]);
+        let port = free_port();
+        let mut child = Command::new(py)
+            .arg(fixture("llama_server.py"))
+            .arg(smollm2())
+            .arg(port.to_string())
+            .args(["--parallel", &parallel.to_string(), "--alias", "smollm2"])
+            .args(["--threads", "1", "--watch-stdin"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tests/fixtures/llama_server.py");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(
+            line.trim(),
+            format!("ready {port}"),
+            "llama.cpp's server did not start"
+        );
+        LlamaServer { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1", self.port)
+    }
+}
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// What the proxy does with the n-th completion request (model listings always pass).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Fault {
+    Pass,
+    /// This status, an OpenAI error body.
+    Status(u16),
+    /// 429 with `Retry-After: 1`.
+    TooMany,
+    /// The server's headers and half its body, then the connection closed.
+    Drop,
+    /// Nothing for this many seconds, then the connection closed.
+    Stall(u64),
+    /// 400 with a message, as a server refusing a parameter answers.
+    Refuse,
+    /// The server's answer with another model's name in it.
+    WrongModel,
+    /// The server's answer, this many milliseconds late.
+    Delay(u64),
+}
+
+/// A loopback HTTP proxy in front of `upstream` (host:port) that injects faults. With `key`,
+/// a request without `Authorization: Bearer <key>` gets 401.
+struct Proxy {
+    url: String,
+    /// The fault applied to each completion request, in arrival order.
+    log: Arc<Mutex<Vec<Fault>>>,
+    posts: Arc<AtomicUsize>,
+}
+
+fn proxy(
+    upstream: u16,
+    key: Option<&str>,
+    plan: impl Fn(usize) -> Fault + Send + Sync + 'static,
+) -> Proxy {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1", l.local_addr().unwrap());
+    let log: Arc<Mutex<Vec<Fault>>> = Default::default();
+    let posts = Arc::new(AtomicUsize::new(0));
+    let (log2, posts2, plan) = (log.clone(), posts.clone(), Arc::new(plan));
+    let key = key.map(|k| format!("bearer {}", k.to_lowercase()));
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { continue };
+            let (log, posts, plan, key) = (log2.clone(), posts2.clone(), plan.clone(), key.clone());
+            std::thread::spawn(move || {
+                let _ = handle(s, upstream, key.as_deref(), &*plan, &log, &posts);
+            });
+        }
+    });
+    Proxy { url, log, posts }
+}
+
+fn handle(
+    mut s: TcpStream,
+    upstream: u16,
+    key: Option<&str>,
+    plan: &dyn Fn(usize) -> Fault,
+    log: &Mutex<Vec<Fault>>,
+    posts: &AtomicUsize,
+) -> std::io::Result<()> {
+    let (head, body) = read_message(&mut s, true)?;
+    let head_lc = head.to_lowercase();
+    if let Some(k) = key {
+        if !head_lc.contains(&format!("authorization: {k}\r\n")) {
+            return respond(&mut s, 401, r#"{"error":{"message":"invalid api key"}}"#);
+        }
+    }
+    let fault = if head.starts_with("POST") {
+        let n = posts.fetch_add(1, Ordering::SeqCst);
+        let f = plan(n);
+        log.lock().unwrap().push(f);
+        f
+    } else {
+        Fault::Pass
+    };
+    match fault {
+        Fault::Status(c) => return respond(&mut s, c, r#"{"error":{"message":"injected"}}"#),
+        Fault::TooMany => {
+            let b = r#"{"error":{"message":"slow down"}}"#;
+            return s.write_all(
+                format!(
+                    "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
+                    b.len()
+                )
+                .as_bytes(),
+            );
+        }
+        Fault::Stall(secs) => {
+            std::thread::sleep(Duration::from_secs(secs));
+            return Ok(());
+        }
+        Fault::Refuse => {
+            return respond(
+                &mut s,
+                400,
+                r#"{"error":{"message":"top_k is not supported by this server"}}"#,
+            )
+        }
+        Fault::Delay(ms) => std::thread::sleep(Duration::from_millis(ms)),
+        _ => {}
+    }
+    // Forward, one request per connection.
+    let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
+    let head: String = head
+        .split("\r\n")
+        .filter(|l| !l.to_lowercase().starts_with("connection:"))
+        .filter(|l| !l.is_empty())
+        .map(|l| format!("{l}\r\n"))
+        .collect();
+    up.write_all(format!("{head}Connection: close\r\n\r\n").as_bytes())?;
+    up.write_all(&body)?;
+    let (rhead, rbody) = read_message(&mut up, false)?;
+    let status: u16 = rhead.split_whitespace().nth(1).unwrap().parse().unwrap();
+    match fault {
+        Fault::Drop => {
+            s.write_all(rhead.as_bytes())?;
+            s.write_all(&rbody[..rbody.len() / 2])?;
+            s.flush()?;
+            s.shutdown(std::net::Shutdown::Both)
+        }
+        Fault::WrongModel => {
+            let b = String::from_utf8_lossy(&rbody).replace("\"smollm2\"", "\"other-model\"");
+            respond(&mut s, status, &b)
+        }
+        _ => respond(&mut s, status, &String::from_utf8_lossy(&rbody)),
+    }
+}
+
+/// Head (through the blank line, as text) and body (by Content-Length; else none for a request,
+/// to EOF for a response).
+fn read_message(s: &mut TcpStream, request: bool) -> std::io::Result<(String, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+    let mut body = buf[end..].to_vec();
+    let len = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse::<usize>().ok())?
+    });
+    match len {
+        Some(len) => {
+            while body.len() < len {
+                let n = s.read(&mut chunk)?;
+                if n == 0 {
+                    break;
+                }
+                body.extend_from_slice(&chunk[..n]);
+            }
+        }
+        None if request => {}
+        None => {
+            s.read_to_end(&mut body)?;
+        }
+    }
+    Ok((head, body))
+}
+
+fn respond(s: &mut TcpStream, status: u16, body: &str) -> std::io::Result<()> {
+    s.write_all(
+        format!(
+            "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+}
+
+/// A small recipe whose generate stage runs on `endpoints`.
+fn recipe(dir: &Path, endpoints: &[String], openai: &str) {
+    let list = endpoints
+        .iter()
+        .map(|e| format!("{e:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    small_recipe(
+        dir,
+        8,
+        4,
+        2,
+        12,
+        &format!("\n[generate.openai]\nendpoints = [{list}]\nmodel = \"smollm2\"\n{openai}\n"),
+    );
+}
+
+const OPENAI: &[&str] = &[
+    "run",
+    "--until",
+    "generate",
+    "--set",
+    "generate.backend=openai",
+];
+
+fn generations(dir: &Path) -> Vec<Value> {
+    let f = only_dir(&dir.join("data/cache/generate")).join("generations.jsonl");
+    std::fs::read_to_string(f)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn manifest(dir: &Path) -> Value {
+    let f = only_dir(&dir.join("data/cache/generate")).join("manifest.json");
+    serde_json::from_str(&std::fs::read_to_string(f).unwrap()).unwrap()
+}
+
+fn only_dir(p: &Path) -> PathBuf {
+    let dirs: Vec<PathBuf> = std::fs::read_dir(p)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir() && !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    dirs[0].clone()
+}
+
+/// Every prompt of the recipe (limit 8 of the 16 prompts) answered exactly once.
+fn assert_each_prompt_once(rows: &[Value], n: usize) {
+    let ids: Vec<u64> = rows.iter().map(|r| r["id"].as_u64().unwrap()).collect();
+    let set: BTreeSet<u64> = ids.iter().copied().collect();
+    assert_eq!(set.len(), ids.len(), "a prompt answered twice: {ids:?}");
+    assert_eq!(ids.len(), n, "{ids:?}");
+    for r in rows {
+        assert!(
+            !r["text"].as_str().unwrap().is_empty() && r["tokens"].as_u64().unwrap() > 0,
+            "{r}"
+        );
+    }
+}
+
+#[test]
+fn two_servers_share_the_prompts_and_the_key_ignores_their_urls() {
+    let (a, b) = (LlamaServer::start(2), LlamaServer::start(2));
+    let t = tempdir();
+    recipe(t.path(), &[a.url(), b.url()], "concurrency = 2");
+    let out = pipeline_ok(t.path(), &[OPENAI, &["--set", "generate.limit=8"]].concat());
+    assert!(out.contains("Serving"), "{out}");
+    assert_each_prompt_once(&generations(t.path()), 8);
+    let m = manifest(t.path());
+    assert_eq!(m["material"]["settings"]["backend"], "openai");
+    assert_eq!(m["material"]["settings"]["served_model"], "smollm2");
+    let key_text = m["material"].to_string();
+    assert!(
+        !key_text.contains("127.0.0.1"),
+        "URLs are not part of the key: {key_text}"
+    );
+    let eps = m["info"]["endpoints"].as_array().unwrap();
+    assert_eq!(eps.len(), 2);
+    let answers: Vec<u64> = eps.iter().map(|e| e["answers"].as_u64().unwrap()).collect();
+    assert_eq!(answers.iter().sum::<u64>(), 8, "{eps:?}");
+    assert!(
+        answers.iter().all(|&n| n > 0),
+        "both servers answered: {answers:?}"
+    );
+    assert_eq!(eps[0]["served"]["id"], "smollm2");
+    assert_eq!(eps[0]["served"]["owned_by"], "llamacpp");
+
+    // The same model on other URLs (one server, as a different list) is the same work.
+    recipe(t.path(), &[b.url()], "concurrency = 2");
+    let out = pipeline_ok(t.path(), &[OPENAI, &["--set", "generate.limit=8"]].concat());
+    assert!(out.contains("Fresh generate"), "{out}");
+    // Sampling settings are: another temperature is another build.
+    let out = pipeline_ok(
+        t.path(),
+        &[
+            OPENAI,
+            &[
+                "--set",
+                "generate.limit=2",
+                "--set",
+                "generate.temperature=0",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(out.contains("Building generate"), "{out}");
+}
+
+#[test]
+fn faults_are_retried_until_every_prompt_is_answered_once_and_the_key_stays_secret() {
+    let server = LlamaServer::start(2);
+    let key = "sk-test-6f1d2c9e8b7a";
+    let p = proxy(server.port, Some(key), |n| match n {
+        0 => Fault::Status(500),
+        1 => Fault::TooMany,
+        2 => Fault::Drop,
+        3 => Fault::Stall(8),
+        4 => Fault::Status(503),
+        _ => Fault::Pass,
+    });
+    let t = tempdir();
+    recipe(
+        t.path(),
+        std::slice::from_ref(&p.url),
+        "concurrency = 2\ntimeout_secs = 4\napi_key_env = \"R2_TEST_API_KEY\"",
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .current_dir(t.path())
+        .args([OPENAI, &["--set", "generate.limit=6"]].concat())
+        .env("R2_TEST_API_KEY", key)
+        .env("REVIEWER2_LOG", "info")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert_each_prompt_once(&generations(t.path()), 6);
+    let log = p.log.lock().unwrap().clone();
+    for f in [
+        Fault::Status(500),
+        Fault::TooMany,
+        Fault::Drop,
+        Fault::Stall(8),
+    ] {
+        assert!(log.contains(&f), "{f:?} was not injected: {log:?}");
+    }
+    // Every request beyond one per prompt was a retry (a slow machine may add timeouts of its own).
+    assert_eq!(
+        manifest(t.path())["info"]["retries"],
+        log.len() as u64 - 6,
+        "{log:?}\n{err}"
+    );
+    for (what, msg) in [
+        ("500", "500"),
+        ("429", "429"),
+        ("drop", "dropped mid-response"),
+        ("stall", "4 s"),
+    ] {
+        assert!(err.contains(msg), "no retry message for {what}:\n{err}");
+    }
+    // The key went to the server (else 401, a failure) and nowhere else.
+    assert!(!err.contains(key), "{err}");
+    for f in walk(t.path()) {
+        let bytes = std::fs::read(&f).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(key),
+            "{} holds the API key",
+            f.display()
+        );
+    }
+    // Without the key the server refuses, and that is not retried.
+    let o = pipeline(t.path(), &[OPENAI, &["--set", "generate.limit=7"]].concat());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("R2_TEST_API_KEY"), "{err}");
+}
+
+fn walk(p: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(p).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_run_killed_mid_stage_resumes_with_only_the_missing_prompts() {
+    let server = LlamaServer::start(1);
+    let slow = proxy(server.port, None, |_| Fault::Delay(700));
+    let t = tempdir();
+    recipe(t.path(), std::slice::from_ref(&slow.url), "concurrency = 1");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .current_dir(t.path())
+        .args([OPENAI, &["--set", "generate.limit=8"]].concat())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let cache = t.path().join("data/cache/generate");
+    let t0 = Instant::now();
+    let chunks = loop {
+        let n = std::fs::read_dir(&cache)
+            .ok()
+            .into_iter()
+            .flat_map(|d| d.flatten())
+            .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+            .flat_map(|e| walk(&e.path()))
+            .filter(|p| p.to_string_lossy().contains("chunk-"))
+            .count();
+        if n >= 2 {
+            break n;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(300), "no chunk written");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before the kill"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before = slow.posts.load(Ordering::SeqCst);
+    assert!(before < 8, "killed too late: {before} requests");
+
+    let fast = proxy(server.port, None, |_| Fault::Pass);
+    recipe(t.path(), std::slice::from_ref(&fast.url), "concurrency = 1");
+    let out = pipeline_ok(t.path(), &[OPENAI, &["--set", "generate.limit=8"]].concat());
+    let done = 2 * chunks; // chunk_size = 2
+    assert!(
+        out.contains(&format!("{done} of 8 prompts already done")),
+        "{out}"
+    );
+    assert_eq!(
+        fast.posts.load(Ordering::SeqCst),
+        8 - done,
+        "only the missing prompts are asked for"
+    );
+    assert_each_prompt_once(&generations(t.path()), 8);
+    assert_eq!(manifest(t.path())["info"]["resumed"], done as u64);
+}
+
+#[test]
+fn answers_that_cannot_be_used_fail_at_once_naming_the_cause() {
+    let server = LlamaServer::start(1);
+    let t = tempdir();
+
+    // A refusal: the server's message and the prompt id, no retries.
+    let p = proxy(server.port, None, |_| Fault::Refuse);
+    recipe(t.path(), std::slice::from_ref(&p.url), "concurrency = 1");
+    let o = pipeline(t.path(), &[OPENAI, &["--set", "generate.limit=4"]].concat());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("top_k is not supported by this server") && err.contains("prompt 0"),
+        "{err}"
+    );
+    assert!(err.contains("400"), "{err}");
+    assert_eq!(p.posts.load(Ordering::SeqCst), 1, "a 400 is not retried");
+
+    // Another model in the answer.
+    let p = proxy(server.port, None, |_| Fault::WrongModel);
+    recipe(t.path(), std::slice::from_ref(&p.url), "concurrency = 1");
+    let o = pipeline(t.path(), &[OPENAI, &["--set", "generate.limit=4"]].concat());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("\"other-model\""), "{err}");
+
+    // A model the server does not serve: refused before any prompt is sent, naming what it does.
+    let o = pipeline(
+        t.path(),
+        &[
+            OPENAI,
+            &[
+                "--set",
+                "generate.limit=4",
+                "--set",
+                "generate.openai.model=nosuch",
+            ],
+        ]
+        .concat(),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("\"nosuch\"") && err.contains("serves: smollm2"),
+        "{err}"
+    );
+
+    // Nobody listening: retried, then an error naming the endpoint.
+    let gone = format!("http://127.0.0.1:{}/v1", free_port());
+    recipe(
+        t.path(),
+        std::slice::from_ref(&gone),
+        "max_retries = 1\ntimeout_secs = 2",
+    );
+    let o = pipeline(t.path(), &[OPENAI, &["--set", "generate.limit=4"]].concat());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains(&gone) && err.contains("cannot connect") && err.contains("2 tries"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_backend_settings_are_refused_by_name() {
+    let t = tempdir();
+    small_recipe(t.path(), 8, 4, 2, 8, "");
+    let cases: [(&[&str], &[&str]); 4] = [
+        (
+            &["--set", "generate.backend=openai"],
+            &["generate.openai.endpoints", "is empty"],
+        ),
+        (
+            &[
+                "--set",
+                "generate.backend=openai",
+                "--set",
+                "generate.openai.endpoints=[\"localhost:8000/v1\"]",
+            ],
+            &["generate.openai.endpoints", "localhost:8000/v1", "http://"],
+        ),
+        (
+            &[
+                "--set",
+                "generate.backend=openai",
+                "--set",
+                "generate.openai.endpoints=[\"http://h:1/v1\"]",
+                "--set",
+                "generate.openai.api=responses",
+            ],
+            &["generate.openai.api", "completions", "chat"],
+        ),
+        (
+            &["--set", "generate.backend=vllm"],
+            &["generate.backend", "local", "openai"],
+        ),
+    ];
+    for (args, want) in cases {
+        let o = pipeline(t.path(), &[&["status"], args].concat());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?}");
+        for w in want {
+            assert!(err.contains(w), "{args:?}: {w:?} missing in\n{err}");
+        }
+    }
+    // An endpoint with credentials in it is never echoed with them.
+    let o = pipeline(
+        t.path(),
+        &[
+            "status",
+            "--set",
+            "generate.openai.endpoints=[\"ftp://user:hunter2@h/v1\"]",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && !err.contains("hunter2"), "{err}");
+}
+
+#[test]
+fn the_chat_api_sends_messages_and_gets_reviews() {
+    let server = LlamaServer::start(2);
+    let t = tempdir();
+    recipe(t.path(), &[server.url()], "api = \"chat\"\nconcurrency = 2");
+    pipeline_ok(t.path(), &[OPENAI, &["--set", "generate.limit=4"]].concat());
+    let rows = generations(t.path());
+    assert_each_prompt_once(&rows, 4);
+    assert_eq!(manifest(t.path())["material"]["settings"]["api"], "chat");
+    // The chat template was the server's: prompt token counts are its own.
+    assert!(rows
+        .iter()
+        .all(|r| r["prompt_tokens"].as_u64().unwrap() > 50));
+}
