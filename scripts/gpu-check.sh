@@ -12,10 +12,14 @@
 #   bash scripts/gpu-check.sh --dry-run      # the same steps on the CPU with a tiny model (CI)
 #
 # What it needs on the GPU machine (nothing is downloaded there):
-#   - the binary, built where the registry is with `cargo build --release --features cuda`
-#     (nvcc from PyPI wheels, as scripts/cuda-check.sh does): --bin, default
-#     target/release/pipeline; a `PATH.xz` beside it is unpacked first (the device tool carries
-#     at most 64 MiB per call);
+#   - the binary, built where the registry is by `bash scripts/cuda-check.sh --build` (a
+#     `cargo build --release --features cuda` against CUDA 13.0 wheels, the driver's version):
+#     --bin, default target/release/pipeline; a `PATH.xz` beside it is unpacked first (the
+#     device tool carries at most 64 MiB per call);
+#   - the NVIDIA driver (libcuda.so.1) and CUDA 13's libcublas, libcublasLt, libcurand and
+#     libcudart: on the loader's path, or in python's nvidia-* packages, whose lib directories
+#     are then added to LD_LIBRARY_PATH here (GPU_CHECK_PYTHON: a python to look in besides
+#     python3 and /opt/torch/.venv/bin/python3);
 #   - models/SmolLM2-135M-Instruct.Q4_1.gguf (98 MB: carry it as `split -b 60M` parts
 #     models/SmolLM2-135M-Instruct.Q4_1.gguf.part-* over two calls; they are joined here);
 #   - python3 (standard library only) for the summary.
@@ -44,6 +48,43 @@ fi
 [ -x "$bin" ] || { echo "gpu-check: no binary at $bin (cargo build --release --features cuda, or --bin)" >&2; exit 1; }
 [ -f "$gguf" ] || { echo "gpu-check: $gguf is missing (bash scripts/setup.sh fetches it; see the header for carrying it)" >&2; exit 1; }
 command -v python3 >/dev/null || { echo "gpu-check: python3 is needed for the summary" >&2; exit 1; }
+
+# The CUDA binary asks for libcuda.so.1 (the driver) and, by soname, libcublas(Lt).so.13,
+# libcurand.so.10 and libcudart.so.13 (libnvrtc.so.13 if it uses it). Where no CUDA toolkit is
+# installed they come from python's nvidia-* wheels (site-packages/nvidia/cu13/lib, or
+# nvidia/*/lib for older wheels), which the loader does not search: add those directories to
+# LD_LIBRARY_PATH when ldd misses a library, and stop, naming it, if one is still missing.
+unresolved() { ldd "$bin" 2>/dev/null | awk '/=> not found/ { print $1 }' | sort -u; }
+if ! command -v ldd >/dev/null; then
+  echo "gpu-check: no ldd here; not checking that the binary's shared libraries resolve" >&2
+elif [ -n "$(unresolved)" ]; then
+  libdirs=()
+  for p in ${GPU_CHECK_PYTHON:-} python3 /opt/torch/.venv/bin/python3; do
+    command -v "$p" >/dev/null || continue
+    while IFS= read -r sp; do
+      for d in "$sp"/nvidia/cu13/lib "$sp"/nvidia/*/lib; do
+        compgen -G "$d/lib*.so*" >/dev/null || continue
+        case " ${libdirs[*]-} " in *" $d "*) ;; *) libdirs+=("$d") ;; esac
+      done
+    done < <("$p" -c 'import site; print("\n".join(site.getsitepackages() + [site.getusersitepackages()]))' 2>/dev/null)
+  done
+  if [ "${#libdirs[@]}" -gt 0 ]; then
+    LD_LIBRARY_PATH="$(IFS=:; echo "${libdirs[*]}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    export LD_LIBRARY_PATH
+    echo "gpu-check: libraries from python's nvidia packages: ${libdirs[*]}" >&2
+  fi
+  mapfile -t missing < <(unresolved)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "gpu-check: $bin needs shared libraries that are not found: ${missing[*]}" >&2
+    case " ${missing[*]}" in *" libcuda.so"*)
+      echo "gpu-check: libcuda.so.1 is the NVIDIA driver's own library: is the driver installed?" >&2 ;;
+    esac
+    if printf '%s\n' "${missing[@]}" | grep -qv '^libcuda\.so'; then
+      echo "gpu-check: the CUDA libraries come with the python packages nvidia-cublas, nvidia-curand, nvidia-cuda-runtime and nvidia-cuda-nvrtc (cu13 wheels), or a CUDA 13 toolkit: put their lib directory on LD_LIBRARY_PATH, or name a python whose site-packages has them with GPU_CHECK_PYTHON" >&2
+    fi
+    exit 1
+  fi
+fi
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/reviewer2-gpu-check.XXXXXX")"
 trap 'kill "${smi_pid:-}" 2>/dev/null || true; rm -rf "$work"' EXIT
