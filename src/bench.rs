@@ -152,6 +152,7 @@ fn sampling(new_tokens: usize) -> Sampling {
         top_p: 0.95,
         max_new_tokens: new_tokens,
         seed: 1,
+        ignore_eos: false,
     }
 }
 

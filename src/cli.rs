@@ -89,12 +89,15 @@ enum Command {
     },
     /// Judge the base model against an adapter on held-out titles (the eval stage)
     Eval {
-        /// Adapter folder to evaluate (default: the train stage's output, built by `pipeline run`)
+        /// Adapter folder to evaluate (default: the train stage's output when it is up to date,
+        /// else the workdir's latest trained adapter)
         #[arg(long, value_name = "DIR")]
         adapter: Option<PathBuf>,
     },
     /// Print a review of a paper title from the configured model
     Sample(SampleArgs),
+    /// Serve the bot: a page at / and an OpenAI-compatible API (/v1/chat/completions, ...)
+    Serve(ServeArgs),
     /// Merge a trained LoRA adapter into the base model and write a plain safetensors folder
     MergeAdapter {
         /// Adapter folder (adapter_config.json + adapter_model.safetensors)
@@ -129,11 +132,14 @@ struct SampleArgs {
     /// Paper title to review
     #[arg(long)]
     title: String,
-    /// LoRA adapter folder to apply
+    /// LoRA adapter folder to apply (default: the workdir's latest trained adapter)
     #[arg(long, value_name = "DIR")]
     adapter: Option<PathBuf>,
+    /// The base model alone, even when the workdir has a trained adapter
+    #[arg(long, conflicts_with_all = ["adapter", "compare"])]
+    no_adapter: bool,
     /// Print the base model's and the adapter's reviews side by side
-    #[arg(long, requires = "adapter")]
+    #[arg(long)]
     compare: bool,
     /// Number of reviews to draw
     #[arg(long, default_value_t = 1)]
@@ -141,6 +147,35 @@ struct SampleArgs {
     /// Sampling seed (default: generate.seed)
     #[arg(long)]
     seed: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Adapter folder to serve (repeat for more; default: the workdir's latest trained
+    /// adapter). The first is the model `reviewer2`, others are named by their folder
+    #[arg(long, value_name = "DIR")]
+    adapter: Vec<PathBuf>,
+    /// Serve the base model alone
+    #[arg(long, conflicts_with = "adapter")]
+    no_adapter: bool,
+    /// Address to listen on (anything but loopback is reachable from other machines)
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+    /// Port (0 = any free port; the address is printed)
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require `Authorization: Bearer <key>`, the key read from this environment variable
+    #[arg(long, value_name = "VAR")]
+    api_key_env: Option<String>,
+    /// Requests decoded together per model (default: generate.batch_size)
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Requests that may wait for a slot; beyond that, 503
+    #[arg(long, default_value_t = 256)]
+    queue: usize,
+    /// The most new tokens a request may ask for (and what it gets without max_tokens)
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
 }
 
 /// Load the recipe (file, preset, `--set`) and resolve it once for this command.
@@ -259,7 +294,24 @@ pub fn run(cli: Cli) -> Result<()> {
             let recipe = open(g, Network::Allowed)?;
             let _lock = crate::lock::WorkdirLock::acquire(&g.workdir)?;
             let mut ctx = Ctx::new(&recipe, &g.workdir, g.quiet);
-            let dir = stages::eval_adapter(&mut ctx, adapter.as_deref())?;
+            let dir = match adapter {
+                Some(a) => stages::eval_adapter(&mut ctx, Some(&a))?,
+                // The train stage's output when it is up to date with the recipe (cached under
+                // its key), else the latest adapter trained in this workdir.
+                None => match stages::eval_adapter(&mut ctx, None) {
+                    Ok(d) => d,
+                    Err(e) => match stages::latest_output(&ctx, Stage::Train) {
+                        Some(a) => {
+                            ctx.say(
+                                "Evaluating",
+                                format!("the latest trained adapter, {}", a.display()),
+                            );
+                            stages::eval_adapter(&mut ctx, Some(&a))?
+                        }
+                        None => return Err(e),
+                    },
+                },
+            };
             if !g.quiet {
                 let report = std::fs::read_to_string(dir.join("report.json"))?;
                 println!("{report}");
@@ -268,6 +320,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Sample(a) => sample(g, a),
+        Command::Serve(a) => serve(g, a),
         Command::MergeAdapter { adapter, out } => {
             let recipe = open(g, Network::Allowed)?;
             let ctx = Ctx::new(&recipe, &g.workdir, g.quiet);
@@ -355,6 +408,24 @@ fn announce(recipe: &Recipe, todo: &[Stage], quiet: bool, yes: bool) -> Result<(
 fn sample(g: &Global, a: SampleArgs) -> Result<()> {
     use crate::model::generate::{generate, Request};
     let recipe = open(g, Network::Allowed)?;
+    let mut a = a;
+    if a.adapter.is_none() && !a.no_adapter {
+        let ctx = Ctx::new(&recipe, &g.workdir, g.quiet);
+        a.adapter = stages::latest_output(&ctx, Stage::Train);
+        match &a.adapter {
+            Some(d) => ctx.say(
+                "Adapter",
+                format!(
+                    "the latest trained, {} (--no-adapter for the base model)",
+                    d.display()
+                ),
+            ),
+            None if a.compare => bail!(
+                "--compare needs an adapter: pass --adapter DIR, or train one with `pipeline run`"
+            ),
+            None => {}
+        }
+    }
     let messages = stages::prompts::neutral_messages(&recipe, &a.title)?;
     // Adapters are in the HF layout: load dense weights (GGUF q/k are un-permuted on load), once;
     // the adapter is attached to the same model for --compare.
@@ -404,4 +475,75 @@ fn sample(g: &Global, a: SampleArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn serve(g: &Global, a: ServeArgs) -> Result<()> {
+    let recipe = open(g, Network::Allowed)?;
+    let ctx = Ctx::new(&recipe, &g.workdir, g.quiet);
+    let mut dirs = a.adapter.clone();
+    if dirs.is_empty() && !a.no_adapter {
+        match stages::latest_output(&ctx, Stage::Train) {
+            Some(d) => dirs.push(d),
+            None => ctx.say(
+                "Note",
+                "no trained adapter in this workdir: serving the base model alone (train one with `pipeline run`, or pass --adapter DIR)",
+            ),
+        }
+    }
+    let adapters = crate::serve::adapter_names(&dirs)?;
+    let api_key = match &a.api_key_env {
+        None => None,
+        Some(var) => match std::env::var(var) {
+            Ok(k) if !k.trim().is_empty() => Some(k.trim().to_string()),
+            _ => bail!(
+                "--api-key-env names {var}, which is not set (or empty); export the key in it"
+            ),
+        },
+    };
+    if !a.host.is_loopback() {
+        tracing::warn!(
+            "serving on {}: reachable from other machines{}",
+            a.host,
+            if api_key.is_none() {
+                ", with no API key (--api-key-env VAR)"
+            } else {
+                ""
+            }
+        );
+    }
+    crate::error::ensure!(a.queue > 0, "--queue must be at least 1");
+    crate::error::ensure!(a.max_tokens > 0, "--max-tokens must be at least 1");
+    let batch = a
+        .batch_size
+        .unwrap_or(recipe.settings().generate.batch_size)
+        .max(1);
+    // Adapters are in the HF layout: dense weights, as training loads them.
+    let plan = if adapters.is_empty() {
+        &recipe.generate
+    } else {
+        &recipe.train
+    };
+    let model = recipe.load(plan)?;
+    for (name, dir) in &adapters {
+        ctx.say("Adapter", format!("{name}: {}", dir.display()));
+    }
+    let site = crate::serve::Site::new(
+        &recipe,
+        stages::latest_output(&ctx, Stage::Split),
+        stages::latest_output(&ctx, Stage::Train),
+        stages::latest_output(&ctx, Stage::Eval),
+    );
+    crate::serve::run(
+        model,
+        crate::serve::Options {
+            addr: std::net::SocketAddr::new(a.host, a.port),
+            adapters,
+            api_key,
+            batch,
+            queue: a.queue,
+            max_tokens: a.max_tokens,
+            site,
+            quiet: g.quiet,
+        },
+    )
 }

@@ -338,6 +338,7 @@ impl GenerateSettings {
             top_p: self.top_p,
             max_new_tokens: self.max_new_tokens,
             seed: self.seed,
+            ignore_eos: false,
         }
     }
 }

@@ -32,5 +32,6 @@ pub mod lock;
 pub mod model;
 pub(crate) mod recipe;
 pub(crate) mod rng;
+pub(crate) mod serve;
 pub mod stages;
 pub mod term;

@@ -608,6 +608,7 @@ fn sampling_respects_top_k_and_is_seeded_per_prompt() {
         top_p: 1.0,
         max_new_tokens: 1,
         seed: 0,
+        ignore_eos: false,
     };
     let mut rng = row_rng(5, 9);
     for _ in 0..200 {
@@ -619,6 +620,7 @@ fn sampling_respects_top_k_and_is_seeded_per_prompt() {
         top_p: 0.5,
         max_new_tokens: 1,
         seed: 0,
+        ignore_eos: false,
     };
     let draws: Vec<u32> = (0..20)
         .map(|_| sample(&logits, &s, &mut row_rng(1, 2)))

@@ -24,6 +24,9 @@ pub struct Sampling {
     pub top_p: f64,
     pub max_new_tokens: usize,
     pub seed: u64,
+    /// Keep going past the stop tokens (benchmarks; `pipeline serve`'s `ignore_eos`).
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 impl Sampling {
@@ -34,6 +37,7 @@ impl Sampling {
             top_p: 1.0,
             max_new_tokens,
             seed: 0,
+            ignore_eos: false,
         }
     }
 }
@@ -131,13 +135,218 @@ pub fn argmax(v: &[f32]) -> u32 {
 }
 
 struct Row {
-    req: Request,
+    id: usize,
+    prompt_tokens: usize,
+    s: Sampling,
     rng: ChaCha8Rng,
     out: Vec<u32>,
     /// Sampled, not yet fed to the model.
     pending: u32,
     /// `pending` has been appended to `out` (or ended the row) already.
     consumed: bool,
+}
+
+/// Rows being decoded together over one KV cache, admitted and retired at any step: the engine
+/// of [`generate`] (a fixed list of prompts) and of `pipeline serve` (requests as they come).
+///
+/// A step is [`Decoder::consume`] (each row's sampled token: kept, or the row finishes) then
+/// [`Decoder::decode`] (one forward pass for the live rows). Rows admitted between the two wait
+/// for the next decode; their first token was sampled from the prefill.
+#[derive(Default)]
+pub(crate) struct Decoder {
+    rows: Vec<Row>,
+    /// Per row, the first cache column it uses (columns before are left padding).
+    start: Vec<usize>,
+    cache: Option<KvCache>,
+}
+
+impl Decoder {
+    pub(crate) fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Prefill `reqs` (shared prefixes once, when the model says so), sample each one's first
+    /// token with its own sampler, and splice them into the batch. `max_new` bounds the cache.
+    pub(crate) fn admit(
+        &mut self,
+        model: &Model,
+        reqs: Vec<(Request, Sampling, ChaCha8Rng)>,
+    ) -> Result<()> {
+        if reqs.is_empty() {
+            return Ok(());
+        }
+        let cap = reqs
+            .iter()
+            .map(|(r, s, _)| r.ids.len() + s.max_new_tokens)
+            .max()
+            .unwrap_or(1)
+            + 8;
+        let take: Vec<&Request> = reqs.iter().map(|(r, _, _)| r).collect();
+        let (mut sub, mut sub_start, logits) =
+            if model.share_prefixes && take.iter().all(|r| !r.ids.is_empty()) {
+                let ps: Vec<&[u32]> = take.iter().map(|r| &r.ids[..]).collect();
+                super::prefix::prefill_shared(model, &ps, cap)?
+            } else {
+                let owned: Vec<Request> = take.iter().map(|r| (*r).clone()).collect();
+                prefill_padded(model, &owned, cap)?
+            };
+        for ((r, s, mut rng), lg) in reqs.into_iter().zip(logits) {
+            let next = sample(&lg, &s, &mut rng);
+            self.rows.push(Row {
+                id: r.id,
+                prompt_tokens: r.ids.len(),
+                s,
+                rng,
+                out: Vec::new(),
+                pending: next,
+                consumed: false,
+            });
+        }
+        match self.cache.as_mut() {
+            None => {
+                self.cache = Some(sub);
+                self.start = sub_start;
+            }
+            Some(main) => {
+                // Align lengths by padding the shorter cache at the front, then append rows.
+                if sub.len < main.len {
+                    let d = main.len - sub.len;
+                    sub.pad_front(d)?;
+                    sub_start.iter_mut().for_each(|x| *x += d);
+                } else if sub.len > main.len {
+                    let d = sub.len - main.len;
+                    main.pad_front(d)?;
+                    self.start.iter_mut().for_each(|x| *x += d);
+                }
+                append_rows(main, &sub)?;
+                self.start.extend(sub_start);
+            }
+        }
+        debug_assert_eq!(self.rows.len(), self.start.len());
+        Ok(())
+    }
+
+    /// Take each row's sampled token: `on_token(id, token)` for a token kept, and the outputs of
+    /// rows that finished (a stop token, or their `max_new_tokens`), which leave the batch.
+    pub(crate) fn consume(
+        &mut self,
+        model: &Model,
+        mut on_token: impl FnMut(usize, u32),
+    ) -> Result<Vec<Output>> {
+        let tok = &model.meta.tok;
+        let mut keep = Vec::with_capacity(self.rows.len());
+        let mut done = Vec::new();
+        for (i, r) in self.rows.iter_mut().enumerate() {
+            if r.consumed {
+                // Consumed before a refill interrupted this step: it waits for the decode step.
+                keep.push(i);
+                continue;
+            }
+            r.consumed = true;
+            let t = r.pending;
+            if !r.s.ignore_eos && tok.is_stop(t) {
+                done.push((i, Finish::Eos));
+                continue;
+            }
+            r.out.push(t);
+            on_token(r.id, t);
+            if r.out.len() >= r.s.max_new_tokens {
+                done.push((i, Finish::Length));
+            } else {
+                keep.push(i);
+            }
+        }
+        if done.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut taken: Vec<Option<Row>> = self.rows.drain(..).map(Some).collect();
+        let outs = done
+            .iter()
+            .map(|&(i, finish)| {
+                let r = taken[i].take().expect("each row finishes once");
+                Output {
+                    id: r.id,
+                    prompt_tokens: r.prompt_tokens,
+                    tokens: r.out,
+                    finish,
+                }
+            })
+            .collect();
+        self.rows = keep
+            .iter()
+            .map(|&i| taken[i].take().expect("kept once"))
+            .collect();
+        self.select(&keep)?;
+        Ok(outs)
+    }
+
+    /// Drop the rows with these ids (a client that left, a stop string); their slots are free.
+    pub(crate) fn cancel(&mut self, ids: &[usize]) -> Result<()> {
+        let keep: Vec<usize> = (0..self.rows.len())
+            .filter(|&i| !ids.contains(&self.rows[i].id))
+            .collect();
+        if keep.len() == self.rows.len() {
+            return Ok(());
+        }
+        let mut taken: Vec<Option<Row>> = self.rows.drain(..).map(Some).collect();
+        self.rows = keep
+            .iter()
+            .map(|&i| taken[i].take().expect("once"))
+            .collect();
+        self.select(&keep)
+    }
+
+    /// Keep the cache rows `keep` (whose `Row`s are already in place).
+    fn select(&mut self, keep: &[usize]) -> Result<()> {
+        self.start = keep.iter().map(|&i| self.start[i]).collect();
+        if self.rows.is_empty() {
+            self.cache = None;
+        } else if let Some(c) = self.cache.as_mut() {
+            c.select_rows(keep)?;
+        }
+        Ok(())
+    }
+
+    /// Drop leading cache columns that no row uses (before admitting rows after others left).
+    pub(crate) fn trim(&mut self) -> Result<()> {
+        if let Some(c) = self.cache.as_mut() {
+            let m = self.start.iter().copied().min().unwrap_or(0);
+            if m > 0 {
+                c.trim_front(m)?;
+                self.start.iter_mut().for_each(|x| *x -= m);
+            }
+        }
+        Ok(())
+    }
+
+    /// One forward step for every live row; each samples its next token.
+    pub(crate) fn decode(&mut self, model: &Model, mode: Mode) -> Result<()> {
+        let c = self.cache.as_mut().expect("live rows have a cache");
+        let ids: Vec<u32> = self.rows.iter().map(|r| r.pending).collect();
+        let ids = Tensor::from_vec(ids, (self.rows.len(), 1), &model.llama.device)?;
+        let mask = build_mask(
+            &self.start,
+            c.len,
+            1,
+            model.llama.dtype,
+            &model.llama.device,
+        )?;
+        let pos = build_positions(&self.start, c.len, 1, &model.llama.device)?;
+        let logits = model
+            .llama
+            .forward(&ids, &pos, &mask, Some(c), false, mode)?;
+        let logits: Vec<Vec<f32>> = logits.to_vec2()?;
+        // Each row draws from its own generator, so sampling rows in parallel is deterministic.
+        self.rows.par_iter_mut().zip(logits).for_each(|(r, lg)| {
+            r.pending = sample(&lg, &r.s, &mut r.rng);
+            r.consumed = false;
+        });
+        Ok(())
+    }
 }
 
 /// Generate for every request; `on_done` gets each output as soon as its row finishes.
@@ -154,150 +363,48 @@ pub fn generate(
         reqs.iter()
             .map(|r| (r.ids.len(), || format!("request {}", r.id))),
     )?;
-    let tok = &model.meta.tok;
     let mut stats = Stats {
         prompts: reqs.len(),
         ..Default::default()
     };
     // Longest first, popped from the back: shortest first, and batches of similar lengths.
     reqs.sort_by(|a, b| b.ids.len().cmp(&a.ids.len()).then(b.id.cmp(&a.id)));
-    let mut rows: Vec<Row> = Vec::new();
-    let mut start: Vec<usize> = Vec::new();
-    let mut cache: Option<KvCache> = None;
-    let share_prefixes = model.share_prefixes;
-    let cap_hint =
-        |rs: &[Request]| rs.iter().map(|r| r.ids.len()).max().unwrap_or(1) + s.max_new_tokens + 8;
-
+    let mut dec = Decoder::default();
     loop {
         // Refill free slots.
-        let free = batch_size.saturating_sub(rows.len());
+        let free = batch_size.saturating_sub(dec.len());
         if free > 0 && !reqs.is_empty() {
-            let take: Vec<Request> = (0..free.min(reqs.len()))
+            let take: Vec<(Request, Sampling, ChaCha8Rng)> = (0..free.min(reqs.len()))
                 .filter_map(|_| reqs.pop())
+                .map(|r| {
+                    let rng = row_rng(s.seed, r.id);
+                    (r, s.clone(), rng)
+                })
                 .collect();
             let t0 = Instant::now();
-            let (mut sub, sub_start, logits) =
-                if share_prefixes && take.iter().all(|r| !r.ids.is_empty()) {
-                    let ps: Vec<&[u32]> = take.iter().map(|r| &r.ids[..]).collect();
-                    super::prefix::prefill_shared(model, &ps, cap_hint(&take))?
-                } else {
-                    prefill_padded(model, &take, cap_hint(&take))?
-                };
+            stats.prompt_tokens += take.iter().map(|r| r.0.ids.len()).sum::<usize>();
+            dec.admit(model, take)?;
             stats.prefill_secs += t0.elapsed().as_secs_f64();
-            stats.prompt_tokens += take.iter().map(|r| r.ids.len()).sum::<usize>();
-            let mut sub_start = sub_start;
-            for (r, lg) in take.into_iter().zip(logits) {
-                let mut rng = row_rng(s.seed, r.id);
-                let next = sample(&lg, s, &mut rng);
-                rows.push(Row {
-                    req: r,
-                    rng,
-                    out: Vec::new(),
-                    pending: next,
-                    consumed: false,
-                });
-            }
-            match cache.as_mut() {
-                None => {
-                    cache = Some(sub);
-                    start = sub_start;
-                }
-                Some(main) => {
-                    // Align lengths by padding the shorter cache at the front, then append rows.
-                    if sub.len < main.len {
-                        let d = main.len - sub.len;
-                        sub.pad_front(d)?;
-                        sub_start.iter_mut().for_each(|x| *x += d);
-                    } else if sub.len > main.len {
-                        let d = sub.len - main.len;
-                        main.pad_front(d)?;
-                        start.iter_mut().for_each(|x| *x += d);
-                    }
-                    append_rows(main, &sub)?;
-                    start.extend(sub_start);
-                }
-            }
-            debug_assert_eq!(rows.len(), start.len());
         }
-        if rows.is_empty() {
+        if dec.is_empty() {
             break;
         }
-        // Consume each row's pending token: finish, or keep it for the next step.
-        let mut keep = Vec::with_capacity(rows.len());
-        let mut done = Vec::new();
-        for (i, r) in rows.iter_mut().enumerate() {
-            if r.consumed {
-                // Consumed before a refill interrupted this step: it waits for the decode step.
-                keep.push(i);
-                continue;
-            }
-            r.consumed = true;
-            let t = r.pending;
-            if tok.is_stop(t) {
-                done.push((i, Finish::Eos));
-                continue;
-            }
-            r.out.push(t);
-            stats.generated_tokens += 1;
-            if r.out.len() >= s.max_new_tokens {
-                done.push((i, Finish::Length));
-            } else {
-                keep.push(i);
-            }
-        }
+        let done = dec.consume(model, |_, _| stats.generated_tokens += 1)?;
         if !done.is_empty() {
-            let mut taken: Vec<Option<Row>> = rows.drain(..).map(Some).collect();
-            for &(i, finish) in &done {
-                let r = taken[i].take().unwrap();
-                let o = Output {
-                    id: r.req.id,
-                    prompt_tokens: r.req.ids.len(),
-                    tokens: r.out,
-                    finish,
-                };
+            for o in done {
                 on_done(o, &stats)?;
-            }
-            rows = keep.iter().map(|&i| taken[i].take().unwrap()).collect();
-            start = keep.iter().map(|&i| start[i]).collect();
-            if let Some(c) = cache.as_mut() {
-                if rows.is_empty() {
-                    cache = None;
-                } else {
-                    c.select_rows(&keep)?;
-                }
             }
             // Freed slots are refilled at the top of the loop before the next decode step.
             if !reqs.is_empty() {
-                if let Some(c) = cache.as_mut() {
-                    // Drop leading columns that no remaining row uses.
-                    let m = start.iter().copied().min().unwrap_or(0);
-                    if m > 0 {
-                        c.trim_front(m)?;
-                        start.iter_mut().for_each(|x| *x -= m);
-                    }
-                }
+                dec.trim()?;
                 continue;
             }
-            if rows.is_empty() {
+            if dec.is_empty() {
                 continue;
             }
         }
-        // One decode step for all live rows.
-        let c = cache.as_mut().expect("live rows have a cache");
         let t0 = Instant::now();
-        let ids: Vec<u32> = rows.iter().map(|r| r.pending).collect();
-        let ids = Tensor::from_vec(ids, (rows.len(), 1), &model.llama.device)?;
-        let mask = build_mask(&start, c.len, 1, model.llama.dtype, &model.llama.device)?;
-        let pos = build_positions(&start, c.len, 1, &model.llama.device)?;
-        let logits = model
-            .llama
-            .forward(&ids, &pos, &mask, Some(c), false, Mode::infer())?;
-        let logits: Vec<Vec<f32>> = logits.to_vec2()?;
-        // Each row draws from its own generator, so sampling rows in parallel is deterministic.
-        rows.par_iter_mut().zip(logits).for_each(|(r, lg)| {
-            r.pending = sample(&lg, s, &mut r.rng);
-            r.consumed = false;
-        });
+        dec.decode(model, Mode::infer())?;
         stats.decode_secs += t0.elapsed().as_secs_f64();
         stats.decode_steps += 1;
     }

@@ -307,6 +307,14 @@ pub(crate) fn run(
     Ok(r)
 }
 
+/// The folder of the latest build of `stage` in this workdir, if it is still there (the latest
+/// trained adapter is what `sample`, `eval` and `serve` use when given none).
+pub(crate) fn latest_output(ctx: &Ctx, stage: Stage) -> Option<PathBuf> {
+    let m = ctx.cache.latest(stage.name())?;
+    let dir = ctx.cache.dir(stage.name(), &m.key);
+    dir.join("manifest.json").is_file().then_some(dir)
+}
+
 /// The eval stage on `adapter` (`pipeline eval --adapter DIR`), or on the train stage's output
 /// when `None` (`--only eval`). The dataset stages it reads must be up to date; the result is
 /// cached under `cache/eval/` by the adapter's bytes like any stage. Returns the output folder.

@@ -7,6 +7,7 @@
 use super::scrape::TitleRow;
 use super::{Built, Ctx};
 use crate::cache::KeyMaterial;
+use crate::config::PromptSettings;
 use crate::config::{PromptStyle, Shot};
 use crate::error::{Context, Result};
 use crate::fsutil::{read_jsonl, sha256_file, sha256_hex, write_jsonl};
@@ -287,8 +288,15 @@ pub(crate) fn neutral_messages(
     recipe: &crate::recipe::Recipe,
     title: &str,
 ) -> Result<Vec<Message>> {
-    let p = &recipe.settings().prompts;
-    let dir = &recipe.templates;
+    neutral_messages_with(&recipe.settings().prompts, &recipe.templates, title)
+}
+
+/// [`neutral_messages`] from the prompt settings and the templates folder alone.
+pub(crate) fn neutral_messages_with(
+    p: &PromptSettings,
+    dir: &Path,
+    title: &str,
+) -> Result<Vec<Message>> {
     let tpl = Templates::load(dir)?;
     let id = u64::from_str_radix(&sha256_hex(title.as_bytes())[..12], 16).unwrap_or(0) as usize;
     let (shots, negative_first) = pick_shots(&p.pool, p.shots, p.seed, id);

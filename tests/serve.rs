@@ -1,0 +1,288 @@
+//! `pipeline serve` with the real SmolLM2 and an adapter trained by the pipeline itself: the
+//! official `openai` Python client (whole and streamed answers from both models, a completion
+//! with a stop string, the errors it raises), 64 concurrent streaming clients, and the page
+//! driven in headless Chromium. Then the server's edges: the API key, a full queue, a client
+//! that leaves mid-stream.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// `pipeline serve` on a free port, for as long as this value lives.
+struct Server {
+    child: Child,
+    url: String,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Server {
+    fn start(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+            .current_dir(dir)
+            .args(["serve", "--port", "0"])
+            .args(args)
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (mut err, log) = (child.stderr.take().unwrap(), stderr.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                log.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("serve did not start: {line:?}\n{}", stderr.lock().unwrap()))
+            .to_string();
+        Server { child, url, stderr }
+    }
+
+    fn get(&self, path: &str) -> Value {
+        reqwest::blocking::get(format!("{}{path}", self.url))
+            .unwrap()
+            .json()
+            .unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn py_json(py: &str, script: &str, args: &[&str]) -> Value {
+    let o = Command::new(py)
+        .arg(fixture(script))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{script} failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn openai_clients_a_crowd_and_a_browser_get_reviews_from_both_models() {
+    let t = tempdir();
+    small_recipe(
+        t.path(),
+        6,
+        4,
+        2,
+        8,
+        "[train]\nmax_steps = 2\nbatch_size = 2\neval_steps = 1\nlogging_steps = 1\nlearning_rate = 1e-3\n\n[eval]\nsamples = 1\n",
+    );
+    pipeline_ok(t.path(), &["run"]);
+
+    // `sample` takes the latest trained adapter by default too.
+    let out = pipeline_ok(t.path(), &["sample", "--title", "Graph Neural Networks"]);
+    assert!(out.contains("the latest trained"), "{out}");
+
+    let py = python_with(&[("openai", "openai")]);
+    let s = Server::start(t.path(), &["--batch-size", "64"], &[]);
+    let v1 = format!("{}/v1", s.url);
+
+    let r = py_json(&py, "openai_client.py", &[&v1]);
+    assert_eq!(r["models"], serde_json::json!(["base", "reviewer2"]));
+    for m in ["base", "reviewer2"] {
+        let c = &r["chat"][m];
+        assert!(!c["text"].as_str().unwrap().is_empty(), "{c}");
+        assert_eq!(c["model"], m);
+        assert_eq!(c["same_seed_same_text"], true, "a seed reproduces: {c}");
+        let u = &c["usage"];
+        assert_eq!(
+            u["total_tokens"].as_u64(),
+            Some(u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap())
+        );
+        let st = &r["stream"][m];
+        assert!(st["pieces"].as_u64().unwrap() >= 1, "{st}");
+        assert!(["stop", "length"].contains(&st["finish"].as_str().unwrap()));
+        assert!(
+            st["usage"]["completion_tokens"].as_u64().unwrap() >= st["pieces"].as_u64().unwrap(),
+            "{st}"
+        );
+    }
+    let comp = &r["completion"];
+    assert!(
+        !comp["text"].as_str().unwrap().contains('.'),
+        "the stop string ends the text: {comp}"
+    );
+    let e = &r["errors"];
+    assert_eq!(e["unknown_model"]["status"], 404, "{e}");
+    assert_eq!(e["bad_max_tokens"]["status"], 400, "{e}");
+    assert_eq!(e["bad_max_tokens"]["param"], "max_tokens", "{e}");
+    assert_eq!(e["too_long"]["code"], "context_length_exceeded", "{e}");
+
+    // 64 concurrent streams, all answered in full, decoded together.
+    let load = py_json(&py, "load_test.py", &[&v1, "reviewer2", "64", "16"]);
+    let rows = load["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 64);
+    for r in rows {
+        assert!(
+            ["stop", "length"].contains(&r["finish"].as_str().unwrap()),
+            "{r}"
+        );
+        assert!(
+            r["tokens"].as_u64().unwrap() > 0 && r["chars"].as_u64().unwrap() > 0,
+            "{r}"
+        );
+    }
+    eprintln!(
+        "64 streaming clients: {:.1} generated tok/s aggregate, median time to first token {:.2} s",
+        load["tok_s"].as_f64().unwrap(),
+        load["ttft_median"].as_f64().unwrap_or(f64::NAN)
+    );
+    assert_eq!(s.get("/api/status")["active"], 0);
+
+    // The page, in a real browser.
+    let py = python_with(&[("selenium", "selenium")]);
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("serve-page.png");
+    let page = py_json(
+        &py,
+        "page_check.py",
+        &[
+            &format!("{}/", s.url),
+            "Attention Is All You Need",
+            shot.to_str().unwrap(),
+        ],
+    );
+    for m in ["base", "reviewer2"] {
+        let text = page["reviews"][m].as_str().unwrap();
+        assert!(!text.is_empty() && !text.starts_with("Error"), "{page}");
+    }
+    assert!(
+        page["pairs"].as_u64().unwrap() >= 1,
+        "the dataset browser shows pairs: {page}"
+    );
+    assert!(
+        page["charts"].as_u64().unwrap() >= 1,
+        "training charts: {page}"
+    );
+    assert!(
+        page["eval"].as_str().unwrap().contains("judged harsher"),
+        "the eval report: {page}"
+    );
+    assert!(std::fs::metadata(&shot).unwrap().len() > 10_000);
+}
+
+#[test]
+fn the_key_a_full_queue_and_a_client_that_leaves() {
+    let t = tempdir();
+    small_recipe(t.path(), 6, 4, 2, 8, "");
+    let key = "r2-serve-key-93c1f0";
+    let s = Server::start(
+        t.path(),
+        &[
+            "--no-adapter",
+            "--api-key-env",
+            "R2_SERVE_KEY",
+            "--batch-size",
+            "1",
+            "--queue",
+            "1",
+            "--max-tokens",
+            "400",
+        ],
+        &[("R2_SERVE_KEY", key)],
+    );
+    let http = reqwest::blocking::Client::new();
+    let models = |k: Option<&str>| {
+        let mut r = http.get(format!("{}/v1/models", s.url));
+        if let Some(k) = k {
+            r = r.bearer_auth(k);
+        }
+        r.send().unwrap()
+    };
+    assert_eq!(models(None).status(), 401);
+    assert_eq!(models(Some("wrong")).status(), 401);
+    let ok = models(Some(key));
+    assert_eq!(ok.status(), 200);
+    let ids: Value = ok.json().unwrap();
+    assert_eq!(ids["data"][0]["id"], "base");
+
+    let ask = |max_tokens: u32, stream: bool| {
+        http.post(format!("{}/v1/chat/completions", s.url))
+            .bearer_auth(key)
+            .json(&serde_json::json!({
+                "model": "base", "max_tokens": max_tokens, "stream": stream, "seed": 1,
+                "ignore_eos": true,
+                "messages": [{"role": "user", "content": "Write a long review of a paper about graphs."}],
+            }))
+            .send()
+            .unwrap()
+    };
+
+    // A streaming client that reads one event and leaves: its row is stopped, its slot freed.
+    let mut r = ask(400, true);
+    assert_eq!(r.status(), 200);
+    let mut first = [0u8; 64];
+    let _ = r.read(&mut first).unwrap();
+    drop(r);
+    let t0 = Instant::now();
+    loop {
+        let st = s.get("/api/status");
+        if st["active"] == 0 && st["waiting"] == 0 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the abandoned row still runs: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // ignore_eos: only the client's leaving can have ended it before 400 tokens.
+    let generated = s.get("/api/status")["generated_tokens"].as_u64().unwrap();
+    assert!(generated < 400, "stopped early: {generated} tokens");
+
+    // One slot, one place in the queue: of three at once, at least one is turned away with 503.
+    let codes: Vec<(u16, Value)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..3)
+            .map(|_| {
+                sc.spawn(|| {
+                    let r = ask(150, false);
+                    (r.status().as_u16(), r.json::<Value>().unwrap())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let busy: Vec<_> = codes.iter().filter(|(c, _)| *c == 503).collect();
+    assert!(!busy.is_empty(), "{codes:?}");
+    assert_eq!(busy[0].1["error"]["code"], "queue_full");
+    assert!(codes.iter().any(|(c, _)| *c == 200), "{codes:?}");
+
+    // A body that is not JSON names itself; the key is never in the server's output.
+    let r = http
+        .post(format!("{}/v1/completions", s.url))
+        .bearer_auth(key)
+        .body("{not json")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().unwrap();
+    assert_eq!(e["error"]["param"], "body");
+    assert!(!s.stderr.lock().unwrap().contains(key));
+}
