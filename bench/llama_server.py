@@ -88,7 +88,7 @@ def main():
     print("| engine | parallel / batch | generated tok/s | wall s |")
     print("|---|---|---|---|")
     for name, p, t, w in rows:
-        print(f"| {name} | {p} | {t:.1} | {w:.1} |")
+        print(f"| {name} | {p} | {t:.1f} | {w:.1f} |")
 
 
 if __name__ == "__main__":

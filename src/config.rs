@@ -245,6 +245,15 @@ pub(crate) struct EvalSettings {
     /// Reviews per title and model; sample k of a title has the same seed for both models.
     pub(crate) samples: usize,
     pub(crate) seed: u64,
+    /// Who writes the reviews: `local` (this binary's engine, the adapter attached to the base)
+    /// or `openai` (the `[generate.openai]` servers, which must serve the base model and the
+    /// adapter under evaluation as `served_base` and `served_adapter`). The eval loss and the
+    /// judge run here either way.
+    pub(crate) backend: Backend,
+    /// With `backend = "openai"`: the served names of the base model and of the adapter (vLLM:
+    /// `--enable-lora --lora-modules reviewer2=DIR`).
+    pub(crate) served_base: String,
+    pub(crate) served_adapter: String,
 }
 
 impl Default for EvalSettings {
@@ -254,6 +263,9 @@ impl Default for EvalSettings {
             titles: 0,
             samples: 2,
             seed: 2024,
+            backend: Backend::Local,
+            served_base: String::new(),
+            served_adapter: String::new(),
         }
     }
 }
@@ -816,6 +828,28 @@ impl Settings {
         check(s.eval.judge != JudgeKind::Off, "eval.judge", || {
             "must be \"lexicon\" or \"llm\": the eval stage scores every review".into()
         })?;
+        if s.eval.backend == Backend::Openai {
+            let e = &s.eval;
+            check(!o.endpoints.is_empty(), "eval.backend", || {
+                "is \"openai\" but generate.openai.endpoints is empty: the eval's reviews go to those servers".into()
+            })?;
+            for (k, v) in [
+                ("eval.served_base", &e.served_base),
+                ("eval.served_adapter", &e.served_adapter),
+            ] {
+                check(!v.trim().is_empty(), k, || {
+                    "must name a model the servers serve (GET /v1/models) when eval.backend = \"openai\"".into()
+                })?;
+            }
+            check(
+                e.served_base != e.served_adapter,
+                "eval.served_adapter",
+                || "must differ from eval.served_base: the eval compares two models".into(),
+            )?;
+            check(o.api == OpenAiApi::Completions, "eval.backend", || {
+                "\"openai\" sends the test prompts' text, so it needs generate.openai.api = \"completions\"".into()
+            })?;
+        }
         check(s.eval.samples > 0, "eval.samples", || {
             "must be at least 1".into()
         })?;

@@ -24,13 +24,18 @@ struct LlamaServer {
 
 impl LlamaServer {
     fn start(parallel: usize) -> LlamaServer {
+        Self::start_named(parallel, "smollm2")
+    }
+
+    /// Serving the model under `names` (comma-separated aliases).
+    fn start_named(parallel: usize, names: &str) -> LlamaServer {
         let py = python_with(&[("xllamacpp", "xllamacpp")]);
         let port = free_port();
         let mut child = Command::new(py)
             .arg(fixture("llama_server.py"))
             .arg(smollm2())
             .arg(port.to_string())
-            .args(["--parallel", &parallel.to_string(), "--alias", "smollm2"])
+            .args(["--parallel", &parallel.to_string(), "--alias", names])
             .args(["--threads", "1", "--watch-stdin"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -563,7 +568,7 @@ fn answers_that_cannot_be_used_fail_at_once_naming_the_cause() {
 fn bad_backend_settings_are_refused_by_name() {
     let t = tempdir();
     small_recipe(t.path(), 8, 4, 2, 8, "");
-    let cases: [(&[&str], &[&str]); 4] = [
+    let cases: [(&[&str], &[&str]); 5] = [
         (
             &["--set", "generate.backend=openai"],
             &["generate.openai.endpoints", "is empty"],
@@ -591,6 +596,10 @@ fn bad_backend_settings_are_refused_by_name() {
         (
             &["--set", "generate.backend=vllm"],
             &["generate.backend", "local", "openai"],
+        ),
+        (
+            &["--set", "eval.backend=openai"],
+            &["eval.backend", "generate.openai.endpoints is empty"],
         ),
     ];
     for (args, want) in cases {
@@ -627,4 +636,55 @@ fn the_chat_api_sends_messages_and_gets_reviews() {
     assert!(rows
         .iter()
         .all(|r| r["prompt_tokens"].as_u64().unwrap() > 50));
+}
+
+#[test]
+fn the_eval_stage_reviews_on_the_servers_as_the_two_served_models() {
+    // One model under two names stands in for a server with the base and a LoRA adapter (vLLM's
+    // --lora-modules): what is checked is the plumbing, the same prompts and per-sample seeds to
+    // both names, and the report built from their answers.
+    let server = LlamaServer::start_named(1, "smollm2,reviewer2");
+    let t = tempdir();
+    recipe(
+        t.path(),
+        &[server.url()],
+        "concurrency = 1\n\n[train]\nmax_steps = 1\nbatch_size = 2\neval_steps = 1\n\n[eval]\nsamples = 2\nbackend = \"openai\"\nserved_base = \"smollm2\"\nserved_adapter = \"reviewer2\"\n",
+    );
+    pipeline_ok(t.path(), &["run"]);
+    let eval = only_dir(&t.path().join("data/cache/eval"));
+    let m: Value =
+        serde_json::from_str(&std::fs::read_to_string(eval.join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(m["material"]["settings"]["eval"]["backend"], "openai");
+    let rows: Vec<Value> = std::fs::read_to_string(eval.join("samples.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 4, "2 test titles x 2 samples");
+    for r in &rows {
+        assert!(
+            !r["base"].as_str().unwrap().is_empty() && !r["adapter"].as_str().unwrap().is_empty()
+        );
+    }
+    // The same model, prompt and seed under both names: the same review, for most samples.
+    let same = rows.iter().filter(|r| r["base"] == r["adapter"]).count();
+    assert!(same >= 2, "{rows:?}");
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(eval.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["n"], 4);
+
+    // Servers that do not serve a name are refused before anything is sent.
+    let o = pipeline(
+        t.path(),
+        &[
+            "run",
+            "--force",
+            "eval",
+            "--set",
+            "eval.served_adapter=lora-x",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("\"lora-x\""), "{err}");
 }

@@ -48,6 +48,9 @@ pub(crate) struct Endpoint {
     /// The model's entry in the server's `GET /models` answer (its `id`, and whatever else the
     /// server says about it: vLLM's `root`, llama.cpp's `meta`).
     pub(crate) served: Value,
+    /// The names of that entry (its id and aliases): an answer naming any of them is from the
+    /// model asked for (llama.cpp answers under its first alias whichever one was asked).
+    names: Vec<String>,
 }
 
 /// A prompt to send: the text for `/completions`, the messages for `/chat/completions`.
@@ -138,6 +141,7 @@ impl Remote {
                 base,
                 shown,
                 served: entry.clone(),
+                names: entry_names(entry),
             });
         }
         Ok(remote)
@@ -288,7 +292,7 @@ impl Remote {
                 None,
             )
         })?;
-        parse_answer(&v, self.s.api, &self.s.model)
+        parse_answer(&v, self.s.api, &self.s.model, &ep.names)
             .map(|mut a| {
                 a.id = id;
                 a.endpoint = e;
@@ -447,11 +451,19 @@ fn parse_retry_after(v: &str) -> Option<Duration> {
 
 /// Whether a `GET /models` entry is the model asked for (llama.cpp also lists aliases).
 fn names_model(entry: &Value, model: &str) -> bool {
-    entry.get("id").and_then(Value::as_str) == Some(model)
-        || entry
-            .get("aliases")
-            .and_then(Value::as_array)
-            .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(model)))
+    entry_names(entry).iter().any(|n| n == model)
+}
+
+/// A `GET /models` entry's id and aliases.
+fn entry_names(entry: &Value) -> Vec<String> {
+    let id = entry.get("id").and_then(Value::as_str);
+    let aliases = entry
+        .get("aliases")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str);
+    id.into_iter().chain(aliases).map(String::from).collect()
 }
 
 /// The message an error body carries (OpenAI's `{"error": {"message"}}`, vLLM's `{"message"}`,
@@ -485,9 +497,14 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// The answer in a successful response, or why it cannot be used.
-fn parse_answer(v: &Value, api: OpenAiApi, model: &str) -> Result<Answer, String> {
+fn parse_answer(
+    v: &Value,
+    api: OpenAiApi,
+    model: &str,
+    names: &[String],
+) -> Result<Answer, String> {
     if let Some(m) = v.get("model").and_then(Value::as_str) {
-        if m != model {
+        if m != model && !names.iter().any(|n| n == m) {
             return Err(format!(
                 "answered with the model {m:?}, not {model:?} as asked (generate.openai.model); is another model loaded there?"
             ));
@@ -582,23 +599,28 @@ mod tests {
     fn answers_are_checked() {
         let ok = json!({"model": "m", "choices": [{"text": " hi ", "finish_reason": "stop"}],
                         "usage": {"prompt_tokens": 7, "completion_tokens": 2}});
-        let a = parse_answer(&ok, OpenAiApi::Completions, "m").unwrap();
+        let a = parse_answer(&ok, OpenAiApi::Completions, "m", &[]).unwrap();
         assert_eq!((a.text.as_str(), a.prompt_tokens, a.tokens), ("hi", 7, 2));
         assert_eq!(a.finish, Finish::Eos);
-        let e = parse_answer(&ok, OpenAiApi::Completions, "other").unwrap_err();
+        let e = parse_answer(&ok, OpenAiApi::Completions, "other", &[]).unwrap_err();
         assert!(e.contains("\"m\"") && e.contains("\"other\""), "{e}");
+        // An alias of the entry asked for is the same model.
+        let aliases = ["other".to_string(), "m".to_string()];
+        assert!(parse_answer(&ok, OpenAiApi::Completions, "other", &aliases).is_ok());
         let empty = json!({"choices": [{"text": "", "finish_reason": "stop"}]});
-        let e = parse_answer(&empty, OpenAiApi::Completions, "m").unwrap_err();
+        let e = parse_answer(&empty, OpenAiApi::Completions, "m", &[]).unwrap_err();
         assert!(
             e.contains("empty completion") && e.contains("\"stop\""),
             "{e}"
         );
         let cut = json!({"choices": [{"message": {"content": ""}, "finish_reason": "length"}]});
         assert_eq!(
-            parse_answer(&cut, OpenAiApi::Chat, "m").unwrap().finish,
+            parse_answer(&cut, OpenAiApi::Chat, "m", &[])
+                .unwrap()
+                .finish,
             Finish::Length
         );
-        assert!(parse_answer(&json!({"choices": []}), OpenAiApi::Chat, "m").is_err());
+        assert!(parse_answer(&json!({"choices": []}), OpenAiApi::Chat, "m", &[]).is_err());
         assert_eq!(
             server_message(r#"{"error": {"message": "bad top_k"}}"#),
             "bad top_k"

@@ -13,12 +13,14 @@ use super::merge::Pair;
 use super::scrape::TitleRow;
 use super::{Built, Ctx};
 use crate::cache::KeyMaterial;
+use crate::config::Backend;
 use crate::config::JudgeKind;
 use crate::dpo::{data, trainer};
 use crate::error::{bail, Context, Result};
 use crate::fsutil::{read_jsonl, sha256_file, write_atomic, write_json_pretty, write_jsonl};
 use crate::judge::{auroc, distinct2, wilson95, Judge};
 use crate::model::generate::{generate, Request};
+use crate::model::remote::{Job, Remote};
 use crate::model::Model;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
@@ -224,6 +226,37 @@ fn draw(
     Ok(out)
 }
 
+/// [`draw`] on the `[generate.openai]` servers, as the model they serve under `served`: request
+/// `i * samples + k` carries the seed `mix(eval.seed, i * samples + k)` for both models.
+fn draw_remote(
+    ctx: &Ctx,
+    served: &str,
+    prompts: &[(String, String)],
+    samples: usize,
+    s: &crate::model::generate::Sampling,
+) -> Result<Vec<String>> {
+    let mut o = ctx.settings().generate.openai.clone();
+    o.model = served.to_string();
+    let servers = Remote::connect(&o)?;
+    let jobs: Vec<Job> = prompts
+        .iter()
+        .enumerate()
+        .flat_map(|(i, (_, p))| {
+            (0..samples).map(move |k| Job {
+                id: i * samples + k,
+                prompt: p.clone(),
+                messages: Vec::new(),
+            })
+        })
+        .collect();
+    let mut out = vec![String::new(); jobs.len()];
+    servers.generate(jobs, s, &Default::default(), |a| {
+        out[a.id] = a.text;
+        Ok(())
+    })?;
+    Ok(out)
+}
+
 fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
@@ -312,14 +345,23 @@ pub(crate) fn build(ctx: &Ctx, inp: &Inputs, out: &Path) -> Result<Built> {
             es.samples
         ),
     );
-    let base = draw(&model, &reqs, &sampling, batch)?;
+    let remote = es.backend == Backend::Openai;
+    let base = if remote {
+        draw_remote(ctx, &es.served_base, &prompts, es.samples, &sampling)?
+    } else {
+        draw(&model, &reqs, &sampling, batch)?
+    };
 
     // The eval loss needs the reference (base) log-probs, then the adapter's.
     let prep = trainer::prepare(&model, ts, &[], &raw.test)?;
     let avg = ts.loss.averages_logps();
     let ref_eval = trainer::reference_logps(&model, &prep.eval, ts.batch_size, avg)?;
     model.load_adapter(inp.adapter)?;
-    let adapted = draw(&model, &reqs, &sampling, batch)?;
+    let adapted = if remote {
+        draw_remote(ctx, &es.served_adapter, &prompts, es.samples, &sampling)?
+    } else {
+        draw(&model, &reqs, &sampling, batch)?
+    };
     let tr = trainer::Trainer {
         model: &model,
         s: ts,
