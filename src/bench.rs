@@ -128,6 +128,8 @@ enum BenchBackend {
 enum BenchWeights {
     F32,
     Quantized,
+    /// Requantized to Q8_0 at load
+    Q8,
 }
 
 fn peak_rss_mib() -> f64 {
@@ -199,6 +201,7 @@ pub(crate) fn run(recipe: &Recipe, workdir: &std::path::Path, a: BenchArgs) -> R
                 let mut opts = plan.load.clone();
                 opts.weights = match weights {
                     BenchWeights::Quantized => WeightsMode::Quantized,
+                    BenchWeights::Q8 => WeightsMode::Q8,
                     BenchWeights::F32 => WeightsMode::Dense,
                 };
                 Model::load(src, &opts)?
@@ -229,10 +232,12 @@ pub(crate) fn run(recipe: &Recipe, workdir: &std::path::Path, a: BenchArgs) -> R
                 if tinyllama_shape { "random TinyLlama-1.1B shape".to_string() } else { model.source.spec.clone() },
                 if tinyllama_shape {
                     "dense"
-                } else if weights == BenchWeights::Quantized {
-                    "quantized"
                 } else {
-                    "f32"
+                    match weights {
+                        BenchWeights::Quantized => "quantized",
+                        BenchWeights::Q8 => "q8_0",
+                        BenchWeights::F32 => "f32",
+                    }
                 },
                 reqs.len(),
                 all.iter().map(|r| r.len()).sum::<usize>(),

@@ -682,7 +682,7 @@ fn shared_prefix_prefill_equals_whole_prompt_prefill() {
         unique * 2 < total,
         "{unique} of {total} tokens unique: too little sharing to test"
     );
-    let (ca, sa, la) = prefill_shared(&m, &ps, 8).unwrap();
+    let (ca, sa, la) = prefill_shared(&m, &ps, 8, Mode::infer()).unwrap();
     let reqs: Vec<Request> = prompts
         .iter()
         .enumerate()
@@ -691,7 +691,7 @@ fn shared_prefix_prefill_equals_whole_prompt_prefill() {
             ids: p.clone(),
         })
         .collect();
-    let (cb, sb, lb) = prefill_padded(&m, &reqs, 8).unwrap();
+    let (cb, sb, lb) = prefill_padded(&m, &reqs, 8, Mode::infer()).unwrap();
     assert_eq!(sa, sb, "first valid column per row");
     assert_eq!(ca.len, cb.len);
     for (i, (a, b)) in la.iter().zip(&lb).enumerate() {
@@ -719,4 +719,94 @@ fn shared_prefix_prefill_equals_whole_prompt_prefill() {
             }
         }
     }
+}
+
+#[test]
+fn q8_requantized_weights_agree_with_the_dense_model() {
+    // `weights = "q8"` requantizes the GGUF's Q4_1 blocks to Q8_0 at load (candle's SIMD
+    // kernels). The reference is the same GGUF dequantized to f32: greedy tokens agree on most
+    // prompts for the first tokens, and the logits stay close.
+    let dense = load(WeightsMode::Dense);
+    let q8 = load(WeightsMode::Q8);
+    let titles = [
+        "Attention",
+        "Tree of Thoughts: Deliberate Problem Solving with Large Language Models",
+        "QLoRA: Efficient Finetuning of Quantized LLMs",
+        "Visual Instruction Tuning",
+        "Are Emergent Abilities of Large Language Models a Mirage?",
+        "Direct Preference Optimization: Your Language Model is Secretly a Reward Model",
+    ];
+    let s = Sampling::greedy(8);
+    let run = |m: &Model| {
+        let reqs: Vec<Request> = titles
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Request {
+                id: i,
+                ids: chat_prompt(m, t),
+            })
+            .collect();
+        let mut out = vec![Vec::new(); titles.len()];
+        generate(m, reqs, &s, 1, |o, _| {
+            out[o.id] = o.tokens;
+            Ok(())
+        })
+        .unwrap();
+        out
+    };
+    let (a, b) = (run(&dense), run(&q8));
+    let first4 = a
+        .iter()
+        .zip(&b)
+        .filter(|(x, y)| x.iter().take(4).eq(y.iter().take(4)))
+        .count();
+    assert!(
+        first4 >= 4,
+        "q8 and dense agree on the first 4 greedy tokens for {first4} of 6 prompts:\n{a:?}\n{b:?}"
+    );
+    // The logits of one prompt, position by position against the dense model's.
+    let ids = chat_prompt(&dense, titles[1]);
+    let logits = |m: &Model| {
+        let dev = Device::Cpu;
+        let x = Tensor::new(ids.as_slice(), &dev)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let mask = build_mask(&[0], 0, ids.len(), DType::F32, &dev).unwrap();
+        let pos = build_positions(&[0], 0, ids.len(), &dev).unwrap();
+        m.llama
+            .forward(&x, &pos, &mask, None, true, Mode::infer())
+            .unwrap()
+    };
+    // Like llama.cpp, candle quantizes the activations too (to Q8_0 blocks) for these dot
+    // products; the file's own Q4_1 path (activations in Q8_1) is the yardstick.
+    let (ld, l8) = (logits(&dense), logits(&q8));
+    let l4 = logits(&load(WeightsMode::Quantized));
+    let diff = max_abs_diff(&ld, &l8);
+    let diff4 = max_abs_diff(&ld, &l4);
+    let am = |t: &Tensor| -> Vec<u32> {
+        t.squeeze(0)
+            .unwrap()
+            .argmax(D::Minus1)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let agree = |t: &Tensor| am(&ld).iter().zip(am(t)).filter(|(a, b)| **a == *b).count();
+    let (same, same4) = (agree(&l8), agree(&l4));
+    eprintln!(
+        "q8 against dense: max |logit diff| {diff}, argmax equal at {same} of {n} positions \
+         (Q4_1 blocks: {diff4}, {same4} of {n})",
+        n = ids.len()
+    );
+    // Two roundings (the file's 4-bit blocks, then 8-bit ones) on top of the activations'.
+    assert!(
+        diff <= 2.0 * diff4 + 0.1,
+        "q8 strays too far from the dense model ({diff}; the file's own blocks: {diff4})"
+    );
+    assert!(
+        same * 5 >= ids.len() * 4,
+        "argmax equal at {same} of {}",
+        ids.len()
+    );
 }

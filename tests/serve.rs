@@ -17,6 +17,8 @@ struct Server {
     child: Child,
     url: String,
     stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    /// The API key the server asks for, if any (`R2_SERVE_KEY` in its environment).
+    key: Option<String>,
 }
 
 impl Server {
@@ -52,14 +54,24 @@ impl Server {
             .strip_prefix("listening on ")
             .unwrap_or_else(|| panic!("serve did not start: {line:?}\n{}", stderr.lock().unwrap()))
             .to_string();
-        Server { child, url, stderr }
+        let key = env
+            .iter()
+            .find(|(k, _)| *k == "R2_SERVE_KEY")
+            .map(|(_, v)| v.to_string());
+        Server {
+            child,
+            url,
+            stderr,
+            key,
+        }
     }
 
     fn get(&self, path: &str) -> Value {
-        reqwest::blocking::get(format!("{}{path}", self.url))
-            .unwrap()
-            .json()
-            .unwrap()
+        let mut r = reqwest::blocking::Client::new().get(format!("{}{path}", self.url));
+        if let Some(k) = &self.key {
+            r = r.bearer_auth(k);
+        }
+        r.send().unwrap().json().unwrap()
     }
 }
 
@@ -93,7 +105,8 @@ fn openai_clients_a_crowd_and_a_browser_get_reviews_from_both_models() {
         4,
         2,
         8,
-        "[train]\nmax_steps = 2\nbatch_size = 2\neval_steps = 1\nlogging_steps = 1\nlearning_rate = 1e-3\n\n[eval]\nsamples = 1\n",
+        // Trained hard enough that the adapter changes the greedy review.
+        "[train]\nmax_steps = 4\nbatch_size = 2\neval_steps = 2\nlogging_steps = 1\nlearning_rate = 1e-2\n\n[eval]\nsamples = 1\n",
     );
     pipeline_ok(t.path(), &["run"]);
 
@@ -125,6 +138,8 @@ fn openai_clients_a_crowd_and_a_browser_get_reviews_from_both_models() {
             "{st}"
         );
     }
+    assert_eq!(r["adapter_changes_greedy"], true, "{r}");
+    assert_eq!(r["base_unchanged_by_adapter"], true, "{r}");
     let comp = &r["completion"];
     assert!(
         !comp["text"].as_str().unwrap().contains('.'),
@@ -217,6 +232,13 @@ fn the_key_a_full_queue_and_a_client_that_leaves() {
         r.send().unwrap()
     };
     assert_eq!(models(None).status(), 401);
+    // The page's data too (only its static HTML is public).
+    for path in ["/api/status", "/api/run", "/api/pairs"] {
+        let r = http.get(format!("{}{path}", s.url)).send().unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+    }
+    let page = http.get(format!("{}/", s.url)).send().unwrap();
+    assert_eq!(page.status(), 200);
     assert_eq!(models(Some("wrong")).status(), 401);
     let ok = models(Some(key));
     assert_eq!(ok.status(), 200);

@@ -126,7 +126,8 @@ impl<'m> LlmJudge<'m> {
         reqs.sort_by_key(|r| r.ids.len());
         let mut out = vec![0.0; reviews.len()];
         for chunk in reqs.chunks(self.batch_size) {
-            let (_, _, logits) = prefill_padded(self.model, chunk, 1)?;
+            let (_, _, logits) =
+                prefill_padded(self.model, chunk, 1, crate::model::llama::Mode::infer())?;
             for (r, l) in chunk.iter().zip(&logits) {
                 let (n, p) = (
                     l[self.negative as usize] as f64,

@@ -169,12 +169,14 @@ impl Decoder {
         self.rows.is_empty()
     }
 
-    /// Prefill `reqs` (shared prefixes once, when the model says so), sample each one's first
-    /// token with its own sampler, and splice them into the batch. `max_new` bounds the cache.
+    /// Prefill `reqs` (shared prefixes once, when the model says so) in `mode` (with or without
+    /// the attached adapter, as their decode steps will run), sample each one's first token with
+    /// its own sampler, and splice them into the batch.
     pub(crate) fn admit(
         &mut self,
         model: &Model,
         reqs: Vec<(Request, Sampling, ChaCha8Rng)>,
+        mode: Mode,
     ) -> Result<()> {
         if reqs.is_empty() {
             return Ok(());
@@ -189,10 +191,10 @@ impl Decoder {
         let (mut sub, mut sub_start, logits) =
             if model.share_prefixes && take.iter().all(|r| !r.ids.is_empty()) {
                 let ps: Vec<&[u32]> = take.iter().map(|r| &r.ids[..]).collect();
-                super::prefix::prefill_shared(model, &ps, cap)?
+                super::prefix::prefill_shared(model, &ps, cap, mode)?
             } else {
                 let owned: Vec<Request> = take.iter().map(|r| (*r).clone()).collect();
-                prefill_padded(model, &owned, cap)?
+                prefill_padded(model, &owned, cap, mode)?
             };
         for ((r, s, mut rng), lg) in reqs.into_iter().zip(logits) {
             let next = sample(&lg, &s, &mut rng);
@@ -383,7 +385,7 @@ pub fn generate(
                 .collect();
             let t0 = Instant::now();
             stats.prompt_tokens += take.iter().map(|r| r.0.ids.len()).sum::<usize>();
-            dec.admit(model, take)?;
+            dec.admit(model, take, Mode::infer())?;
             stats.prefill_secs += t0.elapsed().as_secs_f64();
         }
         if dec.is_empty() {
@@ -417,6 +419,7 @@ pub fn prefill_padded(
     model: &Model,
     reqs: &[Request],
     cap: usize,
+    mode: Mode,
 ) -> Result<(KvCache, Vec<usize>, Vec<Vec<f32>>)> {
     let l = reqs.iter().map(|r| r.ids.len()).max().unwrap_or(1).max(1);
     let pad = model.meta.tok.pad_id;
@@ -435,7 +438,7 @@ pub fn prefill_padded(
     let pos = build_positions(&start, 0, l, dev)?;
     let logits = model
         .llama
-        .forward(&ids, &pos, &mask, Some(&mut cache), false, Mode::infer())?;
+        .forward(&ids, &pos, &mask, Some(&mut cache), false, mode)?;
     Ok((cache, start, logits.to_vec2()?))
 }
 

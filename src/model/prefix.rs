@@ -144,7 +144,7 @@ fn stack_paths(
 
 /// One batched forward over `rows` (nodes whose ancestors are done): stores each node's keys
 /// and values, and the logits where a prompt ends.
-fn run_nodes(model: &Model, nodes: &mut [Node], rows: &[usize]) -> Result<()> {
+fn run_nodes(model: &Model, nodes: &mut [Node], rows: &[usize], mode: Mode) -> Result<()> {
     let dev = model.llama.device.clone();
     let pad = model.meta.tok.pad_id;
     // Past of each row: its ancestors, left-padded to the longest.
@@ -178,7 +178,7 @@ fn run_nodes(model: &Model, nodes: &mut [Node], rows: &[usize]) -> Result<()> {
     let pos = build_positions(&start, past, t, &dev)?;
     let h = model
         .llama
-        .forward_hidden(&ids, &pos, &mask, Some(&mut cache), Mode::infer())?;
+        .forward_hidden(&ids, &pos, &mask, Some(&mut cache), mode)?;
     for (r, &n) in rows.iter().enumerate() {
         let len = nodes[n].tokens.len();
         nodes[n].kv = (0..model.llama.cfg.num_hidden_layers)
@@ -208,7 +208,7 @@ fn run_nodes(model: &Model, nodes: &mut [Node], rows: &[usize]) -> Result<()> {
             .index_select(&Tensor::new(at, &dev)?, 0)?;
         let logits: Vec<Vec<f32>> = model
             .llama
-            .logits(&sel.unsqueeze(0)?, Mode::infer())?
+            .logits(&sel.unsqueeze(0)?, mode)?
             .squeeze(0)?
             .to_dtype(DType::F32)?
             .to_vec2()?;
@@ -252,6 +252,7 @@ pub fn prefill_shared(
     model: &Model,
     prompts: &[&[u32]],
     cap: usize,
+    mode: Mode,
 ) -> Result<(KvCache, Vec<usize>, Vec<Vec<f32>>)> {
     crate::error::ensure!(
         prompts.iter().all(|p| !p.is_empty()),
@@ -267,7 +268,7 @@ pub fn prefill_shared(
         rows.sort_by_key(|&n| std::cmp::Reverse(nodes[n].tokens.len()));
         let lens: Vec<usize> = rows.iter().map(|&n| nodes[n].tokens.len()).collect();
         for (a, b) in split_by_length(&lens) {
-            run_nodes(model, &mut nodes, &rows[a..b])?;
+            run_nodes(model, &mut nodes, &rows[a..b], mode)?;
         }
     }
     let paths: Vec<Vec<usize>> = end.iter().map(|&n| path(&nodes, n)).collect();

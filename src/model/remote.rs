@@ -337,9 +337,16 @@ impl Remote {
                 });
             }
             drop(tx);
+            // After a failed prompt, the answers still in flight are kept (the next run need
+            // not ask again); after `each` itself failed, nothing more is handed to it.
             let mut first: Option<crate::error::Error> = None;
+            let mut each_failed = false;
             for r in rx {
-                let r = r.and_then(|a| if first.is_none() { each(a) } else { Ok(()) });
+                let r = match r {
+                    Ok(a) if !each_failed => each(a).inspect_err(|_| each_failed = true),
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(e),
+                };
                 if let Err(e) = r {
                     stop.store(true, Ordering::Relaxed);
                     first.get_or_insert(e);
@@ -440,7 +447,9 @@ fn wait(attempt: u32, retry_after: Option<Duration>) -> Duration {
 fn parse_retry_after(v: &str) -> Option<Duration> {
     let v = v.trim();
     if let Ok(s) = v.parse::<f64>() {
-        return (s.is_finite() && s >= 0.0).then(|| Duration::from_secs_f64(s));
+        // Clamped before the conversion, which panics on values past u64 seconds.
+        return (s.is_finite() && s >= 0.0)
+            .then(|| Duration::from_secs_f64(s.min(MAX_WAIT.as_secs_f64())));
     }
     let at = httpdate::parse_http_date(v).ok()?;
     Some(
@@ -565,6 +574,7 @@ mod tests {
         assert_eq!(parse_retry_after("2"), Some(Duration::from_secs(2)));
         assert_eq!(parse_retry_after(" 0.5 "), Some(Duration::from_millis(500)));
         assert_eq!(parse_retry_after("-1"), None);
+        assert_eq!(parse_retry_after("1e20"), Some(MAX_WAIT));
         let soon = SystemTime::now() + Duration::from_secs(30);
         let d = parse_retry_after(&httpdate::fmt_http_date(soon)).unwrap();
         assert!(

@@ -138,11 +138,15 @@ fn run(
                 let a = adapters[m - 1]
                     .take()
                     .expect("an adapter is in its slot or attached");
-                if let Err(e) = model.llama.attach(a) {
-                    fail(lane, load, &format!("attaching the adapter: {e:#}"));
-                    return;
+                match model.llama.attach(a) {
+                    Ok(()) => attached = Some(m),
+                    Err(e) => {
+                        // `serve::run` attached every adapter once at start, so this is not
+                        // expected; the other lanes keep going either way.
+                        fail(lane, load, &format!("attaching the adapter: {e:#}"));
+                        continue;
+                    }
                 }
-                attached = Some(m);
             }
             let mode = Mode {
                 lora: m > 0,
@@ -177,13 +181,14 @@ fn step(
             }
             let id = *next_id;
             *next_id += 1;
+            // Counted with its entry in `live`, so `fail` never takes back more than was added.
             lane.live.insert(id, j.out);
+            load.active.fetch_add(1, Ordering::SeqCst);
             take.push((Request { id, ids: j.ids }, j.sampling, j.rng));
         }
         if !take.is_empty() {
             lane.dec.trim()?;
-            load.active.fetch_add(take.len(), Ordering::SeqCst);
-            lane.dec.admit(model, take)?;
+            lane.dec.admit(model, take, mode)?;
         }
     }
     if lane.dec.is_empty() {

@@ -86,6 +86,8 @@ pub(crate) fn run(model: crate::model::Model, opts: Options) -> Result<()> {
         checked.push(model.llama.detach().expect("just attached"));
     }
     let adapters = checked;
+    // The pairs are read once, before any request, off the async workers.
+    opts.site.preload();
     let app = Arc::new(App {
         engine: Engine::start(model, adapters, opts.batch, opts.queue),
         meta,
@@ -172,7 +174,8 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// With `--api-key-env`, `Authorization: Bearer <key>`, compared in constant time.
+/// With `--api-key-env`, `Authorization: Bearer <key>`, compared in constant time. Every route
+/// but the page's static HTML asks for it.
 fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(key) = &app.api_key else {
         return Ok(());
@@ -180,7 +183,11 @@ fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| {
+            v.get(..7)
+                .filter(|p| p.eq_ignore_ascii_case("bearer "))
+                .map(|_| &v[7..])
+        })
         .unwrap_or("");
     if constant_time_eq(given.as_bytes(), key.as_bytes()) {
         Ok(())
@@ -205,7 +212,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
-async fn status(State(app): State<Arc<App>>) -> Json<Value> {
+async fn status(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorize(&app, &headers) {
+        return e.into_response();
+    }
     use std::sync::atomic::Ordering::SeqCst;
     let l = &app.engine.load;
     Json(json!({
@@ -214,6 +224,7 @@ async fn status(State(app): State<Arc<App>>) -> Json<Value> {
         "waiting": l.waiting.load(SeqCst),
         "generated_tokens": l.tokens.load(SeqCst),
     }))
+    .into_response()
 }
 
 async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
@@ -602,21 +613,39 @@ impl Text {
                             Chunk::Delta(delta)
                         });
                     }
-                    if full.ends_with('\u{FFFD}') || full.len() <= self.sent {
-                        continue; // half a character, or nothing new yet
+                    if full.ends_with('\u{FFFD}') {
+                        continue; // half a character: wait for the rest
                     }
-                    let Some(delta) = full.get(self.sent..) else {
+                    // Held back: a tail that may be the start of a stop string.
+                    let end = full.len() - self.held(&full);
+                    let Some(delta) = full.get(self.sent..end).filter(|d| !d.is_empty()) else {
                         continue;
                     };
                     let delta = delta.to_string();
-                    self.sent = full.len();
+                    self.sent = end;
                     return Some(Chunk::Delta(delta));
                 }
                 Some(Piece::Done(f)) => {
-                    return self.end(Chunk::End(match f {
+                    let reason = match f {
                         Finish::Eos => "stop",
                         Finish::Length => "length",
-                    }))
+                    };
+                    // What was held back (a stop string's start that never completed, a last
+                    // partial character) is part of the text after all.
+                    self.rx = None;
+                    let full = self
+                        .app
+                        .meta
+                        .tok
+                        .decode(&self.tokens, true)
+                        .unwrap_or_default();
+                    if let Some(rest) = full.get(self.sent..).filter(|r| !r.is_empty()) {
+                        let rest = rest.to_string();
+                        self.sent = full.len();
+                        self.pending_end = Some(reason);
+                        return Some(Chunk::Delta(rest));
+                    }
+                    return Some(Chunk::End(reason));
                 }
                 Some(Piece::Error(e)) => return self.end(Chunk::Failed(e)),
                 None => return self.end(Chunk::Failed("the engine stopped".into())),
@@ -627,6 +656,10 @@ impl Text {
     fn end(&mut self, c: Chunk) -> Option<Chunk> {
         self.rx = None;
         Some(c)
+    }
+
+    fn held(&self, full: &str) -> usize {
+        held_back(&self.stop, full)
     }
 
     /// Where the first stop string starts, if one has appeared.
@@ -814,4 +847,37 @@ pub(crate) fn adapter_names(dirs: &[PathBuf]) -> Result<Vec<(String, PathBuf)>> 
         out.push((name, d.clone()));
     }
     Ok(out)
+}
+
+/// The length of the longest tail of `full` that is the start of a stop string (and so may still
+/// become one): text the client must not see yet.
+fn held_back(stop: &[String], full: &str) -> usize {
+    stop.iter()
+        .flat_map(|s| {
+            (1..s.len())
+                .rev()
+                .filter(|&k| s.is_char_boundary(k) && full.ends_with(&s[..k]))
+                .take(1)
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_start_of_a_stop_string_is_held_back_and_keys_compare_whole() {
+        let stops = vec!["\n\nUser".to_string(), "é!".to_string()];
+        assert_eq!(held_back(&stops, "a review\n\n"), 2);
+        assert_eq!(held_back(&stops, "a review\n\nUs"), 4);
+        assert_eq!(held_back(&stops, "a review\n"), 1);
+        assert_eq!(held_back(&stops, "a review."), 0);
+        assert_eq!(held_back(&stops, "café"), "é".len());
+        assert_eq!(held_back(&[], "anything"), 0);
+        assert!(constant_time_eq(b"key", b"key"));
+        assert!(!constant_time_eq(b"key", b"kex") && !constant_time_eq(b"key", b"key2"));
+        assert!(!constant_time_eq(b"", b"k"));
+    }
 }

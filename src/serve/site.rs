@@ -6,7 +6,7 @@
 use super::App;
 use crate::dpo::data::RawRow;
 use axum::extract::{Path as UrlPath, Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
@@ -48,6 +48,11 @@ impl Site {
         }
     }
 
+    /// Read the split's pairs now (a missing split is said when the page asks).
+    pub(crate) fn preload(&self) {
+        let _ = self.pairs();
+    }
+
     fn pairs(&self) -> Result<&Pairs, String> {
         self.pairs
             .get_or_init(|| {
@@ -82,7 +87,14 @@ pub(super) struct PromptReq {
 
 /// The messages the bot is asked with for a title: the neutral few-shot prompt it was trained on
 /// (as `pipeline sample` asks it).
-pub(super) async fn prompt(State(app): State<Arc<App>>, Json(r): Json<PromptReq>) -> Response {
+pub(super) async fn prompt(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Json(r): Json<PromptReq>,
+) -> Response {
+    if let Err(e) = super::authorize(&app, &headers) {
+        return e.into_response();
+    }
     let title = r.title.trim();
     if title.is_empty() || title.len() > 500 {
         return (
@@ -119,7 +131,14 @@ pub(super) struct PairsQuery {
 
 /// A page of the current split's pairs whose prompt, chosen or rejected text holds `q`
 /// (case-insensitive).
-pub(super) async fn pairs(State(app): State<Arc<App>>, Query(q): Query<PairsQuery>) -> Response {
+pub(super) async fn pairs(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Query(q): Query<PairsQuery>,
+) -> Response {
+    if let Err(e) = super::authorize(&app, &headers) {
+        return e.into_response();
+    }
     let (train, test) = match app.site.pairs() {
         Ok(p) => p,
         Err(e) => return not_found(e),
@@ -157,7 +176,10 @@ pub(super) async fn pairs(State(app): State<Arc<App>>, Query(q): Query<PairsQuer
 }
 
 /// The current run: the training summary, its metrics, the charts there are, and the eval report.
-pub(super) async fn run_info(State(app): State<Arc<App>>) -> Json<Value> {
+pub(super) async fn run_info(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if let Err(e) = super::authorize(&app, &headers) {
+        return e.into_response();
+    }
     let s = &app.site;
     let read_json = |p: PathBuf| -> Value {
         std::fs::read(p)
@@ -178,7 +200,7 @@ pub(super) async fn run_info(State(app): State<Arc<App>>) -> Json<Value> {
         })
     });
     let eval = s.eval.as_ref().map(|d| read_json(d.join("report.json")));
-    Json(json!({"train": train, "eval": eval, "models": app.names}))
+    Json(json!({"train": train, "eval": eval, "models": app.names})).into_response()
 }
 
 fn charts(dir: &std::path::Path) -> Vec<String> {
@@ -195,7 +217,14 @@ fn charts(dir: &std::path::Path) -> Vec<String> {
 }
 
 /// A chart of the current training run, by file name (only the PNGs that are there).
-pub(super) async fn chart(State(app): State<Arc<App>>, UrlPath(name): UrlPath<String>) -> Response {
+pub(super) async fn chart(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    UrlPath(name): UrlPath<String>,
+) -> Response {
+    if let Err(e) = super::authorize(&app, &headers) {
+        return e.into_response();
+    }
     let Some(dir) = &app.site.train else {
         return not_found("no training run in this workdir");
     };

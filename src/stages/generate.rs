@@ -17,7 +17,6 @@ use crate::error::{bail, Context, Result};
 use crate::fsutil::{read_jsonl, write_jsonl};
 use crate::model::generate::{self as gen, Finish, Request};
 use crate::model::remote::Remote;
-use crate::model::WeightsMode;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -59,7 +58,7 @@ pub(crate) fn material(ctx: &Ctx, prompts_key: &str) -> Result<KeyMaterial> {
         "attention": g.attention,
         "prefix_sharing": g.prefix_sharing,
     });
-    if plan.load.weights == WeightsMode::Quantized {
+    if plan.load.weights.is_quantized() {
         // candle's quantized matmul rounds differently for one row than for several, so with
         // quantized weights the text depends on how rows are batched.
         settings["batch_size"] = serde_json::json!(g.batch_size);
