@@ -766,17 +766,26 @@ fn q8_requantized_weights_agree_with_the_dense_model() {
     );
     // The logits of one prompt, position by position against the dense model's.
     let ids = chat_prompt(&dense, titles[1]);
+    // One token at a time through the KV cache: one row per matmul, the decoding path (q8 runs
+    // its quantized matmul there, and dense weights only for many rows).
     let logits = |m: &Model| {
         let dev = Device::Cpu;
-        let x = Tensor::new(ids.as_slice(), &dev)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let mask = build_mask(&[0], 0, ids.len(), DType::F32, &dev).unwrap();
-        let pos = build_positions(&[0], 0, ids.len(), &dev).unwrap();
-        m.llama
-            .forward(&x, &pos, &mask, None, true, Mode::infer())
-            .unwrap()
+        let mut cache = reviewer2::model::llama::KvCache::new(&m.llama, 1, 8).unwrap();
+        let rows: Vec<Tensor> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let x = Tensor::new(&[[*id]], &dev).unwrap();
+                let mask = build_mask(&[0], i, 1, DType::F32, &dev).unwrap();
+                let pos = build_positions(&[0], i, 1, &dev).unwrap();
+                m.llama
+                    .forward(&x, &pos, &mask, Some(&mut cache), false, Mode::infer())
+                    .unwrap()
+                    .squeeze(0)
+                    .unwrap()
+            })
+            .collect();
+        Tensor::stack(&rows, 0).unwrap().unsqueeze(0).unwrap()
     };
     // Like llama.cpp, candle quantizes the activations too (to Q8_0 blocks) for these dot
     // products; the file's own Q4_1 path (activations in Q8_1) is the yardstick.

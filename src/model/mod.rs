@@ -33,8 +33,9 @@ use std::path::Path;
 pub enum WeightsMode {
     /// Quantized matmuls: least memory, fastest for one row at a time.
     Quantized,
-    /// The GGUF's blocks requantized to Q8_0 at load: candle has AVX2 and AVX-512 VNNI kernels for
-    /// Q8_0 (chosen at run time) and none for Q4_1. Nearly lossless over the 4-bit weights.
+    /// The GGUF's blocks requantized to Q8_0 at load for decoding (candle has AVX2 and AVX-512
+    /// VNNI kernels for Q8_0, chosen at run time, and none for Q4_1), and dequantized to dense
+    /// for prefill, where dense gemm is faster: both copies in memory.
     Q8,
     /// Dequantized to the compute dtype: fastest for batches, and required for training.
     Dense,
@@ -348,17 +349,19 @@ impl GgufTensors<'_> {
     ) -> Result<Linear> {
         if self.opts.weights.is_quantized() {
             let dims = q.shape().dims2()?;
-            let q = if self.opts.weights == WeightsMode::Q8
-                && q.dtype() != candle_core::quantized::GgmlDType::Q8_0
-            {
-                let f = q.dequantize(&Device::Cpu)?;
-                candle_core::quantized::QTensor::quantize(
-                    &f,
-                    candle_core::quantized::GgmlDType::Q8_0,
-                )?
-            } else {
-                q
-            };
+            if self.opts.weights == WeightsMode::Q8 {
+                // The file's weights dense for prefill, and as Q8_0 blocks for decoding.
+                let f = q.dequantize(&self.opts.device)?;
+                let q8 = if q.dtype() == candle_core::quantized::GgmlDType::Q8_0 {
+                    q
+                } else {
+                    candle_core::quantized::QTensor::quantize(
+                        &f,
+                        candle_core::quantized::GgmlDType::Q8_0,
+                    )?
+                };
+                return Linear::both(f.to_dtype(self.opts.dtype)?, QMatMul::from_qtensor(q8)?);
+            }
             return Ok(Linear::quantized(QMatMul::from_qtensor(q)?, dims));
         }
         let mut w = q.dequantize(&self.opts.device)?;
