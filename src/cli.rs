@@ -298,18 +298,17 @@ pub fn run(cli: Cli) -> Result<()> {
                 Some(a) => stages::eval_adapter(&mut ctx, Some(&a))?,
                 // The train stage's output when it is up to date with the recipe (cached under
                 // its key), else the latest adapter trained in this workdir.
-                None => match stages::eval_adapter(&mut ctx, None) {
-                    Ok(d) => d,
-                    Err(e) => match stages::latest_output(&ctx, Stage::Train) {
-                        Some(a) => {
-                            ctx.say(
-                                "Evaluating",
-                                format!("the latest trained adapter, {}", a.display()),
-                            );
-                            stages::eval_adapter(&mut ctx, Some(&a))?
-                        }
-                        None => return Err(e),
-                    },
+                // Only a train stage that is not up to date falls back: an error of the eval itself
+                // is never retried on another adapter.
+                None => match stages::latest_output(&ctx, Stage::Train) {
+                    Some(a) if !stages::is_fresh(&ctx, Stage::Train)? => {
+                        ctx.say(
+                            "Evaluating",
+                            format!("the latest trained adapter, {}", a.display()),
+                        );
+                        stages::eval_adapter(&mut ctx, Some(&a))?
+                    }
+                    _ => stages::eval_adapter(&mut ctx, None)?,
                 },
             };
             if !g.quiet {

@@ -307,6 +307,26 @@ pub(crate) fn run(
     Ok(r)
 }
 
+/// Whether `stage`'s output for the current recipe is built and intact (read-only: no page fetch,
+/// no download; a stage whose inputs cannot be known yet is not fresh).
+pub(crate) fn is_fresh(ctx: &Ctx, stage: Stage) -> Result<bool> {
+    let mut r = Outputs::default();
+    for st in ALL.into_iter().filter(|s| *s <= stage) {
+        let Some(m) = material(ctx, st, &mut r, false)? else {
+            return Ok(false);
+        };
+        let key = m.key();
+        if st == stage {
+            return Ok(matches!(
+                ctx.cache.lookup(st.name(), &key),
+                Lookup::Fresh(_)
+            ));
+        }
+        r.keys.insert(st, key);
+    }
+    Ok(false)
+}
+
 /// The folder of the latest build of `stage` in this workdir, if it is still there (the latest
 /// trained adapter is what `sample`, `eval` and `serve` use when given none).
 pub(crate) fn latest_output(ctx: &Ctx, stage: Stage) -> Option<PathBuf> {
