@@ -810,11 +810,11 @@ fn q8_requantized_weights_agree_with_the_dense_model() {
     );
     // Two roundings (the file's 4-bit blocks, then 8-bit ones) on top of the activations'.
     assert!(
-        diff <= 2.0 * diff4 + 0.1,
+        diff <= 1.5 * diff4 + 0.1,
         "q8 strays too far from the dense model ({diff}; the file's own blocks: {diff4})"
     );
     assert!(
-        same * 5 >= ids.len() * 4,
+        same * 10 >= ids.len() * 9,
         "argmax equal at {same} of {}",
         ids.len()
     );
