@@ -128,6 +128,8 @@ enum BenchBackend {
 enum BenchWeights {
     F32,
     Quantized,
+    /// The file's blocks for decoding, dense for prefill
+    Mixed,
     /// Requantized to Q8_0 at load
     Q8,
 }
@@ -201,6 +203,7 @@ pub(crate) fn run(recipe: &Recipe, workdir: &std::path::Path, a: BenchArgs) -> R
                 let mut opts = plan.load.clone();
                 opts.weights = match weights {
                     BenchWeights::Quantized => WeightsMode::Quantized,
+                    BenchWeights::Mixed => WeightsMode::Mixed,
                     BenchWeights::Q8 => WeightsMode::Q8,
                     BenchWeights::F32 => WeightsMode::Dense,
                 };
@@ -235,6 +238,7 @@ pub(crate) fn run(recipe: &Recipe, workdir: &std::path::Path, a: BenchArgs) -> R
                 } else {
                     match weights {
                         BenchWeights::Quantized => "quantized",
+                        BenchWeights::Mixed => "mixed",
                         BenchWeights::Q8 => "q8_0",
                         BenchWeights::F32 => "f32",
                     }

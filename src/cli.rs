@@ -426,13 +426,8 @@ fn sample(g: &Global, a: SampleArgs) -> Result<()> {
         }
     }
     let messages = stages::prompts::neutral_messages(&recipe, &a.title)?;
-    // Adapters are in the HF layout: load dense weights (GGUF q/k are un-permuted on load), once;
-    // the adapter is attached to the same model for --compare.
-    let mut base = if a.adapter.is_some() {
-        recipe.load(&recipe.train)?
-    } else {
-        recipe.load(&recipe.generate)?
-    };
+    // Loaded once; the adapter is attached to the same model for --compare.
+    let mut base = recipe.load_interactive(a.adapter.is_some())?;
     let chat = base
         .meta
         .chat
@@ -516,13 +511,7 @@ fn serve(g: &Global, a: ServeArgs) -> Result<()> {
         .batch_size
         .unwrap_or(recipe.settings().generate.batch_size)
         .max(1);
-    // Adapters are in the HF layout: dense weights, as training loads them.
-    let plan = if adapters.is_empty() {
-        &recipe.generate
-    } else {
-        &recipe.train
-    };
-    let model = recipe.load(plan)?;
+    let model = recipe.load_interactive(!adapters.is_empty())?;
     for (name, dir) in &adapters {
         ctx.say("Adapter", format!("{name}: {}", dir.display()));
     }

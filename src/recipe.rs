@@ -10,7 +10,7 @@
 use crate::config::Loaded;
 use crate::error::{Context, Result};
 use crate::model::source::{self, FingerprintMemo, HubAccess, ModelSource, ModelSpec};
-use crate::model::{LoadOptions, WeightsMode};
+use crate::model::{LoadOptions, WeightsChoice, WeightsMode};
 use std::cell::OnceCell;
 use std::path::{Path, PathBuf};
 
@@ -185,10 +185,42 @@ impl Recipe {
 impl Recipe {
     /// Load a model as its plan says: the one place load options turn into a loaded model.
     pub(crate) fn load(&self, plan: &ModelPlan) -> Result<crate::model::Model> {
+        self.load_with(plan, &plan.load)
+    }
+
+    fn load_with(&self, plan: &ModelPlan, opts: &LoadOptions) -> Result<crate::model::Model> {
         let src = self.model(plan)?;
         let t0 = std::time::Instant::now();
-        let m = crate::model::Model::load(src, &plan.load)?;
-        tracing::info!("loaded {} in {:.1}s", src.spec, t0.elapsed().as_secs_f64());
+        let m = crate::model::Model::load(src, opts)?;
+        tracing::info!(
+            "loaded {} ({:?} weights) in {:.1}s",
+            src.spec,
+            opts.weights,
+            t0.elapsed().as_secs_f64()
+        );
         Ok(m)
+    }
+
+    /// The generation model for one person waiting on it (`sample`, `serve`), ready to take
+    /// adapters when `adapters`. With `generate.weights = "auto"`, a GGUF on the CPU in f32
+    /// decodes on its own quantized blocks (`"mixed"`: several times faster for a few streams,
+    /// docs/PERF.md) where the batch stages keep dense weights (the same text at any batch
+    /// size). Quantized weights held in the GGUF's RoPE layout take no adapter: those load
+    /// dense, as training does.
+    pub(crate) fn load_interactive(&self, adapters: bool) -> Result<crate::model::Model> {
+        let plan = &self.generate;
+        let mut opts = plan.load.clone();
+        let gguf = matches!(plan.spec, ModelSpec::Gguf(_));
+        if self.loaded.settings.generate.weights == WeightsChoice::Auto
+            && gguf
+            && opts.device.is_cpu()
+            && opts.dtype == candle_core::DType::F32
+        {
+            opts.weights = WeightsMode::Mixed;
+        }
+        if adapters && opts.weights.interleaved_rope() {
+            return self.load(&self.train);
+        }
+        self.load_with(plan, &opts)
     }
 }

@@ -722,12 +722,14 @@ fn shared_prefix_prefill_equals_whole_prompt_prefill() {
 }
 
 #[test]
-fn q8_requantized_weights_agree_with_the_dense_model() {
-    // `weights = "q8"` requantizes the GGUF's Q4_1 blocks to Q8_0 at load (candle's SIMD
-    // kernels). The reference is the same GGUF dequantized to f32: greedy tokens agree on most
-    // prompts for the first tokens, and the logits stay close.
+fn quantized_decoding_agrees_with_the_dense_model() {
+    // `weights = "mixed"` decodes on the GGUF's own Q4_1 blocks and `"q8"` on blocks
+    // requantized to Q8_0, both through `quant.rs`'s kernels (and `generate` through
+    // `decode_cpu.rs`). The reference is the same GGUF dequantized to f32: greedy tokens agree
+    // on most prompts for the first tokens, and the logits stay close. candle's own Q4_1 matmul
+    // (`"quantized"`, an implementation we did not write) multiplies the same blocks as
+    // `mixed`: their logits agree more closely still.
     let dense = load(WeightsMode::Dense);
-    let q8 = load(WeightsMode::Q8);
     let titles = [
         "Attention",
         "Tree of Thoughts: Deliberate Problem Solving with Large Language Models",
@@ -754,20 +756,11 @@ fn q8_requantized_weights_agree_with_the_dense_model() {
         .unwrap();
         out
     };
-    let (a, b) = (run(&dense), run(&q8));
-    let first4 = a
-        .iter()
-        .zip(&b)
-        .filter(|(x, y)| x.iter().take(4).eq(y.iter().take(4)))
-        .count();
-    assert!(
-        first4 >= 4,
-        "q8 and dense agree on the first 4 greedy tokens for {first4} of 6 prompts:\n{a:?}\n{b:?}"
-    );
+    let a = run(&dense);
     // The logits of one prompt, position by position against the dense model's.
     let ids = chat_prompt(&dense, titles[1]);
-    // One token at a time through the KV cache: one row per matmul, the decoding path (q8 runs
-    // its quantized matmul there, and dense weights only for many rows).
+    // One token at a time through the KV cache: one row per matmul, the decoding path (the
+    // quantized kernels run there, dense weights only for many rows).
     let logits = |m: &Model| {
         let dev = Device::Cpu;
         let mut cache = reviewer2::model::llama::KvCache::new(&m.llama, 1, 8).unwrap();
@@ -787,11 +780,10 @@ fn q8_requantized_weights_agree_with_the_dense_model() {
             .collect();
         Tensor::stack(&rows, 0).unwrap().unsqueeze(0).unwrap()
     };
-    // Like llama.cpp, candle quantizes the activations too (to Q8_0 blocks) for these dot
-    // products; the file's own Q4_1 path (activations in Q8_1) is the yardstick.
-    let (ld, l8) = (logits(&dense), logits(&q8));
+    let ld = logits(&dense);
+    // Like llama.cpp, these kernels quantize the activations too (8-bit blocks); candle's Q4_1
+    // path on the file's blocks is the yardstick.
     let l4 = logits(&load(WeightsMode::Quantized));
-    let diff = max_abs_diff(&ld, &l8);
     let diff4 = max_abs_diff(&ld, &l4);
     let am = |t: &Tensor| -> Vec<u32> {
         t.squeeze(0)
@@ -801,21 +793,46 @@ fn q8_requantized_weights_agree_with_the_dense_model() {
             .to_vec1()
             .unwrap()
     };
-    let agree = |t: &Tensor| am(&ld).iter().zip(am(t)).filter(|(a, b)| **a == *b).count();
-    let (same, same4) = (agree(&l8), agree(&l4));
-    eprintln!(
-        "q8 against dense: max |logit diff| {diff}, argmax equal at {same} of {n} positions \
-         (Q4_1 blocks: {diff4}, {same4} of {n})",
-        n = ids.len()
-    );
-    // Two roundings (the file's 4-bit blocks, then 8-bit ones) on top of the activations'.
-    assert!(
-        diff <= 1.5 * diff4 + 0.1,
-        "q8 strays too far from the dense model ({diff}; the file's own blocks: {diff4})"
-    );
-    assert!(
-        same * 10 >= ids.len() * 9,
-        "argmax equal at {same} of {}",
-        ids.len()
-    );
+    let agree = |x: &Tensor, y: &Tensor| am(x).iter().zip(am(y)).filter(|(a, b)| **a == *b).count();
+    let n = ids.len();
+    for mode in [WeightsMode::Mixed, WeightsMode::Q8] {
+        let m = load(mode);
+        let b = run(&m);
+        let first4 = a
+            .iter()
+            .zip(&b)
+            .filter(|(x, y)| x.iter().take(4).eq(y.iter().take(4)))
+            .count();
+        assert!(
+            first4 >= 4,
+            "{mode:?} and dense agree on the first 4 greedy tokens for {first4} of 6 prompts:\n{a:?}\n{b:?}"
+        );
+        let lq = logits(&m);
+        let diff = max_abs_diff(&ld, &lq);
+        let (same, same4) = (agree(&ld, &lq), agree(&ld, &l4));
+        eprintln!(
+            "{mode:?} against dense: max |logit diff| {diff}, argmax equal at {same} of {n} \
+             positions (candle's Q4_1: {diff4}, {same4} of {n})"
+        );
+        assert!(
+            diff <= 1.5 * diff4 + 0.1,
+            "{mode:?} strays too far from the dense model ({diff}; candle on the file's blocks: {diff4})"
+        );
+        // The file's 4-bit blocks cost some positions whoever multiplies them (candle: `same4`).
+        let floor = (n * 9 / 10).min(same4);
+        assert!(
+            same >= floor,
+            "{mode:?}: argmax equal at {same} of {n} (candle on the file's blocks: {same4})"
+        );
+        if mode == WeightsMode::Mixed {
+            // The same blocks and the same 8-bit activation scheme: the same next token nearly
+            // everywhere, where each differs from dense at several positions. (Their logits
+            // differ about as much as each does from dense: an activation that rounds to the
+            // other 8-bit step in one layer moves every layer after it. quant.rs checks one
+            // product against candle's to 1e-4.)
+            let same = agree(&lq, &l4);
+            eprintln!("mixed against candle's Q4_1: argmax equal at {same} of {n}");
+            assert!(same + 1 >= n, "argmax equal at {same} of {n}");
+        }
+    }
 }

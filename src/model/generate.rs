@@ -158,7 +158,28 @@ pub(crate) struct Decoder {
     /// Per row, the first cache column it uses (columns before are left padding).
     start: Vec<usize>,
     cache: Option<KvCache>,
+    /// Buffers of the plain-Rust decoding step (`decode_cpu.rs`).
+    scratch: super::decode_cpu::Scratch,
+    /// The last prompts admitted alone, newest last, with their keys and values: the next one
+    /// prefills only what follows the longest prefix it shares with one of them (llama.cpp's
+    /// server reuses a slot's prompt the same way). One row's cache each, about 46 KiB a token
+    /// for SmolLM2-135M.
+    recent: Vec<CachedPrompt>,
 }
+
+struct CachedPrompt {
+    ids: Vec<u32>,
+    /// Computed with the adapter on (the keys and values differ from the base model's).
+    lora: bool,
+    /// One row, exactly `ids.len()` columns.
+    cache: KvCache,
+}
+
+/// Reuse a cached prompt only when at least this many tokens are shared.
+const MIN_REUSE: usize = 8;
+
+/// Prompts kept for reuse.
+const RECENT: usize = 8;
 
 impl Decoder {
     pub(crate) fn len(&self) -> usize {
@@ -188,14 +209,32 @@ impl Decoder {
             .unwrap_or(1)
             + 8;
         let take: Vec<&Request> = reqs.iter().map(|(r, _, _)| r).collect();
-        let (mut sub, mut sub_start, logits) =
-            if model.share_prefixes && take.iter().all(|r| !r.ids.is_empty()) {
-                let ps: Vec<&[u32]> = take.iter().map(|r| &r.ids[..]).collect();
-                super::prefix::prefill_shared(model, &ps, cap, mode)?
-            } else {
-                let owned: Vec<Request> = take.iter().map(|r| (*r).clone()).collect();
-                prefill_padded(model, &owned, cap, mode)?
-            };
+        let alone = take.len() == 1 && !take[0].ids.is_empty() && model.share_prefixes;
+        let reused = if alone {
+            self.prefill_after_cached(model, &take[0].ids, cap, mode)?
+        } else {
+            None
+        };
+        let (mut sub, mut sub_start, logits) = if let Some(r) = reused {
+            r
+        } else if model.share_prefixes && take.iter().all(|r| !r.ids.is_empty()) {
+            let ps: Vec<&[u32]> = take.iter().map(|r| &r.ids[..]).collect();
+            super::prefix::prefill_shared(model, &ps, cap, mode)?
+        } else {
+            let owned: Vec<Request> = take.iter().map(|r| (*r).clone()).collect();
+            prefill_padded(model, &owned, cap, mode)?
+        };
+        if alone {
+            let n = take[0].ids.len();
+            if self.recent.len() >= RECENT {
+                self.recent.remove(0);
+            }
+            self.recent.push(CachedPrompt {
+                ids: take[0].ids.clone(),
+                lora: mode.lora,
+                cache: sub.columns(sub_start[0], n)?,
+            });
+        }
         for ((r, s, mut rng), lg) in reqs.into_iter().zip(logits) {
             let next = sample(&lg, &s, &mut rng);
             self.rows.push(Row {
@@ -230,6 +269,46 @@ impl Decoder {
         }
         debug_assert_eq!(self.rows.len(), self.start.len());
         Ok(())
+    }
+
+    /// Prefill `ids` after the prefix it shares with the last prompt admitted alone, if that is
+    /// long enough: its cache (one row, no padding), start, and last logits.
+    #[allow(clippy::type_complexity)]
+    fn prefill_after_cached(
+        &self,
+        model: &Model,
+        ids: &[u32],
+        cap: usize,
+        mode: Mode,
+    ) -> Result<Option<(KvCache, Vec<usize>, Vec<Vec<f32>>)>> {
+        let common = |p: &CachedPrompt| p.ids.iter().zip(ids).take_while(|(a, b)| a == b).count();
+        // The newest of the longest matches.
+        let Some((shared, prev)) = self
+            .recent
+            .iter()
+            .filter(|p| p.lora == mode.lora)
+            .map(|p| (common(p), p))
+            .max_by_key(|(n, _)| *n)
+        else {
+            return Ok(None);
+        };
+        // At least the last token is computed: its logits pick the first new token.
+        let shared = shared.min(ids.len() - 1);
+        if shared < MIN_REUSE {
+            return Ok(None);
+        }
+        let dev = &model.llama.device;
+        let mut cache = KvCache::new(&model.llama, 1, cap.max(ids.len()))?;
+        cache.copy_prefix(&prev.cache, shared)?;
+        let rest = &ids[shared..];
+        let t = rest.len();
+        let x = Tensor::from_vec(rest.to_vec(), (1, t), dev)?;
+        let mask = build_mask(&[0], shared, t, model.llama.dtype, dev)?;
+        let pos = build_positions(&[0], shared, t, dev)?;
+        let logits = model
+            .llama
+            .forward(&x, &pos, &mask, Some(&mut cache), false, mode)?;
+        Ok(Some((cache, vec![0], logits.to_vec2()?)))
     }
 
     /// Take each row's sampled token: `on_token(id, token)` for a token kept, and the outputs of
@@ -329,6 +408,24 @@ impl Decoder {
     pub(crate) fn decode(&mut self, model: &Model, mode: Mode) -> Result<()> {
         let c = self.cache.as_mut().expect("live rows have a cache");
         let ids: Vec<u32> = self.rows.iter().map(|r| r.pending).collect();
+        let logits = if model.llama.fast_decode(ids.len(), mode) {
+            model
+                .llama
+                .decode_step_cpu(&ids, &self.start, c, mode, &mut self.scratch)?
+        } else {
+            self.decode_candle(model, ids, mode)?
+        };
+        // Each row draws from its own generator, so sampling rows in parallel is deterministic.
+        self.rows.par_iter_mut().zip(logits).for_each(|(r, lg)| {
+            r.pending = sample(&lg, &r.s, &mut r.rng);
+            r.consumed = false;
+        });
+        Ok(())
+    }
+
+    /// The decoding step as candle ops (any device, dtype and weights).
+    fn decode_candle(&mut self, model: &Model, ids: Vec<u32>, mode: Mode) -> Result<Vec<Vec<f32>>> {
+        let c = self.cache.as_mut().expect("live rows have a cache");
         let ids = Tensor::from_vec(ids, (self.rows.len(), 1), &model.llama.device)?;
         let mask = build_mask(
             &self.start,
@@ -341,13 +438,7 @@ impl Decoder {
         let logits = model
             .llama
             .forward(&ids, &pos, &mask, Some(c), false, mode)?;
-        let logits: Vec<Vec<f32>> = logits.to_vec2()?;
-        // Each row draws from its own generator, so sampling rows in parallel is deterministic.
-        self.rows.par_iter_mut().zip(logits).for_each(|(r, lg)| {
-            r.pending = sample(&lg, &r.s, &mut r.rng);
-            r.consumed = false;
-        });
-        Ok(())
+        Ok(logits.to_vec2()?)
     }
 }
 
@@ -461,4 +552,80 @@ fn append_rows(main: &mut KvCache, sub: &KvCache) -> Result<()> {
     }
     main.set_cap_from_tensors();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::decode_cpu::tests::{prompt, smollm2};
+    use crate::model::WeightsMode;
+
+    /// A prompt admitted after another one it shares a prefix with prefills only the rest, on
+    /// top of the first one's keys and values: the same logits and cache as prefilling it
+    /// whole (to float rounding: other matrix shapes). Too short a match, or the other adapter
+    /// setting, prefills from scratch.
+    #[test]
+    fn a_prompt_reuses_the_cached_prefix_of_an_earlier_one() {
+        let m = smollm2(WeightsMode::Dense);
+        let a = prompt(&m, "Attention Is All You Need");
+        let b = prompt(&m, "Attention Is Not All You Need, and Other Findings");
+        let shared = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+        assert!(
+            shared >= MIN_REUSE && shared < b.len() - 3,
+            "{shared} shared tokens"
+        );
+        let mut dec = Decoder::default();
+        let rng = row_rng(1, 0);
+        let req = |id, ids: &Vec<u32>| Request {
+            id,
+            ids: ids.clone(),
+        };
+        dec.admit(
+            &m,
+            vec![(req(0, &a), Sampling::greedy(4), rng.clone())],
+            Mode::infer(),
+        )
+        .unwrap();
+        let (cache, start, logits) = dec
+            .prefill_after_cached(&m, &b, 64, Mode::infer())
+            .unwrap()
+            .expect("the shared prefix is reused");
+        assert_eq!(start, vec![0]);
+        let (whole, wstart, wlogits) =
+            prefill_padded(&m, &[req(1, &b)], 64, Mode::infer()).unwrap();
+        assert_eq!((cache.len, wstart), (b.len(), vec![0]));
+        let d = logits[0]
+            .iter()
+            .zip(&wlogits[0])
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(d < 1e-3, "last logits differ by {d}");
+        for li in [0, m.llama.cfg.num_hidden_layers - 1] {
+            for (x, y) in [(&cache.k[li], &whole.k[li]), (&cache.v[li], &whole.v[li])] {
+                let x = x.narrow(2, 0, b.len()).unwrap();
+                let y = y.narrow(2, 0, b.len()).unwrap();
+                let d: f32 = (x - y)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap();
+                assert!(d < 1e-3, "layer {li}: cached keys/values differ by {d}");
+            }
+        }
+        // The base model's keys and values are not the adapter's.
+        let off = Mode {
+            lora: false,
+            ..Mode::infer()
+        };
+        assert!(dec.prefill_after_cached(&m, &b, 64, off).unwrap().is_none());
+        // Nothing worth reusing.
+        let other: Vec<u32> = b.iter().rev().copied().collect();
+        assert!(dec
+            .prefill_after_cached(&m, &other, 64, Mode::infer())
+            .unwrap()
+            .is_none());
+    }
 }

@@ -17,6 +17,7 @@
 use super::adapter::Adapter;
 use super::attention::MASK_NEG;
 use super::lora::{Lora, LoraSpec, Projection};
+use super::quant::{Packed, QActs};
 use crate::error::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::quantized::QMatMul;
@@ -53,13 +54,14 @@ enum Weight {
     /// `[out, in]`, in the model's dtype.
     Dense(Tensor),
     Quant(Arc<QMatMul>),
-    /// Both: the quantized matmul for a few rows (decoding, where it is faster: SIMD dot
-    /// products over a quarter of the bytes), the dense one for many (prefill, large batches).
-    Both(Tensor, Arc<QMatMul>),
+    /// Both: quantized blocks for a few rows (decoding, where reading a quarter of the bytes
+    /// wins: `quant.rs`), the dense matrix for many (prefill, large batches).
+    Both(Tensor, Arc<Packed>),
 }
 
-/// With [`Weight::Both`], at most this many rows go through the quantized matmul.
-const QUANT_MAX_ROWS: usize = 4;
+/// With [`Weight::Both`], at most this many rows go through the quantized product; decoding
+/// steps of at most this many rows run `decode_cpu.rs` (docs/PERF.md has the measurements).
+pub(crate) const QUANT_MAX_ROWS: usize = 4;
 
 /// A bias-free linear layer (a frozen base weight).
 pub(crate) struct Linear {
@@ -87,8 +89,14 @@ impl Linear {
     }
 
     /// Dense `w` for many rows and quantized `q` (the same weights) for a few.
-    pub(crate) fn both(w: Tensor, q: QMatMul) -> Result<Self> {
+    pub(crate) fn both(w: Tensor, q: Packed) -> Result<Self> {
         let (o, i) = w.dims2()?;
+        crate::error::ensure!(
+            (q.rows, q.cols) == (o, i),
+            "internal: quantized [{}, {}] beside dense [{o}, {i}]",
+            q.rows,
+            q.cols
+        );
         Ok(Self {
             weight: Weight::Both(w, Arc::new(q)),
             out_features: o,
@@ -103,7 +111,9 @@ impl Linear {
         let x2 = x.reshape((b * t, i))?;
         let base = match &self.weight {
             Weight::Dense(w) | Weight::Both(w, _) if mode.train => frozen_matmul(&x2, w)?,
-            Weight::Both(_, q) if b * t <= QUANT_MAX_ROWS => q.forward(&x2.contiguous()?)?,
+            Weight::Both(_, q) if b * t <= QUANT_MAX_ROWS && x2.device().is_cpu() => {
+                packed_forward(q, &x2)?
+            }
             Weight::Dense(w) | Weight::Both(w, _) => x2.matmul(&w.t()?)?,
             Weight::Quant(q) => q.forward(&x2.contiguous()?)?,
         };
@@ -112,6 +122,14 @@ impl Linear {
             None => base,
         };
         Ok(y.reshape((b, t, self.out_features))?)
+    }
+
+    /// The quantized blocks, where this layer keeps them for decoding.
+    pub(crate) fn packed(&self) -> Option<&Packed> {
+        match &self.weight {
+            Weight::Both(_, q) => Some(q),
+            _ => None,
+        }
     }
 
     /// The base weight as a dense f32 tensor `[out, in]`.
@@ -124,6 +142,18 @@ impl Linear {
             },
         })
     }
+}
+
+/// x: [N, in] f32 through the quantized blocks -> [N, out].
+fn packed_forward(q: &Packed, x: &Tensor) -> Result<Tensor> {
+    let (n, i) = x.dims2()?;
+    let dt = x.dtype();
+    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let mut acts = QActs::default();
+    acts.quantize(&xs, n, i);
+    let mut out = vec![0f32; n * q.rows];
+    q.matmul(&acts, &mut out);
+    Ok(Tensor::from_vec(out, (n, q.rows), x.device())?.to_dtype(dt)?)
 }
 
 /// `x @ w^T` whose backward gives `x` its gradient and computes none for the frozen `w`
@@ -215,8 +245,8 @@ pub struct Llama {
     /// The LoRA adapter `Mode::lora` applies.
     adapter: Option<Adapter>,
     /// [max_pos, hd/2], f32
-    cos: Tensor,
-    sin: Tensor,
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
     pub(crate) device: Device,
     pub(crate) dtype: DType,
     /// Attention through our fused kernel (`attention.rs`): on where it runs (CPU, f32/f64)
@@ -252,7 +282,7 @@ impl KvCache {
         })
     }
 
-    fn ensure(&mut self, extra: usize) -> Result<()> {
+    pub(crate) fn ensure(&mut self, extra: usize) -> Result<()> {
         if self.len + extra <= self.cap {
             return Ok(());
         }
@@ -264,6 +294,42 @@ impl KvCache {
             *t = grown;
         }
         self.cap = new_cap;
+        Ok(())
+    }
+
+    /// A copy that shares no storage with this cache (in-place writes to one leave the other).
+    #[cfg(test)]
+    pub(crate) fn deep_copy(&self) -> Result<KvCache> {
+        let copy =
+            |v: &Vec<Tensor>| -> Result<Vec<Tensor>> { v.iter().map(|t| Ok(t.copy()?)).collect() };
+        Ok(KvCache {
+            k: copy(&self.k)?,
+            v: copy(&self.v)?,
+            len: self.len,
+            cap: self.cap,
+        })
+    }
+
+    /// Row 0's columns `[from, from + n)` as a cache of their own (one row, no padding).
+    pub(crate) fn columns(&self, from: usize, n: usize) -> Result<KvCache> {
+        let cut = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.narrow(0, 0, 1)?.narrow(2, from, n)?.contiguous()?)
+        };
+        Ok(KvCache {
+            k: self.k.iter().map(cut).collect::<Result<_>>()?,
+            v: self.v.iter().map(cut).collect::<Result<_>>()?,
+            len: n,
+            cap: n,
+        })
+    }
+
+    /// Fill this (empty, one-row) cache with the first `n` columns of `src`'s row 0.
+    pub(crate) fn copy_prefix(&mut self, src: &KvCache, n: usize) -> Result<()> {
+        self.ensure(n)?;
+        for (dst, s) in self.k.iter().zip(&src.k).chain(self.v.iter().zip(&src.v)) {
+            dst.slice_set(&s.narrow(0, 0, 1)?.narrow(2, 0, n)?.contiguous()?, 2, 0)?;
+        }
+        self.len = n;
         Ok(())
     }
 

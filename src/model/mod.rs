@@ -6,15 +6,18 @@ pub(crate) mod adapter;
 pub(crate) mod attention;
 pub mod chat;
 pub mod config;
+mod decode_cpu;
 pub mod generate;
 pub(crate) mod limits;
 pub mod llama;
 pub mod lora;
 mod names;
 pub mod prefix;
+pub(crate) mod quant;
 pub(crate) mod remote;
 pub mod source;
 pub mod special_text;
+mod spin_pool;
 pub(crate) mod tokenizer;
 
 use crate::error::{bail, Context, Result};
@@ -33,18 +36,28 @@ use std::path::Path;
 pub enum WeightsMode {
     /// Quantized matmuls: least memory, fastest for one row at a time.
     Quantized,
-    /// The GGUF's blocks requantized to Q8_0 at load for decoding (candle has AVX2 and AVX-512
-    /// VNNI kernels for Q8_0, chosen at run time, and none for Q4_1), and dequantized to dense
-    /// for prefill, where dense gemm is faster: both copies in memory.
+    /// The GGUF's own Q4_1 and Q8_0 blocks (others requantized to Q8_0) for decoding a few
+    /// rows, through our SIMD kernels (`quant.rs`, `decode_cpu.rs`), and the same weights
+    /// dequantized for prefill and larger batches, where dense gemm is faster: both copies in
+    /// memory.
+    Mixed,
+    /// As `Mixed`, with every projection requantized to Q8_0 (closer to the dense weights).
     Q8,
     /// Dequantized to the compute dtype: fastest for batches, and required for training.
     Dense,
 }
 
 impl WeightsMode {
-    /// Held in blocks (the GGUF's own or requantized), in the GGUF's interleaved-RoPE layout.
+    /// Held in blocks (the GGUF's own or requantized), at least for decoding: the text then
+    /// depends on how rows are batched.
     pub(crate) fn is_quantized(self) -> bool {
-        matches!(self, WeightsMode::Quantized | WeightsMode::Q8)
+        !matches!(self, WeightsMode::Dense)
+    }
+
+    /// Only candle's quantized matmuls keep q/k in the GGUF's interleaved-RoPE row order; the
+    /// other modes reorder the rows to the Hugging Face layout, where adapters apply.
+    pub(crate) fn interleaved_rope(self) -> bool {
+        matches!(self, WeightsMode::Quantized)
     }
 }
 
@@ -109,11 +122,13 @@ impl DTypeChoice {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum WeightsChoice {
-    /// Dense f32: measured faster than candle's Q4_1 matmuls at every batch size on the CPU
-    /// (docs/PERF.md), and the same text at any batch size.
+    /// Dense f32 for the batch stages (the same text at any batch size); `Mixed` for `sample`
+    /// and `serve` on the CPU (`Recipe::load_interactive`).
     #[default]
     Auto,
     Quantized,
+    /// The file's blocks for decoding, dense for prefill (see [`WeightsMode::Mixed`]).
+    Mixed,
     /// Requantized to Q8_0 at load (see [`WeightsMode::Q8`]).
     Q8,
     F32,
@@ -124,6 +139,7 @@ impl WeightsChoice {
     pub(crate) fn mode(self, gguf: bool) -> WeightsMode {
         match self {
             WeightsChoice::Quantized if gguf => WeightsMode::Quantized,
+            WeightsChoice::Mixed if gguf => WeightsMode::Mixed,
             WeightsChoice::Q8 if gguf => WeightsMode::Q8,
             _ => WeightsMode::Dense,
         }
@@ -319,6 +335,20 @@ fn unpermute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
         .contiguous()?)
 }
 
+/// The row order [`unpermute_qk`] makes: row `i` of the result is row `order[i]` of the input.
+fn unpermute_order(rows: usize, heads: usize) -> Vec<usize> {
+    let hd = rows / heads;
+    let mut order = Vec::with_capacity(rows);
+    for h in 0..heads {
+        for t in 0..2 {
+            for i in 0..hd / 2 {
+                order.push(h * hd + i * 2 + t);
+            }
+        }
+    }
+    order
+}
+
 /// Reads named tensors from an open GGUF file, as the load options ask for them.
 struct GgufTensors<'a> {
     content: &'a gguf_file::Content,
@@ -347,28 +377,36 @@ impl GgufTensors<'_> {
         q: candle_core::quantized::QTensor,
         permute_heads: Option<usize>,
     ) -> Result<Linear> {
-        if self.opts.weights.is_quantized() {
+        if self.opts.weights == WeightsMode::Quantized {
             let dims = q.shape().dims2()?;
-            if self.opts.weights == WeightsMode::Q8 {
-                // The file's weights dense for prefill, and as Q8_0 blocks for decoding.
-                let f = q.dequantize(&self.opts.device)?;
-                let q8 = if q.dtype() == candle_core::quantized::GgmlDType::Q8_0 {
-                    q
-                } else {
-                    candle_core::quantized::QTensor::quantize(
-                        &f,
-                        candle_core::quantized::GgmlDType::Q8_0,
-                    )?
-                };
-                return Linear::both(f.to_dtype(self.opts.dtype)?, QMatMul::from_qtensor(q8)?);
-            }
             return Ok(Linear::quantized(QMatMul::from_qtensor(q)?, dims));
         }
         let mut w = q.dequantize(&self.opts.device)?;
+        let (o, i) = w.dims2()?;
+        let blocks = matches!(self.opts.weights, WeightsMode::Mixed | WeightsMode::Q8)
+            && self.opts.device.is_cpu()
+            && i.is_multiple_of(quant::QK);
+        let mut packed = if blocks {
+            use candle_core::quantized::GgmlDType;
+            let raw =
+                |f| -> Result<quant::Packed> { Ok(quant::Packed::from_ggml(f, &q.data()?, o, i)) };
+            Some(match (self.opts.weights, q.dtype()) {
+                (WeightsMode::Mixed, GgmlDType::Q4_1) => raw(quant::Format::Q4_1)?,
+                (_, GgmlDType::Q8_0) => raw(quant::Format::Q8_0)?,
+                _ => quant::Packed::quantize_q8_0(&w.flatten_all()?.to_vec1()?, o, i),
+            })
+        } else {
+            None
+        };
         if let Some(h) = permute_heads {
             w = unpermute_qk(&w, h)?;
+            packed = packed.map(|p| p.permute_rows(&unpermute_order(o, h)));
         }
-        Linear::dense(w.to_dtype(self.opts.dtype)?)
+        let w = w.to_dtype(self.opts.dtype)?;
+        match packed {
+            Some(p) => Linear::both(w, p),
+            None => Linear::dense(w),
+        }
     }
 
     fn projection(&mut self, name: &str, permute_heads: Option<usize>) -> Result<Linear> {
@@ -416,7 +454,7 @@ fn load_gguf(
         embed_q
     };
     let lm_head = t.linear(head_q, None)?;
-    let interleaved_rope = opts.weights.is_quantized();
+    let interleaved_rope = opts.weights.interleaved_rope();
     Llama::new(
         cfg.clone(),
         embed,

@@ -1,0 +1,926 @@
+//! Quantized weights for decoding on the CPU, and the products over them.
+//!
+//! A [`Packed`] matrix holds GGML's Q4_1 or Q8_0 blocks (32 weights each) as the GGUF file has
+//! them, regrouped so that a row's quants are contiguous and its scales sit in arrays of their
+//! own: a kernel then converts sixteen scales with one instruction instead of one at a time.
+//! Activations are quantized to 8 bits per block of 32 ([`QActs`], llama.cpp's Q8 scheme), so the
+//! inner loop is an integer dot product. The kernel is chosen once, at run time, for the widest
+//! vector unit the CPU has: AVX-512 VNNI (`vpdpbusd`, two blocks an instruction), AVX2 (`vpmaddubsw`),
+//! or portable code, which is also the reference the others are tested against.
+//!
+//! candle has SIMD kernels for Q8_0 but none for Q4_1 (the format of the SmolLM2 GGUF), and its
+//! AVX-512 path only takes inner dimensions divisible by 256 (SmolLM2's hidden size is 576).
+//!
+//! One weight row against up to [`GROUP`] activation rows at a time: each block's quants are
+//! unpacked once and multiplied into every activation row, so a batch of a few rows reads the
+//! weights once.
+
+use half::f16;
+
+/// Weights per block.
+pub(crate) const QK: usize = 32;
+
+/// Activation rows one pass over a weight row serves.
+const GROUP: usize = 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Format {
+    /// `w = d * q + m`, q in 0..16 (4 bits).
+    Q4_1,
+    /// `w = d * q`, q in -128..128 (8 bits).
+    Q8_0,
+}
+
+/// A `[rows, cols]` matrix of quantized blocks.
+pub(crate) struct Packed {
+    pub(crate) format: Format,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    /// Blocks per row.
+    nb: usize,
+    /// Q4_1: 16 bytes a block. Blocks `2p` and `2p + 1` of a row share 32 bytes: element j of
+    /// the first in the low nibble of byte j, of the second in the high nibble, so one load and
+    /// two masks give both blocks' 32 quants in order. A row's last block, when it has no
+    /// partner, keeps GGML's order (element j low, j + 16 high in byte j). Q8_0: 32 signed
+    /// bytes a block.
+    qs: Vec<u8>,
+    /// `[rows, nb]` scales.
+    d: Vec<f16>,
+    /// Q4_1: `[rows, nb]` block minimums.
+    m: Vec<f16>,
+    /// Q8_0: `[rows, nb]` sums of the quants. The VNNI kernel multiplies unsigned activations
+    /// (`q + 128`) and takes `128 * sum` back off.
+    sums: Vec<i16>,
+}
+
+/// Bytes of one GGML block in a GGUF file.
+pub(crate) fn block_bytes(f: Format) -> usize {
+    match f {
+        Format::Q4_1 => 20,
+        Format::Q8_0 => 34,
+    }
+}
+
+impl Packed {
+    /// From a GGUF tensor's raw bytes: `rows * cols / 32` GGML blocks.
+    pub(crate) fn from_ggml(format: Format, bytes: &[u8], rows: usize, cols: usize) -> Self {
+        assert!(
+            cols.is_multiple_of(QK),
+            "{cols} columns is not whole blocks"
+        );
+        let nb = cols / QK;
+        let bb = block_bytes(format);
+        assert_eq!(
+            bytes.len(),
+            rows * nb * bb,
+            "GGML block data of the wrong size"
+        );
+        let qlen = match format {
+            Format::Q4_1 => 16,
+            Format::Q8_0 => 32,
+        };
+        let mut p = Packed {
+            format,
+            rows,
+            cols,
+            nb,
+            qs: Vec::with_capacity(rows * nb * qlen),
+            d: Vec::with_capacity(rows * nb),
+            m: Vec::new(),
+            sums: Vec::new(),
+        };
+        let h = |b: &[u8], at: usize| f16::from_le_bytes([b[at], b[at + 1]]);
+        let mut unpacked = [0u8; 64];
+        for (bi, blk) in bytes.chunks_exact(bb).enumerate() {
+            p.d.push(h(blk, 0));
+            match format {
+                Format::Q4_1 => {
+                    p.m.push(h(blk, 2));
+                    let b = bi % nb;
+                    if b + 1 == nb && nb % 2 == 1 {
+                        p.qs.extend_from_slice(&blk[4..20]);
+                    } else {
+                        let half = &mut unpacked[(b % 2) * 32..][..32];
+                        for (j, &q) in blk[4..20].iter().enumerate() {
+                            half[j] = q & 15;
+                            half[j + 16] = q >> 4;
+                        }
+                        if b % 2 == 1 {
+                            p.qs.extend((0..32).map(|j| unpacked[j] | (unpacked[32 + j] << 4)));
+                        }
+                    }
+                }
+                Format::Q8_0 => {
+                    let q = &blk[2..34];
+                    p.sums.push(q.iter().map(|&x| x as i8 as i16).sum());
+                    p.qs.extend_from_slice(q);
+                }
+            }
+        }
+        p
+    }
+
+    /// Quantize a dense row-major `[rows, cols]` matrix to Q8_0 (GGML's rounding).
+    pub(crate) fn quantize_q8_0(w: &[f32], rows: usize, cols: usize) -> Self {
+        assert!(
+            cols.is_multiple_of(QK),
+            "{cols} columns is not whole blocks"
+        );
+        assert_eq!(w.len(), rows * cols);
+        let nb = cols / QK;
+        let mut bytes = Vec::with_capacity(rows * nb * 34);
+        for blk in w.chunks_exact(QK) {
+            let amax = blk.iter().fold(0f32, |a, &x| a.max(x.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            bytes.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+            bytes.extend(blk.iter().map(|&x| (x * id).round() as i8 as u8));
+        }
+        Self::from_ggml(Format::Q8_0, &bytes, rows, cols)
+    }
+
+    /// The same matrix with its rows in the order `order` (row `i` of the result is row
+    /// `order[i]` of this one).
+    pub(crate) fn permute_rows(&self, order: &[usize]) -> Self {
+        assert_eq!(order.len(), self.rows);
+        let nb = self.nb;
+        let ql = self.qs.len() / (self.rows * nb).max(1);
+        let pick = |v: &[f16]| -> Vec<f16> {
+            if v.is_empty() {
+                return Vec::new();
+            }
+            order
+                .iter()
+                .flat_map(|&r| v[r * nb..(r + 1) * nb].iter().copied())
+                .collect()
+        };
+        Packed {
+            format: self.format,
+            rows: self.rows,
+            cols: self.cols,
+            nb,
+            qs: order
+                .iter()
+                .flat_map(|&r| self.qs[r * nb * ql..(r + 1) * nb * ql].iter().copied())
+                .collect(),
+            d: pick(&self.d),
+            m: pick(&self.m),
+            sums: if self.sums.is_empty() {
+                Vec::new()
+            } else {
+                order
+                    .iter()
+                    .flat_map(|&r| self.sums[r * nb..(r + 1) * nb].iter().copied())
+                    .collect()
+            },
+        }
+    }
+
+    /// Q4_1: the 4-bit quant of element `j` of block `b` of row `r`.
+    fn q4(&self, r: usize, b: usize, j: usize) -> u8 {
+        let row = &self.qs[r * self.nb * 16..][..self.nb * 16];
+        if b + 1 == self.nb && self.nb % 2 == 1 {
+            let byte = row[b * 16 + j % 16];
+            if j < 16 {
+                byte & 15
+            } else {
+                byte >> 4
+            }
+        } else {
+            let byte = row[(b / 2) * 32 + j];
+            if b.is_multiple_of(2) {
+                byte & 15
+            } else {
+                byte >> 4
+            }
+        }
+    }
+
+    /// The weights as dense f32, row-major.
+    #[cfg(test)]
+    pub(crate) fn dequantize(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        for r in 0..self.rows {
+            for b in 0..self.nb {
+                let i = r * self.nb + b;
+                let d = self.d[i].to_f32();
+                match self.format {
+                    Format::Q4_1 => {
+                        let m = self.m[i].to_f32();
+                        out.extend((0..QK).map(|j| d * self.q4(r, b, j) as f32 + m));
+                    }
+                    Format::Q8_0 => {
+                        let q = &self.qs[i * 32..(i + 1) * 32];
+                        out.extend(q.iter().map(|&x| d * x as i8 as f32));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Bytes held (what one product over all rows reads).
+    #[cfg(test)]
+    pub(crate) fn bytes(&self) -> usize {
+        self.qs.len() + 2 * (self.d.len() + self.m.len() + self.sums.len())
+    }
+
+    /// `out[j, r] = sum_c w[r, c] * x[j, c]` for the `x.rows` activation rows; `out` is
+    /// `[x.rows, self.rows]`, row-major. Weight rows are split across the thread pool.
+    pub(crate) fn matmul(&self, x: &QActs, out: &mut [f32]) {
+        assert_eq!(
+            x.nb, self.nb,
+            "activations of {} blocks against rows of {}",
+            x.nb, self.nb
+        );
+        assert_eq!(out.len(), x.rows * self.rows);
+        let kernel = Kernel::get();
+        let pool = super::spin_pool::SpinPool::global();
+        let parts = pool.threads().min(self.rows.div_ceil(16)).max(1);
+        let dst = SendPtr(out.as_mut_ptr());
+        let run = |t: usize| {
+            if t >= parts {
+                return;
+            }
+            let r0 = self.rows * t / parts;
+            let r1 = self.rows * (t + 1) / parts;
+            let dst = &dst;
+            for j0 in (0..x.rows).step_by(GROUP) {
+                let g = (x.rows - j0).min(GROUP);
+                for r in r0..r1 {
+                    let mut acc = [0f32; GROUP];
+                    kernel.row(self, r, x, j0, g, &mut acc);
+                    for (j, v) in acc[..g].iter().enumerate() {
+                        // SAFETY: parts own disjoint weight rows, so each (j, r) is written by
+                        // exactly one thread, and the index is inside `out` (asserted above).
+                        unsafe { *dst.0.add((j0 + j) * self.rows + r) = *v };
+                    }
+                }
+            }
+        };
+        if parts == 1 {
+            run(0);
+        } else {
+            pool.run(&run);
+        }
+    }
+}
+
+struct SendPtr(*mut f32);
+// SAFETY: used only to write disjoint elements from parallel tasks (see `Packed::matmul`).
+unsafe impl Sync for SendPtr {}
+unsafe impl Send for SendPtr {}
+
+/// Activation rows quantized to 8 bits per block of 32, with what the kernels need per block.
+#[derive(Default)]
+pub(crate) struct QActs {
+    pub(crate) rows: usize,
+    nb: usize,
+    /// `[rows, nb * 32]`
+    q: Vec<i8>,
+    /// `[rows, nbp]` scales, zero-padded to `nbp` (a multiple of 16) so a kernel can load 16.
+    d: Vec<f32>,
+    /// `[rows, nbp]` `d * sum(q)` per block (Q4_1's minimum term).
+    s: Vec<f32>,
+    nbp: usize,
+}
+
+impl QActs {
+    /// Quantize `x` (`[rows, cols]`, row-major) into this buffer, reusing its memory.
+    pub(crate) fn quantize(&mut self, x: &[f32], rows: usize, cols: usize) {
+        assert!(cols.is_multiple_of(QK) && x.len() == rows * cols);
+        let nb = cols / QK;
+        let nbp = nb.next_multiple_of(16);
+        self.rows = rows;
+        self.nb = nb;
+        self.nbp = nbp;
+        self.q.resize(rows * cols, 0);
+        self.d.clear();
+        self.d.resize(rows * nbp, 0.0);
+        self.s.clear();
+        self.s.resize(rows * nbp, 0.0);
+        for (bi, (blk, q)) in x
+            .chunks_exact(QK)
+            .zip(self.q.chunks_exact_mut(QK))
+            .enumerate()
+        {
+            let amax = blk.iter().fold(0f32, |a, &v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let mut sum = 0i32;
+            for (o, &v) in q.iter_mut().zip(blk) {
+                // Round half to even by the magic-number trick: vectorizes, unlike `round()`.
+                let r = ((v * id) + 12582912.0) - 12582912.0;
+                *o = r as i8;
+                sum += r as i32;
+            }
+            let (row, b) = (bi / nb, bi % nb);
+            self.d[row * nbp + b] = d;
+            self.s[row * nbp + b] = d * sum as f32;
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
+}
+
+impl Kernel {
+    /// The best kernel this CPU runs (`REVIEWER2_QKERNEL=portable|avx2` picks a lesser one, to
+    /// compare them).
+    pub(crate) fn get() -> Kernel {
+        use std::sync::OnceLock;
+        static K: OnceLock<Kernel> = OnceLock::new();
+        *K.get_or_init(|| {
+            let want = std::env::var("REVIEWER2_QKERNEL").unwrap_or_default();
+            let all = Kernel::available();
+            all.iter()
+                .rev()
+                .find(|k| want.is_empty() || k.name() == want)
+                .copied()
+                .unwrap_or(Kernel::Portable)
+        })
+    }
+
+    /// Every kernel this CPU can run, the portable one first.
+    pub(crate) fn available() -> Vec<Kernel> {
+        #[allow(unused_mut)]
+        let mut v = vec![Kernel::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+            {
+                v.push(Kernel::Avx2);
+                if is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512dq")
+                    && is_x86_feature_detected!("avx512vnni")
+                {
+                    v.push(Kernel::Avx512Vnni);
+                }
+            }
+        }
+        v
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Kernel::Portable => "portable",
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => "avx512vnni",
+        }
+    }
+
+    /// `acc[j] = w[r] . x[j0 + j]` for `j < g` (g <= GROUP).
+    #[inline]
+    pub(crate) fn row(
+        self,
+        w: &Packed,
+        r: usize,
+        x: &QActs,
+        j0: usize,
+        g: usize,
+        acc: &mut [f32; GROUP],
+    ) {
+        match self {
+            Kernel::Portable => portable_row(w, r, x, j0, g, acc),
+            // SAFETY: `available()` offers these only where the CPU has the features.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { x86::avx2_row(w, r, x, j0, g, acc) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => unsafe { x86::vnni_row(w, r, x, j0, g, acc) },
+        }
+    }
+
+    /// `out = w x` with this kernel (tests compare kernels with it).
+    #[cfg(test)]
+    fn matmul(self, w: &Packed, x: &QActs) -> Vec<f32> {
+        let mut out = vec![0f32; x.rows * w.rows];
+        for j0 in (0..x.rows).step_by(GROUP) {
+            let g = (x.rows - j0).min(GROUP);
+            for r in 0..w.rows {
+                let mut acc = [0f32; GROUP];
+                self.row(w, r, x, j0, g, &mut acc);
+                for j in 0..g {
+                    out[(j0 + j) * w.rows + r] = acc[j];
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The reference: integer block dot products, scaled, in plain Rust.
+fn portable_row(w: &Packed, r: usize, x: &QActs, j0: usize, g: usize, acc: &mut [f32; GROUP]) {
+    let nb = w.nb;
+    for (j, a) in acc.iter_mut().enumerate().take(g) {
+        let row = j0 + j;
+        let mut total = 0f32;
+        for b in 0..nb {
+            let wi = r * nb + b;
+            let xq = &x.q[(row * nb + b) * QK..][..QK];
+            let xd = x.d[row * x.nbp + b];
+            let dw = w.d[wi].to_f32();
+            match w.format {
+                Format::Q4_1 => {
+                    let s: i32 = (0..QK).map(|i| w.q4(r, b, i) as i32 * xq[i] as i32).sum();
+                    total += dw * xd * s as f32 + w.m[wi].to_f32() * x.s[row * x.nbp + b];
+                }
+                Format::Q8_0 => {
+                    let q = &w.qs[wi * 32..][..32];
+                    let s: i32 = q
+                        .iter()
+                        .zip(xq)
+                        .map(|(&a, &b)| a as i8 as i32 * b as i32)
+                        .sum();
+                    total += dw * xd * s as f32;
+                }
+            }
+        }
+        *a = total;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+// Kernels index several per-row arrays with one counter.
+#[allow(clippy::needless_range_loop)]
+mod x86 {
+    use super::{Format, Packed, QActs, GROUP, QK};
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn hsum256(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// AVX2: one block at a time, `vpmaddubsw` of unsigned weights (Q4_1's nibbles) or of
+    /// |w| against sign-adjusted activations (Q8_0), widened by `vpmaddwd`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn avx2_row(
+        w: &Packed,
+        r: usize,
+        x: &QActs,
+        j0: usize,
+        g: usize,
+        acc: &mut [f32; GROUP],
+    ) {
+        let nb = w.nb;
+        let ones = _mm256_set1_epi16(1);
+        let low = _mm256_set1_epi8(0x0F);
+        let mut sums = [_mm256_setzero_ps(); GROUP];
+        let mut mins = [0f32; GROUP];
+        let xq = |row: usize, b: usize| {
+            _mm256_loadu_si256(x.q.as_ptr().add((row * nb + b) * QK) as *const __m256i)
+        };
+        let mut b = 0;
+        while b < nb {
+            let wi = r * nb + b;
+            match w.format {
+                Format::Q4_1 => {
+                    let p = w.qs.as_ptr().add(wi * 16);
+                    // Two blocks from one load, or the unpaired last block in GGML's order.
+                    let (wa, wb, n) = if b + 1 < nb {
+                        let v = _mm256_loadu_si256(p as *const __m256i);
+                        let lo = _mm256_and_si256(v, low);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                        (lo, hi, 2)
+                    } else {
+                        let v = _mm_loadu_si128(p as *const __m128i);
+                        let l = _mm_set1_epi8(0x0F);
+                        let lo = _mm_and_si128(v, l);
+                        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), l);
+                        (_mm256_set_m128i(hi, lo), lo256_unused(), 1)
+                    };
+                    for k in 0..n {
+                        let wq = if k == 0 { wa } else { wb };
+                        let dw = w.d[wi + k].to_f32();
+                        let mw = w.m[wi + k].to_f32();
+                        for j in 0..g {
+                            let row = j0 + j;
+                            let pr =
+                                _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq(row, b + k)), ones);
+                            let sc = _mm256_set1_ps(dw * x.d[row * x.nbp + b + k]);
+                            sums[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pr), sc, sums[j]);
+                            mins[j] += mw * x.s[row * x.nbp + b + k];
+                        }
+                    }
+                    b += n;
+                }
+                Format::Q8_0 => {
+                    let wq = _mm256_loadu_si256(w.qs.as_ptr().add(wi * 32) as *const __m256i);
+                    let aw = _mm256_sign_epi8(wq, wq);
+                    let dw = w.d[wi].to_f32();
+                    for j in 0..g {
+                        let row = j0 + j;
+                        let sx = _mm256_sign_epi8(xq(row, b), wq);
+                        let pr = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
+                        let sc = _mm256_set1_ps(dw * x.d[row * x.nbp + b]);
+                        sums[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pr), sc, sums[j]);
+                    }
+                    b += 1;
+                }
+            }
+        }
+        for j in 0..g {
+            acc[j] = hsum256(sums[j]) + mins[j];
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn lo256_unused() -> __m256i {
+        _mm256_setzero_si256()
+    }
+
+    /// AVX-512 VNNI: dispatches on the group size so the accumulators stay in registers.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn vnni_row(
+        w: &Packed,
+        r: usize,
+        x: &QActs,
+        j0: usize,
+        g: usize,
+        acc: &mut [f32; GROUP],
+    ) {
+        match g {
+            1 => vnni_rows::<1>(w, r, x, j0, acc),
+            2 => vnni_rows::<2>(w, r, x, j0, acc),
+            3 => vnni_rows::<3>(w, r, x, j0, acc),
+            _ => vnni_rows::<4>(w, r, x, j0, acc),
+        }
+    }
+
+    /// 32-bit sums of four byte products each. Q4_1: unsigned quants times signed activations.
+    /// Q8_0: both signed, so the activations go unsigned (`q + 128`, by flipping the top bit)
+    /// and the caller takes `128 * sum(w)` back off. Zero bytes in both give zero either way.
+    #[inline(always)]
+    unsafe fn dot_bytes(f: Format, wq: __m512i, xv: __m512i) -> __m512i {
+        match f {
+            Format::Q4_1 => _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xv),
+            Format::Q8_0 => _mm512_dpbusd_epi32(
+                _mm512_setzero_si512(),
+                _mm512_xor_si512(xv, _mm512_set1_epi8(-128)),
+                wq,
+            ),
+        }
+    }
+
+    /// Two blocks an instruction (`vpdpbusd`: unsigned x signed bytes into 32-bit sums, lanes
+    /// 0-7 the first block, 8-15 the second); scales converted sixteen blocks at a time and
+    /// spread to the lanes by a permute.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+    unsafe fn vnni_rows<const G: usize>(
+        w: &Packed,
+        r: usize,
+        x: &QActs,
+        j0: usize,
+        acc: &mut [f32; GROUP],
+    ) {
+        let nb = w.nb;
+        let low = _mm256_set1_epi8(0x0F);
+        // Two accumulators per row, alternating, so consecutive FMAs do not wait on each other.
+        let mut sa = [_mm512_setzero_ps(); G];
+        let mut sb = [_mm512_setzero_ps(); G];
+        let mut corr = [_mm512_setzero_ps(); G];
+        let mut dd = [_mm512_setzero_ps(); G];
+        let wrow = r * nb;
+        let lanes_lo = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        let two = _mm512_set1_epi32(2);
+        let mut b0 = 0;
+        while b0 < nb {
+            let n = (nb - b0).min(16);
+            let kmask: __mmask16 = if n == 16 { 0xFFFF } else { (1u16 << n) - 1 };
+            let dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                kmask,
+                w.d.as_ptr().add(wrow + b0) as *const i16,
+            ));
+            let extra = match w.format {
+                Format::Q4_1 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                    kmask,
+                    w.m.as_ptr().add(wrow + b0) as *const i16,
+                )),
+                Format::Q8_0 => _mm512_mul_ps(
+                    _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(
+                        kmask,
+                        w.sums.as_ptr().add(wrow + b0),
+                    ))),
+                    _mm512_set1_ps(128.0),
+                ),
+            };
+            for j in 0..G {
+                let row = j0 + j;
+                let xd = _mm512_loadu_ps(x.d.as_ptr().add(row * x.nbp + b0));
+                dd[j] = _mm512_mul_ps(dw, xd);
+                corr[j] = match w.format {
+                    // + m * (d_x * sum q_x)
+                    Format::Q4_1 => _mm512_fmadd_ps(
+                        extra,
+                        _mm512_loadu_ps(x.s.as_ptr().add(row * x.nbp + b0)),
+                        corr[j],
+                    ),
+                    // - d_w d_x * 128 * sum q_w
+                    Format::Q8_0 => _mm512_fnmadd_ps(extra, dd[j], corr[j]),
+                };
+            }
+            // Pairs of blocks; `idx` picks their two scales out of `dd`.
+            let mut idx = lanes_lo;
+            let mut b = 0;
+            while b + 1 < n {
+                let wi = wrow + b0 + b;
+                let wq = match w.format {
+                    Format::Q4_1 => {
+                        let v = _mm256_loadu_si256(w.qs.as_ptr().add(wi * 16) as *const __m256i);
+                        let lo = _mm256_and_si256(v, low);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                        _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
+                    }
+                    Format::Q8_0 => _mm512_loadu_si512(w.qs.as_ptr().add(wi * 32) as *const _),
+                };
+                for j in 0..G {
+                    let row = j0 + j;
+                    let xv =
+                        _mm512_loadu_si512(x.q.as_ptr().add((row * nb + b0 + b) * QK) as *const _);
+                    let p = dot_bytes(w.format, wq, xv);
+                    let sc = _mm512_permutexvar_ps(idx, dd[j]);
+                    if b % 4 == 0 {
+                        sa[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sc, sa[j]);
+                    } else {
+                        sb[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sc, sb[j]);
+                    }
+                }
+                idx = _mm512_add_epi32(idx, two);
+                b += 2;
+            }
+            if b < n {
+                // The row's unpaired last block (Q4_1 keeps it in GGML's order).
+                let wi = wrow + b0 + b;
+                let wq = match w.format {
+                    Format::Q4_1 => {
+                        let v = _mm_loadu_si128(w.qs.as_ptr().add(wi * 16) as *const __m128i);
+                        let l = _mm_set1_epi8(0x0F);
+                        let lo = _mm_and_si128(v, l);
+                        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), l);
+                        _mm512_zextsi256_si512(_mm256_set_m128i(hi, lo))
+                    }
+                    Format::Q8_0 => _mm512_zextsi256_si512(_mm256_loadu_si256(
+                        w.qs.as_ptr().add(wi * 32) as *const __m256i,
+                    )),
+                };
+                let lanes = _mm512_set1_epi32(b as i32);
+                for j in 0..G {
+                    let row = j0 + j;
+                    let xv = _mm512_zextsi256_si512(_mm256_loadu_si256(
+                        x.q.as_ptr().add((row * nb + b0 + b) * QK) as *const __m256i,
+                    ));
+                    let p = dot_bytes(w.format, wq, xv);
+                    let sc = _mm512_permutexvar_ps(lanes, dd[j]);
+                    sa[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sc, sa[j]);
+                }
+            }
+            b0 += n;
+        }
+        for j in 0..G {
+            acc[j] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(sa[j], sb[j]), corr[j]));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect()
+    }
+
+    /// Q4_1 blocks as llama.cpp's `quantize_row_q4_1_ref` makes them.
+    fn q4_1_bytes(w: &[f32]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for blk in w.chunks_exact(QK) {
+            let min = blk.iter().fold(f32::INFINITY, |a, &x| a.min(x));
+            let max = blk.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+            let d = (max - min) / 15.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+            out.extend_from_slice(&f16::from_f32(min).to_le_bytes());
+            for i in 0..16 {
+                let a = (((blk[i] - min) * id + 0.5) as u8).min(15);
+                let b = (((blk[i + 16] - min) * id + 0.5) as u8).min(15);
+                out.push(a | (b << 4));
+            }
+        }
+        out
+    }
+
+    /// Every kernel the CPU has gives the portable kernel's products (the same integer sums,
+    /// summed in another order), for Q4_1 and Q8_0, for 1 to 6 activation rows, and for a row
+    /// length with an odd block count and a partial group of sixteen (k = 608: 19 blocks).
+    #[test]
+    fn kernels_agree_with_the_portable_reference() {
+        for (rows, cols) in [(37, 576), (20, 608), (5, 1536)] {
+            let wf = rand_vec(rows * cols, 1);
+            let mats = [
+                Packed::from_ggml(Format::Q4_1, &q4_1_bytes(&wf), rows, cols),
+                Packed::quantize_q8_0(&wf, rows, cols),
+            ];
+            for m in [1, 3, 6] {
+                let xf = rand_vec(m * cols, 2 + m as u64);
+                let mut x = QActs::default();
+                x.quantize(&xf, m, cols);
+                for w in &mats {
+                    let want = Kernel::Portable.matmul(w, &x);
+                    for k in Kernel::available() {
+                        let got = k.matmul(w, &x);
+                        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                            assert!(
+                                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                                "{} {:?} {rows}x{cols} m={m} at {i}: {a} vs {b}",
+                                k.name(),
+                                w.format
+                            );
+                        }
+                    }
+                    // The threaded product is the same kernel split by rows.
+                    let mut out = vec![0f32; m * rows];
+                    w.matmul(&x, &mut out);
+                    assert_eq!(out, Kernel::get().matmul(w, &x));
+                }
+            }
+        }
+    }
+
+    /// The quantized product is close to the exact one of the dequantized weights and the
+    /// unquantized activations: within what 8-bit activations can lose (a relative 1% of the
+    /// sum of |w x| terms here), so the kernels compute what the blocks mean.
+    #[test]
+    fn products_match_an_f64_reference_of_the_blocks() {
+        let (rows, cols) = (16, 576);
+        let wf = rand_vec(rows * cols, 5);
+        let xf = rand_vec(cols, 6);
+        for w in [
+            Packed::from_ggml(Format::Q4_1, &q4_1_bytes(&wf), rows, cols),
+            Packed::quantize_q8_0(&wf, rows, cols),
+        ] {
+            let dense = w.dequantize();
+            // The dequantized blocks are the weights, to the format's precision.
+            let step = if w.format == Format::Q4_1 {
+                2.0 / 15.0
+            } else {
+                1.0 / 127.0
+            };
+            for (a, b) in dense.iter().zip(&wf) {
+                assert!(
+                    (a - b).abs() <= step * 0.51 + 1e-3,
+                    "{:?}: {a} vs {b}",
+                    w.format
+                );
+            }
+            let mut x = QActs::default();
+            x.quantize(&xf, 1, cols);
+            let mut out = vec![0f32; rows];
+            w.matmul(&x, &mut out);
+            for r in 0..rows {
+                let row = &dense[r * cols..(r + 1) * cols];
+                let exact: f64 = row
+                    .iter()
+                    .zip(&xf)
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum();
+                let mag: f64 = row
+                    .iter()
+                    .zip(&xf)
+                    .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                    .sum();
+                assert!(
+                    (out[r] as f64 - exact).abs() <= 0.01 * mag,
+                    "{:?} row {r}: {} vs {exact} (magnitude {mag})",
+                    w.format,
+                    out[r]
+                );
+            }
+        }
+    }
+
+    /// One product against candle's own Q4_1 and Q8_0 matmuls (code we did not write) on the
+    /// same blocks. Both quantize activations the same way (8 bits, `amax / 127` per block),
+    /// but GGML keeps each activation block's scale in f16 and we keep it in f32: each block's
+    /// term may differ by f16's relative step (2^-11), so the bound is that share of the sum of
+    /// |w x| (a wrong quant order or scale is off by the whole sum).
+    #[test]
+    fn products_match_candles_quantized_matmul() {
+        use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+        use candle_core::{Device, Module, Tensor};
+        let (rows, cols, m) = (48, 576, 3);
+        let w = Tensor::from_vec(rand_vec(rows * cols, 11), (rows, cols), &Device::Cpu).unwrap();
+        let xf = rand_vec(m * cols, 12);
+        let x = Tensor::from_vec(xf.clone(), (m, cols), &Device::Cpu).unwrap();
+        for (dt, f) in [
+            (GgmlDType::Q4_1, Format::Q4_1),
+            (GgmlDType::Q8_0, Format::Q8_0),
+        ] {
+            let q = QTensor::quantize(&w, dt).unwrap();
+            let packed = Packed::from_ggml(f, &q.data().unwrap(), rows, cols);
+            let want: Vec<f32> = QMatMul::from_qtensor(q)
+                .unwrap()
+                .forward(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let mut acts = QActs::default();
+            acts.quantize(&xf, m, cols);
+            let mut got = vec![0f32; m * rows];
+            packed.matmul(&acts, &mut got);
+            let dense = packed.dequantize();
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                let (j, r) = (i / rows, i % rows);
+                let mag: f32 = dense[r * cols..(r + 1) * cols]
+                    .iter()
+                    .zip(&xf[j * cols..(j + 1) * cols])
+                    .map(|(w, x)| (w * x).abs())
+                    .sum();
+                assert!(
+                    (a - b).abs() <= mag / 2048.0,
+                    "{f:?} at {i}: {a} vs candle's {b} (sum of |w x| {mag})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn permuted_rows_are_the_rows_reordered() {
+        let (rows, cols) = (6, 64);
+        let wf = rand_vec(rows * cols, 9);
+        let w = Packed::from_ggml(Format::Q4_1, &q4_1_bytes(&wf), rows, cols);
+        let order = [3, 0, 5, 1, 4, 2];
+        let p = w.permute_rows(&order).dequantize();
+        let d = w.dequantize();
+        for (i, &r) in order.iter().enumerate() {
+            assert_eq!(&p[i * cols..(i + 1) * cols], &d[r * cols..(r + 1) * cols]);
+        }
+    }
+
+    /// Not a test: `cargo test --release --lib quant_speed -- --ignored --nocapture` prints
+    /// the products' speed on one layer's worth of SmolLM2-135M shapes.
+    #[test]
+    #[ignore]
+    fn quant_speed() {
+        let shapes = [
+            (576, 576),
+            (192, 576),
+            (192, 576),
+            (576, 576),
+            (1536, 576),
+            (1536, 576),
+            (576, 1536),
+        ];
+        let mats: Vec<Packed> = shapes
+            .iter()
+            .map(|&(r, c)| Packed::from_ggml(Format::Q4_1, &q4_1_bytes(&rand_vec(r * c, 3)), r, c))
+            .collect();
+        let head = Packed::quantize_q8_0(&rand_vec(49152 * 576, 4), 49152, 576);
+        let bytes: usize = mats.iter().map(|m| m.bytes()).sum::<usize>() * 30 + head.bytes();
+        for m in [1, 4] {
+            let mut x576 = QActs::default();
+            x576.quantize(&rand_vec(m * 576, 1), m, 576);
+            let mut x1536 = QActs::default();
+            x1536.quantize(&rand_vec(m * 1536, 1), m, 1536);
+            let mut out = vec![0f32; m * 49152];
+            let mut best = f64::INFINITY;
+            for _ in 0..20 {
+                let t = std::time::Instant::now();
+                for _ in 0..30 {
+                    for w in &mats {
+                        let x = if w.cols == 576 { &x576 } else { &x1536 };
+                        w.matmul(x, &mut out[..m * w.rows]);
+                    }
+                }
+                head.matmul(&x576, &mut out);
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            println!(
+                "m={m} {}: {:.2} ms a token's products, {:.1} GB/s",
+                Kernel::get().name(),
+                best * 1e3,
+                bytes as f64 / best / 1e9
+            );
+        }
+    }
+}
