@@ -94,11 +94,12 @@ impl Recipe {
             .device
             .open()
             .with_context(|| loaded.origin("generate.device"))?;
+        let gen_dtype = g.dtype.resolve(&gen_device);
         let gen_load = LoadOptions {
             weights: g.weights.mode(matches!(gen_spec, ModelSpec::Gguf(_))),
             attention: g.attention,
             share_prefixes: g.prefix_sharing,
-            dtype: g.dtype.resolve(&gen_device),
+            dtype: gen_dtype,
             ..LoadOptions::new(gen_device)
         };
         let (judge_key, judge_text) = if s.judge.model.is_empty() {
@@ -203,18 +204,16 @@ impl Recipe {
 
     /// The generation model for one person waiting on it (`sample`, `serve`), ready to take
     /// adapters when `adapters`. With `generate.weights = "auto"`, a GGUF on the CPU in f32
-    /// decodes on its own quantized blocks (`"mixed"`: several times faster for a few streams,
-    /// docs/PERF.md) where the batch stages keep dense weights (the same text at any batch
-    /// size). Quantized weights held in the GGUF's RoPE layout take no adapter: those load
-    /// dense, as training does.
+    /// decodes on its own blocks (`"mixed"`: several times faster for a few streams,
+    /// docs/PERF.md), where the batch stages keep dense weights (every row its solo text).
+    /// Quantized weights held in the GGUF's RoPE layout (`"quantized"`) take no adapter: those
+    /// load dense, as training does.
     pub(crate) fn load_interactive(&self, adapters: bool) -> Result<crate::model::Model> {
         let plan = &self.generate;
         let mut opts = plan.load.clone();
-        let gguf = matches!(plan.spec, ModelSpec::Gguf(_));
         if self.loaded.settings.generate.weights == WeightsChoice::Auto
-            && gguf
-            && opts.device.is_cpu()
-            && opts.dtype == candle_core::DType::F32
+            && matches!(plan.spec, ModelSpec::Gguf(_))
+            && WeightsMode::interactive_auto(&opts.device, opts.dtype)
         {
             opts.weights = WeightsMode::Mixed;
         }

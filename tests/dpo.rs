@@ -153,6 +153,7 @@ fn train_mode(dropout_seed: Option<u64>, checkpoint: bool) -> Mode {
         lora: true,
         dropout_seed,
         checkpoint,
+        decode: false,
     }
 }
 

@@ -69,6 +69,7 @@ pub fn reference_logps(
         lora: false,
         dropout_seed: None,
         checkpoint: false,
+        decode: false,
     };
     let mut out = Vec::with_capacity(exs.len());
     for chunk in exs.chunks(batch.max(1)) {
@@ -231,6 +232,7 @@ impl Trainer<'_> {
                 lora: true,
                 dropout_seed: None,
                 checkpoint: true,
+                decode: false,
             };
             let pk: Vec<f32> = sequence_logps(&self.model.llama, &kl, no_grad, false)?
                 .logps
@@ -309,6 +311,7 @@ impl Trainer<'_> {
             lora: true,
             dropout_seed: None,
             checkpoint: true,
+            decode: false,
         };
         let bs = self.s.batch_size;
         for (i, chunk) in self.eval.chunks(bs).enumerate() {
@@ -333,6 +336,7 @@ impl Trainer<'_> {
                 lora: true,
                 dropout_seed: None,
                 checkpoint: false,
+                decode: false,
             },
             &mut acc,
         )?;
@@ -356,6 +360,7 @@ impl Trainer<'_> {
                 lora: true,
                 dropout_seed: Some(seed),
                 checkpoint: self.s.gradient_checkpointing,
+                decode: false,
             };
             let (loss, ckpt) = self.batch_loss(&exs, &refs, mode, acc)?;
             let mut g = (loss / accum as f64)?.backward()?;

@@ -437,7 +437,7 @@ impl Decoder {
         let pos = build_positions(&self.start, c.len, 1, &model.llama.device)?;
         let logits = model
             .llama
-            .forward(&ids, &pos, &mask, Some(c), false, mode)?;
+            .forward(&ids, &pos, &mask, Some(c), false, mode.decode_step())?;
         Ok(logits.to_vec2()?)
     }
 }

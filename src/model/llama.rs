@@ -37,6 +37,11 @@ pub struct Mode {
     pub dropout_seed: Option<u64>,
     /// Gradient checkpointing (training): see `Llama::forward_hidden_ckpt`.
     pub checkpoint: bool,
+    /// A decoding step: weights kept as blocks too (`generate.weights = "mixed"`) multiply
+    /// through the blocks, whatever the batch; prefill (and everything else) uses the dense
+    /// copy. Decided by the caller, not by the token count: a prefix-trie level of one token
+    /// is still prefill, and must give what a whole-prompt prefill gives.
+    pub decode: bool,
 }
 
 impl Mode {
@@ -46,6 +51,15 @@ impl Mode {
             lora: true,
             dropout_seed: None,
             checkpoint: false,
+            decode: false,
+        }
+    }
+
+    /// [`Mode::infer`] for a decoding step.
+    pub fn decode_step(self) -> Self {
+        Self {
+            decode: true,
+            ..self
         }
     }
 }
@@ -54,14 +68,11 @@ enum Weight {
     /// `[out, in]`, in the model's dtype.
     Dense(Tensor),
     Quant(Arc<QMatMul>),
-    /// Both: quantized blocks for a few rows (decoding, where reading a quarter of the bytes
-    /// wins: `quant.rs`), the dense matrix for many (prefill, large batches).
+    /// Both: quantized blocks for decoding steps (integer dot products over a fifth of the
+    /// bytes: `quant.rs`), the dense matrix for prefill (many tokens a row, where f32 gemm
+    /// wins).
     Both(Tensor, Arc<Packed>),
 }
-
-/// With [`Weight::Both`], at most this many rows go through the quantized product; decoding
-/// steps of at most this many rows run `decode_cpu.rs` (docs/PERF.md has the measurements).
-pub(crate) const QUANT_MAX_ROWS: usize = 4;
 
 /// A bias-free linear layer (a frozen base weight).
 pub(crate) struct Linear {
@@ -111,9 +122,9 @@ impl Linear {
         let x2 = x.reshape((b * t, i))?;
         let base = match &self.weight {
             Weight::Dense(w) | Weight::Both(w, _) if mode.train => frozen_matmul(&x2, w)?,
-            Weight::Both(_, q) if b * t <= QUANT_MAX_ROWS && x2.device().is_cpu() => {
-                packed_forward(q, &x2)?
-            }
+            // Decoding steps (one new token a row) on the blocks, whatever the batch: each
+            // row's result then does not depend on the rows beside it.
+            Weight::Both(_, q) if mode.decode && x2.device().is_cpu() => packed_forward(q, &x2)?,
             Weight::Dense(w) | Weight::Both(w, _) => x2.matmul(&w.t()?)?,
             Weight::Quant(q) => q.forward(&x2.contiguous()?)?,
         };

@@ -36,10 +36,9 @@ use std::path::Path;
 pub enum WeightsMode {
     /// Quantized matmuls: least memory, fastest for one row at a time.
     Quantized,
-    /// The GGUF's own Q4_1 and Q8_0 blocks (others requantized to Q8_0) for decoding a few
-    /// rows, through our SIMD kernels (`quant.rs`, `decode_cpu.rs`), and the same weights
-    /// dequantized for prefill and larger batches, where dense gemm is faster: both copies in
-    /// memory.
+    /// The GGUF's own Q4_1 and Q8_0 blocks (others requantized to Q8_0) for decoding steps,
+    /// through our SIMD kernels (`quant.rs`, `decode_cpu.rs`), and the same weights
+    /// dequantized for prefill, where dense gemm is faster: both copies in memory.
     Mixed,
     /// As `Mixed`, with every projection requantized to Q8_0 (closer to the dense weights).
     Q8,
@@ -48,10 +47,18 @@ pub enum WeightsMode {
 }
 
 impl WeightsMode {
-    /// Held in blocks (the GGUF's own or requantized), at least for decoding: the text then
-    /// depends on how rows are batched.
-    pub(crate) fn is_quantized(self) -> bool {
+    /// The text may depend on how rows are batched: candle's quantized matmul rounds
+    /// differently for one row than for several, and decoding on blocks (each row on its own)
+    /// turns the float-level differences of a batched prefill into other 8-bit roundings,
+    /// which can change a token at a near-tie. Dense weights give every row its solo text.
+    pub(crate) fn batch_dependent(self) -> bool {
         !matches!(self, WeightsMode::Dense)
+    }
+
+    /// Whether a GGUF loaded for one person waiting (`sample`, `serve`) with
+    /// `generate.weights = "auto"` decodes on its blocks: on the CPU in f32.
+    pub(crate) fn interactive_auto(dev: &Device, dtype: DType) -> bool {
+        dev.is_cpu() && dtype == DType::F32
     }
 
     /// Only candle's quantized matmuls keep q/k in the GGUF's interleaved-RoPE row order; the
@@ -122,8 +129,9 @@ impl DTypeChoice {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum WeightsChoice {
-    /// Dense f32 for the batch stages (the same text at any batch size); `Mixed` for `sample`
-    /// and `serve` on the CPU (`Recipe::load_interactive`).
+    /// Dense f32 for the batch stages (every row its solo text, at any batch size); `Mixed`
+    /// for `sample` and `serve` on the CPU (`Recipe::load_interactive`), several times faster
+    /// for a few streams (docs/PERF.md).
     #[default]
     Auto,
     Quantized,

@@ -266,8 +266,9 @@ impl Packed {
     }
 }
 
-struct SendPtr(*mut f32);
-// SAFETY: used only to write disjoint elements from parallel tasks (see `Packed::matmul`).
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: used only to write disjoint elements from parallel tasks (`Packed::matmul`, the
+// attention of `decode_cpu.rs`).
 unsafe impl Sync for SendPtr {}
 unsafe impl Send for SendPtr {}
 

@@ -58,7 +58,7 @@ pub(crate) fn material(ctx: &Ctx, prompts_key: &str) -> Result<KeyMaterial> {
         "attention": g.attention,
         "prefix_sharing": g.prefix_sharing,
     });
-    if plan.load.weights.is_quantized() {
+    if plan.load.weights.batch_dependent() {
         // candle's quantized matmul rounds differently for one row than for several, so with
         // quantized weights the text depends on how rows are batched.
         settings["batch_size"] = serde_json::json!(g.batch_size);
