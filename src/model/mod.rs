@@ -217,7 +217,8 @@ impl Model {
     pub fn load(src: &ModelSource, opts: &LoadOptions) -> Result<Self> {
         let (llama, meta) = match &src.files {
             ModelFiles::Gguf(p) => {
-                let mut f = std::fs::File::open(p)?;
+                // Buffered: the metadata is tens of thousands of small reads (the vocabulary).
+                let mut f = std::io::BufReader::new(std::fs::File::open(p)?);
                 let content = gguf_file::Content::read(&mut f).map_err(|e| {
                     crate::error::err!("{}: not a readable GGUF file: {e}", p.display())
                 })?;
@@ -360,7 +361,7 @@ fn unpermute_order(rows: usize, heads: usize) -> Vec<usize> {
 /// Reads named tensors from an open GGUF file, as the load options ask for them.
 struct GgufTensors<'a> {
     content: &'a gguf_file::Content,
-    file: &'a mut std::fs::File,
+    file: &'a mut std::io::BufReader<std::fs::File>,
     opts: &'a LoadOptions,
 }
 
@@ -425,7 +426,7 @@ impl GgufTensors<'_> {
 
 fn load_gguf(
     content: &gguf_file::Content,
-    file: &mut std::fs::File,
+    file: &mut std::io::BufReader<std::fs::File>,
     cfg: &LlamaConfig,
     opts: &LoadOptions,
 ) -> Result<Llama> {

@@ -405,7 +405,8 @@ pub struct ModelMeta {
 pub fn load_meta(src: &ModelSource) -> Result<ModelMeta> {
     match &src.files {
         ModelFiles::Gguf(p) => {
-            let mut f = std::fs::File::open(p)?;
+            // Buffered: the metadata is tens of thousands of small reads (the vocabulary).
+            let mut f = std::io::BufReader::new(std::fs::File::open(p)?);
             let content = gguf_file::Content::read(&mut f).map_err(|e| {
                 crate::error::err!("{}: not a readable GGUF file: {e}", p.display())
             })?;
