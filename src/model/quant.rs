@@ -469,8 +469,24 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
+    /// Eight f16 values from `v[at..]` as f32 (zeros past the end of `v`).
+    #[inline(always)]
+    unsafe fn load8_f16(v: &[half::f16], at: usize) -> __m256 {
+        if at + 8 <= v.len() {
+            _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(at) as *const __m128i))
+        } else {
+            let mut tmp = [0u16; 8];
+            for (t, h) in tmp.iter_mut().zip(&v[at..]) {
+                *t = h.to_bits();
+            }
+            _mm256_cvtph_ps(_mm_loadu_si128(tmp.as_ptr() as *const __m128i))
+        }
+    }
+
     /// AVX2: one block at a time, `vpmaddubsw` of unsigned weights (Q4_1's nibbles) or of
-    /// |w| against sign-adjusted activations (Q8_0), widened by `vpmaddwd`.
+    /// |w| against sign-adjusted activations (Q8_0), widened by `vpmaddwd`. Scales are
+    /// converted and multiplied eight blocks at a time; two accumulators a row, alternating,
+    /// so consecutive FMAs do not wait on each other.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn avx2_row(
         w: &Packed,
@@ -481,64 +497,89 @@ mod x86 {
         acc: &mut [f32; GROUP],
     ) {
         let nb = w.nb;
+        let wrow = r * nb;
         let ones = _mm256_set1_epi16(1);
         let low = _mm256_set1_epi8(0x0F);
-        let mut sums = [_mm256_setzero_ps(); GROUP];
-        let mut mins = [0f32; GROUP];
+        let mut sums = [[_mm256_setzero_ps(); GROUP]; 2];
+        let mut mins = [_mm256_setzero_ps(); GROUP];
+        let mut scale = [[0f32; 8]; GROUP];
         let xq = |row: usize, b: usize| {
             _mm256_loadu_si256(x.q.as_ptr().add((row * nb + b) * QK) as *const __m256i)
         };
-        let mut b = 0;
-        while b < nb {
-            let wi = r * nb + b;
-            match w.format {
-                Format::Q4_1 => {
-                    let p = w.qs.as_ptr().add(wi * 16);
-                    // Two blocks from one load, or the unpaired last block in GGML's order.
-                    let (wa, wb, n) = if b + 1 < nb {
-                        let v = _mm256_loadu_si256(p as *const __m256i);
-                        let lo = _mm256_and_si256(v, low);
-                        let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-                        (lo, hi, 2)
-                    } else {
-                        let v = _mm_loadu_si128(p as *const __m128i);
-                        let l = _mm_set1_epi8(0x0F);
-                        let lo = _mm_and_si128(v, l);
-                        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), l);
-                        (_mm256_set_m128i(hi, lo), lo256_unused(), 1)
-                    };
-                    for k in 0..n {
-                        let wq = if k == 0 { wa } else { wb };
-                        let dw = w.d[wi + k].to_f32();
-                        let mw = w.m[wi + k].to_f32();
+        let mut b0 = 0;
+        while b0 < nb {
+            let n = (nb - b0).min(8);
+            let row_end = wrow + nb;
+            let dw = load8_f16(&w.d[..row_end], wrow + b0);
+            let mw = match w.format {
+                Format::Q4_1 => load8_f16(&w.m[..row_end], wrow + b0),
+                Format::Q8_0 => _mm256_setzero_ps(),
+            };
+            for j in 0..g {
+                let at = (j0 + j) * x.nbp + b0;
+                // Activation scales are padded to a multiple of 16 blocks with zeros.
+                let dd = _mm256_mul_ps(dw, _mm256_loadu_ps(x.d.as_ptr().add(at)));
+                _mm256_storeu_ps(scale[j].as_mut_ptr(), dd);
+                mins[j] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(x.s.as_ptr().add(at)), mins[j]);
+            }
+            let mut k = 0;
+            while k < n {
+                let b = b0 + k;
+                let wi = wrow + b;
+                match w.format {
+                    Format::Q4_1 => {
+                        let p = w.qs.as_ptr().add(wi * 16);
+                        // Two blocks from one load, or the unpaired last block in GGML's order.
+                        let (wa, wb, two) = if b + 1 < nb {
+                            let v = _mm256_loadu_si256(p as *const __m256i);
+                            let lo = _mm256_and_si256(v, low);
+                            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                            (lo, hi, true)
+                        } else {
+                            let v = _mm_loadu_si128(p as *const __m128i);
+                            let l = _mm_set1_epi8(0x0F);
+                            let lo = _mm_and_si128(v, l);
+                            let hi = _mm_and_si128(_mm_srli_epi16(v, 4), l);
+                            (_mm256_set_m128i(hi, lo), lo256_unused(), false)
+                        };
                         for j in 0..g {
                             let row = j0 + j;
-                            let pr =
-                                _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq(row, b + k)), ones);
-                            let sc = _mm256_set1_ps(dw * x.d[row * x.nbp + b + k]);
-                            sums[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pr), sc, sums[j]);
-                            mins[j] += mw * x.s[row * x.nbp + b + k];
+                            let pa = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xq(row, b)), ones);
+                            let sa = _mm256_set1_ps(scale[j][k]);
+                            sums[0][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pa), sa, sums[0][j]);
+                            if two {
+                                let pb = _mm256_madd_epi16(
+                                    _mm256_maddubs_epi16(wb, xq(row, b + 1)),
+                                    ones,
+                                );
+                                let sb = _mm256_set1_ps(scale[j][k + 1]);
+                                sums[1][j] =
+                                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(pb), sb, sums[1][j]);
+                            }
                         }
+                        k += if two { 2 } else { 1 };
                     }
-                    b += n;
-                }
-                Format::Q8_0 => {
-                    let wq = _mm256_loadu_si256(w.qs.as_ptr().add(wi * 32) as *const __m256i);
-                    let aw = _mm256_sign_epi8(wq, wq);
-                    let dw = w.d[wi].to_f32();
-                    for j in 0..g {
-                        let row = j0 + j;
-                        let sx = _mm256_sign_epi8(xq(row, b), wq);
-                        let pr = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
-                        let sc = _mm256_set1_ps(dw * x.d[row * x.nbp + b]);
-                        sums[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pr), sc, sums[j]);
+                    Format::Q8_0 => {
+                        let wq = _mm256_loadu_si256(w.qs.as_ptr().add(wi * 32) as *const __m256i);
+                        let aw = _mm256_sign_epi8(wq, wq);
+                        for j in 0..g {
+                            let sx = _mm256_sign_epi8(xq(j0 + j, b), wq);
+                            let pr = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
+                            let sc = _mm256_set1_ps(scale[j][k]);
+                            let s = &mut sums[k % 2][j];
+                            *s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pr), sc, *s);
+                        }
+                        k += 1;
                     }
-                    b += 1;
                 }
             }
+            b0 += n;
         }
         for j in 0..g {
-            acc[j] = hsum256(sums[j]) + mins[j];
+            acc[j] = hsum256(_mm256_add_ps(
+                _mm256_add_ps(sums[0][j], sums[1][j]),
+                mins[j],
+            ));
         }
     }
 

@@ -76,7 +76,8 @@ impl SpinPool {
     }
 
     /// Run `f(t)` for every `t` in `0..threads()`, `f(0)` on this thread; returns when all
-    /// have returned.
+    /// have returned. `f` must not panic: a worker that unwinds never reports back, and the
+    /// caller would wait for it forever (the jobs are kernels over bounds checked before).
     pub(crate) fn run(&self, f: &(dyn Fn(usize) + Sync)) {
         let Ok(_guard) = self.caller.try_lock() else {
             (0..self.threads).for_each(f);
