@@ -26,6 +26,8 @@ struct Shared {
     park: Mutex<()>,
     wake: Condvar,
     parked: AtomicUsize,
+    /// A worker's share of the current job panicked (re-raised on the calling thread).
+    panicked: std::sync::atomic::AtomicBool,
 }
 
 // SAFETY: `job` is written only by the thread holding `SpinPool::caller` while no worker reads it
@@ -56,6 +58,7 @@ impl SpinPool {
             park: Mutex::new(()),
             wake: Condvar::new(),
             parked: AtomicUsize::new(0),
+            panicked: std::sync::atomic::AtomicBool::new(false),
         });
         for t in 1..threads {
             let sh = shared.clone();
@@ -76,12 +79,16 @@ impl SpinPool {
     }
 
     /// Run `f(t)` for every `t` in `0..threads()`, `f(0)` on this thread; returns when all
-    /// have returned. `f` must not panic: a worker that unwinds never reports back, and the
-    /// caller would wait for it forever (the jobs are kernels over bounds checked before).
+    /// have returned. A panic in any share is raised here, after every share has stopped.
     pub(crate) fn run(&self, f: &(dyn Fn(usize) + Sync)) {
-        let Ok(_guard) = self.caller.try_lock() else {
-            (0..self.threads).for_each(f);
-            return;
+        let _guard = match self.caller.try_lock() {
+            Ok(g) => g,
+            // A share panicked on the calling thread before: the pool itself is sound.
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                (0..self.threads).for_each(f);
+                return;
+            }
         };
         if self.threads == 1 {
             f(0);
@@ -100,9 +107,21 @@ impl SpinPool {
             let _g = sh.park.lock().unwrap_or_else(|e| e.into_inner());
             sh.wake.notify_all();
         }
+        // Waits for the workers however this function is left, unwinding included: they
+        // hold a pointer to `f`.
+        struct WaitForWorkers<'a>(&'a Shared);
+        impl Drop for WaitForWorkers<'_> {
+            fn drop(&mut self) {
+                while self.0.pending.load(Ordering::Acquire) != 0 {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+        let wait = WaitForWorkers(sh);
         f(0);
-        while sh.pending.load(Ordering::Acquire) != 0 {
-            std::hint::spin_loop();
+        drop(wait);
+        if sh.panicked.swap(false, Ordering::AcqRel) {
+            panic!("a decoding thread panicked (its message is above)");
         }
     }
 }
@@ -135,7 +154,10 @@ fn worker(sh: Arc<Shared>, t: usize) {
         // SAFETY: published before the epoch this thread just saw; the caller waits for us.
         if let Some(job) = unsafe { *sh.job.get() } {
             let f = unsafe { &*job };
-            f(t);
+            // A panic must not kill the thread: the caller is waiting for `pending`.
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(t))).is_err() {
+                sh.panicked.store(true, Ordering::Release);
+            }
         }
         sh.pending.fetch_sub(1, Ordering::Release);
     }
@@ -162,5 +184,28 @@ mod tests {
         for h in &hits {
             assert_eq!(h.load(Ordering::Relaxed), 1001);
         }
+    }
+
+    /// A share that panics, on a worker or on the calling thread, reaches the caller as a
+    /// panic once every share has stopped, and the pool keeps working.
+    #[test]
+    fn a_panicking_share_reaches_the_caller_and_the_pool_survives() {
+        let pool = SpinPool::new(2);
+        for bad in [0, 1] {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                pool.run(&|t| {
+                    if t == bad {
+                        panic!("share {t} fails");
+                    }
+                })
+            }));
+            assert!(r.is_err(), "share {bad}'s panic was lost");
+        }
+        // Still two threads, not one running every share.
+        let ids = Mutex::new(Vec::new());
+        pool.run(&|_| ids.lock().unwrap().push(std::thread::current().id()));
+        let ids = ids.into_inner().unwrap();
+        assert_eq!(ids.len(), 2);
+        assert_ne!(ids[0], ids[1], "the workers are no longer used");
     }
 }
