@@ -496,13 +496,31 @@ mod x86 {
         g: usize,
         acc: &mut [f32; GROUP],
     ) {
+        // On the group size, so the accumulators stay in registers.
+        match g {
+            1 => avx2_rows::<1>(w, r, x, j0, acc),
+            2 => avx2_rows::<2>(w, r, x, j0, acc),
+            3 => avx2_rows::<3>(w, r, x, j0, acc),
+            _ => avx2_rows::<4>(w, r, x, j0, acc),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn avx2_rows<const G: usize>(
+        w: &Packed,
+        r: usize,
+        x: &QActs,
+        j0: usize,
+        acc: &mut [f32; GROUP],
+    ) {
+        let g = G;
         let nb = w.nb;
         let wrow = r * nb;
         let ones = _mm256_set1_epi16(1);
         let low = _mm256_set1_epi8(0x0F);
-        let mut sums = [[_mm256_setzero_ps(); GROUP]; 2];
-        let mut mins = [_mm256_setzero_ps(); GROUP];
-        let mut scale = [[0f32; 8]; GROUP];
+        let mut sums = [[_mm256_setzero_ps(); G]; 2];
+        let mut mins = [_mm256_setzero_ps(); G];
+        let mut scale = [[0f32; 8]; G];
         let xq = |row: usize, b: usize| {
             _mm256_loadu_si256(x.q.as_ptr().add((row * nb + b) * QK) as *const __m256i)
         };
