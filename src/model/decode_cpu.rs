@@ -9,8 +9,9 @@
 //! [`KvCache`] the candle path fills, written in place, so prefill (dense gemm) and these steps
 //! share it.
 //!
-//! Runs where [`Llama::fast_decode`] says: CPU, f32, inference, every projection held as blocks
-//! (`generate.weights = "mixed"` or `"q8"`).
+//! Runs where [`Llama::fast_decode`] says: CPU, f32, inference, our attention (not the composed
+//! ops a user can ask for), every projection held as blocks (`generate.weights = "mixed"` or
+//! `"q8"`).
 
 use super::llama::{KvCache, Llama, Mode};
 use super::lora::{Lora, Projection};
@@ -207,10 +208,12 @@ impl candle_core::InplaceOp1 for WriteColumn<'_> {
 
 impl Llama {
     /// Whether [`Llama::decode_step_cpu`] runs for `rows` rows in `mode`: at any batch size
-    /// (measured faster than dense gemm at 1 to 64 rows, docs/PERF.md).
+    /// (measured faster than dense gemm at 1 to 64 rows, docs/PERF.md), unless the load
+    /// options asked for candle's composed attention (`attention = "composed"`).
     pub(crate) fn fast_decode(&self, rows: usize, mode: Mode) -> bool {
         rows >= 1
             && !mode.train
+            && self.fused_attention
             && self.device.is_cpu()
             && self.dtype == candle_core::DType::F32
             && self.lm_head.packed().is_some()
