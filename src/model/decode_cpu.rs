@@ -15,7 +15,7 @@
 
 use super::llama::{KvCache, Llama, Mode};
 use super::lora::{Lora, Projection};
-use super::quant::{Packed, QActs};
+use super::quant::QActs;
 use crate::error::{bail, Result};
 use candle_core::{CpuStorage, Layout, Storage, Tensor};
 
@@ -266,51 +266,28 @@ impl Llama {
             bail!("internal: RoPE tables are not f32 on the CPU");
         };
 
-        // y = W x (+ LoRA), for the activations quantized in `s.acts` from `x`.
-        let project = |w: &Packed,
-                       x: &[f32],
-                       acts: &QActs,
-                       lo: Option<&Lora>,
-                       y: &mut Vec<f32>,
-                       tmp: &mut Vec<f32>|
-         -> Result<()> {
-            y.clear();
-            y.resize(b * w.rows, 0.0);
-            w.matmul(acts, y);
-            if let Some(l) = lo {
-                add_lora(l, x, b, y, tmp)?;
-            }
-            Ok(())
-        };
-
         for (li, layer) in self.layers.iter().enumerate() {
-            let pk = |p: Projection| layer.proj(p).packed().expect("checked by fast_decode");
+            // y = W x (+ LoRA) for projection `p`, from `acts` (quantized from `x`).
+            let project = |p: Projection,
+                           x: &[f32],
+                           acts: &QActs,
+                           y: &mut Vec<f32>,
+                           tmp: &mut Vec<f32>|
+             -> Result<()> {
+                let w = layer.proj(p).packed().expect("checked by fast_decode");
+                y.clear();
+                y.resize(b * w.rows, 0.0);
+                w.matmul(acts, y);
+                if let Some(l) = lora(li, p) {
+                    add_lora(l, x, b, y, tmp)?;
+                }
+                Ok(())
+            };
             with_f32(&layer.input_layernorm, |w| rms_norm(&s.x, w, eps, &mut s.h))?;
             s.acts.quantize(&s.h, b, hs);
-            project(
-                pk(Projection::QProj),
-                &s.h,
-                &s.acts,
-                lora(li, Projection::QProj),
-                &mut s.q,
-                &mut s.lora,
-            )?;
-            project(
-                pk(Projection::KProj),
-                &s.h,
-                &s.acts,
-                lora(li, Projection::KProj),
-                &mut s.k,
-                &mut s.lora,
-            )?;
-            project(
-                pk(Projection::VProj),
-                &s.h,
-                &s.acts,
-                lora(li, Projection::VProj),
-                &mut s.v,
-                &mut s.lora,
-            )?;
+            project(Projection::QProj, &s.h, &s.acts, &mut s.q, &mut s.lora)?;
+            project(Projection::KProj, &s.h, &s.acts, &mut s.k, &mut s.lora)?;
+            project(Projection::VProj, &s.h, &s.acts, &mut s.v, &mut s.lora)?;
             rope(&mut s.q, nh, hd, &pos, cos, sin);
             rope(&mut s.k, nkv, hd, &pos, cos, sin);
             cache.k[li].inplace_op1(&WriteColumn {
@@ -359,48 +336,20 @@ impl Llama {
             })??;
 
             s.acts.quantize(&s.att, b, nh * hd);
-            project(
-                pk(Projection::OProj),
-                &s.att,
-                &s.acts,
-                lora(li, Projection::OProj),
-                &mut s.o,
-                &mut s.lora,
-            )?;
+            project(Projection::OProj, &s.att, &s.acts, &mut s.o, &mut s.lora)?;
             s.x.iter_mut().zip(&s.o).for_each(|(x, o)| *x += o);
 
             with_f32(&layer.post_attention_layernorm, |w| {
                 rms_norm(&s.x, w, eps, &mut s.h)
             })?;
             s.acts.quantize(&s.h, b, hs);
-            project(
-                pk(Projection::GateProj),
-                &s.h,
-                &s.acts,
-                lora(li, Projection::GateProj),
-                &mut s.g,
-                &mut s.lora,
-            )?;
-            project(
-                pk(Projection::UpProj),
-                &s.h,
-                &s.acts,
-                lora(li, Projection::UpProj),
-                &mut s.u,
-                &mut s.lora,
-            )?;
+            project(Projection::GateProj, &s.h, &s.acts, &mut s.g, &mut s.lora)?;
+            project(Projection::UpProj, &s.h, &s.acts, &mut s.u, &mut s.lora)?;
             for (g, u) in s.g.iter_mut().zip(&s.u) {
                 *g = *g / (1.0 + (-*g).exp()) * u;
             }
             s.acts.quantize(&s.g, b, im);
-            project(
-                pk(Projection::DownProj),
-                &s.g,
-                &s.acts,
-                lora(li, Projection::DownProj),
-                &mut s.o,
-                &mut s.lora,
-            )?;
+            project(Projection::DownProj, &s.g, &s.acts, &mut s.o, &mut s.lora)?;
             s.x.iter_mut().zip(&s.o).for_each(|(x, o)| *x += o);
         }
         cache.len = len + 1;

@@ -332,19 +332,30 @@ pub(crate) enum Kernel {
 }
 
 impl Kernel {
-    /// The best kernel this CPU runs (`REVIEWER2_QKERNEL=portable|avx2` picks a lesser one, to
-    /// compare them).
+    /// The best kernel this CPU runs (`REVIEWER2_QKERNEL=portable|avx2|avx512vnni` picks
+    /// another, to compare them; one this CPU lacks, or an unknown name, is named in a warning
+    /// and the best one runs).
     pub(crate) fn get() -> Kernel {
         use std::sync::OnceLock;
         static K: OnceLock<Kernel> = OnceLock::new();
         *K.get_or_init(|| {
-            let want = std::env::var("REVIEWER2_QKERNEL").unwrap_or_default();
             let all = Kernel::available();
-            all.iter()
-                .rev()
-                .find(|k| want.is_empty() || k.name() == want)
-                .copied()
-                .unwrap_or(Kernel::Portable)
+            let best = *all.last().expect("the portable kernel is always there");
+            let Ok(want) = std::env::var("REVIEWER2_QKERNEL") else {
+                return best;
+            };
+            match all.iter().find(|k| k.name() == want) {
+                Some(k) => *k,
+                None => {
+                    let names: Vec<&str> = all.iter().map(|k| k.name()).collect();
+                    tracing::warn!(
+                        "REVIEWER2_QKERNEL={want:?} is not a kernel this CPU runs ({}); using {}",
+                        names.join(", "),
+                        best.name()
+                    );
+                    best
+                }
+            }
         })
     }
 
