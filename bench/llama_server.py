@@ -73,7 +73,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--repeat", type=int, default=1)
-    ap.add_argument("--local-weights", default="f32", choices=["f32", "quantized", "mixed", "q8"])
+    ap.add_argument("--local-weights", default="f32", choices=["f32", "quantized", "mixed", "q8", "blocks"])
     a = ap.parse_args()
 
     common = ["--preset", a.preset, "--set", f"generate.model={a.model}", "--quiet"]

@@ -38,7 +38,7 @@ def main():
     ap.add_argument("--clients", default="1,8,64")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--weights", default="auto", choices=["auto", "mixed", "q8", "f32", "quantized"])
+    ap.add_argument("--weights", default="auto", choices=["auto", "mixed", "q8", "f32", "quantized", "blocks"])
     a = ap.parse_args()
     clients = [int(x) for x in a.clients.split(",")]
     most = max(clients)

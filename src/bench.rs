@@ -132,6 +132,8 @@ enum BenchWeights {
     Mixed,
     /// Requantized to Q8_0 at load
     Q8,
+    /// The file's blocks for prefill and decoding
+    Blocks,
 }
 
 fn peak_rss_mib() -> f64 {
@@ -205,6 +207,7 @@ pub(crate) fn run(recipe: &Recipe, workdir: &std::path::Path, a: BenchArgs) -> R
                     BenchWeights::Quantized => WeightsMode::Quantized,
                     BenchWeights::Mixed => WeightsMode::Mixed,
                     BenchWeights::Q8 => WeightsMode::Q8,
+                    BenchWeights::Blocks => WeightsMode::Blocks,
                     BenchWeights::F32 => WeightsMode::Dense,
                 };
                 Model::load(src, &opts)?
@@ -240,6 +243,7 @@ pub(crate) fn run(recipe: &Recipe, workdir: &std::path::Path, a: BenchArgs) -> R
                         BenchWeights::Quantized => "quantized",
                         BenchWeights::Mixed => "mixed",
                         BenchWeights::Q8 => "q8_0",
+                        BenchWeights::Blocks => "blocks",
                         BenchWeights::F32 => "f32",
                     }
                 },

@@ -204,8 +204,9 @@ impl Recipe {
 
     /// The generation model for one person waiting on it (`sample`, `serve`), ready to take
     /// adapters when `adapters`. With `generate.weights = "auto"`, a GGUF on the CPU in f32
-    /// decodes on its own blocks (`"mixed"`: several times faster for a few streams,
-    /// docs/PERF.md), where the batch stages keep dense weights (every row its solo text).
+    /// runs on its own blocks (`"blocks"`, or `"mixed"` without AVX-512 VNNI: several times
+    /// faster for a few streams, docs/PERF.md), where the batch stages keep dense weights
+    /// (every row its solo text).
     /// Quantized weights held in the GGUF's RoPE layout (`"quantized"`) take no adapter: those
     /// load dense, as training does.
     pub(crate) fn load_interactive(&self, adapters: bool) -> Result<crate::model::Model> {
@@ -213,9 +214,10 @@ impl Recipe {
         let mut opts = plan.load.clone();
         if self.loaded.settings.generate.weights == WeightsChoice::Auto
             && matches!(plan.spec, ModelSpec::Gguf(_))
-            && WeightsMode::interactive_auto(&opts.device, opts.dtype)
         {
-            opts.weights = WeightsMode::Mixed;
+            if let Some(w) = WeightsMode::interactive_auto(&opts.device, opts.dtype) {
+                opts.weights = w;
+            }
         }
         if adapters && opts.weights.interleaved_rope() {
             return self.load(&self.train);

@@ -22,6 +22,17 @@ fn load(weights: WeightsMode) -> Model {
     .unwrap()
 }
 
+fn mean_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)
         .unwrap()
@@ -808,7 +819,8 @@ fn quantized_decoding_agrees_with_the_dense_model() {
     };
     let agree = |x: &Tensor, y: &Tensor| am(x).iter().zip(am(y)).filter(|(a, b)| **a == *b).count();
     let n = ids.len();
-    for mode in [WeightsMode::Mixed, WeightsMode::Q8] {
+    // `blocks` is `mixed` with prefill on the blocks too: `run` prefills through them.
+    for mode in [WeightsMode::Mixed, WeightsMode::Q8, WeightsMode::Blocks] {
         let m = load(mode);
         let b = run(&m);
         let first4 = a
@@ -837,18 +849,24 @@ fn quantized_decoding_agrees_with_the_dense_model() {
             same >= floor,
             "{mode:?}: argmax equal at {same} of {n} (candle on the file's blocks: {same4})"
         );
-        if mode == WeightsMode::Mixed {
-            // The same blocks and the same 8-bit activation scheme: they choose the same next
-            // token at least as often as either does with dense (39 of 39 on the VNNI kernel,
-            // 37 on AVX2, against 35). Their logits differ about as much as each does from
-            // dense: an activation that rounds to the other 8-bit step in one layer moves every
-            // layer after it. (quant.rs checks one product against candle's, to 2^-11.)
+        if mode != WeightsMode::Q8 {
             let both = agree(&lq, &l4);
-            eprintln!("mixed against candle's Q4_1: argmax equal at {both} of {n}");
+            // The same blocks and the same 8-bit activation scheme, summed in other orders:
+            // an activation that rounds to the other 8-bit step in one layer moves every layer
+            // after it, so the two are about as far apart as each is from dense (mean |logit
+            // diff| 0.20 against candle's 0.19 from dense on the tiled VNNI kernel, 0.21 on the
+            // row kernel), and which next token wins at a near-tie is luck (39 of 39 positions
+            // on the row kernel, 34 on the tiled one). A wrong scale or quant order is off by
+            // whole logits. (quant.rs checks one product against candle's, to 2^-11.)
+            let (mean, mean4) = (mean_abs_diff(&lq, &l4), mean_abs_diff(&l4, &ld));
+            eprintln!(
+                "{mode:?} against candle's Q4_1: argmax equal at {both} of {n}, mean |logit \
+                 diff| {mean} (candle against dense: {mean4})"
+            );
             assert!(
-                both >= same.max(same4),
-                "mixed and candle's Q4_1 on the same blocks agree at {both} of {n}, less than \
-                 either with dense ({same}, {same4})"
+                mean <= 1.2 * mean4 && both >= n * 8 / 10,
+                "{mode:?} and candle's Q4_1 on the same blocks: mean |logit diff| {mean} \
+                 (candle against dense: {mean4}), argmax equal at {both} of {n}"
             );
         }
     }

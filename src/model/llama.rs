@@ -70,8 +70,9 @@ enum Weight {
     Quant(Arc<QMatMul>),
     /// Both: quantized blocks for decoding steps (integer dot products over a fifth of the
     /// bytes: `quant.rs`), the dense matrix for prefill (many tokens a row, where f32 gemm
-    /// wins).
-    Both(Tensor, Arc<Packed>),
+    /// wins unless the tiled kernel runs) and training. `true`: prefill on the blocks too
+    /// (`generate.weights = "blocks"`).
+    Both(Tensor, Arc<Packed>, bool),
 }
 
 /// A bias-free linear layer (a frozen base weight).
@@ -99,8 +100,9 @@ impl Linear {
         }
     }
 
-    /// Dense `w` for many rows and quantized `q` (the same weights) for a few.
-    pub(crate) fn both(w: Tensor, q: Packed) -> Result<Self> {
+    /// Dense `w` for many rows and quantized `q` (the same weights) for a few; with
+    /// `prefill_on_blocks`, `q` for inference at any row count.
+    pub(crate) fn both(w: Tensor, q: Packed, prefill_on_blocks: bool) -> Result<Self> {
         let (o, i) = w.dims2()?;
         crate::error::ensure!(
             (q.rows, q.cols) == (o, i),
@@ -109,7 +111,7 @@ impl Linear {
             q.cols
         );
         Ok(Self {
-            weight: Weight::Both(w, Arc::new(q)),
+            weight: Weight::Both(w, Arc::new(q), prefill_on_blocks),
             out_features: o,
             in_features: i,
         })
@@ -121,11 +123,13 @@ impl Linear {
         let (b, t, i) = x.dims3()?;
         let x2 = x.reshape((b * t, i))?;
         let base = match &self.weight {
-            Weight::Dense(w) | Weight::Both(w, _) if mode.train => frozen_matmul(&x2, w)?,
+            Weight::Dense(w) | Weight::Both(w, ..) if mode.train => frozen_matmul(&x2, w)?,
             // Decoding steps (one new token a row) on the blocks, whatever the batch: each
             // row's result then does not depend on the rows beside it.
-            Weight::Both(_, q) if mode.decode && x2.device().is_cpu() => packed_forward(q, &x2)?,
-            Weight::Dense(w) | Weight::Both(w, _) => x2.matmul(&w.t()?)?,
+            Weight::Both(_, q, prefill) if (mode.decode || *prefill) && x2.device().is_cpu() => {
+                packed_forward(q, x, &x2)?
+            }
+            Weight::Dense(w) | Weight::Both(w, ..) => x2.matmul(&w.t()?)?,
             Weight::Quant(q) => q.forward(&x2.contiguous()?)?,
         };
         let y = match lora {
@@ -138,7 +142,7 @@ impl Linear {
     /// The quantized blocks, where this layer keeps them for decoding.
     pub(crate) fn packed(&self) -> Option<&Packed> {
         match &self.weight {
-            Weight::Both(_, q) => Some(q),
+            Weight::Both(_, q, _) => Some(q),
             _ => None,
         }
     }
@@ -146,7 +150,7 @@ impl Linear {
     /// The base weight as a dense f32 tensor `[out, in]`.
     pub(crate) fn dense_f32(&self) -> Result<Tensor> {
         Ok(match &self.weight {
-            Weight::Dense(w) | Weight::Both(w, _) => w.to_dtype(DType::F32)?,
+            Weight::Dense(w) | Weight::Both(w, ..) => w.to_dtype(DType::F32)?,
             Weight::Quant(q) => match q.as_ref() {
                 QMatMul::QTensor(t) => t.dequantize(&Device::Cpu)?,
                 QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
@@ -155,15 +159,42 @@ impl Linear {
     }
 }
 
-/// x: [N, in] f32 through the quantized blocks -> [N, out].
-fn packed_forward(q: &Packed, x: &Tensor) -> Result<Tensor> {
+/// x: [N, in] f32 (`x2`, a view of `input`) through the quantized blocks -> [N, out].
+///
+/// q, k and v (and gate and up) take the same input: its quantized activations are kept,
+/// per thread, under the input's tensor id (ids are never reused, and these tensors are
+/// never written in place), so it is quantized once.
+fn packed_forward(q: &Packed, input: &Tensor, x: &Tensor) -> Result<Tensor> {
+    use std::cell::RefCell;
+    thread_local! {
+        static ACTS: RefCell<(Option<candle_core::TensorId>, QActs)> =
+            RefCell::new((None, QActs::default()));
+    }
     let (n, i) = x.dims2()?;
     let dt = x.dtype();
-    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let mut acts = QActs::default();
-    acts.quantize(&xs, n, i);
-    let mut out = vec![0f32; n * q.rows];
-    q.matmul(&acts, &mut out);
+    let out = ACTS.with(|cell| -> Result<Vec<f32>> {
+        let (id, acts) = &mut *cell.borrow_mut();
+        if *id != Some(input.id()) || acts.rows != n {
+            *id = None;
+            let x = x.to_dtype(DType::F32)?.contiguous()?;
+            let (st, layout) = x.storage_and_layout();
+            match (&*st, layout.contiguous_offsets()) {
+                (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => {
+                    acts.quantize(&v[a..b], n, i)
+                }
+                _ => acts.quantize(&x.flatten_all()?.to_vec1::<f32>()?, n, i),
+            }
+            *id = Some(input.id());
+        }
+        let mut out = vec![0f32; n * q.rows];
+        // Many rows: a prefill, between whose products candle's ops run on rayon's threads.
+        if n > 8 {
+            q.matmul_then_rest(acts, &mut out);
+        } else {
+            q.matmul(acts, &mut out);
+        }
+        Ok(out)
+    })?;
     Ok(Tensor::from_vec(out, (n, q.rows), x.device())?.to_dtype(dt)?)
 }
 

@@ -42,6 +42,10 @@ pub enum WeightsMode {
     Mixed,
     /// As `Mixed`, with every projection requantized to Q8_0 (closer to the dense weights).
     Q8,
+    /// As `Mixed`, with prefill on the blocks too: every product is llama.cpp's arithmetic
+    /// (the file's blocks against 8-bit activations). Where the tiled AVX-512 VNNI kernel runs
+    /// (`quant.rs`), prefill goes about twice as fast as dense f32 gemm.
+    Blocks,
     /// Dequantized to the compute dtype: fastest for batches, and required for training.
     Dense,
 }
@@ -55,10 +59,19 @@ impl WeightsMode {
         !matches!(self, WeightsMode::Dense)
     }
 
-    /// Whether a GGUF loaded for one person waiting (`sample`, `serve`) with
-    /// `generate.weights = "auto"` decodes on its blocks: on the CPU in f32.
-    pub(crate) fn interactive_auto(dev: &Device, dtype: DType) -> bool {
-        dev.is_cpu() && dtype == DType::F32
+    /// How a GGUF loaded for one person waiting (`sample`, `serve`) with
+    /// `generate.weights = "auto"` is held: on the CPU in f32, on its blocks, prefill included
+    /// where the tiled AVX-512 VNNI kernel runs (`Blocks`: faster than dense gemm there), for
+    /// decoding only elsewhere (`Mixed`); `None` keeps the batch stages' dense weights.
+    pub(crate) fn interactive_auto(dev: &Device, dtype: DType) -> Option<WeightsMode> {
+        if !(dev.is_cpu() && dtype == DType::F32) {
+            return None;
+        }
+        Some(if quant::prefill_on_blocks_pays() {
+            WeightsMode::Blocks
+        } else {
+            WeightsMode::Mixed
+        })
     }
 
     /// Only candle's quantized matmuls keep q/k in the GGUF's interleaved-RoPE row order; the
@@ -129,14 +142,16 @@ impl DTypeChoice {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum WeightsChoice {
-    /// Dense f32 for the batch stages (every row its solo text, at any batch size); `Mixed`
-    /// for `sample` and `serve` on the CPU (`Recipe::load_interactive`), several times faster
-    /// for a few streams (docs/PERF.md).
+    /// Dense f32 for the batch stages (every row its solo text, at any batch size); `Blocks`
+    /// (or `Mixed` without AVX-512 VNNI) for `sample` and `serve` on the CPU
+    /// (`Recipe::load_interactive`), several times faster for a few streams (docs/PERF.md).
     #[default]
     Auto,
     Quantized,
     /// The file's blocks for decoding, dense for prefill (see [`WeightsMode::Mixed`]).
     Mixed,
+    /// The file's blocks for prefill and decoding (see [`WeightsMode::Blocks`]).
+    Blocks,
     /// Requantized to Q8_0 at load (see [`WeightsMode::Q8`]).
     Q8,
     F32,
@@ -148,6 +163,7 @@ impl WeightsChoice {
         match self {
             WeightsChoice::Quantized if gguf => WeightsMode::Quantized,
             WeightsChoice::Mixed if gguf => WeightsMode::Mixed,
+            WeightsChoice::Blocks if gguf => WeightsMode::Blocks,
             WeightsChoice::Q8 if gguf => WeightsMode::Q8,
             _ => WeightsMode::Dense,
         }
@@ -392,15 +408,19 @@ impl GgufTensors<'_> {
         }
         let mut w = q.dequantize(&self.opts.device)?;
         let (o, i) = w.dims2()?;
-        let blocks = matches!(self.opts.weights, WeightsMode::Mixed | WeightsMode::Q8)
-            && self.opts.device.is_cpu()
+        let blocks = matches!(
+            self.opts.weights,
+            WeightsMode::Mixed | WeightsMode::Q8 | WeightsMode::Blocks
+        ) && self.opts.device.is_cpu()
             && i.is_multiple_of(quant::QK);
         let mut packed = if blocks {
             use candle_core::quantized::GgmlDType;
             let raw =
                 |f| -> Result<quant::Packed> { Ok(quant::Packed::from_ggml(f, &q.data()?, o, i)) };
             Some(match (self.opts.weights, q.dtype()) {
-                (WeightsMode::Mixed, GgmlDType::Q4_1) => raw(quant::Format::Q4_1)?,
+                (WeightsMode::Mixed | WeightsMode::Blocks, GgmlDType::Q4_1) => {
+                    raw(quant::Format::Q4_1)?
+                }
                 (_, GgmlDType::Q8_0) => raw(quant::Format::Q8_0)?,
                 _ => quant::Packed::quantize_q8_0(&w.flatten_all()?.to_vec1()?, o, i),
             })
@@ -413,7 +433,7 @@ impl GgufTensors<'_> {
         }
         let w = w.to_dtype(self.opts.dtype)?;
         match packed {
-            Some(p) => Linear::both(w, p),
+            Some(p) => Linear::both(w, p, self.opts.weights == WeightsMode::Blocks),
             None => Linear::dense(w),
         }
     }

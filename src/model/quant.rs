@@ -51,6 +51,38 @@ pub(crate) struct Packed {
     /// Q8_0: `[rows, nb]` sums of the quants. The VNNI kernel multiplies unsigned activations
     /// (`q + 128`) and takes `128 * sum` back off.
     sums: Vec<i16>,
+    /// The same blocks sixteen rows side by side, for the tiled AVX-512 VNNI kernel; built
+    /// when that kernel runs here and the row count is whole tiles.
+    tiles: Option<Tiles>,
+}
+
+/// Weight rows side by side in a tile: the sixteen 32-bit lanes of one 512-bit register.
+const TILE: usize = 16;
+
+/// Activation rows one tile's block serves from registers.
+const TILE_ROWS: usize = 8;
+
+/// Activation rows whose quants stay in cache while a thread's tiles pass over them.
+const ROW_CHUNK: usize = 64;
+
+/// A [`Packed`] matrix regrouped so that one `vpdpbusd` multiplies four consecutive quants of
+/// each of sixteen weight rows by the same four activation bytes (broadcast): a block's integer
+/// sums for sixteen rows build up in one register, its sixteen scales load as one vector, and
+/// nothing is shuffled or summed across lanes. The row layout's kernel spends four instructions
+/// on scales per `vpdpbusd`; this one one for eight, which is what makes prefill and wide
+/// batches on blocks pay (llama.cpp's repacked Q4_0x8 kernels work the same way).
+struct Tiles {
+    /// `[rows / 16, nb]` tile-blocks. Q4_1: 4 x 64 bytes; byte `64 g + 4 l + e` holds element
+    /// `4 g + e` of the tile's row `l` in its low nibble and element `16 + 4 g + e` in its high
+    /// one. Q8_0: 8 x 64 bytes; byte `64 k + 4 l + e` is element `4 k + e` of row `l`.
+    q: Vec<u8>,
+    /// `[rows / 16, nb, 16]` scales.
+    d: Vec<f16>,
+    /// Q4_1: `[rows / 16, nb, 16]` minimums.
+    m: Vec<f16>,
+    /// Q8_0: `[rows / 16, nb, 16]` `-128 * sum(q)`, where each block's integer sum starts: the
+    /// kernel multiplies `q_x + 128` (unsigned) and this takes the excess off exactly.
+    neg: Vec<i32>,
 }
 
 /// Bytes of one GGML block in a GGUF file.
@@ -88,6 +120,7 @@ impl Packed {
             d: Vec::with_capacity(rows * nb),
             m: Vec::new(),
             sums: Vec::new(),
+            tiles: None,
         };
         let h = |b: &[u8], at: usize| f16::from_le_bytes([b[at], b[at + 1]]);
         let mut unpacked = [0u8; 64];
@@ -117,7 +150,59 @@ impl Packed {
                 }
             }
         }
+        p.tiles = p.tile();
         p
+    }
+
+    /// The tiled copy, where the tiled kernel runs on this CPU and the rows are whole tiles.
+    fn tile(&self) -> Option<Tiles> {
+        if !Kernel::tiled_available() || !self.rows.is_multiple_of(TILE) {
+            return None;
+        }
+        Some(self.tiles_unchecked())
+    }
+
+    fn tiles_unchecked(&self) -> Tiles {
+        let (nt, nb) = (self.rows / TILE, self.nb);
+        let qb = match self.format {
+            Format::Q4_1 => 256,
+            Format::Q8_0 => 512,
+        };
+        let mut t = Tiles {
+            q: vec![0u8; nt * nb * qb],
+            d: Vec::with_capacity(nt * nb * TILE),
+            m: Vec::new(),
+            neg: Vec::new(),
+        };
+        for ti in 0..nt {
+            for b in 0..nb {
+                let q = &mut t.q[(ti * nb + b) * qb..][..qb];
+                for l in 0..TILE {
+                    let (r, i) = (ti * TILE + l, (ti * TILE + l) * nb + b);
+                    t.d.push(self.d[i]);
+                    match self.format {
+                        Format::Q4_1 => {
+                            t.m.push(self.m[i]);
+                            for g in 0..4 {
+                                for e in 0..4 {
+                                    q[64 * g + 4 * l + e] = self.q4(r, b, 4 * g + e)
+                                        | (self.q4(r, b, 16 + 4 * g + e) << 4);
+                                }
+                            }
+                        }
+                        Format::Q8_0 => {
+                            t.neg.push(-128 * self.sums[i] as i32);
+                            for k in 0..8 {
+                                for e in 0..4 {
+                                    q[64 * k + 4 * l + e] = self.qs[i * QK + 4 * k + e];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        t
     }
 
     /// Quantize a dense row-major `[rows, cols]` matrix to Q8_0 (GGML's rounding).
@@ -154,11 +239,12 @@ impl Packed {
                 .flat_map(|&r| v[r * nb..(r + 1) * nb].iter().copied())
                 .collect()
         };
-        Packed {
+        let mut p = Packed {
             format: self.format,
             rows: self.rows,
             cols: self.cols,
             nb,
+            tiles: None,
             qs: order
                 .iter()
                 .flat_map(|&r| self.qs[r * nb * ql..(r + 1) * nb * ql].iter().copied())
@@ -173,7 +259,9 @@ impl Packed {
                     .flat_map(|&r| self.sums[r * nb..(r + 1) * nb].iter().copied())
                     .collect()
             },
-        }
+        };
+        p.tiles = p.tile();
+        p
     }
 
     /// Q4_1: the 4-bit quant of element `j` of block `b` of row `r`.
@@ -228,6 +316,16 @@ impl Packed {
     /// `out[j, r] = sum_c w[r, c] * x[j, c]` for the `x.rows` activation rows; `out` is
     /// `[x.rows, self.rows]`, row-major. Weight rows are split across the thread pool.
     pub(crate) fn matmul(&self, x: &QActs, out: &mut [f32]) {
+        self.matmul_pooled(x, out, false)
+    }
+
+    /// [`Packed::matmul`] after which the pool's threads park at once: for products between
+    /// which the caller runs other multi-threaded work (prefill through candle's ops).
+    pub(crate) fn matmul_then_rest(&self, x: &QActs, out: &mut [f32]) {
+        self.matmul_pooled(x, out, true)
+    }
+
+    fn matmul_pooled(&self, x: &QActs, out: &mut [f32], rest: bool) {
         assert_eq!(
             x.nb, self.nb,
             "activations of {} blocks against rows of {}",
@@ -236,6 +334,41 @@ impl Packed {
         assert_eq!(out.len(), x.rows * self.rows);
         let kernel = Kernel::get();
         let pool = super::spin_pool::SpinPool::global();
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(tiles), Kernel::Avx512Vnni) = (&self.tiles, kernel) {
+            // Tiles split across threads; activation rows in chunks that stay in cache while
+            // a thread's tiles pass over them.
+            let nt = self.rows / TILE;
+            let parts = pool.threads().min(nt).max(1);
+            let dst = SendPtr(out.as_mut_ptr());
+            let run = |t: usize| {
+                if t >= parts {
+                    return;
+                }
+                let (t0, t1) = (nt * t / parts, nt * (t + 1) / parts);
+                let dst = &dst;
+                for c0 in (0..x.rows).step_by(ROW_CHUNK) {
+                    let c1 = (c0 + ROW_CHUNK).min(x.rows);
+                    for tile in t0..t1 {
+                        for j0 in (c0..c1).step_by(TILE_ROWS) {
+                            let g = (c1 - j0).min(TILE_ROWS);
+                            // SAFETY: the kernel is available (tiles are built only then); parts
+                            // own disjoint tiles, so each output element has one writer, and
+                            // rows j0..j0 + g, columns of `tile` lie inside `out` (asserted).
+                            unsafe { x86::tiled(self, tiles, x, tile, j0, g, dst.0) };
+                        }
+                    }
+                }
+            };
+            if parts == 1 {
+                run(0);
+            } else if rest {
+                pool.run_then_rest(&run);
+            } else {
+                pool.run(&run);
+            }
+            return;
+        }
         let parts = pool.threads().min(self.rows.div_ceil(16)).max(1);
         let dst = SendPtr(out.as_mut_ptr());
         let run = |t: usize| {
@@ -260,10 +393,18 @@ impl Packed {
         };
         if parts == 1 {
             run(0);
+        } else if rest {
+            pool.run_then_rest(&run);
         } else {
             pool.run(&run);
         }
     }
+}
+
+/// Whether products over many rows (prefill) run faster on the blocks than dense f32 gemm does:
+/// where the tiled kernel runs (docs/PERF.md: about 1.8x on an AVX-512 VNNI Zen 4).
+pub(crate) fn prefill_on_blocks_pays() -> bool {
+    Kernel::tiled_available()
 }
 
 pub(crate) struct SendPtr(pub(crate) *mut f32);
@@ -279,6 +420,8 @@ pub(crate) struct QActs {
     nb: usize,
     /// `[rows, nb * 32]`
     q: Vec<i8>,
+    /// `q + 128` (unsigned), for the tiled kernel's Q8_0 products.
+    qu: Vec<u8>,
     /// `[rows, nbp]` scales, zero-padded to `nbp` (a multiple of 16) so a kernel can load 16.
     d: Vec<f32>,
     /// `[rows, nbp]` `d * sum(q)` per block (Q4_1's minimum term).
@@ -287,37 +430,95 @@ pub(crate) struct QActs {
 }
 
 impl QActs {
-    /// Quantize `x` (`[rows, cols]`, row-major) into this buffer, reusing its memory.
+    /// Quantize `x` (`[rows, cols]`, row-major) into this buffer, reusing its memory. Many
+    /// rows (a prefill) are split across the thread pool.
     pub(crate) fn quantize(&mut self, x: &[f32], rows: usize, cols: usize) {
         assert!(cols.is_multiple_of(QK) && x.len() == rows * cols);
         let nb = cols / QK;
         let nbp = nb.next_multiple_of(16);
+        let tiled = Kernel::tiled_available();
         self.rows = rows;
         self.nb = nb;
         self.nbp = nbp;
         self.q.resize(rows * cols, 0);
+        self.qu.resize(if tiled { rows * cols } else { 0 }, 0);
         self.d.clear();
         self.d.resize(rows * nbp, 0.0);
         self.s.clear();
         self.s.resize(rows * nbp, 0.0);
-        for (bi, (blk, q)) in x
-            .chunks_exact(QK)
-            .zip(self.q.chunks_exact_mut(QK))
-            .enumerate()
-        {
-            let amax = blk.iter().fold(0f32, |a, &v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let mut sum = 0i32;
-            for (o, &v) in q.iter_mut().zip(blk) {
-                // Round half to even by the magic-number trick: vectorizes, unlike `round()`.
-                let r = ((v * id) + 12582912.0) - 12582912.0;
-                *o = r as i8;
-                sum += r as i32;
+        let simd = Kernel::get() != Kernel::Portable;
+        let (q, qu, d, s) = (
+            SendPtr(self.q.as_mut_ptr() as *mut f32),
+            SendPtr(self.qu.as_mut_ptr() as *mut f32),
+            SendPtr(self.d.as_mut_ptr()),
+            SendPtr(self.s.as_mut_ptr()),
+        );
+        let pool = super::spin_pool::SpinPool::global();
+        // Below a few thousand values a split costs more than it saves.
+        let parts = if rows * cols >= 1 << 14 {
+            pool.threads().min(rows)
+        } else {
+            1
+        };
+        let run = |t: usize| {
+            if t >= parts {
+                return;
             }
-            let (row, b) = (bi / nb, bi % nb);
-            self.d[row * nbp + b] = d;
-            self.s[row * nbp + b] = d * sum as f32;
+            let (q, qu, d, s) = (&q, &qu, &d, &s);
+            for row in rows * t / parts..rows * (t + 1) / parts {
+                // SAFETY: each row's ranges are written by the one part that owns the row, and
+                // lie inside the buffers sized above.
+                let (qr, qur, dr, sr) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut((q.0 as *mut i8).add(row * cols), cols),
+                        if tiled {
+                            std::slice::from_raw_parts_mut((qu.0 as *mut u8).add(row * cols), cols)
+                        } else {
+                            &mut []
+                        },
+                        std::slice::from_raw_parts_mut(d.0.add(row * nbp), nb),
+                        std::slice::from_raw_parts_mut(s.0.add(row * nbp), nb),
+                    )
+                };
+                let xr = &x[row * cols..(row + 1) * cols];
+                #[cfg(target_arch = "x86_64")]
+                if simd {
+                    // SAFETY: every kernel but the portable one needs AVX2.
+                    unsafe { x86::quantize_row(xr, qr, qur, dr, sr) };
+                    continue;
+                }
+                let _ = simd;
+                quantize_row(xr, qr, qur, dr, sr);
+            }
+        };
+        if parts == 1 {
+            run(0);
+        } else {
+            pool.run(&run);
+        }
+    }
+}
+
+/// One row of activations to 8 bits per block: `q = round(x / d)`, `d = max|x| / 127`,
+/// `s = d * sum(q)`, and `qu = q + 128` where `qu` is not empty.
+fn quantize_row(x: &[f32], q: &mut [i8], qu: &mut [u8], d: &mut [f32], s: &mut [f32]) {
+    for (b, (blk, qb)) in x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)).enumerate() {
+        let amax = blk.iter().fold(0f32, |a, &v| a.max(v.abs()));
+        let db = amax / 127.0;
+        let id = if db != 0.0 { 1.0 / db } else { 0.0 };
+        let mut sum = 0i32;
+        for (o, &v) in qb.iter_mut().zip(blk) {
+            // Round half to even (as `vcvtps2dq` does) by the magic-number trick.
+            let r = ((v * id) + 12582912.0) - 12582912.0;
+            *o = r as i8;
+            sum += r as i32;
+        }
+        d[b] = db;
+        s[b] = db * sum as f32;
+        if !qu.is_empty() {
+            for (u, &v) in qu[b * QK..(b + 1) * QK].iter_mut().zip(qb.iter()) {
+                *u = v as u8 ^ 0x80;
+            }
         }
     }
 }
@@ -381,6 +582,18 @@ impl Kernel {
             }
         }
         v
+    }
+
+    /// Whether the tiled kernel (part of the AVX-512 VNNI one) runs here.
+    fn tiled_available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            Kernel::get() == Kernel::Avx512Vnni
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
     }
 
     pub(crate) fn name(self) -> &'static str {
@@ -467,8 +680,186 @@ fn portable_row(w: &Packed, r: usize, x: &QActs, j0: usize, g: usize, acc: &mut 
 // Kernels index several per-row arrays with one counter.
 #[allow(clippy::needless_range_loop)]
 mod x86 {
-    use super::{Format, Packed, QActs, GROUP, QK};
+    use super::{Format, Packed, QActs, Tiles, GROUP, QK, TILE, TILE_ROWS};
     use std::arch::x86_64::*;
+
+    /// `out[(j0 + j) * w.rows + 16 tile + l] = w[16 tile + l] . x[j0 + j]` for `j < g <= 8`,
+    /// `l < 16`, from the tiled copy `t` of `w`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn tiled(
+        w: &Packed,
+        t: &Tiles,
+        x: &QActs,
+        tile: usize,
+        j0: usize,
+        g: usize,
+        out: *mut f32,
+    ) {
+        debug_assert!(g <= TILE_ROWS && j0 + g <= x.rows);
+        macro_rules! go {
+            ($($n:literal)*) => {
+                match (w.format, g) {
+                    $((Format::Q4_1, $n) => tiled_q4_1::<$n>(w, t, x, tile, j0, out),)*
+                    $((Format::Q8_0, $n) => tiled_q8_0::<$n>(w, t, x, tile, j0, out),)*
+                    _ => unreachable!("at most {TILE_ROWS} rows a pass"),
+                }
+            };
+        }
+        go!(1 2 3 4 5 6 7 8)
+    }
+
+    /// [`super::quantize_row`] in AVX2: the same values (`vcvtps2dq` rounds half to even).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn quantize_row(
+        x: &[f32],
+        q: &mut [i8],
+        qu: &mut [u8],
+        d: &mut [f32],
+        s: &mut [f32],
+    ) {
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+        let flip = _mm256_set1_epi8(-128);
+        for b in 0..x.len() / QK {
+            let p = x.as_ptr().add(b * QK);
+            let v = [
+                _mm256_loadu_ps(p),
+                _mm256_loadu_ps(p.add(8)),
+                _mm256_loadu_ps(p.add(16)),
+                _mm256_loadu_ps(p.add(24)),
+            ];
+            let m = _mm256_max_ps(
+                _mm256_max_ps(_mm256_and_ps(v[0], abs), _mm256_and_ps(v[1], abs)),
+                _mm256_max_ps(_mm256_and_ps(v[2], abs), _mm256_and_ps(v[3], abs)),
+            );
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+            let db = amax / 127.0;
+            let id = _mm256_set1_ps(if db != 0.0 { 1.0 / db } else { 0.0 });
+            let i = [
+                _mm256_cvtps_epi32(_mm256_mul_ps(v[0], id)),
+                _mm256_cvtps_epi32(_mm256_mul_ps(v[1], id)),
+                _mm256_cvtps_epi32(_mm256_mul_ps(v[2], id)),
+                _mm256_cvtps_epi32(_mm256_mul_ps(v[3], id)),
+            ];
+            let sum = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+            let sum = _mm_add_epi32(
+                _mm256_castsi256_si128(sum),
+                _mm256_extracti128_si256(sum, 1),
+            );
+            let sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b01_00_11_10));
+            let sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b10_11_00_01));
+            // Saturating packs keep the order within 128-bit lanes; the permute restores it.
+            let w01 = _mm256_packs_epi32(i[0], i[1]);
+            let w23 = _mm256_packs_epi32(i[2], i[3]);
+            let bytes = _mm256_permutevar8x32_epi32(
+                _mm256_packs_epi16(w01, w23),
+                _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7),
+            );
+            _mm256_storeu_si256(q.as_mut_ptr().add(b * QK) as *mut __m256i, bytes);
+            if !qu.is_empty() {
+                _mm256_storeu_si256(
+                    qu.as_mut_ptr().add(b * QK) as *mut __m256i,
+                    _mm256_xor_si256(bytes, flip),
+                );
+            }
+            d[b] = db;
+            s[b] = db * _mm_cvtsi128_si32(sum) as f32;
+        }
+    }
+
+    /// Four activation bytes (a quarter of a block's eighth) in every lane.
+    #[inline(always)]
+    unsafe fn bcast4(p: *const u8) -> __m512i {
+        _mm512_set1_epi32((p as *const i32).read_unaligned())
+    }
+
+    #[inline(always)]
+    unsafe fn scales16(v: &[half::f16], at: usize) -> __m512 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(v.as_ptr().add(at) as *const __m256i))
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+    unsafe fn tiled_q4_1<const J: usize>(
+        w: &Packed,
+        t: &Tiles,
+        x: &QActs,
+        tile: usize,
+        j0: usize,
+        out: *mut f32,
+    ) {
+        let (tq, td, tm) = (&t.q, &t.d, &t.m);
+        let nb = w.nb;
+        let low = _mm512_set1_epi8(0x0F);
+        let mut acc = [_mm512_setzero_ps(); J];
+        for b in 0..nb {
+            let tb = tile * nb + b;
+            let p = tq.as_ptr().add(tb * 256);
+            let mut wv = [_mm512_setzero_si512(); 8];
+            for g in 0..4 {
+                let v = _mm512_loadu_si512(p.add(64 * g) as *const _);
+                wv[g] = _mm512_and_si512(v, low);
+                wv[g + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            }
+            let mut ia = [_mm512_setzero_si512(); J];
+            for k in 0..8 {
+                for j in 0..J {
+                    let xp = (x.q.as_ptr() as *const u8).add(((j0 + j) * nb + b) * QK + 4 * k);
+                    // Unsigned 4-bit weights times signed 8-bit activations.
+                    ia[j] = _mm512_dpbusd_epi32(ia[j], wv[k], bcast4(xp));
+                }
+            }
+            let dw = scales16(td, tb * TILE);
+            let mw = scales16(tm, tb * TILE);
+            for j in 0..J {
+                let at = (j0 + j) * x.nbp + b;
+                let dd = _mm512_mul_ps(dw, _mm512_set1_ps(*x.d.get_unchecked(at)));
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[j]), dd, acc[j]);
+                // + m * (d_x * sum q_x)
+                acc[j] = _mm512_fmadd_ps(mw, _mm512_set1_ps(*x.s.get_unchecked(at)), acc[j]);
+            }
+        }
+        for j in 0..J {
+            _mm512_storeu_ps(out.add((j0 + j) * w.rows + tile * TILE), acc[j]);
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+    unsafe fn tiled_q8_0<const J: usize>(
+        w: &Packed,
+        t: &Tiles,
+        x: &QActs,
+        tile: usize,
+        j0: usize,
+        out: *mut f32,
+    ) {
+        let (tq, td, tn) = (&t.q, &t.d, &t.neg);
+        let nb = w.nb;
+        let mut acc = [_mm512_setzero_ps(); J];
+        for b in 0..nb {
+            let tb = tile * nb + b;
+            let p = tq.as_ptr().add(tb * 512);
+            // Each sum starts at -128 sum(q_w), so after the unsigned products it is exact.
+            let start = _mm512_loadu_si512(tn.as_ptr().add(tb * TILE) as *const _);
+            let mut ia = [start; J];
+            for k in 0..8 {
+                let wk = _mm512_loadu_si512(p.add(64 * k) as *const _);
+                for j in 0..J {
+                    let xp = x.qu.as_ptr().add(((j0 + j) * nb + b) * QK + 4 * k);
+                    ia[j] = _mm512_dpbusd_epi32(ia[j], bcast4(xp), wk);
+                }
+            }
+            let dw = scales16(td, tb * TILE);
+            for j in 0..J {
+                let at = (j0 + j) * x.nbp + b;
+                let dd = _mm512_mul_ps(dw, _mm512_set1_ps(*x.d.get_unchecked(at)));
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[j]), dd, acc[j]);
+            }
+        }
+        for j in 0..J {
+            _mm512_storeu_ps(out.add((j0 + j) * w.rows + tile * TILE), acc[j]);
+        }
+    }
 
     #[inline(always)]
     unsafe fn hsum256(v: __m256) -> f32 {
@@ -804,15 +1195,26 @@ mod tests {
     /// Every kernel the CPU has gives the portable kernel's products (the same integer sums,
     /// summed in another order), for Q4_1 and Q8_0, for 1 to 6 activation rows, and for a row
     /// length with an odd block count and a partial group of sixteen (k = 608: 19 blocks).
+    ///
+    /// The threaded product uses the tiled kernel where the CPU has it and the rows are whole
+    /// tiles (48 and 32 rows here), with 1 to 70 activation rows: partial passes of eight and
+    /// more than one chunk of 64.
     #[test]
     fn kernels_agree_with_the_portable_reference() {
-        for (rows, cols) in [(37, 576), (20, 608), (5, 1536)] {
+        for (rows, cols) in [
+            (37, 576),
+            (20, 608),
+            (5, 1536),
+            (48, 576),
+            (32, 608),
+            (32, 1536),
+        ] {
             let wf = rand_vec(rows * cols, 1);
             let mats = [
                 Packed::from_ggml(Format::Q4_1, &q4_1_bytes(&wf), rows, cols),
                 Packed::quantize_q8_0(&wf, rows, cols),
             ];
-            for m in [1, 3, 6] {
+            for m in [1, 3, 6, 11, 70] {
                 let xf = rand_vec(m * cols, 2 + m as u64);
                 let mut x = QActs::default();
                 x.quantize(&xf, m, cols);
@@ -829,10 +1231,24 @@ mod tests {
                             );
                         }
                     }
-                    // The threaded product is the same kernel split by rows.
                     let mut out = vec![0f32; m * rows];
                     w.matmul(&x, &mut out);
-                    assert_eq!(out, Kernel::get().matmul(w, &x));
+                    assert_eq!(
+                        w.tiles.is_some(),
+                        Kernel::tiled_available() && rows % TILE == 0
+                    );
+                    if w.tiles.is_none() {
+                        // The threaded product is the same kernel split by rows.
+                        assert_eq!(out, Kernel::get().matmul(w, &x));
+                        continue;
+                    }
+                    for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+                        assert!(
+                            (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                            "tiled {:?} {rows}x{cols} m={m} at {i}: {a} vs {b}",
+                            w.format
+                        );
+                    }
                 }
             }
         }
@@ -937,6 +1353,52 @@ mod tests {
         }
     }
 
+    /// The SIMD quantizer, split across threads (300 rows), gives the portable one's bytes and
+    /// scales exactly, including an all-zero block and values at rounding ties.
+    #[test]
+    fn simd_quantization_is_the_portable_one() {
+        let (rows, cols) = (300, 576);
+        let mut xf = rand_vec(rows * cols, 21);
+        xf[..QK].fill(0.0);
+        // 127 / 2.54 = 50 per unit: x = k + 0.5 units lands exactly on ties.
+        for (i, v) in xf[QK..2 * QK].iter_mut().enumerate() {
+            *v = (i as f32 - 16.0 + 0.5) / 50.0;
+        }
+        xf[2 * QK - 1] = 2.54;
+        let mut x = QActs::default();
+        x.quantize(&xf, rows, cols);
+        let nb = cols / QK;
+        let mut want = QActs {
+            rows,
+            nb,
+            nbp: x.nbp,
+            q: vec![0; rows * cols],
+            qu: vec![0; x.qu.len()],
+            d: vec![0.0; rows * x.nbp],
+            s: vec![0.0; rows * x.nbp],
+        };
+        for r in 0..rows {
+            let range = r * cols..(r + 1) * cols;
+            let qu: &mut [u8] = if want.qu.is_empty() {
+                &mut []
+            } else {
+                &mut want.qu[range.clone()]
+            };
+            quantize_row(
+                &xf[range.clone()],
+                &mut want.q[range],
+                qu,
+                &mut want.d[r * x.nbp..][..nb],
+                &mut want.s[r * x.nbp..][..nb],
+            );
+        }
+        assert_eq!(x.q, want.q);
+        assert_eq!(x.qu, want.qu);
+        assert_eq!(x.d, want.d);
+        assert_eq!(x.s, want.s);
+        assert!(x.q[QK..2 * QK].iter().any(|&v| v % 2 != 0));
+    }
+
     #[test]
     fn permuted_rows_are_the_rows_reordered() {
         let (rows, cols) = (6, 64);
@@ -970,7 +1432,7 @@ mod tests {
             .collect();
         let head = Packed::quantize_q8_0(&rand_vec(49152 * 576, 4), 49152, 576);
         let bytes: usize = mats.iter().map(|m| m.bytes()).sum::<usize>() * 30 + head.bytes();
-        for m in [1, 4, 32] {
+        for m in [1, 4, 32, 64, 256] {
             let mut x576 = QActs::default();
             x576.quantize(&rand_vec(m * 576, 1), m, 576);
             let mut x1536 = QActs::default();
@@ -988,11 +1450,14 @@ mod tests {
                 head.matmul(&x576, &mut out);
                 best = best.min(t.elapsed().as_secs_f64());
             }
+            // 2 operations a multiply-add, over the 30 layers and the head.
+            let macs = (shapes.iter().map(|&(r, c)| r * c).sum::<usize>() * 30 + 49152 * 576) * m;
             println!(
-                "m={m} {}: {:.2} ms a token's products, {:.1} GB/s",
+                "m={m} {}: {:.2} ms a step's products, {:.1} GB/s, {:.0} GOP/s",
                 Kernel::get().name(),
                 best * 1e3,
-                bytes as f64 / best / 1e9
+                bytes as f64 / best / 1e9,
+                2.0 * macs as f64 / best / 1e9
             );
         }
     }

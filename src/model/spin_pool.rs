@@ -28,6 +28,8 @@ struct Shared {
     parked: AtomicUsize,
     /// A worker's share of the current job panicked (re-raised on the calling thread).
     panicked: std::sync::atomic::AtomicBool,
+    /// Park right after the current job instead of spinning: no other job follows soon.
+    rest: std::sync::atomic::AtomicBool,
 }
 
 // SAFETY: `job` is written only by the thread holding `SpinPool::caller` while no worker reads it
@@ -59,6 +61,7 @@ impl SpinPool {
             wake: Condvar::new(),
             parked: AtomicUsize::new(0),
             panicked: std::sync::atomic::AtomicBool::new(false),
+            rest: std::sync::atomic::AtomicBool::new(false),
         });
         for t in 1..threads {
             let sh = shared.clone();
@@ -81,6 +84,17 @@ impl SpinPool {
     /// Run `f(t)` for every `t` in `0..threads()`, `f(0)` on this thread; returns when all
     /// have returned. A panic in any share is raised here, after every share has stopped.
     pub(crate) fn run(&self, f: &(dyn Fn(usize) + Sync)) {
+        self.run_job(f, false)
+    }
+
+    /// [`SpinPool::run`] for a job after which the caller does other work for a while (a
+    /// prefill's product, followed by candle ops that use rayon's threads): the workers park
+    /// as soon as they finish instead of spinning on cores those threads want.
+    pub(crate) fn run_then_rest(&self, f: &(dyn Fn(usize) + Sync)) {
+        self.run_job(f, true)
+    }
+
+    fn run_job(&self, f: &(dyn Fn(usize) + Sync), rest: bool) {
         let _guard = match self.caller.try_lock() {
             Ok(g) => g,
             // A share panicked on the calling thread before: the pool itself is sound.
@@ -99,6 +113,7 @@ impl SpinPool {
         // worker has finished running it (`pending` back to 0 below).
         let job: Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), Job>(f) };
         unsafe { *sh.job.get() = Some(job) };
+        sh.rest.store(rest, Ordering::Relaxed);
         sh.pending.store(self.threads - 1, Ordering::Relaxed);
         // SeqCst here and in the worker's park: a worker either sees the new epoch or is seen
         // as parked (and woken).
@@ -128,8 +143,16 @@ impl SpinPool {
 
 fn worker(sh: Arc<Shared>, t: usize) {
     let mut seen = 0usize;
+    let mut rest = false;
     loop {
-        let mut idle = Instant::now();
+        // After a job marked `rest`, park at the first check.
+        let mut idle = if rest {
+            Instant::now()
+                .checked_sub(SPIN * 2)
+                .unwrap_or_else(Instant::now)
+        } else {
+            Instant::now()
+        };
         let mut spins = 0u32;
         loop {
             let e = sh.epoch.load(Ordering::Acquire);
@@ -151,6 +174,7 @@ fn worker(sh: Arc<Shared>, t: usize) {
                 idle = Instant::now();
             }
         }
+        rest = sh.rest.load(Ordering::Relaxed);
         // SAFETY: published before the epoch this thread just saw; the caller waits for us.
         if let Some(job) = unsafe { *sh.job.get() } {
             let f = unsafe { &*job };
