@@ -364,9 +364,11 @@ fn only_response_tokens_count_and_step_zero_is_ln2() {
             label: None,
         })
         .collect();
-    // Reference log-probs are stored as f32, so train in f32 as real runs do.
+    // Reference log-probs are stored as f32, so train in f32 as real runs do. They are
+    // batched as the step batches its rows: gemm's rounding of a row depends on how many rows
+    // it multiplies with, so other batchings differ in the last bit.
     let model = wrap(with_lora(tiny(DType::F32), 4, 0.05, 1));
-    let refs = reviewer2::dpo::trainer::reference_logps(&model, &exs, 3, false).unwrap();
+    let refs = reviewer2::dpo::trainer::reference_logps(&model, &exs, 2, false).unwrap();
     let d = tempdir();
     let tr = reviewer2::dpo::trainer::Trainer {
         model: &model,
@@ -454,12 +456,14 @@ fn eval_metrics_are_means_over_rows_whatever_the_batch_size() {
             label: None,
         })
         .collect();
-    // Reference log-probs shifted per row, so every row has a different loss.
+    // Reference log-probs shifted per row, so every row has a different loss, and no margin
+    // is zero (whose sign, and so accuracy, would rest on gemm's last bit: a row's rounding
+    // depends on the rows batched with it).
     let refs: Vec<(f32, f32)> = reviewer2::dpo::trainer::reference_logps(&model, &exs, 5, false)
         .unwrap()
         .into_iter()
         .enumerate()
-        .map(|(i, (c, r))| (c - 3.0 * i as f32, r + 2.0 * i as f32))
+        .map(|(i, (c, r))| (c - 3.0 * i as f32 - 1.5, r + 2.0 * i as f32 + 1.0))
         .collect();
     let d = tempdir();
     let eval_at = |batch_size: usize| {
@@ -481,10 +485,10 @@ fn eval_metrics_are_means_over_rows_whatever_the_batch_size() {
     };
     let one = eval_at(1);
     // The row losses by hand: before training the policy equals the true reference (B = 0),
-    // and the stored chosen reference fell by 3i while the rejected one rose by 2i, so
-    // x = (pc - pr) - (rc - rr) = 5i and the loss is -log sigmoid(0.1 * 5i).
+    // and the stored chosen reference fell by 3i + 1.5 while the rejected one rose by 2i + 1,
+    // so x = (pc - pr) - (rc - rr) = 5i + 2.5 and the loss is -log sigmoid(0.1 x).
     let want: f64 = (0..5)
-        .map(|i| (1.0 + (-0.5 * i as f64).exp()).ln())
+        .map(|i| (1.0 + (-0.1 * (5.0 * i as f64 + 2.5)).exp()).ln())
         .sum::<f64>()
         / 5.0;
     let l1 = one["eval_loss"].as_f64().unwrap();

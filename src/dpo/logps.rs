@@ -128,9 +128,12 @@ pub fn sequence_logps_with(
         .reshape((nr * l, hdim))?
         .index_select(&Tensor::from_vec(gather, m, dev)?, 0)?; // [M, H]
     let logits = model.logits(&sel.unsqueeze(0)?, mode)?.squeeze(0)?; // [M, V]
-    let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let tgt = Tensor::from_vec(targets, (m, 1), dev)?;
-    let tok_lp = lsm.gather(&tgt, 1)?; // [M, 1]
+    let tok_lp = if crate::model::fused::supported(&logits) {
+        crate::model::fused::token_logps(&logits, &Tensor::from_vec(targets, m, dev)?)?
+    } else {
+        let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        lsm.gather(&Tensor::from_vec(targets, (m, 1), dev)?, 1)?
+    }; // [M, 1]
     let dt = crate::model::llama::accum_dtype(model.dtype);
     let seg = Tensor::from_vec(seg, (n, m), dev)?.to_dtype(dt)?;
     let logps = seg.matmul(&tok_lp)?.squeeze(1)?; // [N]

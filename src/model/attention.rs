@@ -33,8 +33,16 @@ pub(crate) fn supported(dev: &Device, dtype: DType) -> bool {
 /// `softmax(q k^T * scale + mask) v`.
 ///
 /// q: [B, nh, T, hd] · k, v: [B, nkv, S, hd] (views into a KV cache are fine) ·
-/// mask: [B, 1, T, S] additive. Returns [B, T, nh * hd].
-pub(crate) fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Res<Tensor> {
+/// mask: [B, 1, T, S] additive. Returns [B, T, nh * hd]. `train` takes the vectorized exp
+/// (inference keeps libm's, rounding as candle's softmax does).
+pub(crate) fn sdpa(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    train: bool,
+) -> Res<Tensor> {
     let (b, nh, t, hd) = q.dims4()?;
     let (kb, nkv, s, khd) = k.dims4()?;
     if (kb, khd) != (b, hd) || v.dims4()? != (kb, nkv, s, khd) || nkv == 0 || nh % nkv != 0 {
@@ -55,6 +63,7 @@ pub(crate) fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64
     let op = Sdpa {
         mask,
         scale,
+        train,
         dims: Dims {
             b,
             nh,
@@ -180,10 +189,12 @@ struct Inputs<'a, T> {
     vl: View,
     mask: &'a [T],
     scale: T,
+    /// Training: softmax through the vectorized exp.
+    train: bool,
 }
 
 /// Probabilities of task (b, g): `p[m, S]` with rows (r, t), softmax over the last dim.
-fn probs<T: Float + WithDType>(x: &Inputs<T>, bi: usize, g: usize) -> Vec<T> {
+fn probs<T: Float + WithDType + 'static>(x: &Inputs<T>, bi: usize, g: usize) -> Vec<T> {
     let Inputs {
         d,
         q,
@@ -191,6 +202,7 @@ fn probs<T: Float + WithDType>(x: &Inputs<T>, bi: usize, g: usize) -> Vec<T> {
         kl: kv,
         mask,
         scale,
+        train,
         ..
     } = *x;
     let (m, s, hd, t) = (d.m(), d.s, d.hd, d.t);
@@ -210,7 +222,13 @@ fn probs<T: Float + WithDType>(x: &Inputs<T>, bi: usize, g: usize) -> Vec<T> {
         // SAFETY: both reductions read `s` elements of a slice of length `s`.
         unsafe { T::vec_reduce_max(row.as_ptr(), &mut max, s) };
         for x in row.iter_mut() {
-            *x = (*x - max).exp();
+            *x -= max;
+        }
+        match super::vexp::as_f32_mut(row).filter(|_| train) {
+            // Training: the vectorized exp (about 1 ulp). Inference keeps libm's, so that it
+            // rounds as the composed path does.
+            Some(r) => super::vexp::exp_in_place(r),
+            None => row.iter_mut().for_each(|x| *x = x.exp()),
         }
         let mut sum = T::zero();
         unsafe { T::vec_reduce_sum(row.as_ptr(), &mut sum, s) };
@@ -410,6 +428,7 @@ struct Sdpa {
     /// [B, 1, T, S], contiguous, in the inputs' dtype.
     mask: Tensor,
     scale: f64,
+    train: bool,
     dims: Dims,
 }
 
@@ -440,6 +459,7 @@ impl Sdpa {
             vl: View::of(v.1)?,
             mask,
             scale: T::from(self.scale).unwrap(),
+            train: self.train,
         });
         Ok((
             T::to_cpu_storage_owned(o),
@@ -473,6 +493,7 @@ impl Sdpa {
             vl: View::of(vl)?,
             mask: &cpu_slice::<T>(&ms)?[ml.start_offset()..],
             scale: T::from(self.scale).unwrap(),
+            train: self.train,
         };
         let (dq, dk, dv) = backward(
             &inputs,
@@ -605,10 +626,10 @@ mod tests {
                 Tensor::zeros((1, 3, 3, 8), DType::F32, &dev).unwrap(),
             ), // 3 does not divide 4
         ] {
-            let e = sdpa(&q, &k, &v, &mask, 1.0).unwrap_err().to_string();
+            let e = sdpa(&q, &k, &v, &mask, 1.0, false).unwrap_err().to_string();
             assert!(e.contains("sdpa: q"), "{e}");
         }
-        assert!(sdpa(&q, &ok, &ok, &mask, 1.0).is_ok());
+        assert!(sdpa(&q, &ok, &ok, &mask, 1.0, false).is_ok());
     }
 
     #[test]
@@ -631,7 +652,7 @@ mod tests {
             // Left padding on the second row; every query still sees at least itself.
             let start: Vec<usize> = (0..b).map(|i| (i * 2).min(s - t)).collect();
             let mask = crate::model::llama::build_mask(&start, s - t, t, DType::F32, &dev).unwrap();
-            let got: Vec<f32> = sdpa(&q, &k, &v, &mask, 0.35)
+            let got: Vec<f32> = sdpa(&q, &k, &v, &mask, 0.35, false)
                 .unwrap()
                 .flatten_all()
                 .unwrap()

@@ -139,6 +139,20 @@ impl Linear {
         Ok(y.reshape((b, t, self.out_features))?)
     }
 
+    /// `g @ W`: the gradient its input gets from `g` `[B, T, out]` through the frozen base
+    /// weight, or `None` without a dense weight.
+    fn input_grad(&self, g: &Tensor) -> Result<Option<Tensor>> {
+        let (b, t, o) = g.dims3()?;
+        Ok(match &self.weight {
+            Weight::Dense(w) | Weight::Both(w, ..) => Some(
+                g.reshape((b * t, o))?
+                    .matmul(w)?
+                    .reshape((b, t, self.in_features))?,
+            ),
+            Weight::Quant(_) => None,
+        })
+    }
+
     /// The quantized blocks, where this layer keeps them for decoding.
     pub(crate) fn packed(&self) -> Option<&Packed> {
         match &self.weight {
@@ -473,8 +487,11 @@ pub(crate) fn accum_dtype(dt: DType) -> DType {
 }
 
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, train: bool) -> Result<Tensor> {
+    if train && super::fused::supported(x) && x.dtype() == w.dtype() {
+        return Ok(super::fused::rms_norm(x, w, eps)?);
+    }
     if train {
-        // Composed: carries gradients (the fused kernel does not).
+        // Composed: carries gradients (candle's fused kernel does not).
         let dt = x.dtype();
         let xf = x.to_dtype(accum_dtype(dt))?;
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
@@ -516,8 +533,9 @@ impl Checkpoint {
         };
         for (li, x) in self.inputs.iter().enumerate().rev() {
             let xv = Var::from_tensor(x)?;
-            let y = model.layer_forward(li, xv.as_tensor(), &self.ctx, None, self.mode)?;
-            let mut local = (y * &g)?.sum_all()?.backward()?;
+            let mut local = model
+                .layer_dot(li, xv.as_tensor(), &g, &self.ctx, self.mode)?
+                .backward()?;
             for p in Projection::ALL {
                 let Some(l) = model.adapter.as_ref().and_then(|a| a.get(li, p)) else {
                     continue;
@@ -588,6 +606,9 @@ impl Llama {
             } else {
                 candle_nn::rotary_emb::rope(&x, cos, sin)?
             });
+        }
+        if super::fused::supported(&x) {
+            return Ok(super::fused::rope(&x, cos, sin, self.rope_interleaved)?);
         }
         let (b, h, t, d) = x.dims4()?;
         let cos = cos.unsqueeze(1)?; // [B,1,T,hd/2]
@@ -746,8 +767,9 @@ impl Llama {
         Ok((rms_norm(&x, &self.norm, c.rms_norm_eps, mode.train)?, ckpt))
     }
 
-    /// Decoder layer `li`: x [B, T, H] -> [B, T, H], appending its keys/values to the cache.
-    fn layer_forward(
+    /// Layer `li`'s attention with its residual: x [B, T, H] -> [B, T, H], appending the
+    /// keys/values to the cache.
+    fn attention_block(
         &self,
         li: usize,
         x: &Tensor,
@@ -762,13 +784,7 @@ impl Llama {
         let rep = nh / nkv;
         let past = ctx.past;
         let scale = 1.0 / (hd as f64).sqrt();
-        let adapter = self.adapter.as_ref().filter(|_| mode.lora);
-        // Each projection's dropout masks are seeded apart: salt (layer << 8) + 1..=7.
-        let proj = |p: Projection, x: &Tensor| {
-            let salt = ((li as u64) << 8) + p.index() as u64 + 1;
-            let lora = adapter.and_then(|a| a.get(li, p));
-            layer.proj(p).forward(x, mode, lora, salt)
-        };
+        let proj = |p: Projection, x: &Tensor| self.proj_forward(li, p, x, mode);
         let h = rms_norm(x, &layer.input_layernorm, c.rms_norm_eps, mode.train)?;
         let q = proj(Projection::QProj, &h)?;
         let k = proj(Projection::KProj, &h)?;
@@ -788,7 +804,7 @@ impl Llama {
             None => (k, v),
         };
         let y = if ctx.fused {
-            super::attention::sdpa(&q, &k, &v, &ctx.mask, scale)? // [B,T,nh*hd]
+            super::attention::sdpa(&q, &k, &v, &ctx.mask, scale, mode.train)? // [B,T,nh*hd]
         } else {
             // Grouped-query attention without copying K/V: fold the rep query heads that
             // share a KV head into the row dimension. q: [B,nkv,rep*T,hd]
@@ -812,22 +828,92 @@ impl Llama {
                 .reshape((b, t, nh * hd))?
         };
         let y = proj(Projection::OProj, &y)?;
-        let x = (x + y)?;
+        Ok((x + y)?)
+    }
+
+    /// The MLP's gated activation `silu(gate(h)) * up(h)` of layer `li`, h the normed `x`.
+    fn mlp_act(&self, li: usize, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let c = &self.cfg;
+        let layer = &self.layers[li];
+        let proj = |p: Projection, x: &Tensor| self.proj_forward(li, p, x, mode);
         let h = rms_norm(
-            &x,
+            x,
             &layer.post_attention_layernorm,
             c.rms_norm_eps,
             mode.train,
         )?;
         let g = proj(Projection::GateProj, &h)?;
         let u = proj(Projection::UpProj, &h)?;
-        let act = if mode.train {
-            candle_nn::ops::silu(&g)?
+        let act = if mode.train && super::fused::supported(&g) {
+            super::fused::swiglu(&g, &u)?
+        } else if mode.train {
+            (candle_nn::ops::silu(&g)? * u)?
         } else {
-            g.silu()?
+            (g.silu()? * u)?
         };
-        let y = proj(Projection::DownProj, &(act * u)?)?;
+        Ok(act)
+    }
+
+    /// Decoder layer `li`: x [B, T, H] -> [B, T, H], appending its keys/values to the cache.
+    fn layer_forward(
+        &self,
+        li: usize,
+        x: &Tensor,
+        ctx: &LayerCtx,
+        cache: Option<&mut KvCache>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let x = self.attention_block(li, x, ctx, cache, mode)?;
+        let act = self.mlp_act(li, &x, mode)?;
+        let y = self.proj_forward(li, Projection::DownProj, &act, mode)?;
         Ok((x + y)?)
+    }
+
+    /// `sum(layer_forward(x) * g)`, whose gradients are the layer's backward pass of `g`,
+    /// without the down projection's product: `sum(down(a) * g) = sum(a * (g @ W_down))`
+    /// and its gradient to `a` is `g @ W_down` either way, so the recomputation skips a
+    /// sixth of the layer's matmuls (only the down adapter, if any, still runs forward).
+    fn layer_dot(
+        &self,
+        li: usize,
+        x: &Tensor,
+        g: &Tensor,
+        ctx: &LayerCtx,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let down = &self.layers[li].down_proj;
+        let Some(gd) = down.input_grad(g)? else {
+            let y = self.layer_forward(li, x, ctx, None, mode)?;
+            return Ok((y * g)?.sum_all()?);
+        };
+        let x = self.attention_block(li, x, ctx, None, mode)?;
+        let act = self.mlp_act(li, &x, mode)?;
+        let mut dot = ((x * g)?.sum_all()? + (&act * gd)?.sum_all()?)?;
+        let lora = self.adapter.as_ref().filter(|_| mode.lora);
+        if let Some(l) = lora.and_then(|a| a.get(li, Projection::DownProj)) {
+            let (b, t, i) = act.dims3()?;
+            let salt = Self::salt(li, Projection::DownProj);
+            let y = l.forward(
+                &act.reshape((b * t, i))?,
+                mode.dropout_seed.map(|s| s ^ salt),
+            )?;
+            dot = (dot + (y.reshape(g.shape())? * g)?.sum_all()?)?;
+        }
+        Ok(dot)
+    }
+
+    /// Projection `p` of layer `li`, with its adapter when `mode.lora`.
+    fn proj_forward(&self, li: usize, p: Projection, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let adapter = self.adapter.as_ref().filter(|_| mode.lora);
+        let lora = adapter.and_then(|a| a.get(li, p));
+        self.layers[li]
+            .proj(p)
+            .forward(x, mode, lora, Self::salt(li, p))
+    }
+
+    /// Each projection's dropout masks are seeded apart: salt (layer << 8) + 1..=7.
+    fn salt(li: usize, p: Projection) -> u64 {
+        ((li as u64) << 8) + p.index() as u64 + 1
     }
 
     /// Convenience: logits for every position of unpadded rows of equal length.

@@ -60,6 +60,22 @@ pub struct LoraSpec {
     pub targets: Vec<Projection>,
 }
 
+/// `n` inverted-dropout factors: `1 / keep` where ChaCha8's uniform f32 from `seed` falls
+/// below `keep`, else 0. The words come in bulk and are compared as integers: `random::<f32>()`
+/// is `(u >> 8) / 2^24`, so `(u >> 8) < ceil(keep 2^24)` draws exactly its mask, at a fraction
+/// of the cost (a per-element float draw was 3% of a DPO step).
+fn dropout_mask(seed: u64, n: usize, keep: f32) -> Vec<f32> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut words = vec![0u32; n];
+    rng.fill(&mut words[..]);
+    let below = (keep as f64 * 16_777_216.0).ceil() as u32;
+    let (on, off) = (1.0 / keep, 0.0);
+    words
+        .into_iter()
+        .map(|u| if (u >> 8) < below { on } else { off })
+        .collect()
+}
+
 /// The adapter of one projection.
 pub(crate) struct Lora {
     /// `[r, in]`
@@ -77,17 +93,7 @@ impl Lora {
         let mut x = x.to_dtype(self.a.dtype())?;
         if let (Some(seed), true) = (dropout_seed, self.dropout > 0.0) {
             let (n, i) = x.dims2()?;
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-            let keep = 1.0 - self.dropout as f32;
-            let mask: Vec<f32> = (0..n * i)
-                .map(|_| {
-                    if rng.random::<f32>() < keep {
-                        1.0 / keep
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
+            let mask = dropout_mask(seed, n * i, 1.0 - self.dropout as f32);
             let mask = Tensor::from_vec(mask, (n, i), x.device())?.to_dtype(x.dtype())?;
             x = (x * mask)?;
         }
@@ -106,5 +112,31 @@ impl Lora {
         let (_, i) = self.a.as_tensor().dims2()?;
         let (o, _) = self.b.as_tensor().dims2()?;
         Ok((o, i))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropout_masks_are_the_per_element_float_draws() {
+        for (seed, keep) in [(7u64, 0.95f32), (8, 0.5), (9, 0.9)] {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let want: Vec<f32> = (0..10_000)
+                .map(|_| {
+                    if rng.random::<f32>() < keep {
+                        1.0 / keep
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            assert_eq!(
+                dropout_mask(seed, 10_000, keep),
+                want,
+                "seed {seed}, keep {keep}"
+            );
+        }
     }
 }

@@ -7,6 +7,7 @@ pub(crate) mod attention;
 pub mod chat;
 pub mod config;
 mod decode_cpu;
+pub(crate) mod fused;
 pub mod generate;
 pub(crate) mod limits;
 pub mod llama;
@@ -19,6 +20,7 @@ pub mod source;
 pub mod special_text;
 mod spin_pool;
 pub(crate) mod tokenizer;
+pub(crate) mod vexp;
 
 use crate::error::{bail, Context, Result};
 use candle_core::quantized::{gguf_file, QMatMul};
