@@ -23,7 +23,10 @@ fn exp1(x: f32) -> f32 {
     p = p * r + 0.166_666_65;
     p = p * r + 0.5;
     let e = p * (r * r) + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n without a float-to-int conversion (Rust's saturating `as` does not vectorize): in
+    // 1.5 * 2^23 + 127 + n the low mantissa bits hold n + 127, which the shift moves into the
+    // exponent field, dropping the rest.
+    let scale = f32::from_bits((n + (12_582_912.0 + 127.0)).to_bits() << 23);
     let y = e * scale;
     if x < LO {
         0.0
