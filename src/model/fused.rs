@@ -485,8 +485,7 @@ impl CustomOp2 for SwiGlu {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Res<(Option<Tensor>, Option<Tensor>)> {
-        // Both gradients in one pass over g, u and dy, written side by side as [N, 2] pairs
-        // would need a copy to split; two buffers filled by the same loop instead.
+        // Both gradients from one pass over g, u and dy.
         fn run<T: Float + Send + Sync + 'static>(g: &[T], u: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
             let mut dg = vec![T::zero(); g.len()];
             let mut du = vec![T::zero(); g.len()];
@@ -532,12 +531,6 @@ impl CustomOp2 for SwiGlu {
     }
 }
 
-/// Sum over the last dimension, for tests that reduce a gradient check to one number.
-#[cfg(test)]
-fn weighted_sum(y: &Tensor, w: &Tensor) -> Res<Tensor> {
-    (y * w)?.sum(candle_core::D::Minus1)?.sum_all()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -549,6 +542,11 @@ mod tests {
         let n: usize = shape.iter().product();
         let v: Vec<f64> = (0..n).map(|_| rng.random::<f64>() * 2.0 - 1.0).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// `sum(y * w)`: a gradient check reduced to one number.
+    fn weighted_sum(y: &Tensor, w: &Tensor) -> Res<Tensor> {
+        (y * w)?.sum(D::Minus1)?.sum_all()
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {

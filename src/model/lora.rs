@@ -68,12 +68,17 @@ fn dropout_mask(seed: u64, n: usize, keep: f32) -> Vec<f32> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut words = vec![0u32; n];
     rng.fill(&mut words[..]);
-    let below = (keep as f64 * 16_777_216.0).ceil() as u32;
+    let below = keep_below(keep);
     let (on, off) = (1.0 / keep, 0.0);
     words
         .into_iter()
         .map(|u| if (u >> 8) < below { on } else { off })
         .collect()
+}
+
+/// The bound `b` with `(u >> 8) < b` exactly when `(u >> 8) / 2^24 < keep`.
+fn keep_below(keep: f32) -> u32 {
+    (keep as f64 * 16_777_216.0).ceil() as u32
 }
 
 /// The adapter of one projection.
@@ -137,6 +142,18 @@ mod tests {
                 want,
                 "seed {seed}, keep {keep}"
             );
+        }
+    }
+
+    /// A random draw lands on the bound once in 2^24: the words around it, checked directly.
+    #[test]
+    fn the_integer_bound_is_the_float_comparison_at_its_edge() {
+        for keep in [0.95f32, 0.5, 0.9, 0.1, 1.0 - 1e-7] {
+            let b = keep_below(keep);
+            for v in b.saturating_sub(3)..=(b + 3).min((1 << 24) - 1) {
+                let float_keeps = (v as f32) * (1.0 / 16_777_216.0) < keep;
+                assert_eq!(v < b, float_keeps, "keep {keep}, v {v}, bound {b}");
+            }
         }
     }
 }
