@@ -62,10 +62,7 @@ fn slice<'a, T: WithDType>(s: &'a Storage, l: &Layout, op: &str) -> Res<&'a [T]>
     let Storage::Cpu(c) = s else {
         candle_core::bail!("{op}: expected a CPU tensor")
     };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("{op}: expected a contiguous tensor")
-    };
-    Ok(&T::cpu_storage_as_slice(c)?[a..b])
+    cpu(c, l, op)
 }
 
 fn cpu<'a, T: WithDType>(c: &'a CpuStorage, l: &Layout, op: &str) -> Res<&'a [T]> {
