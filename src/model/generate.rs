@@ -302,6 +302,14 @@ impl Decoder {
         cache.copy_prefix(&prev.cache, shared)?;
         let rest = &ids[shared..];
         let t = rest.len();
+        if model.llama.fast_prefill(mode) {
+            let mut scratch = super::decode_cpu::Scratch::default();
+            let logits =
+                model
+                    .llama
+                    .forward_cpu(rest, t, &[0], &mut cache, mode, &mut scratch, &[t - 1])?;
+            return Ok(Some((cache, vec![0], logits)));
+        }
         let x = Tensor::from_vec(rest.to_vec(), (1, t), dev)?;
         let mask = build_mask(&[0], shared, t, model.llama.dtype, dev)?;
         let pos = build_positions(&[0], shared, t, dev)?;
@@ -523,8 +531,17 @@ pub fn prefill_padded(
         ids.extend_from_slice(&r.ids);
     }
     let dev = &model.llama.device;
-    let ids = Tensor::from_vec(ids, (reqs.len(), l), dev)?;
     let mut cache = KvCache::new(&model.llama, reqs.len(), cap.max(l))?;
+    if model.llama.fast_prefill(mode) {
+        let last: Vec<usize> = (0..reqs.len()).map(|i| i * l + l - 1).collect();
+        let mut scratch = super::decode_cpu::Scratch::default();
+        let logits =
+            model
+                .llama
+                .forward_cpu(&ids, l, &start, &mut cache, mode, &mut scratch, &last)?;
+        return Ok((cache, start, logits));
+    }
+    let ids = Tensor::from_vec(ids, (reqs.len(), l), dev)?;
     let mask = build_mask(&start, 0, l, model.llama.dtype, dev)?;
     let pos = build_positions(&start, 0, l, dev)?;
     let logits = model

@@ -161,6 +161,11 @@ impl Linear {
         }
     }
 
+    /// Whether inference over many rows (prefill) runs on the blocks too.
+    pub(crate) fn prefill_on_blocks(&self) -> bool {
+        matches!(self.weight, Weight::Both(_, _, true))
+    }
+
     /// The base weight as a dense f32 tensor `[out, in]`.
     pub(crate) fn dense_f32(&self) -> Result<Tensor> {
         Ok(match &self.weight {

@@ -173,12 +173,42 @@ fn run_nodes(model: &Model, nodes: &mut [Node], rows: &[usize], mode: Mode) -> R
         ids.extend(std::iter::repeat_n(pad, t - tk.len()));
     }
     let start: Vec<usize> = past_lens.iter().map(|&p| past - p).collect();
-    let ids = Tensor::from_vec(ids, (rows.len(), t), &dev)?;
-    let mask = build_mask(&start, past, t, model.llama.dtype, &dev)?;
-    let pos = build_positions(&start, past, t, &dev)?;
-    let h = model
-        .llama
-        .forward_hidden(&ids, &pos, &mask, Some(&mut cache), mode)?;
+    // Logits where prompts end: the head only at those positions.
+    let ending: Vec<(usize, usize)> = rows
+        .iter()
+        .enumerate()
+        .filter(|(_, &n)| nodes[n].ends_prompt)
+        .map(|(r, &n)| (n, r * t + nodes[n].tokens.len() - 1))
+        .collect();
+    let at: Vec<usize> = ending.iter().map(|&(_, i)| i).collect();
+    let logits = if model.llama.fast_prefill(mode) {
+        let mut scratch = super::decode_cpu::Scratch::default();
+        model
+            .llama
+            .forward_cpu(&ids, t, &start, &mut cache, mode, &mut scratch, &at)?
+    } else {
+        let ids = Tensor::from_vec(ids, (rows.len(), t), &dev)?;
+        let mask = build_mask(&start, past, t, model.llama.dtype, &dev)?;
+        let pos = build_positions(&start, past, t, &dev)?;
+        let h = model
+            .llama
+            .forward_hidden(&ids, &pos, &mask, Some(&mut cache), mode)?;
+        if at.is_empty() {
+            Vec::new()
+        } else {
+            let hdim = h.dim(2)?;
+            let at: Vec<u32> = at.iter().map(|&i| i as u32).collect();
+            let sel = h
+                .reshape((rows.len() * t, hdim))?
+                .index_select(&Tensor::new(at, &dev)?, 0)?;
+            model
+                .llama
+                .logits(&sel.unsqueeze(0)?, mode)?
+                .squeeze(0)?
+                .to_dtype(DType::F32)?
+                .to_vec2()?
+        }
+    };
     for (r, &n) in rows.iter().enumerate() {
         let len = nodes[n].tokens.len();
         nodes[n].kv = (0..model.llama.cfg.num_hidden_layers)
@@ -193,28 +223,8 @@ fn run_nodes(model: &Model, nodes: &mut [Node], rows: &[usize], mode: Mode) -> R
             })
             .collect::<Result<_>>()?;
     }
-    // Logits where prompts end: the lm_head only at those positions.
-    let ending: Vec<(usize, usize)> = rows
-        .iter()
-        .enumerate()
-        .filter(|(_, &n)| nodes[n].ends_prompt)
-        .map(|(r, &n)| (n, r * t + nodes[n].tokens.len() - 1))
-        .collect();
-    if !ending.is_empty() {
-        let hdim = h.dim(2)?;
-        let at: Vec<u32> = ending.iter().map(|&(_, i)| i as u32).collect();
-        let sel = h
-            .reshape((rows.len() * t, hdim))?
-            .index_select(&Tensor::new(at, &dev)?, 0)?;
-        let logits: Vec<Vec<f32>> = model
-            .llama
-            .logits(&sel.unsqueeze(0)?, mode)?
-            .squeeze(0)?
-            .to_dtype(DType::F32)?
-            .to_vec2()?;
-        for ((n, _), lg) in ending.into_iter().zip(logits) {
-            nodes[n].logits = Some(lg);
-        }
+    for ((n, _), lg) in ending.into_iter().zip(logits) {
+        nodes[n].logits = Some(lg);
     }
     Ok(())
 }
