@@ -144,7 +144,13 @@ fn stack_paths(
 
 /// One batched forward over `rows` (nodes whose ancestors are done): stores each node's keys
 /// and values, and the logits where a prompt ends.
-fn run_nodes(model: &Model, nodes: &mut [Node], rows: &[usize], mode: Mode) -> Result<()> {
+fn run_nodes(
+    model: &Model,
+    nodes: &mut [Node],
+    rows: &[usize],
+    mode: Mode,
+    scratch: &mut super::decode_cpu::Scratch,
+) -> Result<()> {
     let dev = model.llama.device.clone();
     let pad = model.meta.tok.pad_id;
     // Past of each row: its ancestors, left-padded to the longest.
@@ -182,10 +188,9 @@ fn run_nodes(model: &Model, nodes: &mut [Node], rows: &[usize], mode: Mode) -> R
         .collect();
     let at: Vec<usize> = ending.iter().map(|&(_, i)| i).collect();
     let logits = if model.llama.fast_prefill(mode) {
-        let mut scratch = super::decode_cpu::Scratch::default();
         model
             .llama
-            .forward_cpu(&ids, t, &start, &mut cache, mode, &mut scratch, &at)?
+            .forward_cpu(&ids, t, &start, &mut cache, mode, scratch, &at)?
     } else {
         let ids = Tensor::from_vec(ids, (rows.len(), t), &dev)?;
         let mask = build_mask(&start, past, t, model.llama.dtype, &dev)?;
@@ -270,6 +275,8 @@ pub fn prefill_shared(
         prompts.iter().position(|p| p.is_empty()).unwrap_or(0)
     );
     let (mut nodes, end) = build(prompts);
+    // Buffers of the plain-Rust forward, reused by every pass.
+    let mut scratch = super::decode_cpu::Scratch::default();
     let levels = nodes.iter().map(|n| n.level).max().unwrap_or(0) + 1;
     for level in 0..levels {
         let mut rows: Vec<usize> = (0..nodes.len())
@@ -278,7 +285,7 @@ pub fn prefill_shared(
         rows.sort_by_key(|&n| std::cmp::Reverse(nodes[n].tokens.len()));
         let lens: Vec<usize> = rows.iter().map(|&n| nodes[n].tokens.len()).collect();
         for (a, b) in split_by_length(&lens) {
-            run_nodes(model, &mut nodes, &rows[a..b], mode)?;
+            run_nodes(model, &mut nodes, &rows[a..b], mode, &mut scratch)?;
         }
     }
     let paths: Vec<Vec<usize>> = end.iter().map(|&n| path(&nodes, n)).collect();
