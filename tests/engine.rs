@@ -33,12 +33,15 @@ fn mean_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// Largest absolute difference, in f32 whatever the tensors hold (an f16 KV cache).
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)
         .unwrap()
         .abs()
         .unwrap()
         .max_all()
+        .unwrap()
+        .to_dtype(DType::F32)
         .unwrap()
         .to_scalar()
         .unwrap()

@@ -49,6 +49,79 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     Ok(f(&v[a..b]))
 }
 
+/// An element of the KV cache: f32, or f16 where prefill and decoding both run here
+/// (`generate.weights = "blocks"`, as llama.cpp keeps its cache): decoding reads every cached
+/// key and value once a token, so half the bytes is nearly half the time.
+pub(crate) trait KvElem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    fn from_f32(v: f32) -> Self;
+    /// The values as f32, borrowed where they already are.
+    fn as_f32s(s: &[Self]) -> std::borrow::Cow<'_, [f32]>;
+    /// Eight values from `p` as f32 lanes (inlined into AVX2 + F16C code).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn as_f32s(s: &[Self]) -> std::borrow::Cow<'_, [f32]> {
+        std::borrow::Cow::Borrowed(s)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl KvElem for half::f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+    fn as_f32s(s: &[Self]) -> std::borrow::Cow<'_, [f32]> {
+        use half::slice::HalfFloatSliceExt;
+        let mut out = vec![0f32; s.len()];
+        s.convert_to_f32_slice(&mut out);
+        std::borrow::Cow::Owned(out)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+}
+
+/// A KV cache tensor's contiguous elements, whichever of the two dtypes it holds.
+enum KvSlice<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+}
+
+fn with_kv<R>(t: &Tensor, f: impl FnOnce(KvSlice) -> R) -> Result<R> {
+    let (st, l) = t.storage_and_layout();
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("internal: the CPU forward needs a contiguous KV cache");
+    };
+    Ok(match &*st {
+        Storage::Cpu(CpuStorage::F32(v)) => f(KvSlice::F32(&v[a..b])),
+        Storage::Cpu(CpuStorage::F16(v)) => f(KvSlice::F16(&v[a..b])),
+        _ => bail!("internal: the CPU forward needs an f32 or f16 KV cache on the CPU"),
+    })
+}
+
 /// Copy `x` rows' normalized values into `out`: `x / rms(x) * w`, as candle's `rms_norm`.
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut Vec<f32>) {
     let h = w.len();
@@ -97,30 +170,35 @@ fn add_lora(l: &Lora, x: &[f32], rows: usize, y: &mut [f32], tmp: &mut Vec<f32>)
 }
 
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<E: KvElem>(a: &[f32], b: &[E]) -> f32 {
     let mut acc = [0f32; 8];
     let n = a.len() / 8 * 8;
     for (ca, cb) in a[..n].chunks_exact(8).zip(b[..n].chunks_exact(8)) {
         for l in 0..8 {
-            acc[l] += ca[l] * cb[l];
+            acc[l] += ca[l] * cb[l].to_f32();
         }
     }
-    acc.iter().sum::<f32>() + a[n..].iter().zip(&b[n..]).map(|(x, y)| x * y).sum::<f32>()
+    acc.iter().sum::<f32>()
+        + a[n..]
+            .iter()
+            .zip(&b[n..])
+            .map(|(x, y)| x * y.to_f32())
+            .sum::<f32>()
 }
 
 /// Attention of a KV group's query heads (`q`: `[rep, hd]`) over cache columns `cols` of the
 /// group's keys and values (`kv`: `[cap, hd]` each, from column 0), into `out` (`[rep, hd]`).
-fn attend(
+fn attend<E: KvElem>(
     q: &[f32],
-    kv: (&[f32], &[f32]),
+    kv: (&[E], &[E]),
     cols: std::ops::Range<usize>,
     hd: usize,
     scale: f32,
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if super::quant::Kernel::get() != super::quant::Kernel::Portable && hd.is_multiple_of(8) {
-        // SAFETY: every kernel but the portable one implies AVX2 and FMA.
+    if x86::available() && hd.is_multiple_of(8) {
+        // SAFETY: the CPU has AVX2, FMA and F16C.
         return unsafe { x86::attend(q, kv, cols, hd, scale, out) };
     }
     attend_generic(q, kv, cols, hd, scale, out)
@@ -135,10 +213,9 @@ fn softmax(row: &mut [f32]) {
     row.iter_mut().for_each(|e| *e *= inv);
 }
 
-#[inline(always)]
-fn attend_generic(
+fn attend_generic<E: KvElem>(
     q: &[f32],
-    (kc, vc): (&[f32], &[f32]),
+    (kc, vc): (&[E], &[E]),
     cols: std::ops::Range<usize>,
     hd: usize,
     scale: f32,
@@ -157,7 +234,7 @@ fn attend_generic(
         for (oh, ph) in out.chunks_exact_mut(hd).zip(p.chunks_exact(ncol)) {
             let w = ph[j];
             for (a, &v) in oh.iter_mut().zip(vr) {
-                *a += w * v;
+                *a += w * v.to_f32();
             }
         }
     }
@@ -174,7 +251,7 @@ mod x86 {
 
     /// Lane `i` of the result: the sum of `a[i]`'s eight lanes.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     fn hsum8(a: &[__m256; 8]) -> __m256 {
         let t0 = _mm256_hadd_ps(a[0], a[1]);
         let t1 = _mm256_hadd_ps(a[2], a[3]);
@@ -189,14 +266,21 @@ mod x86 {
         )
     }
 
+    /// Whether [`attend`] can run: AVX2, FMA and F16C (for an f16 cache).
+    pub(super) fn available() -> bool {
+        super::super::quant::Kernel::get() != super::super::quant::Kernel::Portable
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+
     /// [`super::attend`] for `hd` a multiple of 8.
     ///
     /// # Safety
-    /// The CPU has AVX2 and FMA; `hd % 8 == 0`; `kc` and `vc` hold `cols.end * hd` values.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn attend(
+    /// The CPU has AVX2, FMA and F16C; `hd % 8 == 0`; `kc` and `vc` hold `cols.end * hd`
+    /// values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn attend<E: super::KvElem>(
         q: &[f32],
-        (kc, vc): (&[f32], &[f32]),
+        (kc, vc): (&[E], &[E]),
         cols: std::ops::Range<usize>,
         hd: usize,
         scale: f32,
@@ -222,7 +306,7 @@ mod x86 {
                 for c in (0..hd).step_by(8) {
                     let qv = _mm256_loadu_ps(qp.add(r * hd + c));
                     for (l, a) in acc.iter_mut().enumerate() {
-                        *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp.add((j + l) * hd + c)), *a);
+                        *a = _mm256_fmadd_ps(qv, E::load8(kp.add((j + l) * hd + c)), *a);
                     }
                 }
                 _mm256_storeu_ps(
@@ -238,7 +322,7 @@ mod x86 {
                 for c in (0..hd).step_by(8) {
                     a = _mm256_fmadd_ps(
                         _mm256_loadu_ps(qp.add(r * hd + c)),
-                        _mm256_loadu_ps(kp.add(jj * hd + c)),
+                        E::load8(kp.add(jj * hd + c)),
                         a,
                     );
                 }
@@ -258,7 +342,7 @@ mod x86 {
                     let b = _mm256_set1_ps(pw);
                     let row = vp.add(jj * hd + c0);
                     for (i, a) in acc.iter_mut().enumerate().take(w) {
-                        *a = _mm256_fmadd_ps(b, _mm256_loadu_ps(row.add(i * 8)), *a);
+                        *a = _mm256_fmadd_ps(b, E::load8(row.add(i * 8)), *a);
                     }
                 }
                 let o = out.as_mut_ptr().add(r * hd + c0);
@@ -271,6 +355,77 @@ mod x86 {
             }
         }
     }
+}
+
+/// The shapes one layer's attention needs.
+#[derive(Clone, Copy)]
+struct Geometry {
+    /// New tokens a row.
+    t: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    /// The cache's columns, and those filled before this call.
+    cap: usize,
+    len: usize,
+    scale: f32,
+}
+
+/// One layer's attention for every row (`q`: `[B, t, nh, hd]`, the new keys and values
+/// already in the cache) into `att` (`[B, t, nh * hd]`): one task per (row, KV group), whose
+/// `rep` query heads read the group's keys and values once; token j of row i sees columns
+/// `start[i]..=len + j`.
+fn attention<E: KvElem>(
+    q: &[f32],
+    (kc, vc): (&[E], &[E]),
+    start: &[usize],
+    geo: Geometry,
+    att: &mut Vec<f32>,
+) -> Result<()> {
+    let Geometry {
+        t,
+        nh,
+        nkv,
+        hd,
+        cap,
+        len,
+        scale,
+    } = geo;
+    let (b, rep) = (start.len(), nh / nkv);
+    att.clear();
+    att.resize(b * t * nh * hd, 0.0);
+    let out = super::quant::SendPtr(att.as_mut_ptr());
+    let task = |tk: usize| {
+        let out = &out;
+        let (i, g) = (tk / nkv, tk % nkv);
+        let base = (i * nkv + g) * cap;
+        let kv = (&kc[base * hd..], &vc[base * hd..]);
+        if t == 1 {
+            // SAFETY: task tk alone writes elements [tk * w, (tk + 1) * w) of `att`
+            // (w = rep * hd), which holds b * nkv * w.
+            let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(tk * rep * hd), rep * hd) };
+            let qg = &q[(i * nh + g * rep) * hd..][..rep * hd];
+            attend(qg, kv, start[i]..len + 1, hd, scale, dst);
+            return;
+        }
+        let o = attend_many(q, kv, (i, g), (t, nh, rep, hd), (start[i], len), scale);
+        for (j, oj) in o.chunks_exact(rep * hd).enumerate() {
+            let at = ((i * t + j) * nh + g * rep) * hd;
+            // SAFETY: task (i, g) alone writes the `rep * hd` elements of row i, token j,
+            // group g; `at + rep * hd <= b * t * nh * hd`.
+            unsafe { std::ptr::copy_nonoverlapping(oj.as_ptr(), out.0.add(at), rep * hd) };
+        }
+    };
+    // Tasks dealt round-robin to the pool's threads.
+    let pool = super::spin_pool::SpinPool::global();
+    let threads = pool.threads();
+    let tasks = b * nkv;
+    pool.run(&|th| {
+        for tk in (th..tasks).step_by(threads) {
+            task(tk);
+        }
+    });
+    Ok(())
 }
 
 /// Writes `[B, T, nkv, hd]` values into columns `col..col + T` of a `[B, nkv, cap, hd]` cache
@@ -287,9 +442,16 @@ impl candle_core::InplaceOp1 for WriteColumns<'_> {
     }
 
     fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
-        let CpuStorage::F32(v) = s else {
-            candle_core::bail!("kv-write-columns: the cache is not f32");
-        };
+        match s {
+            CpuStorage::F32(v) => self.write(v, l),
+            CpuStorage::F16(v) => self.write(v, l),
+            _ => candle_core::bail!("kv-write-columns: the cache is neither f32 nor f16"),
+        }
+    }
+}
+
+impl WriteColumns<'_> {
+    fn write<E: KvElem>(&self, v: &mut [E], l: &Layout) -> candle_core::Result<()> {
         let Some((start, _)) = l.contiguous_offsets() else {
             candle_core::bail!("kv-write-columns: the cache is not contiguous");
         };
@@ -306,7 +468,9 @@ impl candle_core::InplaceOp1 for WriteColumns<'_> {
         for (i, src) in self.data.chunks_exact(hd).enumerate() {
             let (bi, j, hh) = (i / (self.t * h), i / h % self.t, i % h);
             let at = start + ((bi * h + hh) * cap + self.col + j) * hd;
-            v[at..at + hd].copy_from_slice(src);
+            for (d, &x) in v[at..at + hd].iter_mut().zip(src) {
+                *d = E::from_f32(x);
+            }
         }
         Ok(())
     }
@@ -316,9 +480,9 @@ impl candle_core::InplaceOp1 for WriteColumns<'_> {
 /// scores as one gemm over the row's valid columns, a causal softmax, then `P @ V` as another.
 /// `q` is `[B, T, nh, hd]`; `kv` the group's keys and values from column 0. Returns the
 /// group's output `[T, rep, hd]`.
-fn attend_many(
+fn attend_many<E: KvElem>(
     q: &[f32],
-    kv: (&[f32], &[f32]),
+    kv: (&[E], &[E]),
     (i, g): (usize, usize),
     (t, nh, rep, hd): (usize, usize, usize, usize),
     (first, len): (usize, usize),
@@ -332,10 +496,9 @@ fn attend_many(
     for j in 0..t {
         qg.extend_from_slice(&q[((i * t + j) * nh + g * rep) * hd..][..rep * hd]);
     }
-    let (kc, vc) = (
-        &kv.0[first * hd..][..ncol * hd],
-        &kv.1[first * hd..][..ncol * hd],
-    );
+    let kc = E::as_f32s(&kv.0[first * hd..][..ncol * hd]);
+    let vc = E::as_f32s(&kv.1[first * hd..][..ncol * hd]);
+    let (kc, vc) = (&kc[..], &vc[..]);
     let mut p = vec![0f32; m * ncol];
     mm(m, ncol, hd, &mut p, &qg, hd, 1, kc, 1, hd);
     for (r, row) in p.chunks_exact_mut(ncol).enumerate() {
@@ -384,6 +547,16 @@ impl Llama {
             })
     }
 
+    /// The KV cache's dtype: f16 where prefill and decoding both run in this module, as
+    /// llama.cpp keeps its cache (docs/PERF.md has what that changes); otherwise the model's.
+    pub(crate) fn kv_dtype(&self) -> candle_core::DType {
+        if self.fast_prefill(Mode::infer()) {
+            candle_core::DType::F16
+        } else {
+            self.dtype
+        }
+    }
+
     /// One token for each row: `ids[i]` is fed to row `i`, whose valid cache columns start at
     /// `start[i]`; the new keys and values go to column `cache.len`. Returns each row's logits.
     pub(crate) fn decode_step_cpu(
@@ -429,7 +602,6 @@ impl Llama {
             c.head_dim,
             c.intermediate_size,
         );
-        let rep = nh / nkv;
         let eps = c.rms_norm_eps as f32;
         let scale = 1.0 / (hd as f32).sqrt();
         cache.ensure(t)?;
@@ -491,53 +663,28 @@ impl Llama {
                 data: &s.v,
             })?;
 
-            // Attention: one task per (row, KV group), whose `rep` query heads read the
-            // group's keys and values once; token j of row i sees columns start[i]..=len + j.
-            s.att.clear();
-            s.att.resize(n * nh * hd, 0.0);
             let (kt, vt) = (&cache.k[li], &cache.v[li]);
             let cap = kt.dim(2)?;
-            with_f32(kt, |kc| {
-                with_f32(vt, |vc| {
-                    let q = &s.q;
-                    let out = super::quant::SendPtr(s.att.as_mut_ptr());
-                    let task = |tk: usize| {
-                        let out = &out;
-                        let (i, g) = (tk / nkv, tk % nkv);
-                        let base = (i * nkv + g) * cap;
-                        let kv = (&kc[base * hd..], &vc[base * hd..]);
-                        if t == 1 {
-                            // SAFETY: task tk alone writes elements [tk * w, (tk + 1) * w) of
-                            // `att` (w = rep * hd), which holds b * nkv * w.
-                            let dst = unsafe {
-                                std::slice::from_raw_parts_mut(out.0.add(tk * rep * hd), rep * hd)
-                            };
-                            let qg = &q[(i * nh + g * rep) * hd..][..rep * hd];
-                            attend(qg, kv, start[i]..len + 1, hd, scale, dst);
-                            return;
-                        }
-                        let o =
-                            attend_many(q, kv, (i, g), (t, nh, rep, hd), (start[i], len), scale);
-                        for (j, oj) in o.chunks_exact(rep * hd).enumerate() {
-                            let at = ((i * t + j) * nh + g * rep) * hd;
-                            // SAFETY: task (i, g) alone writes the `rep * hd` elements of row
-                            // i, token j, group g; `at + rep * hd <= n * nh * hd`.
-                            unsafe {
-                                std::ptr::copy_nonoverlapping(oj.as_ptr(), out.0.add(at), rep * hd)
-                            };
-                        }
-                    };
-                    // Tasks dealt round-robin to the pool's threads.
-                    let pool = super::spin_pool::SpinPool::global();
-                    let threads = pool.threads();
-                    let tasks = b * nkv;
-                    pool.run(&|th| {
-                        for tk in (th..tasks).step_by(threads) {
-                            task(tk);
-                        }
-                    });
+            let geo = Geometry {
+                t,
+                nh,
+                nkv,
+                hd,
+                cap,
+                len,
+                scale,
+            };
+            with_kv(kt, |kc| {
+                with_kv(vt, |vc| match (kc, vc) {
+                    (KvSlice::F32(k), KvSlice::F32(v)) => {
+                        attention(&s.q, (k, v), start, geo, &mut s.att)
+                    }
+                    (KvSlice::F16(k), KvSlice::F16(v)) => {
+                        attention(&s.q, (k, v), start, geo, &mut s.att)
+                    }
+                    _ => bail!("internal: keys and values cached in different dtypes"),
                 })
-            })??;
+            })???;
 
             s.acts.quantize(&s.att, n, nh * hd);
             project(Projection::OProj, &s.att, &s.acts, &mut s.o, &mut s.lora)?;
@@ -694,8 +841,8 @@ pub(crate) mod tests {
     #[test]
     fn the_simd_attention_matches_the_portable_loops() {
         use rand::{Rng, SeedableRng};
-        if crate::model::quant::Kernel::get() == crate::model::quant::Kernel::Portable {
-            eprintln!("no AVX2 + FMA on this CPU: only the portable attention runs here");
+        if !x86::available() {
+            eprintln!("no AVX2 + FMA + F16C on this CPU: only the portable attention runs here");
             return;
         }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
@@ -708,17 +855,37 @@ pub(crate) mod tests {
                     (0..k).map(|_| rng.random::<f32>() * 4.0 - 2.0).collect()
                 };
                 let (q, k, v) = (vals(rep * hd), vals(n), vals(n));
-                let (mut a, mut b) = (vec![0.5f32; rep * hd], vec![0.5f32; rep * hd]);
-                attend_generic(&q, (&k, &v), cols.clone(), hd, 0.125, &mut a);
-                // SAFETY: the CPU has AVX2 and FMA (checked above); hd % 8 == 0.
-                unsafe { x86::attend(&q, (&k, &v), cols.clone(), hd, 0.125, &mut b) };
-                let (mx, _) = diffs(&a, &b);
-                assert!(
-                    mx < 1e-5,
-                    "hd {hd}, rep {rep}, columns {cols:?}: differ by {mx}"
-                );
+                kernel_agrees(&q, (&k, &v), cols.clone(), hd, "f32");
+                // An f16 cache: the kernel converts in registers what the loops convert one
+                // value at a time.
+                let half = |x: &[f32]| -> Vec<half::f16> {
+                    x.iter().map(|&v| half::f16::from_f32(v)).collect()
+                };
+                kernel_agrees(&q, (&half(&k), &half(&v)), cols.clone(), hd, "f16");
             }
         }
+    }
+
+    /// The SIMD attention and the portable loops, on the same inputs, agree to 1e-5.
+    #[cfg(target_arch = "x86_64")]
+    fn kernel_agrees<E: KvElem>(
+        q: &[f32],
+        kv: (&[E], &[E]),
+        cols: std::ops::Range<usize>,
+        hd: usize,
+        label: &str,
+    ) {
+        let (mut a, mut b) = (vec![0.5f32; q.len()], vec![0.5f32; q.len()]);
+        attend_generic(q, kv, cols.clone(), hd, 0.125, &mut a);
+        // SAFETY: the caller checked `x86::available()`; every head size here is a multiple
+        // of 8.
+        unsafe { x86::attend(q, kv, cols.clone(), hd, 0.125, &mut b) };
+        let (mx, _) = diffs(&a, &b);
+        let rep = q.len() / hd;
+        assert!(
+            mx < 1e-5,
+            "{label}, hd {hd}, rep {rep}, columns {cols:?}: differ by {mx}"
+        );
     }
 
     /// Largest and mean absolute difference.
@@ -794,6 +961,11 @@ pub(crate) mod tests {
         let b = prompts.len();
         let new_cache = || KvCache::new(&m.llama, b, l + 4).unwrap();
         let (mut fast, mut slow) = (new_cache(), new_cache());
+        assert_eq!(
+            fast.k[0].dtype(),
+            candle_core::DType::F16,
+            "blocks cache f16"
+        );
         // Every token's logits: the causal mask shows at every position, not just the last.
         let at: Vec<usize> = (0..b)
             .flat_map(|i| (start[i]..l).map(move |j| i * l + j))
@@ -866,6 +1038,8 @@ pub(crate) mod tests {
                             .unwrap()
                             .flatten_all()
                             .unwrap()
+                            .to_dtype(candle_core::DType::F32)
+                            .unwrap()
                             .to_vec1()
                             .unwrap()
                     };
@@ -888,7 +1062,14 @@ pub(crate) mod tests {
 
     #[test]
     fn the_plain_rust_step_matches_the_candle_ops() {
+        // `blocks` keeps an f16 cache, which the candle ops read back as f32.
+        steps_agree(&smollm2(WeightsMode::Blocks), "blocks (f16 cache)");
         let mut m = smollm2(WeightsMode::Mixed);
+        assert_eq!(
+            m.llama.kv_dtype(),
+            candle_core::DType::F32,
+            "mixed cache f32"
+        );
         let base = steps_agree(&m, "base");
         random_adapter(&mut m);
         let adapted = steps_agree(&m, "adapter");

@@ -328,7 +328,7 @@ impl KvCache {
     pub fn new(model: &Llama, batch: usize, cap: usize) -> Result<Self> {
         let c = &model.cfg;
         let shape = (batch, c.num_key_value_heads, cap.max(1), c.head_dim);
-        let mk = || Tensor::zeros(shape, model.dtype, &model.device);
+        let mk = || Tensor::zeros(shape, model.kv_dtype(), &model.device);
         let mut k = Vec::new();
         let mut v = Vec::new();
         for _ in 0..c.num_hidden_layers {
@@ -801,10 +801,16 @@ impl Llama {
         let k = self.rope(&k, &ctx.cos, &ctx.sin, mode.train)?;
         let (k, v) = match cache {
             Some(kv) => {
-                kv.k[li].slice_set(&k, 2, past)?;
-                kv.v[li].slice_set(&v, 2, past)?;
+                // The cache may hold f16 (`Llama::kv_dtype`): keys and values are rounded on
+                // the way in, and attention reads them back in the model's dtype.
+                let kd = kv.k[li].dtype();
+                kv.k[li].slice_set(&k.to_dtype(kd)?, 2, past)?;
+                kv.v[li].slice_set(&v.to_dtype(kd)?, 2, past)?;
                 let len = past + t;
-                (kv.k[li].narrow(2, 0, len)?, kv.v[li].narrow(2, 0, len)?)
+                let read = |c: &Tensor| -> Result<Tensor> {
+                    Ok(c.narrow(2, 0, len)?.to_dtype(self.dtype)?)
+                };
+                (read(&kv.k[li])?, read(&kv.v[li])?)
             }
             None => (k, v),
         };

@@ -118,7 +118,7 @@ fn stack_paths(
                         if len < width {
                             parts.push(Tensor::zeros(
                                 (nkv, width - len, hd),
-                                model.llama.dtype,
+                                model.llama.kv_dtype(),
                                 &model.llama.device,
                             )?);
                         }
