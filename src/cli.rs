@@ -200,6 +200,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 until: a.until,
                 only: a.only,
                 force: a.force,
+                asked_as: None,
             };
             let t0 = std::time::Instant::now();
             let quiet = g.quiet;

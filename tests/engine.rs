@@ -660,7 +660,7 @@ fn sampling_respects_top_k_and_is_seeded_per_prompt() {
 fn shared_prefix_prefill_equals_whole_prompt_prefill() {
     // Dense weights: candle's ops, the same arithmetic in other matrix shapes.
     shared_prefix_case(&load(WeightsMode::Dense), 1e-3, 1e-3);
-    // `blocks`: both prefills through `decode_cpu.rs` on the blocks. Each row's arithmetic
+    // `blocks`: both prefills through `cpu_forward.rs` on the blocks. Each row's arithmetic
     // does not depend on the rows beside it or on the padding, so the two agree exactly here
     // (measured); the bound leaves room for a gemm that sums a longer row in another order.
     shared_prefix_case(&load(WeightsMode::Blocks), 1e-3, 1e-3);
@@ -753,7 +753,7 @@ fn shared_prefix_case(m: &Model, logit_tol: f32, kv_tol: f32) {
 fn quantized_decoding_agrees_with_the_dense_model() {
     // `weights = "mixed"` decodes on the GGUF's own Q4_1 blocks and `"q8"` on blocks
     // requantized to Q8_0, both through `quant.rs`'s kernels (and `generate` through
-    // `decode_cpu.rs`). The reference is the same GGUF dequantized to f32: greedy tokens agree
+    // `cpu_forward.rs`). The reference is the same GGUF dequantized to f32: greedy tokens agree
     // on most prompts for the first tokens, and the logits stay close. candle's own Q4_1 matmul
     // (`"quantized"`, an implementation we did not write) multiplies the same blocks as
     // `mixed`: their logits agree more closely still.

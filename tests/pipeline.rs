@@ -74,6 +74,19 @@ fn a_changed_setting_reruns_exactly_what_depends_on_it() {
             && e.contains("--until generate"),
         "{e}"
     );
+    // `pipeline eval` with nothing built names itself, and the command that builds every input
+    // it reads (not just the first stale one).
+    let empty = tempdir();
+    small_recipe(empty.path(), 4, 3, 1, 8, "");
+    let o = pipeline(empty.path(), &["eval"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && e.contains("`pipeline eval` needs the output of scrape")
+            && e.contains("run `pipeline run --until train` first")
+            && !e.contains("--only"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -127,7 +127,7 @@ impl View {
 /// `dst[m, n] = a[m, k] @ b[k, n]`, all strides in elements, single-threaded (tasks are the
 /// parallel unit). `a(i, j)` is at `a[i * a_rs + j * a_cs]`, likewise `b`; dst is row-major.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn mm<T: 'static + Float>(
+fn mm<T: 'static + Float>(
     m: usize,
     n: usize,
     k: usize,

@@ -6,7 +6,7 @@ pub(crate) mod adapter;
 pub(crate) mod attention;
 pub mod chat;
 pub mod config;
-mod decode_cpu;
+mod cpu_forward;
 pub(crate) mod fused;
 pub mod generate;
 pub(crate) mod limits;
@@ -39,7 +39,7 @@ pub enum WeightsMode {
     /// Quantized matmuls: least memory, fastest for one row at a time.
     Quantized,
     /// The GGUF's own Q4_1 and Q8_0 blocks (others requantized to Q8_0) for decoding steps,
-    /// through our SIMD kernels (`quant.rs`, `decode_cpu.rs`), and the same weights
+    /// through our SIMD kernels (`quant.rs`, `cpu_forward.rs`), and the same weights
     /// dequantized for prefill, where dense gemm is faster: both copies in memory.
     Mixed,
     /// As `Mixed`, with every projection requantized to Q8_0 (closer to the dense weights).

@@ -409,7 +409,7 @@ pub(crate) fn prefill_on_blocks_pays() -> bool {
 
 pub(crate) struct SendPtr(pub(crate) *mut f32);
 // SAFETY: used only to write disjoint elements from parallel tasks (`Packed::matmul`, the
-// attention of `decode_cpu.rs`).
+// attention of `cpu_forward.rs`).
 unsafe impl Sync for SendPtr {}
 unsafe impl Send for SendPtr {}
 

@@ -207,6 +207,9 @@ pub(crate) struct Plan {
     pub(crate) until: Option<Stage>,
     pub(crate) only: Option<Stage>,
     pub(crate) force: Vec<Stage>,
+    /// The command that asked for `only` (`pipeline eval`), for its errors; `--only <stage>`
+    /// when unset.
+    pub(crate) asked_as: Option<&'static str>,
 }
 
 impl Plan {
@@ -248,11 +251,19 @@ pub(crate) fn run(
                 _ => stale_reason(ctx, stage, &m),
             };
             let only = plan.only.expect("not wanted only under --only");
+            let asked = plan
+                .asked_as
+                .map(|c| format!("`{c}`"))
+                .unwrap_or_else(|| format!("`--only {}`", only.name()));
+            // Build every input `only` reads, not just the first stale one.
+            let last_input = ALL
+                .into_iter()
+                .rfind(|&st| st < only && needed_by(ctx.settings(), only, st))
+                .unwrap_or(stage);
             bail!(
-                "`--only {}` needs the output of {}, which is not up to date ({why}); run `pipeline run --until {}` first",
-                only.name(),
+                "{asked} needs the output of {}, which is not up to date ({why}); run `pipeline run --until {}` first",
                 stage.name(),
-                stage.name()
+                last_input.name()
             );
         }
         r.dirs.insert(stage, ctx.cache.dir(stage.name(), &key));
@@ -342,6 +353,7 @@ pub(crate) fn eval_adapter(ctx: &mut Ctx, adapter: Option<&Path>) -> Result<Path
     let Some(adapter) = adapter else {
         let plan = Plan {
             only: Some(Stage::Eval),
+            asked_as: Some("pipeline eval"),
             ..Plan::default()
         };
         let r = run(ctx, &plan, |_| Ok(()))?;

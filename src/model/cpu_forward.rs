@@ -7,8 +7,11 @@
 //! half its time outside the products (allocation, page faults, libm's `expf` on masked scores,
 //! copies). Here the buffers live in [`Scratch`] (kept across calls), the projections run on
 //! the quantized blocks (`quant.rs`), norm, RoPE and SiLU are loops over slices, and attention
-//! is one task per (row, KV group): plain loops for one new token, two small gemms for many.
-//! The KV cache is the same [`KvCache`] the candle path fills, written in place.
+//! is one task per (row, KV group), token by token through one kernel. So a token's arithmetic
+//! depends only on its row's inputs: not on how many tokens came in the same call, nor on the
+//! rows beside it. A prompt prefilled after a cached prefix of itself, or one token at a time,
+//! computes exactly what its whole-prompt prefill does (in `serve`, a seed reproduces its
+//! text). The KV cache is the same [`KvCache`] the candle path fills, written in place.
 //!
 //! Decoding steps run where [`Llama::fast_decode`] says (CPU, f32, inference, our attention,
 //! every projection held as blocks: `generate.weights = "mixed"`, `"blocks"` or `"q8"`);
@@ -52,11 +55,9 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 /// An element of the KV cache: f32, or f16 where prefill and decoding both run here
 /// (`generate.weights = "blocks"`, as llama.cpp keeps its cache): decoding reads every cached
 /// key and value once a token, so half the bytes is nearly half the time.
-pub(crate) trait KvElem: Copy + Send + Sync + 'static {
+trait KvElem: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
-    /// The values as f32, borrowed where they already are.
-    fn as_f32s(s: &[Self]) -> std::borrow::Cow<'_, [f32]>;
     /// Eight values from `p` as f32 lanes (inlined into AVX2 + F16C code).
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
@@ -70,9 +71,6 @@ impl KvElem for f32 {
     #[inline(always)]
     fn from_f32(v: f32) -> Self {
         v
-    }
-    fn as_f32s(s: &[Self]) -> std::borrow::Cow<'_, [f32]> {
-        std::borrow::Cow::Borrowed(s)
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
@@ -89,12 +87,6 @@ impl KvElem for half::f16 {
     #[inline(always)]
     fn from_f32(v: f32) -> Self {
         half::f16::from_f32(v)
-    }
-    fn as_f32s(s: &[Self]) -> std::borrow::Cow<'_, [f32]> {
-        use half::slice::HalfFloatSliceExt;
-        let mut out = vec![0f32; s.len()];
-        s.convert_to_f32_slice(&mut out);
-        std::borrow::Cow::Owned(out)
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
@@ -400,20 +392,18 @@ fn attention<E: KvElem>(
         let (i, g) = (tk / nkv, tk % nkv);
         let base = (i * nkv + g) * cap;
         let kv = (&kc[base * hd..], &vc[base * hd..]);
-        if t == 1 {
-            // SAFETY: task tk alone writes elements [tk * w, (tk + 1) * w) of `att`
-            // (w = rep * hd), which holds b * nkv * w.
-            let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(tk * rep * hd), rep * hd) };
-            let qg = &q[(i * nh + g * rep) * hd..][..rep * hd];
-            attend(qg, kv, start[i]..len + 1, hd, scale, dst);
-            return;
-        }
-        let o = attend_many(q, kv, (i, g), (t, nh, rep, hd), (start[i], len), scale);
-        for (j, oj) in o.chunks_exact(rep * hd).enumerate() {
+        for j in 0..t {
+            // Token j sees columns start[i]..=len + j; a left-padding token (before start[i])
+            // sees none and keeps zeros.
+            let cols = start[i]..len + j + 1;
+            if cols.is_empty() {
+                continue;
+            }
             let at = ((i * t + j) * nh + g * rep) * hd;
             // SAFETY: task (i, g) alone writes the `rep * hd` elements of row i, token j,
-            // group g; `at + rep * hd <= b * t * nh * hd`.
-            unsafe { std::ptr::copy_nonoverlapping(oj.as_ptr(), out.0.add(at), rep * hd) };
+            // group g, and `at + rep * hd <= b * t * nh * hd`, the length of `att`.
+            let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), rep * hd) };
+            attend(&q[at..][..rep * hd], kv, cols, hd, scale, dst);
         }
     };
     // Tasks dealt round-robin to the pool's threads.
@@ -474,47 +464,6 @@ impl WriteColumns<'_> {
         }
         Ok(())
     }
-}
-
-/// Attention of every new token of row `i`, KV group `g`, when a row brings `t > 1` tokens:
-/// scores as one gemm over the row's valid columns, a causal softmax, then `P @ V` as another.
-/// `q` is `[B, T, nh, hd]`; `kv` the group's keys and values from column 0. Returns the
-/// group's output `[T, rep, hd]`.
-fn attend_many<E: KvElem>(
-    q: &[f32],
-    kv: (&[E], &[E]),
-    (i, g): (usize, usize),
-    (t, nh, rep, hd): (usize, usize, usize, usize),
-    (first, len): (usize, usize),
-    scale: f32,
-) -> Vec<f32> {
-    use super::attention::mm;
-    // Columns first..len + t; token j sees first..=len + j.
-    let ncol = len + t - first;
-    let m = t * rep;
-    let mut qg = Vec::with_capacity(m * hd);
-    for j in 0..t {
-        qg.extend_from_slice(&q[((i * t + j) * nh + g * rep) * hd..][..rep * hd]);
-    }
-    let kc = E::as_f32s(&kv.0[first * hd..][..ncol * hd]);
-    let vc = E::as_f32s(&kv.1[first * hd..][..ncol * hd]);
-    let (kc, vc) = (&kc[..], &vc[..]);
-    let mut p = vec![0f32; m * ncol];
-    mm(m, ncol, hd, &mut p, &qg, hd, 1, kc, 1, hd);
-    for (r, row) in p.chunks_exact_mut(ncol).enumerate() {
-        // Left padding: a padding token (before `first`) sees no column and gets zeros.
-        let seen = (len + r / rep + 1).saturating_sub(first).min(ncol);
-        let (valid, masked) = row.split_at_mut(seen);
-        masked.fill(0.0);
-        if valid.is_empty() {
-            continue;
-        }
-        valid.iter_mut().for_each(|v| *v *= scale);
-        softmax(valid);
-    }
-    let mut o = vec![0f32; m * hd];
-    mm(m, hd, ncol, &mut o, &p, ncol, 1, vc, hd, 1);
-    o
 }
 
 impl Llama {
@@ -607,7 +556,7 @@ impl Llama {
         cache.ensure(t)?;
         let len = cache.len;
         // Token j of row i sits at position len + j - start[i] (a padding token's is unused).
-        let pos: Vec<usize> = (0..n)
+        let mut pos: Vec<usize> = (0..n)
             .map(|k| (len + k % t).saturating_sub(start[k / t]))
             .collect();
         let adapter = self.adapter().filter(|_| mode.lora);
@@ -626,6 +575,11 @@ impl Llama {
         else {
             bail!("internal: RoPE tables are not f32 on the CPU");
         };
+        // Right padding in a trie pass can sit past the longest prompt; real tokens are held
+        // inside the context (`limits.rs`), so a padding token's position is only kept in the
+        // table.
+        let last = (cos.len() / (hd / 2)).saturating_sub(1);
+        pos.iter_mut().for_each(|p| *p = (*p).min(last));
 
         for (li, layer) in self.layers.iter().enumerate() {
             // y = W x (+ LoRA) for projection `p`, from `acts` (quantized from `x`).
@@ -886,6 +840,46 @@ pub(crate) mod tests {
             mx < 1e-5,
             "{label}, hd {hd}, rep {rep}, columns {cols:?}: differ by {mx}"
         );
+    }
+
+    #[test]
+    fn a_prompt_split_anywhere_computes_exactly_the_same() {
+        // A token's arithmetic depends only on its row's inputs, not on how many tokens came
+        // in the same call: whole, in two calls, or as decoding steps, the same logits to the
+        // bit (what prefix reuse and a reproducible seed in `serve` rest on).
+        let m = smollm2(WeightsMode::Blocks);
+        let a = prompt(&m, "Attention Is All You Need");
+        let l = a.len();
+        let run = |cuts: &[usize]| -> Vec<f32> {
+            let mut cache = KvCache::new(&m.llama, 1, l + 4).unwrap();
+            let mut s = Scratch::default();
+            let mut last = Vec::new();
+            let mut from = 0;
+            for &to in cuts.iter().chain([&l]) {
+                let t = to - from;
+                last = m
+                    .llama
+                    .forward_cpu(
+                        &a[from..to],
+                        t,
+                        &[0],
+                        &mut cache,
+                        Mode::infer(),
+                        &mut s,
+                        &[t - 1],
+                    )
+                    .unwrap()
+                    .remove(0);
+                from = to;
+            }
+            last
+        };
+        let whole = run(&[]);
+        for cuts in [vec![l - 1], vec![5], vec![3, 11, l - 2]] {
+            assert!(run(&cuts) == whole, "prefill cut at {cuts:?}: other logits");
+        }
+        let steps: Vec<usize> = (1..l).collect();
+        assert!(run(&steps) == whole, "one token a call: other logits");
     }
 
     /// Largest and mean absolute difference.
