@@ -467,7 +467,12 @@ fn a_run_killed_mid_stage_resumes_with_only_the_missing_prompts() {
             .flat_map(|d| d.flatten())
             .filter(|e| e.file_name().to_string_lossy().contains("partial"))
             .flat_map(|e| walk(&e.path()))
-            .filter(|p| p.to_string_lossy().contains("chunk-"))
+            // Committed chunks only: a chunk being written is a `.chunk-*.tmp-*` sibling until
+            // its rename, and a kill before the rename loses it (as it should).
+            .filter(|p| {
+                let name = p.file_name().unwrap_or_default().to_string_lossy();
+                name.starts_with("chunk-") && name.ends_with(".jsonl")
+            })
             .count();
         if n >= 2 {
             break n;
