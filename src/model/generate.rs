@@ -595,49 +595,30 @@ mod tests {
     /// count: equal to float rounding, as the test above allows.)
     #[test]
     fn a_repeated_prompt_prefills_exactly_as_the_first_time() {
-        {
-            let w = WeightsMode::Blocks;
-            let m = smollm2(w);
-            let a = prompt(&m, "Attention Is All You Need");
-            let mut dec = Decoder::default();
-            let (first, _) = {
-                let req = Request {
-                    id: 0,
-                    ids: a.clone(),
-                };
-                dec.admit(
-                    &m,
-                    vec![(req, Sampling::greedy(4), row_rng(1, 0))],
-                    Mode::infer(),
-                )
-                .unwrap();
-                prefill_padded(
-                    &m,
-                    &[Request {
-                        id: 0,
-                        ids: a.clone(),
-                    }],
-                    64,
-                    Mode::infer(),
-                )
-                .map(|(_, s, l)| (l, s))
-                .unwrap()
-            };
-            let (cache, _, again) = dec
-                .prefill_after_cached(&m, &a, 64, Mode::infer())
-                .unwrap()
-                .expect("the prompt's own prefix is reused");
-            assert_eq!(cache.len, a.len());
-            let d = first[0]
-                .iter()
-                .zip(&again[0])
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max);
-            assert!(
-                first[0] == again[0],
-                "{w:?}: the repeated prompt's last logits differ by {d}"
-            );
-        }
+        let m = smollm2(WeightsMode::Blocks);
+        let a = prompt(&m, "Attention Is All You Need");
+        let req = Request {
+            id: 0,
+            ids: a.clone(),
+        };
+        let mut dec = Decoder::default();
+        let greedy = (req.clone(), Sampling::greedy(4), row_rng(1, 0));
+        dec.admit(&m, vec![greedy], Mode::infer()).unwrap();
+        let (_, _, first) = prefill_padded(&m, &[req], 64, Mode::infer()).unwrap();
+        let (cache, _, again) = dec
+            .prefill_after_cached(&m, &a, 64, Mode::infer())
+            .unwrap()
+            .expect("the prompt's own prefix is reused");
+        assert_eq!(cache.len, a.len());
+        let d = first[0]
+            .iter()
+            .zip(&again[0])
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            first[0] == again[0],
+            "the repeated prompt's last logits differ by {d}"
+        );
     }
 
     fn reuse_case(m: &Model, tol: f32) {
