@@ -2,9 +2,8 @@
 //! candle-transformers' quantized_llama logits, solo-vs-padded greedy decoding, the tokenizer,
 //! and loading from an HF folder and from the hub cache layout.
 
-mod common;
+use crate::support::*;
 use candle_core::{DType, Device, Tensor, D};
-use common::*;
 use reviewer2::model::generate::{generate, Request, Sampling};
 use reviewer2::model::llama::{build_mask, build_positions, Mode};
 use reviewer2::model::source::{load_meta, resolve};

@@ -2,8 +2,7 @@
 //! or downloading anything: the model's whole file, batching where quantized results depend on
 //! it, and the pipeline's presets end to end.
 
-mod common;
-use common::*;
+use crate::support::*;
 use reviewer2::model::source::{resolve_spec, FingerprintMemo, HubAccess, ModelSpec};
 
 fn identity(path: &std::path::Path, memo: &FingerprintMemo) -> String {

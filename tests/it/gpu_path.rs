@@ -4,8 +4,7 @@
 //! settings (`generate.dtype`, `generate.attention`, `train.dtype`, `train.attention`), against
 //! the f32 path on the real SmolLM2.
 
-mod common;
-use common::*;
+use crate::support::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 

@@ -2,8 +2,7 @@
 //! exactly-the-right reruns, damaged artifacts, a killed generate stage, and the Hub export read
 //! back by pyarrow (a reader nobody here wrote).
 
-mod common;
-use common::*;
+use crate::support::*;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -6,9 +6,8 @@
 //! candle-transformers' own Llama (`models::llama`) reading the same safetensors: last-position
 //! logits over several prompts, and greedy decoding through both KV caches.
 
-mod common;
+use crate::support::*;
 use candle_core::{DType, Device, Tensor};
-use common::*;
 use reviewer2::model::config::LlamaConfig;
 use reviewer2::model::generate::{generate, Request, Sampling};
 use reviewer2::model::llama::Mode;

@@ -1,8 +1,7 @@
 //! The judges: the lexicon judge against the reference VADER (PyPI `vaderSentiment`), the LLM
 //! judge on the real SmolLM2, and the label check merge applies with them.
 
-mod common;
-use common::*;
+use crate::support::*;
 use reviewer2::config::{JudgeKind, JudgeSettings};
 use reviewer2::judge::Judge;
 

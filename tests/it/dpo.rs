@@ -1,9 +1,8 @@
 //! DPO: gradients checked by finite differences, losses against hand-computed values, TRL's
 //! truncation and masking, and on the real SmolLM2 model: learning, kill/resume, the PEFT files.
 
-mod common;
+use crate::support::*;
 use candle_core::{DType, Device, Tensor};
-use common::*;
 use reviewer2::config::TrainSettings;
 use reviewer2::dpo::config::Loss;
 use reviewer2::dpo::data::{truncate, Example, Truncation, TruncationReport};

@@ -1,8 +1,7 @@
 //! scrape: parsing real and hand-made pages, and fetching from a real HTTP server on 127.0.0.1
 //! that injects faults (500s, stalls, truncated bodies, wrong content types).
 
-mod common;
-use common::*;
+use crate::support::*;
 use reviewer2::stages::scrape::{fetch, parse_titles, sample_titles};
 use std::io::{Read, Write};
 use std::net::TcpListener;

@@ -4,8 +4,7 @@
 //! deleted, a lasting fault ends in an error naming the repo, the file and what to do, and no
 //! file at its final name in the hf-hub cache is ever truncated or wrong.
 
-mod common;
-use common::*;
+use crate::support::*;
 use reviewer2::fsutil::sha256_hex;
 use reviewer2::model::source::{resolve_spec, FingerprintMemo, HubAccess, ModelSource, ModelSpec};
 use std::collections::BTreeMap;

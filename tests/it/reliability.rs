@@ -4,9 +4,8 @@
 //! data of the wrong kind, damaged checkpoints and generation chunks, an interrupted log window,
 //! a missing chart font, a merge over the base model, a public card, colour in piped logs.
 
-mod common;
+use crate::support::*;
 use arrow_array::{ArrayRef, BooleanArray, RecordBatch, StringArray};
-use common::*;
 use reviewer2::config::TrainSettings;
 use reviewer2::dpo::data::Example;
 use reviewer2::dpo::trainer::{attach_lora, reference_logps, Trainer};

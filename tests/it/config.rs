@@ -1,8 +1,7 @@
 //! Configuration: the default recipe loads; typos, wrong types and impossible values are errors
 //! that name the file, line and key, with a suggestion.
 
-mod common;
-use common::*;
+use crate::support::*;
 use reviewer2::config::{ConfigError, Loaded, Settings, Sources};
 
 fn load(file: &std::path::Path, sets: &[String], must_exist: bool) -> Result<Loaded, ConfigError> {

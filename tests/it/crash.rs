@@ -4,13 +4,12 @@
 //! `cache/<stage>/<key>/` folder with a manifest verifies, and `status` reports no stage damaged.
 //! After the final run no temporary file or folder is left behind.
 //!
-//! `cargo test --test crash` runs the reduced CI form (a handful of kill points, tiny settings).
+//! `cargo test --test it crash::` runs the reduced CI form (a handful of kill points, tiny settings).
 //! `scripts/crash-test.sh` runs the full form (`REVIEWER2_CRASH_FULL=1`: 30 kill points on the
 //! quick preset, against the release binary). Knobs: `REVIEWER2_CRASH_KILLS` (number of kill
 //! points), `REVIEWER2_CRASH_SEED`, `REVIEWER2_CRASH_BIN` (the `pipeline` binary to drive).
 
-mod common;
-use common::*;
+use crate::support::*;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};

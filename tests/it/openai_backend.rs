@@ -4,8 +4,7 @@
 //! timeout) after which every prompt is still answered exactly once; a run killed mid-stage that
 //! resumes with only the missing prompts; answers that must fail at once; and bad settings.
 
-mod common;
-use common::*;
+use crate::support::*;
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};

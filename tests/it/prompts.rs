@@ -1,7 +1,6 @@
 //! prompts: templates and the models' own chat templates render exactly what HF renders.
 
-mod common;
-use common::*;
+use crate::support::*;
 use reviewer2::model::chat::{ChatTemplate, Message};
 
 /// TinyLlama-1.1B-Chat-v1.0's chat_template, as its tokenizer_config.json holds it.

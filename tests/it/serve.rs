@@ -4,8 +4,7 @@
 //! driven in headless Chromium. Then the server's edges: the API key, a full queue, a client
 //! that leaves mid-stream.
 
-mod common;
-use common::*;
+use crate::support::*;
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;

@@ -3,8 +3,7 @@
 //! TensorBoard events read back by TensorBoard itself, and the unpaired (KTO) export read back
 //! with pyarrow and trained on.
 
-mod common;
-use common::*;
+use crate::support::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 

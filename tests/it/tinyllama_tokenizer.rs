@@ -8,8 +8,7 @@
 //! Llama tokenizer (make.mjs explains them: <s> first, special tokens in the text split out,
 //! [1] for ""). The tokenizer is loaded the way the pipeline loads a TinyLlama folder.
 
-mod common;
-use common::*;
+use crate::support::*;
 use reviewer2::model::chat::Message;
 use reviewer2::model::config::LlamaConfig;
 use reviewer2::model::source::{load_meta, resolve, ModelMeta};

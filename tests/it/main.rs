@@ -1,0 +1,23 @@
+//! The integration tests, one test binary (`cargo test --test it`), one module per area:
+//! `cargo test --test it crash::` runs one area, `cargo test --test it -- --list` names them all.
+//! Shared fixtures (the real model, the saved pages, the `pipeline` binary, fake HTTP servers)
+//! are in `support`.
+
+mod cache_keys;
+mod config;
+mod crash;
+mod dpo;
+mod engine;
+mod eval;
+mod gpu_path;
+mod hub_faults;
+mod judge;
+mod openai_backend;
+mod pipeline;
+mod prompts;
+mod reliability;
+mod scrape;
+mod serve;
+mod support;
+mod tinyllama;
+mod tinyllama_tokenizer;
