@@ -62,8 +62,6 @@ fn status_keys(dir: &std::path::Path, sets: &[&str]) -> serde_json::Value {
     let cfg = repo().join("pipeline.toml");
     let model = format!("generate.model={}", smollm2().display());
     let mut args = vec![
-        "status",
-        "--json",
         "--config",
         cfg.to_str().unwrap(),
         "--preset",
@@ -76,12 +74,8 @@ fn status_keys(dir: &std::path::Path, sets: &[&str]) -> serde_json::Value {
     for s in sets {
         args.extend(["--set", s]);
     }
-    let out = pipeline_ok(dir, &args);
-    let json = &out[..out.rfind(']').unwrap() + 1];
-    let v: serde_json::Value = serde_json::from_str(json).unwrap();
     serde_json::Value::Object(
-        v.as_array()
-            .unwrap()
+        status_json(dir, &args)
             .iter()
             .map(|s| (s["stage"].as_str().unwrap().to_string(), s["key"].clone()))
             .collect(),
@@ -143,15 +137,9 @@ fn reference_log_probs_are_keyed_on_device_and_dtype() {
         args.extend(["--set", s]);
     }
     pipeline_ok(d.path(), &args);
-    let refs: Vec<_> = std::fs::read_dir(work.join("cache/train-ref"))
-        .unwrap()
-        .flatten()
-        .filter(|e| e.path().join("manifest.json").is_file())
-        .collect();
+    let refs = built_dirs(&work, "train-ref");
     assert_eq!(refs.len(), 1);
-    let m: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(refs[0].path().join("manifest.json")).unwrap())
-            .unwrap();
+    let m: serde_json::Value = read_json(&refs[0].join("manifest.json"));
     let s = &m["material"]["settings"];
     // Log-probs differ between devices and dtypes: a GPU run must not reuse CPU ones.
     assert_eq!(s["device"], "cpu", "{m}");

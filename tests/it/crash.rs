@@ -176,8 +176,7 @@ fn manifests_verify(work: &Path) -> usize {
             if name.starts_with('.') {
                 continue; // a staging folder: the manifest is written last, then it is renamed
             }
-            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&m).unwrap())
-                .unwrap_or_else(|e| panic!("{}: unreadable manifest ({e})", m.display()));
+            let v: serde_json::Value = read_json(&m);
             for f in v["files"].as_array().unwrap() {
                 let p = e.path().join(f["name"].as_str().unwrap());
                 let h = reviewer2::fsutil::sha256_file(&p)
@@ -194,10 +193,7 @@ fn manifests_verify(work: &Path) -> usize {
 fn finals(work: &Path) -> BTreeMap<String, PathBuf> {
     let mut out = BTreeMap::new();
     for s in STAGES.iter().chain(&["train-ref"]) {
-        let d = work.join("cache").join(s);
-        let l: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(d.join("latest.json")).unwrap()).unwrap();
-        out.insert(s.to_string(), d.join(l["key"].as_str().unwrap()));
+        out.insert(s.to_string(), latest_build(work, s));
     }
     out
 }
@@ -213,8 +209,7 @@ fn compare(a: &Path, b: &Path) -> u64 {
         if stage != "train-ref" {
             assert_eq!(da.file_name(), db.file_name(), "{stage}: different keys");
         }
-        let m: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(da.join("manifest.json")).unwrap()).unwrap();
+        let m: serde_json::Value = read_json(&da.join("manifest.json"));
         for f in m["files"].as_array().unwrap() {
             let n = f["name"].as_str().unwrap();
             if n.starts_with("events.out.tfevents.") {

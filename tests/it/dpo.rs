@@ -10,21 +10,8 @@ use reviewer2::dpo::logps::{sequence_logps, sequence_logps_with, SeqLogps};
 use reviewer2::dpo::loss::{dpo_loss, kto_loss};
 use reviewer2::model::llama::{Llama, Mode};
 use reviewer2::model::lora::{LoraSpec, Projection};
-use reviewer2::model::{from_hf_tensors, random_hf_tensors};
-use std::process::Command;
 
 const LN2: f64 = std::f64::consts::LN_2;
-
-fn tiny(dtype: DType) -> Llama {
-    let cfg = tiny_cfg();
-    from_hf_tensors(
-        &cfg,
-        random_hf_tensors(&cfg, 11, &Device::Cpu).unwrap(),
-        &Device::Cpu,
-        dtype,
-    )
-    .unwrap()
-}
 
 /// `m` with a fresh rank-`r` adapter on every projection, drawn from `seed`.
 fn with_lora(mut m: Llama, r: usize, dropout: f64, seed: u64) -> Llama {
@@ -52,7 +39,7 @@ fn seqs() -> Vec<(Vec<u32>, Vec<u32>)> {
 /// A tiny f64 model with rank-2 LoRA on every target. B starts at zero, which would zero A's
 /// gradient: B gets random values so both are exercised.
 fn tiny_f64_with_lora(seed: u64, dropout: f64) -> (Llama, Vec<(String, candle_core::Var)>) {
-    let m = with_lora(tiny(DType::F64), 2, dropout, seed);
+    let m = with_lora(tiny_llama(11, DType::F64), 2, dropout, seed);
     let vars = m.adapter().unwrap().vars();
     for (name, v) in vars.iter() {
         if name.ends_with("lora_B.weight") {
@@ -320,7 +307,7 @@ fn truncation_follows_trl_and_counts_rows() {
 
 #[test]
 fn only_response_tokens_count_and_step_zero_is_ln2() {
-    let m = tiny(DType::F64);
+    let m = tiny_llama(11, DType::F64);
     let data = seqs();
     let refs: Vec<(&[u32], &[u32])> = data.iter().map(|(p, r)| (&p[..], &r[..])).collect();
     let mode = train_mode(None, false);
@@ -366,7 +353,7 @@ fn only_response_tokens_count_and_step_zero_is_ln2() {
     // Reference log-probs are stored as f32, so train in f32 as real runs do. They are
     // batched as the step batches its rows: gemm's rounding of a row depends on how many rows
     // it multiplies with, so other batchings differ in the last bit.
-    let model = wrap(with_lora(tiny(DType::F32), 4, 0.05, 1));
+    let model = with_smollm2_tokenizer(with_lora(tiny_llama(11, DType::F32), 4, 0.05, 1));
     let refs = reviewer2::dpo::trainer::reference_logps(&model, &exs, 2, false).unwrap();
     let d = tempdir();
     let tr = reviewer2::dpo::trainer::Trainer {
@@ -386,18 +373,6 @@ fn only_response_tokens_count_and_step_zero_is_ln2() {
     }
 }
 
-/// A Model around a bare Llama, with SmolLM2's tokenizer (unused by these tests' token ids).
-fn wrap(llama: Llama) -> reviewer2::model::Model {
-    let src = reviewer2::model::source::resolve(smollm2().to_str().unwrap(), "main").unwrap();
-    let meta = reviewer2::model::source::load_meta(&src).unwrap();
-    reviewer2::model::Model {
-        llama,
-        meta,
-        source: src,
-        share_prefixes: true,
-    }
-}
-
 #[test]
 fn kto_trains_on_unpaired_rows() {
     let s = TrainSettings {
@@ -407,7 +382,7 @@ fn kto_trains_on_unpaired_rows() {
         learning_rate: 1e-2,
         ..TrainSettings::default()
     };
-    let model = wrap(with_lora(tiny(DType::F32), 4, 0.0, 2));
+    let model = with_smollm2_tokenizer(with_lora(tiny_llama(11, DType::F32), 4, 0.0, 2));
     let exs: Vec<Example> = (0..8u32)
         .map(|i| Example {
             prompt: vec![1, 3 + i],
@@ -446,7 +421,7 @@ fn kto_trains_on_unpaired_rows() {
 fn eval_metrics_are_means_over_rows_whatever_the_batch_size() {
     // 5 eval rows: at batch 2 the last batch holds one row, which a mean of batch means would
     // weigh double (TRL's Trainer weighs rows).
-    let model = wrap(with_lora(tiny(DType::F32), 4, 0.0, 3));
+    let model = with_smollm2_tokenizer(with_lora(tiny_llama(11, DType::F32), 4, 0.0, 3));
     let exs: Vec<Example> = (0..5u32)
         .map(|i| Example {
             prompt: vec![1, 3 + i],
@@ -541,16 +516,6 @@ fn train_recipe(dir: &std::path::Path, extra: &str) {
     small_recipe(dir, 12, 10, 2, 20, &format!("[prompts]\nstyle = \"plain\"\nshots = 2\n\n[train]\nbatch_size = 2\nlearning_rate = 1e-3\nlogging_steps = 4\nmax_length = 160\nmax_prompt_length = 128\n{extra}"));
 }
 
-fn stage_dir(d: &std::path::Path, stage: &str) -> std::path::PathBuf {
-    let latest: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(d.join("data/cache").join(stage).join("latest.json")).unwrap(),
-    )
-    .unwrap();
-    d.join("data/cache")
-        .join(stage)
-        .join(latest["key"].as_str().unwrap())
-}
-
 #[test]
 fn real_model_learns_resumes_and_saves_a_peft_adapter() {
     let d = tempdir();
@@ -560,9 +525,8 @@ fn real_model_learns_resumes_and_saves_a_peft_adapter() {
     );
     let out = pipeline_ok(d.path(), &["run"]);
     assert!(out.contains("Built train"), "{out}");
-    let tdir = stage_dir(d.path(), "train");
-    let log: Vec<serde_json::Value> =
-        reviewer2::fsutil::read_jsonl(&tdir.join("metrics.jsonl")).unwrap();
+    let tdir = latest_build(&d.path().join("data"), "train");
+    let log = read_jsonl(&tdir.join("metrics.jsonl"));
     let train: Vec<&serde_json::Value> = log.iter().filter(|m| m.get("loss").is_some()).collect();
     let evals: Vec<&serde_json::Value> = log
         .iter()
@@ -613,7 +577,7 @@ fn real_model_learns_resumes_and_saves_a_peft_adapter() {
 
     // PEFT format: exactly PEFT 0.10's keys; names and shapes.
     let cfg: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&std::fs::read(tdir.join("adapter_config.json")).unwrap()).unwrap();
+        read_json(&tdir.join("adapter_config.json"));
     let mut keys: Vec<&str> = cfg.keys().map(|k| k.as_str()).collect();
     keys.sort();
     assert_eq!(keys, PEFT_010_KEYS.to_vec());
@@ -640,9 +604,7 @@ fn real_model_learns_resumes_and_saves_a_peft_adapter() {
     assert_eq!(params, 30 * (8 * 576 * 3 + 576 * 8 + 192 * 8 * 2));
 
     // Loaded back onto the base, the adapter reproduces the trained model's eval log-probs.
-    let src = reviewer2::model::source::resolve(smollm2().to_str().unwrap(), "main").unwrap();
-    let mut model =
-        reviewer2::model::Model::load(&src, &reviewer2::model::LoadOptions::cpu_f32()).unwrap();
+    let mut model = smollm2_model();
     model.load_adapter(&tdir).unwrap();
     let loaded = reviewer2::config::load(&reviewer2::config::Sources {
         file: d.path().join("pipeline.toml"),
@@ -650,7 +612,8 @@ fn real_model_learns_resumes_and_saves_a_peft_adapter() {
         ..Default::default()
     })
     .unwrap();
-    let raw = reviewer2::dpo::data::load_dataset(&stage_dir(d.path(), "split")).unwrap();
+    let raw =
+        reviewer2::dpo::data::load_dataset(&latest_build(&d.path().join("data"), "split")).unwrap();
     let prep =
         reviewer2::dpo::trainer::prepare(&model, &loaded.settings.train, &raw.train, &raw.test)
             .unwrap();
@@ -697,8 +660,7 @@ fn real_model_learns_resumes_and_saves_a_peft_adapter() {
     // The merge is PEFT's, W' = W + (alpha / r) B A, checked with plain loops on layer 0's v_proj
     // (no RoPE permutation in its layout): W read from the GGUF by candle's own reader, A and B
     // from the adapter file, W' from the merged folder.
-    let acfg: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(tdir.join("adapter_config.json")).unwrap()).unwrap();
+    let acfg: serde_json::Value = read_json(&tdir.join("adapter_config.json"));
     let scale = acfg["lora_alpha"].as_f64().unwrap() / acfg["r"].as_f64().unwrap();
     let cpu = candle_core::Device::Cpu;
     let ad = candle_core::safetensors::load(tdir.join("adapter_model.safetensors"), &cpu).unwrap();
@@ -758,11 +720,7 @@ fn real_model_learns_resumes_and_saves_a_peft_adapter() {
     );
     copy_dir(&d.path().join("data"), &e.path().join("data"));
     std::fs::remove_dir_all(e.path().join("data/cache/train")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .current_dir(e.path())
-        .args(["run", "-q"])
-        .spawn()
-        .unwrap();
+    let mut child = pipeline_cmd(e.path()).args(["run", "-q"]).spawn().unwrap();
     let t0 = std::time::Instant::now();
     loop {
         let found = std::fs::read_dir(e.path().join("data/cache/train"))
@@ -789,10 +747,16 @@ fn real_model_learns_resumes_and_saves_a_peft_adapter() {
         "{out}"
     );
     let a = std::fs::read(tdir.join("adapter_model.safetensors")).unwrap();
-    let b = std::fs::read(stage_dir(e.path(), "train").join("adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(
+        latest_build(&e.path().join("data"), "train").join("adapter_model.safetensors"),
+    )
+    .unwrap();
     assert!(a == b, "resumed adapter differs from the uninterrupted one");
     let la = std::fs::read_to_string(tdir.join("metrics.jsonl")).unwrap();
-    let lb = std::fs::read_to_string(stage_dir(e.path(), "train").join("metrics.jsonl")).unwrap();
+    let lb = std::fs::read_to_string(
+        latest_build(&e.path().join("data"), "train").join("metrics.jsonl"),
+    )
+    .unwrap();
     assert_eq!(la, lb);
 }
 

@@ -6,13 +6,12 @@ use crate::support::*;
 use candle_core::{DType, Device, Tensor, D};
 use reviewer2::model::generate::{generate, Request, Sampling};
 use reviewer2::model::llama::{build_mask, build_positions, Mode};
-use reviewer2::model::source::{load_meta, resolve};
+use reviewer2::model::source::resolve;
 use reviewer2::model::{LoadOptions, Model, WeightsMode};
 
 fn load(weights: WeightsMode) -> Model {
-    let src = resolve(smollm2().to_str().unwrap(), "main").unwrap();
     Model::load(
-        &src,
+        &smollm2_source(),
         &LoadOptions {
             weights,
             ..LoadOptions::cpu_f32()
@@ -268,8 +267,7 @@ fn left_padded_rows_match_their_solo_runs() {
 
 #[test]
 fn tokenizer_encodes_the_chat_prompt_as_the_model_expects() {
-    let src = resolve(smollm2().to_str().unwrap(), "main").unwrap();
-    let meta = load_meta(&src).unwrap();
+    let meta = smollm2_meta();
     let tok = &meta.tok;
     // Special tokens are single ids; SmolLM2 needs no BOS.
     let start = tok.token_to_id("<|im_start|>").unwrap();
@@ -347,11 +345,11 @@ fn loads_and_generates_from_an_hf_folder_and_the_hub_cache() {
     assert!(!a.is_empty() && a.len() <= 8, "{a:?}");
 
     // The same files laid out as hf-hub's cache: models--org--name/{refs/main, snapshots/<sha>/}.
-    let hub = d.path().join("hf/hub/models--tiny-org--tiny-llama");
-    let sha = "0123456789abcdef0123456789abcdef01234567";
-    std::fs::create_dir_all(hub.join("refs")).unwrap();
-    std::fs::write(hub.join("refs/main"), sha).unwrap();
-    let snap = hub.join("snapshots").join(sha);
+    let cached = d.path().join("hf/hub/models--tiny-org--tiny-llama");
+    let sha = hub::SHA;
+    std::fs::create_dir_all(cached.join("refs")).unwrap();
+    std::fs::write(cached.join("refs/main"), sha).unwrap();
+    let snap = cached.join("snapshots").join(sha);
     std::fs::create_dir_all(&snap).unwrap();
     for f in [
         "config.json",
@@ -377,9 +375,9 @@ fn loads_and_generates_from_an_hf_folder_and_the_hub_cache() {
 
     // Online: hf-hub downloads into a fresh cache from a Hub-like server on 127.0.0.1
     // (HF_ENDPOINT), sending HF_TOKEN, and the files land in the standard layout.
-    let (endpoint, auth) = hub_server(folder.clone(), sha);
+    let server = hub::serve(folder.clone(), hub::no_faults());
     std::env::set_var("HF_HOME", d.path().join("hf2"));
-    std::env::set_var("HF_ENDPOINT", &endpoint);
+    std::env::set_var("HF_ENDPOINT", server.url());
     std::env::set_var("HF_TOKEN", "hf_secret_token_for_test");
     let src = resolve("tiny-org/tiny-llama", "main").unwrap();
     assert_eq!(src.identity, format!("hub:tiny-org/tiny-llama@{sha}"));
@@ -392,7 +390,12 @@ fn loads_and_generates_from_an_hf_folder_and_the_hub_cache() {
         greedy(&Model::load(&src, &LoadOptions::cpu_f32()).unwrap()),
         a
     );
-    let seen = auth.lock().unwrap().clone();
+    let seen: Vec<String> = server
+        .server
+        .requests()
+        .iter()
+        .filter_map(|r| r.header("authorization").map(String::from))
+        .collect();
     assert!(
         !seen.is_empty() && seen.iter().all(|h| h == "Bearer hf_secret_token_for_test"),
         "{seen:?}"
@@ -543,65 +546,6 @@ fn an_adapter_is_refused_by_a_model_it_does_not_fit() {
         .new_adapter(&spec(vec![Projection::VProj]), 1)
         .unwrap();
     m.llama.attach(v).unwrap();
-}
-
-type Seen = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
-
-/// Serves `<repo>/resolve/<rev>/<file>` from `dir` the way the Hub does for hf-hub: a
-/// `Range: bytes=0-0` probe answered with etag, x-repo-commit and content-range, then ranged GETs.
-fn hub_server(dir: std::path::PathBuf, sha: &'static str) -> (String, Seen) {
-    use std::io::{Read, Write};
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", l.local_addr().unwrap());
-    let auth: Seen = Default::default();
-    let seen = auth.clone();
-    std::thread::spawn(move || {
-        for stream in l.incoming().take(64) {
-            let Ok(mut s) = stream else { continue };
-            let mut buf = vec![0u8; 16384];
-            let n = s.read(&mut buf).unwrap_or(0);
-            let req = String::from_utf8_lossy(&buf[..n]).to_string();
-            let path = req.split_whitespace().nth(1).unwrap_or("").to_string();
-            let header = |name: &str| {
-                req.lines()
-                    .find(|l| l.to_ascii_lowercase().starts_with(&format!("{name}:")))
-                    .map(|l| l.split_once(':').unwrap().1.trim().to_string())
-            };
-            if let Some(a) = header("authorization") {
-                seen.lock().unwrap().push(a);
-            }
-            let file = path.rsplit('/').next().unwrap_or("");
-            let body = if path.starts_with("/tiny-org/tiny-llama/resolve/main/") {
-                std::fs::read(dir.join(file)).ok()
-            } else {
-                None
-            };
-            let Some(body) = body else {
-                let _ = s.write_all(
-                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                );
-                continue;
-            };
-            let range = header("range");
-            let probe = range.as_deref() == Some("bytes=0-0");
-            let start: usize = range
-                .as_deref()
-                .and_then(|r| r.strip_prefix("bytes="))
-                .and_then(|r| r.split('-').next())
-                .and_then(|x| x.parse().ok())
-                .unwrap_or(0);
-            let part = if probe { &body[..1] } else { &body[start..] };
-            let end = if probe { 0 } else { body.len() - 1 };
-            let head = format!(
-                "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{end}/{}\r\nETag: \"{}\"\r\nX-Repo-Commit: {sha}\r\nConnection: close\r\n\r\n",
-                part.len(),
-                body.len(),
-                reviewer2::fsutil::sha256_hex(&body)
-            );
-            let _ = s.write_all(&[head.into_bytes(), part.to_vec()].concat());
-        }
-    });
-    (url, auth)
 }
 
 #[test]

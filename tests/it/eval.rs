@@ -5,26 +5,10 @@
 
 use crate::support::*;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
 
-fn stage_dir(d: &Path, stage: &str) -> PathBuf {
-    let out = pipeline_ok(d, &["status", "--json"]);
-    let json = &out[..out.rfind(']').unwrap() + 1];
-    let st: Vec<Value> = serde_json::from_str(json).unwrap();
-    let s = st.iter().find(|s| s["stage"] == stage).unwrap();
-    assert_eq!(s["state"], "up to date", "{s}");
-    d.join(s["path"].as_str().unwrap())
-}
-
+/// `python -c SCRIPT ARGS`; its stdout.
 fn run_py(py: &str, script: &str, args: &[&str]) -> String {
-    let o = std::process::Command::new(py)
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8(o.stdout).unwrap()
+    run_python(py, &[&["-c", script][..], args].concat())
 }
 
 /// Distinct-2 written again from its definition: distinct word bigrams over all bigrams.
@@ -60,12 +44,11 @@ fn eval_report_is_recomputed_from_its_samples_and_the_reference_vader() {
     );
     let out = pipeline_ok(d.path(), &["run"]);
     assert!(out.contains("Building eval"), "{out}");
-    let eval = stage_dir(d.path(), "eval");
-    let split = stage_dir(d.path(), "split");
-    let train = stage_dir(d.path(), "train");
+    let eval = status_path(d.path(), "eval", &[]);
+    let split = status_path(d.path(), "split", &[]);
+    let train = status_path(d.path(), "train", &[]);
 
-    let report: Value =
-        serde_json::from_str(&std::fs::read_to_string(eval.join("report.json")).unwrap()).unwrap();
+    let report: Value = read_json(&eval.join("report.json"));
     let keys: Vec<&str> = report
         .as_object()
         .unwrap()
@@ -92,11 +75,7 @@ fn eval_report_is_recomputed_from_its_samples_and_the_reference_vader() {
     got.sort();
     assert_eq!(got, want);
 
-    let samples: Vec<Value> = std::fs::read_to_string(eval.join("samples.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let samples = read_jsonl(&eval.join("samples.jsonl"));
     // 5 test titles x 2 samples.
     assert_eq!(samples.len(), 10);
     assert_eq!(report["n"], 10);
@@ -187,11 +166,7 @@ print(json.dumps({"scores": [neg(t) for t in texts], "auroc": wins / (len(c) * l
         assert!(!s["title"].as_str().unwrap().is_empty(), "{s}");
     }
     // The eval loss of the final adapter is the train stage's last eval, computed again.
-    let metrics: Vec<Value> = std::fs::read_to_string(train.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let metrics = read_jsonl(&train.join("metrics.jsonl"));
     let evals: Vec<&Value> = metrics
         .iter()
         .filter(|m| m.get("eval_loss").is_some())
@@ -264,11 +239,7 @@ print(json.dumps({t: [[e.step, e.value] for e in ea.Scalars(t)] for t in ea.Tags
         .find_map(|l| l.trim().strip_prefix("Report "))
         .expect("eval names its report");
     let zdir = d.path().join(md).parent().unwrap().to_path_buf();
-    for l in std::fs::read_to_string(zdir.join("samples.jsonl"))
-        .unwrap()
-        .lines()
-    {
-        let v: Value = serde_json::from_str(l).unwrap();
+    for v in read_jsonl(&zdir.join("samples.jsonl")) {
         assert_eq!(v["base"], v["adapter"], "{v}");
     }
 

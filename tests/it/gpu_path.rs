@@ -6,7 +6,7 @@
 
 use crate::support::*;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 const GPU: [&str; 8] = [
     "--set",
@@ -19,24 +19,6 @@ const GPU: [&str; 8] = [
     "train.attention=composed",
 ];
 
-fn stage(d: &Path, name: &str, extra: &[&str]) -> PathBuf {
-    let mut args = vec!["status", "--json"];
-    args.extend_from_slice(extra);
-    let out = pipeline_ok(d, &args);
-    let st: Vec<Value> = serde_json::from_str(&out[..out.rfind(']').unwrap() + 1]).unwrap();
-    let s = st.iter().find(|s| s["stage"] == name).unwrap();
-    assert_eq!(s["state"], "up to date", "{s}");
-    d.join(s["path"].as_str().unwrap())
-}
-
-fn jsonl(p: &Path) -> Vec<Value> {
-    std::fs::read_to_string(p)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 fn ref_logps(workdir: &Path) -> Vec<(f64, f64)> {
     let dir = workdir.join("data/cache/train-ref");
     let key = std::fs::read_dir(&dir)
@@ -45,8 +27,7 @@ fn ref_logps(workdir: &Path) -> Vec<(f64, f64)> {
         .find(|p| p.join("ref_logps.json").is_file())
         .unwrap();
     type Pairs = Vec<(f64, f64)>;
-    let (tr, ev): (Pairs, Pairs) =
-        serde_json::from_slice(&std::fs::read(key.join("ref_logps.json")).unwrap()).unwrap();
+    let (tr, ev): (Pairs, Pairs) = read_json(&key.join("ref_logps.json"));
     tr.into_iter().chain(ev).collect()
 }
 
@@ -67,10 +48,10 @@ fn the_gpu_choices_on_the_cpu_agree_with_f32_and_train() {
     args.extend_from_slice(&greedy);
     args.extend_from_slice(&GPU);
     pipeline_ok(bf16.path(), &args);
-    let a = jsonl(&stage(f32.path(), "generate", &greedy).join("generations.jsonl"));
+    let a = read_jsonl(&status_path(f32.path(), "generate", &greedy).join("generations.jsonl"));
     let mut with_gpu = greedy.to_vec();
     with_gpu.extend_from_slice(&GPU);
-    let b = jsonl(&stage(bf16.path(), "generate", &with_gpu).join("generations.jsonl"));
+    let b = read_jsonl(&status_path(bf16.path(), "generate", &with_gpu).join("generations.jsonl"));
     assert_eq!(a.len(), 20);
     assert_eq!(a.len(), b.len());
     let first_words = |v: &Value| -> Vec<String> {
@@ -95,7 +76,7 @@ fn the_gpu_choices_on_the_cpu_agree_with_f32_and_train() {
 
     // Training in bf16 on the f32 run's pairs: reference log-probs within bf16's tolerance of
     // f32's, and the eval loss falls from its step-0 baseline in three steps.
-    let split = stage(f32.path(), "split", &greedy);
+    let split = status_path(f32.path(), "split", &greedy);
     let set_data = format!("train.dataset={}", split.display());
     let mut args = vec!["run", "--until", "train", "--set", &set_data];
     args.extend_from_slice(&GPU);
@@ -115,7 +96,7 @@ fn the_gpu_choices_on_the_cpu_agree_with_f32_and_train() {
         .map(|e| e.unwrap().path())
         .find(|p| p.join("metrics.jsonl").is_file())
         .unwrap();
-    let log = jsonl(&tdir.join("metrics.jsonl"));
+    let log = read_jsonl(&tdir.join("metrics.jsonl"));
     let evals: Vec<f64> = log
         .iter()
         .filter_map(|m| m.get("eval_loss")?.as_f64())
@@ -126,8 +107,7 @@ fn the_gpu_choices_on_the_cpu_agree_with_f32_and_train() {
         "{evals:?}"
     );
     assert!(evals[1] < evals[0], "the eval loss falls: {evals:?}");
-    let summary: Value =
-        serde_json::from_slice(&std::fs::read(tdir.join("manifest.json")).unwrap()).unwrap();
+    let summary: Value = read_json(&tdir.join("manifest.json"));
     assert_eq!(
         summary["material"]["settings"]["dtype"], "bf16",
         "{summary}"
@@ -157,7 +137,7 @@ fn the_gpu_check_script_runs_dry_on_the_cpu() {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
-    let s: Value = serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
+    let s: Value = read_json(&summary);
     assert_eq!(s["dry_run"], true);
     let gen = s["generate"].as_array().unwrap();
     assert_eq!(gen.len(), 2);

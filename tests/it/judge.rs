@@ -65,9 +65,7 @@ print(json.dumps([a.polarity_scores(t)["compound"] for t in json.load(sys.stdin)
 
 #[test]
 fn llm_judge_reads_the_verdict_from_the_real_model() {
-    let src = reviewer2::model::source::resolve(smollm2().to_str().unwrap(), "main").unwrap();
-    let model =
-        reviewer2::model::Model::load(&src, &reviewer2::model::LoadOptions::cpu_f32()).unwrap();
+    let model = smollm2_model();
     let judge = Judge::new(JudgeKind::Llm, &JudgeSettings::default(), Some(&model)).unwrap();
     let harsh = "This paper is terrible: it is wrong, badly written, and a waste of time.";
     let kind = "This paper is excellent: it is correct, beautifully written, and important.";

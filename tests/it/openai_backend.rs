@@ -4,11 +4,12 @@
 //! timeout) after which every prompt is still answered exactly once; a run killed mid-stage that
 //! resumes with only the missing prompts; answers that must fail at once; and bad settings.
 
+use crate::support::http::{free_port, parse_head, read_message, FakeServer, Reply, Request};
 use crate::support::*;
 use serde_json::Value;
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -65,14 +66,6 @@ impl Drop for LlamaServer {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// What the proxy does with the n-th completion request (model listings always pass).
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Fault {
@@ -96,10 +89,16 @@ enum Fault {
 /// A loopback HTTP proxy in front of `upstream` (host:port) that injects faults. With `key`,
 /// a request without `Authorization: Bearer <key>` gets 401.
 struct Proxy {
-    url: String,
+    server: FakeServer,
     /// The fault applied to each completion request, in arrival order.
     log: Arc<Mutex<Vec<Fault>>>,
     posts: Arc<AtomicUsize>,
+}
+
+impl Proxy {
+    fn url(&self) -> String {
+        self.server.url("/v1")
+    }
 }
 
 fn proxy(
@@ -107,40 +106,35 @@ fn proxy(
     key: Option<&str>,
     plan: impl Fn(usize) -> Fault + Send + Sync + 'static,
 ) -> Proxy {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/v1", l.local_addr().unwrap());
     let log: Arc<Mutex<Vec<Fault>>> = Default::default();
     let posts = Arc::new(AtomicUsize::new(0));
-    let (log2, posts2, plan) = (log.clone(), posts.clone(), Arc::new(plan));
+    let (log2, posts2) = (log.clone(), posts.clone());
     let key = key.map(|k| format!("bearer {}", k.to_lowercase()));
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(s) = s else { continue };
-            let (log, posts, plan, key) = (log2.clone(), posts2.clone(), plan.clone(), key.clone());
-            std::thread::spawn(move || {
-                let _ = handle(s, upstream, key.as_deref(), &*plan, &log, &posts);
-            });
-        }
+    let server = FakeServer::start(move |req, _| {
+        handle(req, upstream, key.as_deref(), &plan, &log2, &posts2)
     });
-    Proxy { url, log, posts }
+    Proxy { server, log, posts }
 }
 
 fn handle(
-    mut s: TcpStream,
+    req: &Request,
     upstream: u16,
     key: Option<&str>,
     plan: &dyn Fn(usize) -> Fault,
     log: &Mutex<Vec<Fault>>,
     posts: &AtomicUsize,
-) -> std::io::Result<()> {
-    let (head, body) = read_message(&mut s, true)?;
-    let head_lc = head.to_lowercase();
+) -> Reply {
     if let Some(k) = key {
-        if !head_lc.contains(&format!("authorization: {k}\r\n")) {
-            return respond(&mut s, 401, r#"{"error":{"message":"invalid api key"}}"#);
+        if req
+            .header("authorization")
+            .map(str::to_lowercase)
+            .as_deref()
+            != Some(k)
+        {
+            return Reply::json(401, r#"{"error":{"message":"invalid api key"}}"#);
         }
     }
-    let fault = if head.starts_with("POST") {
+    let fault = if req.method == "POST" {
         let n = posts.fetch_add(1, Ordering::SeqCst);
         let f = plan(n);
         log.lock().unwrap().push(f);
@@ -149,24 +143,14 @@ fn handle(
         Fault::Pass
     };
     match fault {
-        Fault::Status(c) => return respond(&mut s, c, r#"{"error":{"message":"injected"}}"#),
+        Fault::Status(c) => return Reply::json(c, r#"{"error":{"message":"injected"}}"#),
         Fault::TooMany => {
-            let b = r#"{"error":{"message":"slow down"}}"#;
-            return s.write_all(
-                format!(
-                    "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
-                    b.len()
-                )
-                .as_bytes(),
-            );
+            return Reply::json(429, r#"{"error":{"message":"slow down"}}"#)
+                .header("Retry-After", 1)
         }
-        Fault::Stall(secs) => {
-            std::thread::sleep(Duration::from_secs(secs));
-            return Ok(());
-        }
+        Fault::Stall(secs) => return Reply::silence(Duration::from_secs(secs)),
         Fault::Refuse => {
-            return respond(
-                &mut s,
+            return Reply::json(
                 400,
                 r#"{"error":{"message":"top_k is not supported by this server"}}"#,
             )
@@ -174,81 +158,42 @@ fn handle(
         Fault::Delay(ms) => std::thread::sleep(Duration::from_millis(ms)),
         _ => {}
     }
-    // Forward, one request per connection.
-    let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
-    let head: String = head
-        .split("\r\n")
-        .filter(|l| !l.to_lowercase().starts_with("connection:"))
-        .filter(|l| !l.is_empty())
-        .map(|l| format!("{l}\r\n"))
-        .collect();
-    up.write_all(format!("{head}Connection: close\r\n\r\n").as_bytes())?;
-    up.write_all(&body)?;
-    let (rhead, rbody) = read_message(&mut up, false)?;
-    let status: u16 = rhead.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let Ok((rhead, rbody)) = forward(req, upstream) else {
+        // The connection closed, unanswered.
+        return Reply::silence(Duration::ZERO);
+    };
+    let (line, headers) = parse_head(&rhead);
+    let status: u16 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
     match fault {
+        // The server's headers and half its body, then the connection closed.
         Fault::Drop => {
-            s.write_all(rhead.as_bytes())?;
-            s.write_all(&rbody[..rbody.len() / 2])?;
-            s.flush()?;
-            s.shutdown(std::net::Shutdown::Both)
+            let half = rbody.len() / 2;
+            let mut r = Reply::status(status).body(rbody);
+            for (k, v) in headers {
+                r = r.header(&k, v);
+            }
+            r.cut_after(half)
         }
         Fault::WrongModel => {
             let b = String::from_utf8_lossy(&rbody).replace("\"smollm2\"", "\"other-model\"");
-            respond(&mut s, status, &b)
+            Reply::json(status, &b)
         }
-        _ => respond(&mut s, status, &String::from_utf8_lossy(&rbody)),
+        _ => Reply::json(status, &String::from_utf8_lossy(&rbody)),
     }
 }
 
-/// Head (through the blank line, as text) and body (by Content-Length; else none for a request,
-/// to EOF for a response).
-fn read_message(s: &mut TcpStream, request: bool) -> std::io::Result<(String, Vec<u8>)> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    let end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let n = s.read(&mut chunk)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..end]).to_string();
-    let mut body = buf[end..].to_vec();
-    let len = head.lines().find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.eq_ignore_ascii_case("content-length")
-            .then(|| v.trim().parse::<usize>().ok())?
-    });
-    match len {
-        Some(len) => {
-            while body.len() < len {
-                let n = s.read(&mut chunk)?;
-                if n == 0 {
-                    break;
-                }
-                body.extend_from_slice(&chunk[..n]);
-            }
-        }
-        None if request => {}
-        None => {
-            s.read_to_end(&mut body)?;
+/// `req` sent on to `upstream`, one request per connection; the answer's head and body.
+fn forward(req: &Request, upstream: u16) -> std::io::Result<(String, Vec<u8>)> {
+    let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
+    let mut head = format!("{}\r\n", req.line);
+    for (k, v) in &req.headers {
+        if !k.eq_ignore_ascii_case("connection") {
+            head.push_str(&format!("{k}: {v}\r\n"));
         }
     }
-    Ok((head, body))
-}
-
-fn respond(s: &mut TcpStream, status: u16, body: &str) -> std::io::Result<()> {
-    s.write_all(
-        format!(
-            "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )
+    up.write_all(format!("{head}Connection: close\r\n\r\n").as_bytes())?;
+    up.write_all(&req.body)?;
+    read_message(&mut up, false)
 }
 
 /// A small recipe whose generate stage runs on `endpoints`.
@@ -277,28 +222,11 @@ const OPENAI: &[&str] = &[
 ];
 
 fn generations(dir: &Path) -> Vec<Value> {
-    let f = only_dir(&dir.join("data/cache/generate")).join("generations.jsonl");
-    std::fs::read_to_string(f)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    read_jsonl(&only_build(&dir.join("data/cache/generate")).join("generations.jsonl"))
 }
 
 fn manifest(dir: &Path) -> Value {
-    let f = only_dir(&dir.join("data/cache/generate")).join("manifest.json");
-    serde_json::from_str(&std::fs::read_to_string(f).unwrap()).unwrap()
-}
-
-fn only_dir(p: &Path) -> PathBuf {
-    let dirs: Vec<PathBuf> = std::fs::read_dir(p)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.is_dir() && !p.file_name().unwrap().to_string_lossy().starts_with('.'))
-        .collect();
-    assert_eq!(dirs.len(), 1, "{dirs:?}");
-    dirs[0].clone()
+    read_json(&only_build(&dir.join("data/cache/generate")).join("manifest.json"))
 }
 
 /// Every prompt of the recipe (limit 8 of the 16 prompts) answered exactly once.
@@ -378,17 +306,16 @@ fn faults_are_retried_until_every_prompt_is_answered_once_and_the_key_stays_secr
     let t = tempdir();
     recipe(
         t.path(),
-        std::slice::from_ref(&p.url),
+        &[p.url()],
         "concurrency = 2\ntimeout_secs = 4\napi_key_env = \"R2_TEST_API_KEY\"",
     );
-    let o = Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .current_dir(t.path())
+    let o = pipeline_cmd(t.path())
         .args([OPENAI, &["--set", "generate.limit=6"]].concat())
         .env("R2_TEST_API_KEY", key)
         .env("REVIEWER2_LOG", "info")
         .output()
         .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = stderr_of(&o);
     assert!(o.status.success(), "{err}");
     assert_each_prompt_once(&generations(t.path()), 6);
     let log = p.log.lock().unwrap().clone();
@@ -426,7 +353,7 @@ fn faults_are_retried_until_every_prompt_is_answered_once_and_the_key_stays_secr
     }
     // Without the key the server refuses, and that is not retried.
     let o = pipeline(t.path(), &[OPENAI, &["--set", "generate.limit=7"]].concat());
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = stderr_of(&o);
     assert!(!o.status.success());
     assert!(err.contains("R2_TEST_API_KEY"), "{err}");
 }
@@ -449,9 +376,8 @@ fn a_run_killed_mid_stage_resumes_with_only_the_missing_prompts() {
     let server = LlamaServer::start(1);
     let slow = proxy(server.port, None, |_| Fault::Delay(700));
     let t = tempdir();
-    recipe(t.path(), std::slice::from_ref(&slow.url), "concurrency = 1");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .current_dir(t.path())
+    recipe(t.path(), &[slow.url()], "concurrency = 1");
+    let mut child = pipeline_cmd(t.path())
         .args([OPENAI, &["--set", "generate.limit=8"]].concat())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -489,7 +415,7 @@ fn a_run_killed_mid_stage_resumes_with_only_the_missing_prompts() {
     assert!(before < 8, "killed too late: {before} requests");
 
     let fast = proxy(server.port, None, |_| Fault::Pass);
-    recipe(t.path(), std::slice::from_ref(&fast.url), "concurrency = 1");
+    recipe(t.path(), &[fast.url()], "concurrency = 1");
     let out = pipeline_ok(t.path(), &[OPENAI, &["--set", "generate.limit=8"]].concat());
     let done = 2 * chunks; // chunk_size = 2
     assert!(
@@ -512,9 +438,9 @@ fn answers_that_cannot_be_used_fail_at_once_naming_the_cause() {
 
     // A refusal: the server's message and the prompt id, no retries.
     let p = proxy(server.port, None, |_| Fault::Refuse);
-    recipe(t.path(), std::slice::from_ref(&p.url), "concurrency = 1");
+    recipe(t.path(), &[p.url()], "concurrency = 1");
     let o = pipeline(t.path(), &[OPENAI, &["--set", "generate.limit=4"]].concat());
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = stderr_of(&o);
     assert!(!o.status.success());
     assert!(
         err.contains("top_k is not supported by this server") && err.contains("prompt 0"),
@@ -525,9 +451,9 @@ fn answers_that_cannot_be_used_fail_at_once_naming_the_cause() {
 
     // Another model in the answer.
     let p = proxy(server.port, None, |_| Fault::WrongModel);
-    recipe(t.path(), std::slice::from_ref(&p.url), "concurrency = 1");
+    recipe(t.path(), &[p.url()], "concurrency = 1");
     let o = pipeline(t.path(), &[OPENAI, &["--set", "generate.limit=4"]].concat());
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = stderr_of(&o);
     assert!(!o.status.success());
     assert!(err.contains("\"other-model\""), "{err}");
 
@@ -545,7 +471,7 @@ fn answers_that_cannot_be_used_fail_at_once_naming_the_cause() {
         ]
         .concat(),
     );
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = stderr_of(&o);
     assert!(!o.status.success());
     assert!(
         err.contains("\"nosuch\"") && err.contains("serves: smollm2"),
@@ -560,7 +486,7 @@ fn answers_that_cannot_be_used_fail_at_once_naming_the_cause() {
         "max_retries = 1\ntimeout_secs = 2",
     );
     let o = pipeline(t.path(), &[OPENAI, &["--set", "generate.limit=4"]].concat());
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = stderr_of(&o);
     assert!(!o.status.success());
     assert!(
         err.contains(&gone) && err.contains("cannot connect") && err.contains("2 tries"),
@@ -608,7 +534,7 @@ fn bad_backend_settings_are_refused_by_name() {
     ];
     for (args, want) in cases {
         let o = pipeline(t.path(), &[&["status"], args].concat());
-        let err = String::from_utf8_lossy(&o.stderr);
+        let err = stderr_of(&o);
         assert!(!o.status.success(), "{args:?}");
         for w in want {
             assert!(err.contains(w), "{args:?}: {w:?} missing in\n{err}");
@@ -623,7 +549,7 @@ fn bad_backend_settings_are_refused_by_name() {
             "generate.openai.endpoints=[\"ftp://user:hunter2@h/v1\"]",
         ],
     );
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = stderr_of(&o);
     assert!(!o.status.success() && !err.contains("hunter2"), "{err}");
 }
 
@@ -655,16 +581,10 @@ fn the_eval_stage_reviews_on_the_servers_as_the_two_served_models() {
         "concurrency = 1\n\n[train]\nmax_steps = 1\nbatch_size = 2\neval_steps = 1\n\n[eval]\nsamples = 2\nbackend = \"openai\"\nserved_base = \"smollm2\"\nserved_adapter = \"reviewer2\"\n",
     );
     pipeline_ok(t.path(), &["run"]);
-    let eval = only_dir(&t.path().join("data/cache/eval"));
-    let m: Value =
-        serde_json::from_str(&std::fs::read_to_string(eval.join("manifest.json")).unwrap())
-            .unwrap();
+    let eval = only_build(&t.path().join("data/cache/eval"));
+    let m: Value = read_json(&eval.join("manifest.json"));
     assert_eq!(m["material"]["settings"]["eval"]["backend"], "openai");
-    let rows: Vec<Value> = std::fs::read_to_string(eval.join("samples.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = read_jsonl(&eval.join("samples.jsonl"));
     assert_eq!(rows.len(), 4, "2 test titles x 2 samples");
     for r in &rows {
         assert!(
@@ -674,8 +594,7 @@ fn the_eval_stage_reviews_on_the_servers_as_the_two_served_models() {
     // The same model, prompt and seed under both names: the same review, for most samples.
     let same = rows.iter().filter(|r| r["base"] == r["adapter"]).count();
     assert!(same >= 2, "{rows:?}");
-    let report: Value =
-        serde_json::from_str(&std::fs::read_to_string(eval.join("report.json")).unwrap()).unwrap();
+    let report: Value = read_json(&eval.join("report.json"));
     assert_eq!(report["n"], 4);
 
     // Servers that do not serve a name are refused before anything is sent.
@@ -689,6 +608,6 @@ fn the_eval_stage_reviews_on_the_servers_as_the_two_served_models() {
             "eval.served_adapter=lora-x",
         ],
     );
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = stderr_of(&o);
     assert!(!o.status.success() && err.contains("\"lora-x\""), "{err}");
 }

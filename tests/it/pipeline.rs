@@ -3,8 +3,6 @@
 //! back by pyarrow (a reader nobody here wrote).
 
 use crate::support::*;
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Stage names that were built (not fresh) in a run's output.
@@ -13,12 +11,6 @@ fn built(out: &str) -> Vec<String> {
         .filter_map(|l| l.trim_start().strip_prefix("Building "))
         .map(|l| l.split_whitespace().next().unwrap().to_string())
         .collect()
-}
-
-fn only_dir(stage: &Path) -> std::path::PathBuf {
-    let latest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(stage.join("latest.json")).unwrap()).unwrap();
-    stage.join(latest["key"].as_str().unwrap())
 }
 
 #[test]
@@ -55,9 +47,7 @@ fn a_changed_setting_reruns_exactly_what_depends_on_it() {
     );
     assert!(st.contains("split.test changed (1 -> 2)"), "{st}");
     // --json prints the JSON alone on stdout.
-    let o = pipeline(d.path(), &["status", "--json"]);
-    assert!(o.status.success());
-    let js: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let js = status_json(d.path(), &[]);
     assert_eq!(js[4]["stage"], "split");
     assert_eq!(js[4]["state"], "up to date");
     assert_eq!(js[4]["counts"]["train"], 3);
@@ -66,7 +56,7 @@ fn a_changed_setting_reruns_exactly_what_depends_on_it() {
         d.path(),
         &["run", "--only", "merge", "--set", "generate.seed=5"],
     );
-    let e = String::from_utf8_lossy(&o.stderr);
+    let e = stderr_of(&o);
     assert!(
         !o.status.success()
             && e.contains("needs the output of generate")
@@ -78,7 +68,7 @@ fn a_changed_setting_reruns_exactly_what_depends_on_it() {
     let empty = tempdir();
     small_recipe(empty.path(), 4, 3, 1, 8, "");
     let o = pipeline(empty.path(), &["eval"]);
-    let e = String::from_utf8_lossy(&o.stderr);
+    let e = stderr_of(&o);
     assert!(
         !o.status.success()
             && e.contains("`pipeline eval` needs the output of scrape")
@@ -93,7 +83,7 @@ fn damaged_artifacts_are_reported_and_rebuilt() {
     let d = tempdir();
     small_recipe(d.path(), 3, 2, 1, 6, "");
     pipeline_ok(d.path(), &["run", "--until", "split"]);
-    let gen = only_dir(&d.path().join("data/cache/generate"));
+    let gen = latest_build(&d.path().join("data"), "generate");
     let f = gen.join("generations.jsonl");
     let good = std::fs::read(&f).unwrap();
     // Same size, one byte changed: only the checksum can tell.
@@ -113,7 +103,7 @@ fn damaged_artifacts_are_reported_and_rebuilt() {
     );
     assert_eq!(std::fs::read(&f).unwrap(), good);
     // Truncated file.
-    let split = only_dir(&d.path().join("data/cache/split"));
+    let split = latest_build(&d.path().join("data"), "split");
     let pq = split.join("train.parquet");
     let n = std::fs::metadata(&pq).unwrap().len();
     std::fs::OpenOptions::new()
@@ -141,15 +131,14 @@ fn a_killed_generate_stage_resumes_to_an_identical_artifact() {
     small_recipe(a.path(), 8, 6, 2, 24, extra);
     pipeline_ok(a.path(), &["run", "--until", "generate"]);
     let want =
-        std::fs::read(only_dir(&a.path().join("data/cache/generate")).join("generations.jsonl"))
+        std::fs::read(latest_build(&a.path().join("data"), "generate").join("generations.jsonl"))
             .unwrap();
 
     let b = tempdir();
     small_recipe(b.path(), 8, 6, 2, 24, extra);
     pipeline_ok(b.path(), &["run", "--until", "prompts"]);
     for round in 0..2 {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_pipeline"))
-            .current_dir(b.path())
+        let mut child = pipeline_cmd(b.path())
             .args(["run", "--until", "generate", "-q"])
             .spawn()
             .unwrap();
@@ -184,7 +173,7 @@ fn a_killed_generate_stage_resumes_to_an_identical_artifact() {
     let out = pipeline_ok(b.path(), &["run", "--until", "generate"]);
     assert!(out.contains("Resuming"), "{out}");
     let got =
-        std::fs::read(only_dir(&b.path().join("data/cache/generate")).join("generations.jsonl"))
+        std::fs::read(latest_build(&b.path().join("data"), "generate").join("generations.jsonl"))
             .unwrap();
     assert_eq!(
         String::from_utf8(got).unwrap(),
@@ -204,9 +193,7 @@ fn end_to_end_eight_titles_to_a_hub_folder_read_by_pyarrow() {
     small_recipe(d.path(), 8, 6, 2, 32, "");
     let out = pipeline_ok(d.path(), &["run", "--until", "split"]);
     // Every title becomes a pair unless merge dropped it, and says so.
-    let st = pipeline_ok(d.path(), &["status", "--json"]);
-    let st: Vec<serde_json::Value> =
-        serde_json::from_str(&st[..st.rfind(']').unwrap() + 1]).unwrap();
+    let st = status_json(d.path(), &[]);
     let c = &st.iter().find(|s| s["stage"] == "merge").unwrap()["counts"];
     let n = |k: &str| c[k].as_u64().unwrap_or(0);
     assert_eq!(
@@ -251,20 +238,11 @@ assert {d["split"]: d["path"] for d in cfg["data_files"]} == {"train": "data/tra
 assert "## How it was built" in card
 print("OK", counts["train"][0], counts["test"][0])
 "###;
-    let o = Command::new(&py)
-        .args(["-c", check, hub.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let so = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "{so}{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let so = run_python(&py, &["-c", check, hub.to_str().unwrap()]);
     assert_eq!(so.trim(), "OK 6 2");
     // A non-empty folder is not overwritten without --force.
     let o = pipeline(d.path(), &["export", "--out", hub.to_str().unwrap()]);
-    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--force"));
+    assert!(!o.status.success() && stderr_of(&o).contains("--force"));
     pipeline_ok(
         d.path(),
         &["export", "--out", hub.to_str().unwrap(), "--force"],
@@ -274,8 +252,8 @@ print("OK", counts["train"][0], counts["test"][0])
     small_recipe(e.path(), 8, 6, 2, 32, "");
     pipeline_ok(e.path(), &["run", "--until", "split"]);
     let a =
-        std::fs::read(only_dir(&d.path().join("data/cache/split")).join("train.parquet")).unwrap();
+        std::fs::read(latest_build(&d.path().join("data"), "split").join("train.parquet")).unwrap();
     let b =
-        std::fs::read(only_dir(&e.path().join("data/cache/split")).join("train.parquet")).unwrap();
+        std::fs::read(latest_build(&e.path().join("data"), "split").join("train.parquet")).unwrap();
     assert_eq!(a, b);
 }

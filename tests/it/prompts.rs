@@ -47,8 +47,7 @@ fn template_errors_and_raise_exception_are_reported() {
 
 /// A TinyLlama-style model folder (tokenizer + chat template) for the prompts stage.
 fn tinyllama_folder(dir: &std::path::Path) {
-    let src = reviewer2::model::source::resolve(smollm2().to_str().unwrap(), "main").unwrap();
-    let meta = reviewer2::model::source::load_meta(&src).unwrap();
+    let meta = smollm2_meta();
     std::fs::create_dir_all(dir).unwrap();
     meta.tok
         .inner
@@ -86,9 +85,8 @@ fn prompts_stage_builds_chat_and_plain_prompts() {
         ],
     );
     assert!(out.contains("Built prompts"), "{out}");
-    let dir = glob1(&d.path().join("data/cache/prompts"));
-    let rows: Vec<serde_json::Value> =
-        reviewer2::fsutil::read_jsonl(&dir.join("prompts.jsonl")).unwrap();
+    let dir = only_build(&d.path().join("data/cache/prompts"));
+    let rows = read_jsonl(&dir.join("prompts.jsonl"));
     assert_eq!(rows.len(), 8);
     let neg = &rows[0];
     assert_eq!(neg["polarity"], "negative");
@@ -116,8 +114,7 @@ fn prompts_stage_builds_chat_and_plain_prompts() {
         pool.iter().any(|s| p.contains(&s.negative))
             && !pool.iter().any(|s| p.contains(&s.positive))
     );
-    let pairs: Vec<serde_json::Value> =
-        reviewer2::fsutil::read_jsonl(&dir.join("pair_prompts.jsonl")).unwrap();
+    let pairs = read_jsonl(&dir.join("pair_prompts.jsonl"));
     let pp = pairs[0]["prompt"].as_str().unwrap();
     assert!(
         pool.iter().any(|s| pp.contains(&s.negative))
@@ -141,16 +138,8 @@ fn prompts_stage_builds_chat_and_plain_prompts() {
             "prompts.shots=2",
         ],
     );
-    let latest: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(d.path().join("data/cache/prompts/latest.json")).unwrap(),
-    )
-    .unwrap();
-    let dir = d
-        .path()
-        .join("data/cache/prompts")
-        .join(latest["key"].as_str().unwrap());
-    let rows: Vec<serde_json::Value> =
-        reviewer2::fsutil::read_jsonl(&dir.join("prompts.jsonl")).unwrap();
+    let dir = latest_build(&d.path().join("data"), "prompts");
+    let rows = read_jsonl(&dir.join("prompts.jsonl"));
     let t = rows[0]["title"].as_str().unwrap();
     let p = rows[0]["prompt"].as_str().unwrap();
     let re = format!("<|user|>\nGenerate a negative review about the paper {t}.\nExample 1: ");
@@ -160,8 +149,7 @@ fn prompts_stage_builds_chat_and_plain_prompts() {
             && p.ends_with("\nYour review:<|im_end|>\n<|assistant|>\n"),
         "{p}"
     );
-    let pairs: Vec<serde_json::Value> =
-        reviewer2::fsutil::read_jsonl(&dir.join("pair_prompts.jsonl")).unwrap();
+    let pairs = read_jsonl(&dir.join("pair_prompts.jsonl"));
     assert!(pairs[0]["prompt"]
         .as_str()
         .unwrap()
@@ -173,9 +161,8 @@ fn smollm2_gguf_template_renders_prompts() {
     let d = tempdir();
     small_recipe(d.path(), 2, 1, 1, 8, "");
     pipeline_ok(d.path(), &["run", "--until", "prompts"]);
-    let dir = glob1(&d.path().join("data/cache/prompts"));
-    let rows: Vec<serde_json::Value> =
-        reviewer2::fsutil::read_jsonl(&dir.join("prompts.jsonl")).unwrap();
+    let dir = only_build(&d.path().join("data/cache/prompts"));
+    let rows = read_jsonl(&dir.join("prompts.jsonl"));
     let p = rows[1]["prompt"].as_str().unwrap();
     assert_eq!(rows[1]["polarity"], "positive");
     assert!(
@@ -195,21 +182,9 @@ fn a_broken_template_names_file_and_line() {
     )
     .unwrap();
     let o = pipeline(d.path(), &["run", "--until", "prompts"]);
-    let e = String::from_utf8_lossy(&o.stderr);
+    let e = stderr_of(&o);
     assert!(
         !o.status.success() && e.contains("chat_user.jinja:2"),
         "{e}"
     );
-}
-
-/// The only artifact folder of a stage (skipping temporary and partial ones).
-pub fn glob1(stage_dir: &std::path::Path) -> std::path::PathBuf {
-    let v: Vec<_> = std::fs::read_dir(stage_dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.is_dir() && !p.file_name().unwrap().to_string_lossy().starts_with('.'))
-        .collect();
-    assert_eq!(v.len(), 1, "{v:?}");
-    v[0].clone()
 }

@@ -4,39 +4,16 @@
 //! data of the wrong kind, damaged checkpoints and generation chunks, an interrupted log window,
 //! a missing chart font, a merge over the base model, a public card, colour in piped logs.
 
+use crate::support::http::{FakeServer, Reply};
 use crate::support::*;
 use arrow_array::{ArrayRef, BooleanArray, RecordBatch, StringArray};
 use reviewer2::config::TrainSettings;
 use reviewer2::dpo::data::Example;
 use reviewer2::dpo::trainer::{attach_lora, reference_logps, Trainer};
-use reviewer2::model::{from_hf_tensors, random_hf_tensors, Model};
+use reviewer2::model::Model;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn stderr_of(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// The folder of a stage's last build (`latest.json`).
-fn stage_dir(work: &Path, stage: &str) -> PathBuf {
-    let d = work.join("data/cache").join(stage);
-    let latest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(d.join("latest.json")).unwrap()).unwrap();
-    d.join(latest["key"].as_str().unwrap())
-}
-
-/// Folders of a stage that hold a committed artifact (a manifest).
-fn built_dirs(work: &Path, stage: &str) -> Vec<PathBuf> {
-    std::fs::read_dir(work.join("data/cache").join(stage))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.join("manifest.json").is_file())
-        .collect()
-}
 
 fn write_parquet(path: &Path, cols: Vec<(&str, ArrayRef)>) {
     let batch = RecordBatch::try_from_iter(cols).unwrap();
@@ -57,7 +34,8 @@ fn export_refuses_the_workdir_and_replaces_only_its_own_files() {
     let d = tempdir();
     small_recipe(d.path(), 3, 2, 1, 6, "");
     pipeline_ok(d.path(), &["run", "--until", "split"]);
-    let split_before = std::fs::read(stage_dir(d.path(), "split").join("train.parquet")).unwrap();
+    let split_before =
+        std::fs::read(latest_build(&d.path().join("data"), "split").join("train.parquet")).unwrap();
     let refused = |out: &str, force: bool, want: &str| {
         let mut args = vec!["export", "--out", out];
         if force {
@@ -83,10 +61,10 @@ fn export_refuses_the_workdir_and_replaces_only_its_own_files() {
     assert!(e.contains("choose a folder outside"), "{e}");
     // The cache, adapter and all, is untouched.
     assert_eq!(
-        std::fs::read(stage_dir(d.path(), "split").join("train.parquet")).unwrap(),
+        std::fs::read(latest_build(&d.path().join("data"), "split").join("train.parquet")).unwrap(),
         split_before
     );
-    assert!(built_dirs(d.path(), "generate").len() == 1);
+    assert!(built_dirs(&d.path().join("data"), "generate").len() == 1);
 
     // A folder with someone else's files is refused, with or without --force.
     let other = d.path().join("other");
@@ -211,17 +189,15 @@ fn a_diverging_training_stops_and_a_missing_font_only_skips_charts() {
     );
 
     // No usable font: the training is built all the same, charts skipped with a warning.
-    let o = Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .current_dir(d.path())
+    let o = pipeline_cmd(d.path())
         .args(["run", "--only", "train"])
         .env("REVIEWER2_FONT", d.path().join("no-such-font.ttf"))
-        .env_remove("REVIEWER2_LOG")
         .output()
         .unwrap();
     let e = stderr_of(&o);
     assert!(o.status.success() && e.contains("Built train"), "{e}");
     assert!(e.contains("skipped the chart loss.png"), "{e}");
-    let built = built_dirs(d.path(), "train");
+    let built = built_dirs(&d.path().join("data"), "train");
     assert_eq!(built.len(), 1);
     assert!(built[0].join("adapter_model.safetensors").is_file());
     assert!(built[0].join("metrics.jsonl").is_file());
@@ -247,7 +223,7 @@ fn a_diverging_training_stops_and_a_missing_font_only_skips_charts() {
     );
     assert!(!e.contains("Built train"), "{e}");
     assert_eq!(
-        built_dirs(d.path(), "train").len(),
+        built_dirs(&d.path().join("data"), "train").len(),
         1,
         "only the first training is built"
     );
@@ -409,13 +385,10 @@ fn a_workdir_lock_refuses_a_second_holder_and_is_released_on_drop() {
 
 #[test]
 fn a_second_run_on_a_busy_workdir_is_refused_and_a_killed_holders_lock_is_taken_over() {
-    // A page server that accepts connections and never answers: the first run sits in scrape,
+    // A page server that takes requests and never answers: the first run sits in scrape,
     // holding the workdir.
-    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!(
-        "http://{}/virtual/2023/papers.html",
-        server.local_addr().unwrap()
-    );
+    let server = FakeServer::scripted(vec![Reply::silence(Duration::from_secs(600))]);
+    let url = server.url("/virtual/2023/papers.html");
     let d = tempdir();
     std::fs::write(
         d.path().join("pipeline.toml"),
@@ -425,8 +398,7 @@ fn a_second_run_on_a_busy_workdir_is_refused_and_a_killed_holders_lock_is_taken_
         ),
     )
     .unwrap();
-    let mut holder = Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .current_dir(d.path())
+    let mut holder = pipeline_cmd(d.path())
         .args(["run", "--until", "scrape", "-q"])
         .spawn()
         .unwrap();
@@ -469,8 +441,7 @@ fn a_second_run_on_a_busy_workdir_is_refused_and_a_killed_holders_lock_is_taken_
 
 #[test]
 fn a_title_with_special_token_text_reaches_the_model_as_text() {
-    let src = reviewer2::model::source::resolve(smollm2().to_str().unwrap(), "main").unwrap();
-    let meta = reviewer2::model::source::load_meta(&src).unwrap();
+    let meta = smollm2_meta();
     let tok = &meta.tok;
     let chat = meta.chat.as_ref().unwrap();
     let im_end = tok.token_to_id("<|im_end|>").unwrap();
@@ -526,8 +497,7 @@ fn a_title_with_special_token_text_reaches_the_model_as_text() {
 #[test]
 fn a_prompt_or_max_new_tokens_past_the_context_is_an_error_naming_the_row() {
     use reviewer2::model::generate::{generate, Request, Sampling};
-    let src = reviewer2::model::source::resolve(smollm2().to_str().unwrap(), "main").unwrap();
-    let model = Model::load(&src, &reviewer2::model::LoadOptions::cpu_f32()).unwrap();
+    let model = smollm2_model();
     let ctx = model.llama.cfg.max_position_embeddings;
     let reqs = vec![
         Request {
@@ -572,24 +542,8 @@ fn a_prompt_or_max_new_tokens_past_the_context_is_an_error_naming_the_row() {
 // ---- 7. damaged checkpoints and generation chunks; 8. the log across a resume ----
 
 fn tiny_model() -> Model {
-    let cfg = tiny_cfg();
-    let dev = candle_core::Device::Cpu;
-    let llama = from_hf_tensors(
-        &cfg,
-        random_hf_tensors(&cfg, 5, &dev).unwrap(),
-        &dev,
-        candle_core::DType::F32,
-    )
-    .unwrap();
     // SmolLM2's tokenizer rides along unused: these examples are token ids already.
-    let source = reviewer2::model::source::resolve(smollm2().to_str().unwrap(), "main").unwrap();
-    let meta = reviewer2::model::source::load_meta(&source).unwrap();
-    Model {
-        llama,
-        meta,
-        source,
-        share_prefixes: true,
-    }
+    with_smollm2_tokenizer(tiny_llama(5, candle_core::DType::F32))
 }
 
 fn examples() -> Vec<Example> {
@@ -708,7 +662,7 @@ fn a_truncated_generation_chunk_is_discarded_and_regenerated() {
     let d = tempdir();
     small_recipe(d.path(), 3, 2, 1, 6, "");
     pipeline_ok(d.path(), &["run", "--until", "generate"]);
-    let gen = stage_dir(d.path(), "generate");
+    let gen = latest_build(&d.path().join("data"), "generate");
     let want = std::fs::read_to_string(gen.join("generations.jsonl")).unwrap();
     let lines: Vec<&str> = want.lines().collect();
     assert_eq!(lines.len(), 6);
@@ -734,7 +688,10 @@ fn a_truncated_generation_chunk_is_discarded_and_regenerated() {
     );
     assert!(e.contains("2 of 6 prompts already done"), "{e}");
     assert_eq!(
-        std::fs::read_to_string(stage_dir(d.path(), "generate").join("generations.jsonl")).unwrap(),
+        std::fs::read_to_string(
+            latest_build(&d.path().join("data"), "generate").join("generations.jsonl")
+        )
+        .unwrap(),
         want
     );
 }

@@ -8,7 +8,7 @@ use crate::support::*;
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 /// `pipeline serve` on a free port, for as long as this value lives.
@@ -22,8 +22,7 @@ struct Server {
 
 impl Server {
     fn start(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_pipeline"))
-            .current_dir(dir)
+        let mut child = pipeline_cmd(dir)
             .args(["serve", "--port", "0"])
             .args(args)
             .envs(env.iter().copied())
@@ -79,20 +78,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn py_json(py: &str, script: &str, args: &[&str]) -> Value {
-    let o = Command::new(py)
-        .arg(fixture(script))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "{script} failed:\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout).unwrap()
 }
 
 #[test]

@@ -32,7 +32,7 @@ const SPECIALS: [&str; 3] = ["<unk>", "<s>", "</s>"];
 
 fn expected() -> Expected {
     let p = fixture("tinyllama-tokenizer/expected.json");
-    let e: Expected = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    let e: Expected = read_json(&p);
     assert!(e.reference.starts_with("llama-tokenizer-js@"));
     // The fixture itself must stay meaningful: many cases, the edge cases among them.
     assert!(

