@@ -17,11 +17,17 @@ pub fn repo() -> PathBuf {
 }
 
 /// `../shared/data/neurips/<name>`: real saved pages. Missing = a failure that says why.
+/// `REVIEWER2_SHARED` names that `shared` folder when it is not beside the checkout (a worktree
+/// elsewhere), as `REVIEWER2_MODELS` does for `models`.
 pub fn shared(name: &str) -> PathBuf {
-    let p = repo().join("../shared/data/neurips").join(name);
+    let p = std::env::var_os("REVIEWER2_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("../shared"))
+        .join("data/neurips")
+        .join(name);
     assert!(
         p.is_file(),
-        "{} is missing: these tests read the real saved NeurIPS pages from ../shared beside the checkout",
+        "{} is missing: these tests read the real saved NeurIPS pages from ../shared beside the checkout (or REVIEWER2_SHARED)",
         p.display()
     );
     p
