@@ -333,6 +333,11 @@ fn greedy(m: &Model) -> Vec<u32> {
 
 #[test]
 fn loads_and_generates_from_an_hf_folder_and_the_hub_cache() {
+    // It sets HF_HOME, HF_HUB_OFFLINE, HF_ENDPOINT and HF_TOKEN, which every test in this
+    // process, and every process they start, would read: it runs in a process of its own.
+    if !alone("engine::loads_and_generates_from_an_hf_folder_and_the_hub_cache") {
+        return;
+    }
     let d = tempdir();
     let folder = d.path().join("tiny");
     std::fs::create_dir_all(&folder).unwrap();
@@ -359,7 +364,7 @@ fn loads_and_generates_from_an_hf_folder_and_the_hub_cache() {
     ] {
         std::fs::copy(folder.join(f), snap.join(f)).unwrap();
     }
-    // hf-hub reads HF_HOME; set it for this process only (no other test here reads it).
+    // hf-hub reads HF_HOME; set it for this process only (this test's own, see above).
     std::env::set_var("HF_HOME", d.path().join("hf"));
     std::env::set_var("HF_HUB_OFFLINE", "1");
     let src = resolve("tiny-org/tiny-llama", "main").unwrap();

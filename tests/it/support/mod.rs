@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: the real model and saved pages (`model`), temporary
 //! folders, the `pipeline` binary and the artifacts it leaves, JSON files, the Python references,
-//! and fake HTTP servers (`http`, and the Hub-like one in `hub`).
+//! fake HTTP servers (`http`, and the Hub-like one in `hub`), and a test that must run alone in
+//! its own process (`alone`).
 
 pub mod http;
 pub mod hub;
@@ -246,4 +247,35 @@ pub fn py_json(py: &str, script: &str, args: &[&str]) -> Value {
     let path = fixture(script);
     let out = run_python(py, &[&[path.to_str().unwrap()][..], args].concat());
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{script} printed no JSON ({e}):\n{out}"))
+}
+
+/// For a test that changes what its whole process shares (environment variables): all the tests
+/// are one binary, so the test runs again in a process of its own, alone, and its copy here
+/// only checks that it passed there. `test` is its name as the test binary lists it
+/// (`engine::loads_and_generates_from_an_hf_folder_and_the_hub_cache`). Returns true in that
+/// process, where the test goes on; false here, once it passed there.
+///
+/// ```ignore
+/// if !alone("area::the_test") {
+///     return;
+/// }
+/// ```
+pub fn alone(test: &str) -> bool {
+    const VAR: &str = "REVIEWER2_TEST_ALONE";
+    if std::env::var(VAR).is_ok_and(|v| v == test) {
+        return true;
+    }
+    let o = Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--test-threads=1", "--nocapture"])
+        .env(VAR, test)
+        .output()
+        .expect("run the test binary again");
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), stderr_of(&o));
+    eprint!("{err}");
+    assert!(
+        o.status.success() && out.contains("test result: ok. 1 passed"),
+        "{test}, run alone in its own process ({}):\n{out}\n{err}",
+        o.status
+    );
+    false
 }
