@@ -6,8 +6,8 @@
 # cache/<stage>/<key>/ with a manifest must verify and `status` must report nothing damaged;
 # after each final run no temporary file may remain.
 #
-# The harness is tests/crash.rs (CI runs it with 4 kill points on tiny settings); this script
-# runs it in full mode against the release binary.
+# The harness is tests/it/crash.rs, the crash:: test of the `it` test binary (CI runs it with 4
+# kill points on tiny settings); this script runs it in full mode against the release binary.
 #
 #   bash scripts/crash-test.sh            # 30 kill points, seed 7
 #   KILLS=60 SEED=3 bash scripts/crash-test.sh
@@ -23,7 +23,7 @@ export REVIEWER2_CRASH_BIN="$target/release/pipeline"
 # The harness itself is light; the release test build reuses the release dependencies.
 log="$target/crash-test.log"
 status=0
-cargo test --release --test crash -- --nocapture --test-threads 1 >"$log" 2>&1 || status=$?
+cargo test --release --test it -- crash:: --nocapture --test-threads 1 >"$log" 2>&1 || status=$?
 grep -E '^crash-test:|^test |test result' "$log" || true
 if [ "$status" != 0 ]; then
     grep -A8 panicked "$log" || tail -40 "$log"
