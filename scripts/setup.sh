@@ -20,7 +20,7 @@ if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null
   else
-    echo "warning: chromium not found; run: sudo apt-get install chromium chromium-driver (tests/serve.rs drives the page with it)" >&2
+    echo "warning: chromium not found; run: sudo apt-get install chromium chromium-driver (tests/it/serve.rs drives the page with it)" >&2
   fi
 fi
 if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
