@@ -3,7 +3,8 @@
 
 use crate::error::{Context, Result};
 use crate::model::generate::{generate, Request, Sampling};
-use crate::model::{Model, WeightsMode};
+use crate::model::load::Model;
+use crate::model::options::WeightsMode;
 use crate::recipe::Recipe;
 use crate::stages::{self, Ctx, Plan, Stage};
 use clap::{Args, Subcommand};
@@ -57,11 +58,11 @@ impl Shape {
         plan: &crate::recipe::ModelPlan,
     ) -> Result<Model> {
         let src = recipe.model(plan)?;
-        let meta = crate::model::source::load_meta(src)?;
+        let meta = crate::model::load::source::load_meta(src)?;
         let dev = &plan.load.device;
-        let t = crate::model::random_hf_tensors(cfg, 0, dev)?;
+        let t = crate::model::load::safetensors::random_hf_tensors(cfg, 0, dev)?;
         Ok(Model {
-            llama: crate::model::from_hf_tensors(cfg, t, dev, plan.load.dtype)?,
+            llama: crate::model::load::safetensors::from_hf_tensors(cfg, t, dev, plan.load.dtype)?,
             meta,
             source: src.clone(),
             share_prefixes: plan.load.share_prefixes,
@@ -249,7 +250,7 @@ pub(crate) fn run(recipe: &Recipe, workdir: &std::path::Path, a: BenchArgs) -> R
                 },
                 reqs.len(),
                 all.iter().map(|r| r.len()).sum::<usize>(),
-                crate::model::prefix::unique_tokens(&all),
+                crate::model::generate::prefix::unique_tokens(&all),
                 new_tokens,
                 model.llama.device.location(),
                 model.llama.dtype
@@ -444,7 +445,7 @@ fn remote(
     repeat: usize,
     json: bool,
 ) -> Result<()> {
-    use crate::model::remote::{Job, Remote};
+    use crate::backend::openai::{Job, Remote};
     let mut o = recipe.settings().generate.openai.clone();
     crate::error::ensure!(
         !o.endpoints.is_empty() && !o.model.is_empty(),
@@ -459,7 +460,7 @@ fn remote(
             o.model,
             o.endpoints
                 .iter()
-                .map(|e| crate::model::remote::redact(e))
+                .map(|e| crate::backend::openai::redact(e))
                 .collect::<Vec<_>>()
                 .join(", "),
             o.api.name(),

@@ -1,6 +1,9 @@
-//! The library's error type. Callers can match on what went wrong (a bad recipe, a bad input
-//! file, a model that cannot be used, training that diverged, ...); every layer adds context with
-//! `Context`, and the binary prints the chain (`error: ...`, `caused by: ...`).
+//! The library's error type. Callers match on what went wrong (a bad recipe or command line, a
+//! remote server's failure, a model that cannot be used, training that diverged, a run the user
+//! stopped): [`Error::kind`] names it through any layers of `Context`, `main` maps the kind to
+//! the exit code the README documents ([`ErrorKind::exit_code`]), and `pipeline serve` to an
+//! HTTP status. Every layer adds context with `Context`, and the binary prints the chain
+//! (`error: ...`, `caused by: ...`).
 
 use std::fmt::Display;
 use std::path::PathBuf;
@@ -41,10 +44,30 @@ pub enum Error {
     /// The recipe (file, preset, `--set`) cannot be used.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The command line asks for something it cannot have (a flag's value, a combination).
+    #[error("{0}")]
+    Usage(String),
     /// Input that cannot be used as it is: a file, a row, a page, a model. The message names it
     /// and says what to do.
     #[error("{0}")]
     Invalid(String),
+    /// A model this engine does not run (another architecture, tokenizer or activation).
+    #[error("{0}")]
+    Unsupported(String),
+    /// A remote server failed or answered what cannot be used: which endpoint (its URL with
+    /// any credentials removed), the HTTP status when there was one, and why.
+    #[error("{endpoint}: {message}")]
+    Remote {
+        endpoint: String,
+        status: Option<u16>,
+        message: String,
+    },
+    /// Training went non-finite at `step`; the message says what and what to change.
+    #[error("{message}")]
+    Diverged { step: usize, message: String },
+    /// The user stopped the work (answered no, or interrupted it); nothing was marked built.
+    #[error("{0}")]
+    Cancelled(String),
     /// A failure, with what was being done when it happened. Displays as the whole chain,
     /// `context: cause`, so a message that embeds an error keeps its reason.
     #[error("{context}: {cause}")]
@@ -73,6 +96,57 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What kind of failure an error is, whatever context was added on the way up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// A bad command line.
+    Usage,
+    /// A recipe that cannot be loaded or holds an impossible value.
+    Settings,
+    /// A model this engine does not run.
+    Unsupported,
+    /// A remote server or the network (the page, the Hub, an OpenAI-compatible server).
+    Remote,
+    /// Training went non-finite.
+    Diverged,
+    /// The user stopped it.
+    Cancelled,
+    /// Anything else: bad input, I/O, a failed computation.
+    Failure,
+}
+
+impl ErrorKind {
+    /// The process's exit code for this kind (README, "Exit codes"): 2 usage or settings (as
+    /// clap exits on a bad flag), 3 an unsupported model, 4 a remote failure, 5 training
+    /// diverged, 130 cancelled (as a shell reports an interrupt), 1 anything else.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            ErrorKind::Usage | ErrorKind::Settings => 2,
+            ErrorKind::Unsupported => 3,
+            ErrorKind::Remote => 4,
+            ErrorKind::Diverged => 5,
+            ErrorKind::Cancelled => 130,
+            ErrorKind::Failure => 1,
+        }
+    }
+}
+
+impl Error {
+    /// What kind of failure this is, looking through `Context`.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Context { cause, .. } => cause.kind(),
+            Error::Config(_) => ErrorKind::Settings,
+            Error::Usage(_) => ErrorKind::Usage,
+            Error::Unsupported(_) => ErrorKind::Unsupported,
+            Error::Remote { .. } | Error::Http(_) | Error::Hub(_) => ErrorKind::Remote,
+            Error::Diverged { .. } => ErrorKind::Diverged,
+            Error::Cancelled(_) => ErrorKind::Cancelled,
+            _ => ErrorKind::Failure,
+        }
+    }
+}
 
 /// Small standard errors a message's context explains (a malformed number, bad UTF-8).
 macro_rules! other_from {
@@ -147,4 +221,14 @@ macro_rules! ensure {
     ($cond:expr, $($t:tt)*) => { if !$cond { $crate::error::bail!($($t)*) } };
 }
 
-pub(crate) use {bail, ensure, err};
+/// `return Err(Error::Usage(format!(...)))`.
+macro_rules! usage {
+    ($($t:tt)*) => { return Err($crate::error::Error::Usage(format!($($t)*)).into()) };
+}
+
+/// `return Err(Error::Unsupported(format!(...)))`.
+macro_rules! unsupported {
+    ($($t:tt)*) => { return Err($crate::error::Error::Unsupported(format!($($t)*)).into()) };
+}
+
+pub(crate) use {bail, ensure, err, unsupported, usage};

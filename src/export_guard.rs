@@ -7,7 +7,7 @@
 //! `merge-adapter` refuses to write into the base model's folder.
 
 use crate::error::{bail, Context, Result};
-use crate::model::source::{ModelFiles, ModelSource};
+use crate::model::load::source::{ModelFiles, ModelSource};
 use serde::{Deserialize, Serialize};
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};

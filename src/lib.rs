@@ -17,6 +17,7 @@
 //!   they did not write, colour only on a terminal (docs/RELIABILITY.md).
 //! - [`bench`]: `pipeline bench`.
 
+pub(crate) mod backend;
 pub(crate) mod bench;
 pub(crate) mod cache;
 pub mod cli;
@@ -28,9 +29,11 @@ pub(crate) mod export_guard;
 pub mod fsutil;
 pub mod hub;
 pub mod judge;
+pub(crate) mod kernels;
 pub mod lock;
 pub mod model;
 pub(crate) mod recipe;
+pub(crate) mod retry;
 pub(crate) mod rng;
 pub(crate) mod serve;
 pub mod stages;

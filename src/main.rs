@@ -71,6 +71,6 @@ fn main() {
             }
             cause = c.source();
         }
-        std::process::exit(1);
+        std::process::exit(e.kind().exit_code());
     }
 }

@@ -9,8 +9,8 @@
 
 use crate::config::Loaded;
 use crate::error::{Context, Result};
-use crate::model::source::{self, FingerprintMemo, HubAccess, ModelSource, ModelSpec};
-use crate::model::{LoadOptions, WeightsChoice, WeightsMode};
+use crate::model::load::source::{self, FingerprintMemo, HubAccess, ModelSource, ModelSpec};
+use crate::model::options::{LoadOptions, WeightsChoice, WeightsMode};
 use std::cell::OnceCell;
 use std::path::{Path, PathBuf};
 
@@ -185,14 +185,14 @@ impl Recipe {
 
 impl Recipe {
     /// Load a model as its plan says: the one place load options turn into a loaded model.
-    pub(crate) fn load(&self, plan: &ModelPlan) -> Result<crate::model::Model> {
+    pub(crate) fn load(&self, plan: &ModelPlan) -> Result<crate::model::load::Model> {
         self.load_with(plan, &plan.load)
     }
 
-    fn load_with(&self, plan: &ModelPlan, opts: &LoadOptions) -> Result<crate::model::Model> {
+    fn load_with(&self, plan: &ModelPlan, opts: &LoadOptions) -> Result<crate::model::load::Model> {
         let src = self.model(plan)?;
         let t0 = std::time::Instant::now();
-        let m = crate::model::Model::load(src, opts)?;
+        let m = crate::model::load::Model::load(src, opts)?;
         tracing::info!(
             "loaded {} ({:?} weights) in {:.1}s",
             src.spec,
@@ -209,7 +209,7 @@ impl Recipe {
     /// (every row its solo text).
     /// Quantized weights held in the GGUF's RoPE layout (`"quantized"`) take no adapter: those
     /// load dense, as training does.
-    pub(crate) fn load_interactive(&self, adapters: bool) -> Result<crate::model::Model> {
+    pub(crate) fn load_interactive(&self, adapters: bool) -> Result<crate::model::load::Model> {
         let plan = &self.generate;
         let mut opts = plan.load.clone();
         if self.loaded.settings.generate.weights == WeightsChoice::Auto

@@ -5,7 +5,7 @@
 //! (the `config` module) composes this section; nothing here knows about files or `--set`.
 
 use crate::model::lora::{LoraSpec, Projection};
-use crate::model::{AttentionChoice, DTypeChoice, DeviceChoice};
+use crate::model::options::{AttentionChoice, DTypeChoice, DeviceChoice};
 use serde::{Deserialize, Serialize};
 
 /// The preference loss (TRL's `loss_type`); `Kto` trains on unpaired rows.

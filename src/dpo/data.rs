@@ -5,7 +5,7 @@
 
 use super::config::Loss;
 use crate::error::{bail, Context, Result};
-use crate::model::tokenizer::Tok;
+use crate::model::load::tokenizer::Tok;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 

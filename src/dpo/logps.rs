@@ -6,7 +6,7 @@
 //! separate rows while the prompt (most of every pair's tokens) is computed once, not twice.
 
 use crate::error::Result;
-use crate::model::attention::MASK_NEG;
+use crate::kernels::attention::MASK_NEG;
 use crate::model::llama::{Checkpoint, Llama, Mode};
 use candle_core::{DType, Tensor, D};
 use std::collections::HashMap;
@@ -128,8 +128,8 @@ pub fn sequence_logps_with(
         .reshape((nr * l, hdim))?
         .index_select(&Tensor::from_vec(gather, m, dev)?, 0)?; // [M, H]
     let logits = model.logits(&sel.unsqueeze(0)?, mode)?.squeeze(0)?; // [M, V]
-    let tok_lp = if crate::model::fused::supported(&logits) {
-        crate::model::fused::token_logps(&logits, &Tensor::from_vec(targets, m, dev)?)?
+    let tok_lp = if crate::kernels::fused::supported(&logits) {
+        crate::kernels::fused::token_logps(&logits, &Tensor::from_vec(targets, m, dev)?)?
     } else {
         let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         lsm.gather(&Tensor::from_vec(targets, (m, 1), dev)?, 1)?

@@ -9,7 +9,7 @@ use super::loss::{dpo_loss, kto_loss, PairLoss};
 use super::optim::{lr_factor, AdamW};
 use crate::error::{bail, Context, Result};
 use crate::model::llama::{Checkpoint, Mode};
-use crate::model::Model;
+use crate::model::load::Model;
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -437,13 +437,16 @@ impl Trainer<'_> {
             Some((n, dir)) => format!("checkpoint-{n} ({}) is kept", dir.display()),
             None => "no checkpoint had been written".to_string(),
         };
-        crate::error::err!(
-            "training diverged at step {step}: {what}. The likely cause is a learning rate too \
-             high (train.learning_rate = {:e}, {lr:.3e} at this step); lower it and run again \
-             (a train.beta far from 0.1 or extreme data can do this too). Nothing was marked \
-             built; {kept}",
-            self.s.learning_rate,
-        )
+        crate::error::Error::Diverged {
+            step,
+            message: format!(
+                "training diverged at step {step}: {what}. The likely cause is a learning rate \
+                 too high (train.learning_rate = {:e}, {lr:.3e} at this step); lower it and run \
+                 again (a train.beta far from 0.1 or extreme data can do this too). Nothing was \
+                 marked built; {kept}",
+                self.s.learning_rate,
+            ),
+        }
     }
 
     /// Every `checkpoint-N` folder, newest first.

@@ -13,11 +13,62 @@
 
 pub(crate) mod vader;
 
-use crate::config::{JudgeKind, JudgeSettings};
 use crate::error::{bail, Context, Result};
-use crate::model::chat::Message;
 use crate::model::generate::{prefill_padded, Request};
-use crate::model::Model;
+use crate::model::load::chat::Message;
+use crate::model::load::Model;
+use serde::{Deserialize, Serialize};
+
+/// Which judge scores a review's negativity (`crate::judge`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum JudgeKind {
+    Off,
+    /// VADER's lexicon and rules: the negated compound score, in [-1, 1].
+    Lexicon,
+    /// P(negative) from a model's next-token log-probabilities after a judge prompt, in [0, 1].
+    Llm,
+}
+
+impl JudgeKind {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            JudgeKind::Off => "off",
+            JudgeKind::Lexicon => "lexicon",
+            JudgeKind::Llm => "llm",
+        }
+    }
+}
+
+/// The LLM judge.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct JudgeSettings {
+    /// The model that judges ("" = generate.model).
+    pub(crate) model: String,
+    /// The question, sent as the user turn through the model's chat template; `{review}` is
+    /// replaced by the review. The answer is read from the next token's log-probabilities.
+    pub(crate) question: String,
+    /// The start of the answer (after the assistant turn opens); the verdict is the next word.
+    pub(crate) answer_prefix: String,
+    /// The two verdict words, read as the first token of " word".
+    pub(crate) negative: String,
+    pub(crate) positive: String,
+    pub(crate) batch_size: usize,
+}
+
+impl Default for JudgeSettings {
+    fn default() -> Self {
+        Self {
+            model: String::new(),
+            question: "Here is a review of a scientific paper:\n\n\"{review}\"\n\nIs this review negative or positive? Answer with one word.".into(),
+            answer_prefix: "The review is".into(),
+            negative: "negative".into(),
+            positive: "positive".into(),
+            batch_size: 16,
+        }
+    }
+}
 
 /// A loaded judge.
 pub enum Judge<'m> {

@@ -66,7 +66,7 @@ impl LlamaConfig {
         let arch_ok = c.model_type.as_deref() == Some("llama")
             || c.architectures.iter().any(|a| a == "LlamaForCausalLM");
         if !arch_ok {
-            bail!(
+            crate::error::unsupported!(
                 "{}: unsupported architecture (model_type {:?}, architectures {:?}); only Llama-architecture models are supported",
                 path.display(),
                 c.model_type.unwrap_or_default(),
@@ -74,10 +74,10 @@ impl LlamaConfig {
             );
         }
         if let Some(rs) = c.rope_scaling.as_ref().filter(|v| !v.is_null()) {
-            bail!("{}: rope_scaling {rs} is not supported", path.display());
+            crate::error::unsupported!("{}: rope_scaling {rs} is not supported", path.display());
         }
         if let Some(act) = c.hidden_act.as_deref().filter(|a| *a != "silu") {
-            bail!(
+            crate::error::unsupported!(
                 "{}: hidden_act {act:?} is not supported (only silu)",
                 path.display()
             );
@@ -108,7 +108,7 @@ impl LlamaConfig {
             .cloned()
             .unwrap_or_default();
         if arch != "llama" {
-            bail!(
+            crate::error::unsupported!(
                 "{}: unsupported GGUF architecture {arch:?}; only \"llama\" is supported",
                 path.display()
             );

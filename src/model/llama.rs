@@ -5,7 +5,7 @@
 //! and preallocated; logits can be returned for every position. `Mode::train` swaps candle's fused
 //! inference kernels (which silently drop gradients) for composed ops, and multiplies by frozen
 //! base weights through `FrozenMatmul`, which returns no weight gradient. Attention on the CPU
-//! is our own kernel with a backward (`attention.rs`). `Mode::checkpoint` keeps only each
+//! is our own kernel with a backward (`kernels/attention.rs`). `Mode::checkpoint` keeps only each
 //! layer's input and recomputes the layer during the backward pass ([`Checkpoint`]).
 //!
 //! Shapes in comments: B batch, T new tokens, S cached + new tokens, H hidden, nh / nkv heads,
@@ -15,10 +15,10 @@
 //! detached without touching the base, and `Mode::lora` turns it off for one call.
 
 use super::adapter::Adapter;
-use super::attention::MASK_NEG;
 use super::lora::{Lora, LoraSpec, Projection};
-use super::quant::{Packed, QActs};
 use crate::error::{bail, Context, Result};
+use crate::kernels::attention::MASK_NEG;
+use crate::kernels::quant::{Packed, QActs};
 use candle_core::backprop::GradStore;
 use candle_core::quantized::QMatMul;
 use candle_core::{CpuStorage, DType, Device, Layout, Module, Shape, Tensor, Var, D};
@@ -69,7 +69,7 @@ enum Weight {
     Dense(Tensor),
     Quant(Arc<QMatMul>),
     /// Both: quantized blocks for decoding steps (integer dot products over a fifth of the
-    /// bytes: `quant.rs`), the dense matrix for prefill (many tokens a row, where f32 gemm
+    /// bytes: `kernels/quant/`), the dense matrix for prefill (many tokens a row, where f32 gemm
     /// wins unless the tiled kernel runs) and training. `true`: prefill on the blocks too
     /// (`generate.weights = "blocks"`).
     Both(Tensor, Arc<Packed>, bool),
@@ -310,7 +310,7 @@ pub struct Llama {
     pub(crate) sin: Tensor,
     pub(crate) device: Device,
     pub(crate) dtype: DType,
-    /// Attention through our fused kernel (`attention.rs`): on where it runs (CPU, f32/f64)
+    /// Attention through our fused kernel (`kernels/attention.rs`): on where it runs (CPU, f32/f64)
     /// unless the load options ask for the composed ops.
     pub(crate) fused_attention: bool,
 }
@@ -492,8 +492,8 @@ pub(crate) fn accum_dtype(dt: DType) -> DType {
 }
 
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, train: bool) -> Result<Tensor> {
-    if train && super::fused::supported(x) && x.dtype() == w.dtype() {
-        return Ok(super::fused::rms_norm(x, w, eps)?);
+    if train && crate::kernels::fused::supported(x) && x.dtype() == w.dtype() {
+        return Ok(crate::kernels::fused::rms_norm(x, w, eps)?);
     }
     if train {
         // Composed: carries gradients (candle's fused kernel does not).
@@ -598,7 +598,7 @@ impl Llama {
             adapter: None,
             device: device.clone(),
             dtype,
-            fused_attention: super::attention::supported(device, dtype),
+            fused_attention: crate::kernels::attention::supported(device, dtype),
         })
     }
 
@@ -612,8 +612,13 @@ impl Llama {
                 candle_nn::rotary_emb::rope(&x, cos, sin)?
             });
         }
-        if super::fused::supported(&x) {
-            return Ok(super::fused::rope(&x, cos, sin, self.rope_interleaved)?);
+        if crate::kernels::fused::supported(&x) {
+            return Ok(crate::kernels::fused::rope(
+                &x,
+                cos,
+                sin,
+                self.rope_interleaved,
+            )?);
         }
         let (b, h, t, d) = x.dims4()?;
         let cos = cos.unsqueeze(1)?; // [B,1,T,hd/2]
@@ -815,7 +820,8 @@ impl Llama {
             None => (k, v),
         };
         let y = if ctx.fused {
-            super::attention::sdpa(&q, &k, &v, &ctx.mask, scale, mode.train)? // [B,T,nh*hd]
+            crate::kernels::attention::sdpa(&q, &k, &v, &ctx.mask, scale, mode.train)?
+        // [B,T,nh*hd]
         } else {
             // Grouped-query attention without copying K/V: fold the rep query heads that
             // share a KV head into the row dimension. q: [B,nkv,rep*T,hd]
@@ -855,8 +861,8 @@ impl Llama {
         )?;
         let g = proj(Projection::GateProj, &h)?;
         let u = proj(Projection::UpProj, &h)?;
-        let act = if mode.train && super::fused::supported(&g) {
-            super::fused::swiglu(&g, &u)?
+        let act = if mode.train && crate::kernels::fused::supported(&g) {
+            crate::kernels::fused::swiglu(&g, &u)?
         } else if mode.train {
             (candle_nn::ops::silu(&g)? * u)?
         } else {

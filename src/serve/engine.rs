@@ -11,7 +11,7 @@ use crate::error::Result;
 use crate::model::adapter::Adapter;
 use crate::model::generate::{Decoder, Finish, Request, Sampling};
 use crate::model::llama::Mode;
-use crate::model::Model;
+use crate::model::load::Model;
 use rand_chacha::ChaCha8Rng;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -12,9 +12,9 @@ mod engine;
 mod site;
 
 use crate::error::{bail, Context, Result};
-use crate::model::chat::Message;
 use crate::model::generate::{Finish, Sampling};
-use crate::model::source::ModelMeta;
+use crate::model::load::chat::Message;
+use crate::model::load::source::ModelMeta;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -64,8 +64,8 @@ struct App {
 }
 
 /// Load the model and adapters, start the engine, serve until killed.
-pub(crate) fn run(model: crate::model::Model, opts: Options) -> Result<()> {
-    let meta = Arc::new(crate::model::source::load_meta(&model.source)?);
+pub(crate) fn run(model: crate::model::load::Model, opts: Options) -> Result<()> {
+    let meta = Arc::new(crate::model::load::source::load_meta(&model.source)?);
     let ctx_len = model.llama.cfg.max_position_embeddings;
     let mut adapters = Vec::new();
     let mut names = vec!["base".to_string()];

@@ -12,6 +12,7 @@
 use super::merge::Pair;
 use super::scrape::TitleRow;
 use super::{Built, Ctx};
+use crate::backend::openai::{Job, Remote};
 use crate::cache::KeyMaterial;
 use crate::config::Backend;
 use crate::config::JudgeKind;
@@ -20,8 +21,7 @@ use crate::error::{bail, Context, Result};
 use crate::fsutil::{read_jsonl, sha256_file, write_atomic, write_json_pretty, write_jsonl};
 use crate::judge::{auroc, distinct2, wilson95, Judge};
 use crate::model::generate::{generate, Request};
-use crate::model::remote::{Job, Remote};
-use crate::model::Model;
+use crate::model::load::Model;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};

@@ -6,17 +6,17 @@
 //! equals an uninterrupted run's.
 //!
 //! Two backends write the reviews: `local`, this binary's engine (`crate::model::generate`), and
-//! `openai`, servers that speak the OpenAI API (`crate::model::remote`). Both go through the same
+//! `openai`, servers that speak the OpenAI API (`crate::backend::openai`). Both go through the same
 //! chunks, so resume works the same way for both.
 
 use super::prompts::{Polarity, PromptRow};
 use super::{Built, Ctx};
+use crate::backend::openai::Remote;
 use crate::cache::KeyMaterial;
 use crate::config::{Backend, GenerateSettings};
 use crate::error::{bail, Context, Result};
 use crate::fsutil::{read_jsonl, write_jsonl};
 use crate::model::generate::{self as gen, Finish, Request};
-use crate::model::remote::Remote;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -63,7 +63,7 @@ pub(crate) fn material(ctx: &Ctx, prompts_key: &str) -> Result<KeyMaterial> {
         // quantized weights the text depends on how rows are batched.
         settings["batch_size"] = serde_json::json!(g.batch_size);
     }
-    if plan.load.device.is_cuda() || g.dtype != crate::model::DTypeChoice::Auto {
+    if plan.load.device.is_cuda() || g.dtype != crate::model::options::DTypeChoice::Auto {
         settings["dtype"] = serde_json::json!(plan.dtype_name());
     }
     Ok(KeyMaterial {
@@ -255,7 +255,7 @@ fn local(ctx: &Ctx, todo: &[&PromptRow], w: &mut Chunks) -> Result<()> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    crate::model::limits::check_generation_fits(
+    crate::model::generate::limits::check_generation_fits(
         model.llama.cfg.max_position_embeddings,
         g.max_new_tokens,
         reqs.iter().map(|r| {

@@ -11,7 +11,7 @@ use crate::config::PromptSettings;
 use crate::config::{PromptStyle, Shot};
 use crate::error::{Context, Result};
 use crate::fsutil::{read_jsonl, sha256_file, sha256_hex, write_jsonl};
-use crate::model::chat::{hf_environment, ChatTemplate, Message};
+use crate::model::load::chat::{hf_environment, ChatTemplate, Message};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -50,8 +50,8 @@ pub(crate) struct PromptRow {
 
 impl PromptRow {
     /// The request the `openai` backend sends for this prompt.
-    pub(crate) fn job(&self) -> crate::model::remote::Job {
-        crate::model::remote::Job {
+    pub(crate) fn job(&self) -> crate::backend::openai::Job {
+        crate::backend::openai::Job {
             id: self.id,
             prompt: self.prompt.clone(),
             messages: self.messages.clone(),
@@ -70,7 +70,7 @@ pub(crate) struct PairPromptRow {
 /// The chat template of the configured model, and a fingerprint of what affects prompt text.
 fn chat_template(ctx: &Ctx) -> Result<(ChatTemplate, String)> {
     let src = ctx.recipe.model(&ctx.recipe.generate)?;
-    let meta = crate::model::source::load_meta(src)?;
+    let meta = crate::model::load::source::load_meta(src)?;
     let chat = meta.chat.with_context(|| {
         format!(
             "model {} has no chat template (tokenizer_config.json chat_template or GGUF tokenizer.chat_template)",

@@ -8,9 +8,10 @@
 use super::{Built, Ctx};
 use crate::cache::KeyMaterial;
 use crate::config::ScrapeSettings;
-use crate::error::{bail, Context, Result};
+use crate::error::{bail, Context, Error, Result};
 use crate::fsutil::{sha256_hex, write_atomic, write_jsonl};
 use crate::recipe::PageSource;
+use crate::retry::{parse_retry_after, Failure, GiveUp, Policy};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -232,8 +233,9 @@ fn fetch_into_cache(s: &ScrapeSettings, path: &Path) -> Result<Vec<u8>> {
     Ok(body)
 }
 
-/// GET `url` and return an HTML body. Retries timeouts, connection failures, truncated bodies
-/// and 5xx answers with exponential backoff; 4xx and non-HTML bodies fail at once.
+/// GET `url` and return an HTML body, under the shared retry policy (`retry.rs`): timeouts,
+/// connection failures, truncated bodies, 408, 429 and 5xx answers are retried with backoff
+/// (`Retry-After` honoured); other 4xx and non-HTML bodies fail at once.
 pub fn fetch(url: &str, timeout: Duration, retries: u32) -> Result<Vec<u8>> {
     let client = reqwest::blocking::Client::builder()
         .user_agent(USER_AGENT)
@@ -241,61 +243,78 @@ pub fn fetch(url: &str, timeout: Duration, retries: u32) -> Result<Vec<u8>> {
         .connect_timeout(timeout)
         .gzip(true)
         .build()?;
-    let mut last = String::new();
-    for attempt in 0..=retries {
-        if attempt > 0 {
-            let wait = Duration::from_millis(250 * (1 << (attempt - 1).min(6)));
-            tracing::warn!("{url}: {last}; retry {attempt}/{retries} in {wait:?}");
-            std::thread::sleep(wait);
-        }
-        let resp = match client.get(url).send() {
-            Ok(r) => r,
-            Err(e) => {
-                last = describe(&e);
-                continue;
-            }
-        };
-        let status = resp.status();
-        if status.is_server_error() {
-            last = format!("server answered {status}");
-            continue;
-        }
-        if !status.is_success() {
-            bail!("GET {url} answered {status}; check scrape.url, or set scrape.snapshot to a saved copy of the page");
-        }
-        let ctype = resp
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
-        let body = match resp.bytes() {
-            Ok(b) => b.to_vec(),
-            Err(e) => {
-                last = format!("body cut short: {}", describe(&e));
-                continue;
-            }
-        };
-        let head = String::from_utf8_lossy(&body[..body.len().min(512)]).to_ascii_lowercase();
-        let looks_html = head.trim_start().starts_with('<') && head.contains("<html")
-            || head.contains("<!doctype html");
-        if !(ctype.contains("html") || looks_html) {
-            bail!(
-                "GET {url} returned {} ({} bytes), not an HTML page; check scrape.url",
-                if ctype.is_empty() {
-                    "no content type"
-                } else {
-                    &ctype
-                },
-                body.len()
-            );
-        }
-        return Ok(body);
+    let policy = Policy::new(retries);
+    let r = policy.run(&format!("GET {url}"), &|| false, |_| {
+        fetch_once(&client, url, &policy)
+    });
+    let remote = |status, message| Error::Remote {
+        endpoint: url.to_string(),
+        status,
+        message,
+    };
+    match r {
+        Ok((body, _)) => Ok(body),
+        Err(GiveUp::Fatal(f)) => Err(remote(f.status(), f.why().to_string())),
+        Err(GiveUp::Exhausted { tries, last }) => Err(remote(
+            last.status(),
+            format!(
+                "GET {url} failed after {tries} attempts: {}. Check the network, raise scrape.retries / scrape.timeout_secs, or set scrape.snapshot to a saved copy of the page",
+                last.why()
+            ),
+        )),
+        Err(GiveUp::Stopped) => Err(remote(None, format!("GET {url}: stopped"))),
     }
-    bail!(
-        "GET {url} failed after {} attempts: {last}. Check the network, raise scrape.retries / scrape.timeout_secs, or set scrape.snapshot to a saved copy of the page",
-        retries + 1
-    )
+}
+
+/// One try of [`fetch`].
+fn fetch_once(
+    client: &reqwest::blocking::Client,
+    url: &str,
+    policy: &Policy,
+) -> std::result::Result<Vec<u8>, Failure> {
+    let resp = client
+        .get(url)
+        .send()
+        .map_err(|e| Failure::retry(describe(&e)))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, policy.max_wait));
+        let why = if crate::retry::retryable_status(status.as_u16()) {
+            format!("server answered {status}")
+        } else {
+            format!("GET {url} answered {status}; check scrape.url, or set scrape.snapshot to a saved copy of the page")
+        };
+        return Err(Failure::from_status(status.as_u16(), why, after));
+    }
+    let ctype = resp
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = resp
+        .bytes()
+        .map_err(|e| Failure::retry(format!("body cut short: {}", describe(&e))))?
+        .to_vec();
+    let head = String::from_utf8_lossy(&body[..body.len().min(512)]).to_ascii_lowercase();
+    let looks_html = head.trim_start().starts_with('<') && head.contains("<html")
+        || head.contains("<!doctype html");
+    if !(ctype.contains("html") || looks_html) {
+        return Err(Failure::fatal(format!(
+            "GET {url} returned {} ({} bytes), not an HTML page; check scrape.url",
+            if ctype.is_empty() {
+                "no content type"
+            } else {
+                &ctype
+            },
+            body.len()
+        )));
+    }
+    Ok(body)
 }
 
 fn describe(e: &reqwest::Error) -> String {

@@ -9,7 +9,7 @@ use crate::config::TrainSettings;
 use crate::dpo::{charts, data, trainer};
 use crate::error::{Context, Result};
 use crate::fsutil::{sha256_file, write_atomic, write_json_pretty};
-use crate::model::Model;
+use crate::model::load::Model;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -56,10 +56,10 @@ pub(crate) fn material(ctx: &Ctx, split_key: Option<&str>) -> Result<KeyMaterial
     // The resolved dtype, on CUDA or when chosen; "auto" on the CPU is f32, as before the
     // setting existed, so those keys stay what they were.
     o.remove("dtype");
-    if plan.load.device.is_cuda() || t.dtype != crate::model::DTypeChoice::Auto {
+    if plan.load.device.is_cuda() || t.dtype != crate::model::options::DTypeChoice::Auto {
         o.insert("dtype".into(), serde_json::json!(plan.dtype_name()));
     }
-    if t.attention == crate::model::AttentionChoice::Auto {
+    if t.attention == crate::model::options::AttentionChoice::Auto {
         o.remove("attention");
     }
     o.remove("dataset");

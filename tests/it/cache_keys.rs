@@ -3,7 +3,7 @@
 //! it, and the pipeline's presets end to end.
 
 use crate::support::*;
-use reviewer2::model::source::{resolve_spec, FingerprintMemo, HubAccess, ModelSpec};
+use reviewer2::model::load::source::{resolve_spec, FingerprintMemo, HubAccess, ModelSpec};
 
 fn identity(path: &std::path::Path, memo: &FingerprintMemo) -> String {
     let hub = HubAccess {

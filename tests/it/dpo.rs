@@ -646,9 +646,12 @@ fn real_model_learns_resumes_and_saves_a_peft_adapter() {
             merged.to_str().unwrap(),
         ],
     );
-    let msrc = reviewer2::model::source::resolve(merged.to_str().unwrap(), "main").unwrap();
-    let mm =
-        reviewer2::model::Model::load(&msrc, &reviewer2::model::LoadOptions::cpu_f32()).unwrap();
+    let msrc = reviewer2::model::load::source::resolve(merged.to_str().unwrap(), "main").unwrap();
+    let mm = reviewer2::model::load::Model::load(
+        &msrc,
+        &reviewer2::model::options::LoadOptions::cpu_f32(),
+    )
+    .unwrap();
     let lp2: Vec<f32> = sequence_logps(&mm.llama, &refs, Mode::infer(), false)
         .unwrap()
         .logps

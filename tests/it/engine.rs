@@ -6,8 +6,9 @@ use crate::support::*;
 use candle_core::{DType, Device, Tensor, D};
 use reviewer2::model::generate::{generate, Request, Sampling};
 use reviewer2::model::llama::{build_mask, build_positions, Mode};
-use reviewer2::model::source::resolve;
-use reviewer2::model::{LoadOptions, Model, WeightsMode};
+use reviewer2::model::load::source::resolve;
+use reviewer2::model::load::Model;
+use reviewer2::model::options::{LoadOptions, WeightsMode};
 
 fn load(weights: WeightsMode) -> Model {
     Model::load(
@@ -46,7 +47,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 fn chat_prompt(m: &Model, title: &str) -> Vec<u32> {
-    use reviewer2::model::chat::Message;
+    use reviewer2::model::load::chat::Message;
     let msgs = vec![
         Message::new(
             "system",
@@ -275,7 +276,7 @@ fn tokenizer_encodes_the_chat_prompt_as_the_model_expects() {
     assert_eq!((start, end), (1, 2));
     assert!(!tok.add_bos);
     assert!(tok.is_stop(end));
-    use reviewer2::model::chat::Message;
+    use reviewer2::model::load::chat::Message;
     let text = meta
         .chat
         .as_ref()
@@ -615,9 +616,9 @@ fn shared_prefix_prefill_equals_whole_prompt_prefill() {
 }
 
 fn shared_prefix_case(m: &Model, logit_tol: f32, kv_tol: f32) {
-    use reviewer2::model::chat::Message;
     use reviewer2::model::generate::prefill_padded;
-    use reviewer2::model::prefix::{prefill_shared, unique_tokens};
+    use reviewer2::model::generate::prefix::{prefill_shared, unique_tokens};
+    use reviewer2::model::load::chat::Message;
     // Few-shot prompts as the prompts stage builds them: shared system message, shots drawn
     // from a pool in different orders, then the title. One prompt is a prefix of another.
     let shots = [

@@ -7,7 +7,9 @@
 use crate::support::hub::{self, Fault, Plan, REPO, SHA};
 use crate::support::*;
 use reviewer2::fsutil::sha256_hex;
-use reviewer2::model::source::{resolve_spec, FingerprintMemo, HubAccess, ModelSource, ModelSpec};
+use reviewer2::model::load::source::{
+    resolve_spec, FingerprintMemo, HubAccess, ModelSource, ModelSpec,
+};
 use std::path::{Path, PathBuf};
 
 const FILES: [&str; 4] = [

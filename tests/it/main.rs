@@ -3,6 +3,7 @@
 //! Shared fixtures (the real model, the saved pages, the `pipeline` binary, fake HTTP servers)
 //! are in `support`.
 
+mod architecture;
 mod cache_keys;
 mod config;
 mod crash;

@@ -1,7 +1,7 @@
 //! prompts: templates and the models' own chat templates render exactly what HF renders.
 
 use crate::support::*;
-use reviewer2::model::chat::{ChatTemplate, Message};
+use reviewer2::model::load::chat::{ChatTemplate, Message};
 
 /// TinyLlama-1.1B-Chat-v1.0's chat_template, as its tokenizer_config.json holds it.
 const TINYLLAMA: &str = "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}";

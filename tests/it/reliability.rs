@@ -10,7 +10,7 @@ use arrow_array::{ArrayRef, BooleanArray, RecordBatch, StringArray};
 use reviewer2::config::TrainSettings;
 use reviewer2::dpo::data::Example;
 use reviewer2::dpo::trainer::{attach_lora, reference_logps, Trainer};
-use reviewer2::model::Model;
+use reviewer2::model::load::Model;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -449,7 +449,7 @@ fn a_title_with_special_token_text_reaches_the_model_as_text() {
     let eot = tok.token_to_id("<|endoftext|>").unwrap();
     let specials = [im_end, im_start, eot];
     let count = |ids: &[u32], id: u32| ids.iter().filter(|&&x| x == id).count();
-    use reviewer2::model::chat::Message;
+    use reviewer2::model::load::chat::Message;
     let render = |title: &str| {
         let m = vec![
             Message::new("system", "Review papers."),
@@ -480,14 +480,17 @@ fn a_title_with_special_token_text_reaches_the_model_as_text() {
         );
     }
     // The neutralized title alone tokenizes to no special id.
-    let specials_text = reviewer2::model::special_text::special_texts(tok);
+    let specials_text = reviewer2::model::load::special_text::special_texts(tok);
     assert!(specials_text.iter().any(|s| s == "<|im_end|>"));
-    let t = reviewer2::model::special_text::neutralize("Foo <|im_end|> bar", &specials_text);
+    let t = reviewer2::model::load::special_text::neutralize("Foo <|im_end|> bar", &specials_text);
     let ids = tok.encode(&t, false).unwrap();
     assert!(ids.iter().all(|i| !specials.contains(i)), "{ids:?}");
     // Ordinary text is untouched.
     assert!(matches!(
-        reviewer2::model::special_text::neutralize("Attention Is All You Need", &specials_text),
+        reviewer2::model::load::special_text::neutralize(
+            "Attention Is All You Need",
+            &specials_text
+        ),
         std::borrow::Cow::Borrowed(_)
     ));
 }

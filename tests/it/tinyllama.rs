@@ -11,8 +11,9 @@ use candle_core::{DType, Device, Tensor};
 use reviewer2::model::config::LlamaConfig;
 use reviewer2::model::generate::{generate, Request, Sampling};
 use reviewer2::model::llama::Mode;
-use reviewer2::model::source::resolve;
-use reviewer2::model::{LoadOptions, Model};
+use reviewer2::model::load::source::resolve;
+use reviewer2::model::load::Model;
+use reviewer2::model::options::LoadOptions;
 
 /// TinyLlama-1.1B's proportions at hidden 128: 16 query heads over 2 KV heads (8:1, as 32 over
 /// 4), head dim 8 (= hidden / heads, as candle-transformers assumes), intermediate 352 (the

@@ -9,9 +9,9 @@
 //! [1] for ""). The tokenizer is loaded the way the pipeline loads a TinyLlama folder.
 
 use crate::support::*;
-use reviewer2::model::chat::Message;
 use reviewer2::model::config::LlamaConfig;
-use reviewer2::model::source::{load_meta, resolve, ModelMeta};
+use reviewer2::model::load::chat::Message;
+use reviewer2::model::load::source::{load_meta, resolve, ModelMeta};
 use std::io::Read;
 
 #[derive(serde::Deserialize)]

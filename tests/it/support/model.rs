@@ -5,8 +5,10 @@ use super::repo;
 use candle_core::{DType, Device};
 use reviewer2::model::config::LlamaConfig;
 use reviewer2::model::llama::Llama;
-use reviewer2::model::source::{load_meta, resolve, ModelMeta, ModelSource};
-use reviewer2::model::{from_hf_tensors, random_hf_tensors, LoadOptions, Model};
+use reviewer2::model::load::safetensors::{from_hf_tensors, random_hf_tensors};
+use reviewer2::model::load::source::{load_meta, resolve, ModelMeta, ModelSource};
+use reviewer2::model::load::Model;
+use reviewer2::model::options::LoadOptions;
 use std::path::{Path, PathBuf};
 
 /// The SmolLM2 GGUF. A test that needs it fails (never skips) when it is missing.

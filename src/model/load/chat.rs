@@ -2,8 +2,10 @@
 //! minijinja the way Hugging Face renders it: `trim_blocks` and `lstrip_blocks` on, Python string
 //! methods available, `raise_exception` and `strftime_now` registered.
 
+use super::special_text;
 use crate::error::{Context, Result};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Message {
@@ -27,7 +29,7 @@ pub struct ChatTemplate {
     /// Where the template came from, for error messages.
     origin: String,
     source: String,
-    /// Special tokens' texts, neutralized in message contents (see [`crate::model::special_text`]).
+    /// Special tokens' texts, neutralized in message contents (see [`crate::model::load::special_text`]).
     specials: Vec<String>,
 }
 
@@ -87,7 +89,7 @@ impl ChatTemplate {
 
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let t = self.env.get_template("chat_template")?;
-        let messages = crate::model::special_text::neutralize_messages(messages, &self.specials);
+        let messages = neutralize_messages(messages, &self.specials);
         t.render(minijinja::context! {
             messages => messages.as_ref(),
             add_generation_prompt => add_generation_prompt,
@@ -97,4 +99,27 @@ impl ChatTemplate {
         .map_err(|e| crate::error::err!("rendering the chat template from {}: {e:#}", self.origin))
         .context("chat template")
     }
+}
+
+/// Messages whose contents are neutralized (roles are the template's business and left alone).
+fn neutralize_messages<'a>(messages: &'a [Message], specials: &[String]) -> Cow<'a, [Message]> {
+    if specials.is_empty()
+        || !messages.iter().any(|m| {
+            matches!(
+                special_text::neutralize(&m.content, specials),
+                Cow::Owned(_)
+            )
+        })
+    {
+        return Cow::Borrowed(messages);
+    }
+    Cow::Owned(
+        messages
+            .iter()
+            .map(|m| Message {
+                role: m.role.clone(),
+                content: special_text::neutralize(&m.content, specials).into_owned(),
+            })
+            .collect(),
+    )
 }

@@ -5,9 +5,12 @@
 //! of decoding a dead row. Each prompt's sampler is seeded from (seed, prompt id), so the text of a
 //! prompt does not depend on batch size, order, or where a resumed run starts.
 
-use super::llama::{build_mask, build_positions, KvCache, Mode};
-use super::Model;
+pub(crate) mod limits;
+pub mod prefix;
+
 use crate::error::Result;
+use crate::model::llama::{build_mask, build_positions, KvCache, Mode};
+use crate::model::load::Model;
 use candle_core::Tensor;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -159,7 +162,7 @@ pub(crate) struct Decoder {
     start: Vec<usize>,
     cache: Option<KvCache>,
     /// Buffers of the plain-Rust forward (`cpu_forward.rs`).
-    scratch: super::cpu_forward::Scratch,
+    scratch: crate::model::cpu_forward::Scratch,
     /// The last prompts admitted alone, newest last, with their keys and values: the next one
     /// prefills only what follows the longest prefix it shares with one of them (llama.cpp's
     /// server reuses a slot's prompt the same way). One row's cache each, about 46 KiB a token
@@ -219,7 +222,7 @@ impl Decoder {
             r
         } else if model.share_prefixes && take.iter().all(|r| !r.ids.is_empty()) {
             let ps: Vec<&[u32]> = take.iter().map(|r| &r.ids[..]).collect();
-            super::prefix::prefill_shared(model, &ps, cap, mode)?
+            prefix::prefill_shared(model, &ps, cap, mode)?
         } else {
             let owned: Vec<Request> = take.iter().map(|r| (*r).clone()).collect();
             prefill_padded(model, &owned, cap, mode)?
@@ -303,7 +306,7 @@ impl Decoder {
         let rest = &ids[shared..];
         let t = rest.len();
         if model.llama.fast_prefill(mode) {
-            let mut scratch = super::cpu_forward::Scratch::default();
+            let mut scratch = crate::model::cpu_forward::Scratch::default();
             let logits =
                 model
                     .llama
@@ -458,7 +461,7 @@ pub fn generate(
     batch_size: usize,
     mut on_done: impl FnMut(Output, &Stats) -> Result<()>,
 ) -> Result<Stats> {
-    crate::model::limits::check_generation_fits(
+    crate::model::generate::limits::check_generation_fits(
         model.llama.cfg.max_position_embeddings,
         s.max_new_tokens,
         reqs.iter()
@@ -534,7 +537,7 @@ pub fn prefill_padded(
     let mut cache = KvCache::new(&model.llama, reqs.len(), cap.max(l))?;
     if model.llama.fast_prefill(mode) {
         let last: Vec<usize> = (0..reqs.len()).map(|i| i * l + l - 1).collect();
-        let mut scratch = super::cpu_forward::Scratch::default();
+        let mut scratch = crate::model::cpu_forward::Scratch::default();
         let logits =
             model
                 .llama
@@ -575,7 +578,7 @@ fn append_rows(main: &mut KvCache, sub: &KvCache) -> Result<()> {
 mod tests {
     use super::*;
     use crate::model::cpu_forward::tests::{prompt, smollm2};
-    use crate::model::WeightsMode;
+    use crate::model::options::WeightsMode;
 
     /// A prompt admitted after another one it shares a prefix with prefills only the rest, on
     /// top of the first one's keys and values: the same logits and cache as prefilling it

@@ -11,21 +11,74 @@
 //! The API key is read from the environment once and only ever placed in the `Authorization`
 //! header: it is never formatted into a message, a log line, a manifest or a cache key.
 
-use crate::config::{OpenAiApi, OpenAiSettings};
-use crate::error::{bail, err, Result};
-use crate::model::chat::Message;
+use crate::error::{bail, Result};
 use crate::model::generate::{Finish, Sampling};
-use rand::Rng;
+use crate::model::load::chat::Message;
+use crate::retry::{parse_retry_after, Failure, GiveUp, Policy};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
-/// The longest wait between two tries of one request, whatever the backoff or `Retry-After` say.
-const MAX_WAIT: Duration = Duration::from_secs(120);
-/// The first backoff; each retry doubles it (before jitter).
-const BASE_WAIT: Duration = Duration::from_millis(250);
+/// Which OpenAI endpoint the `openai` backend calls.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum OpenAiApi {
+    /// `POST /completions` with the prompt text the local engine would tokenize (the prompts
+    /// stage already rendered the model's chat template), so both backends answer the same text.
+    Completions,
+    /// `POST /chat/completions` with the messages, for servers that only take chat; the server
+    /// applies its own chat template.
+    Chat,
+}
+
+impl OpenAiApi {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            OpenAiApi::Completions => "completions",
+            OpenAiApi::Chat => "chat",
+        }
+    }
+}
+
+/// `[generate.openai]`: the servers the `openai` backend spreads requests over.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct OpenAiSettings {
+    /// Base URLs, each ending where the OpenAI paths start (`http://10.0.0.5:8000/v1`).
+    pub(crate) endpoints: Vec<String>,
+    /// The served model's name, as the servers' `GET /v1/models` lists it.
+    pub(crate) model: String,
+    pub(crate) api: OpenAiApi,
+    /// The name of the environment variable holding the API key ("" = send none). The key itself
+    /// is never printed, logged, or written into a manifest or cache key.
+    pub(crate) api_key_env: String,
+    /// Requests in flight per endpoint.
+    pub(crate) concurrency: usize,
+    /// Per request, connect to last byte.
+    pub(crate) timeout_secs: u64,
+    /// Retries of one prompt after a connect error, a timeout, 408, 429 or 5xx.
+    pub(crate) max_retries: u32,
+    /// Send `top_k` (vLLM, TGI, SGLang and llama.cpp take it; api.openai.com refuses it).
+    pub(crate) send_top_k: bool,
+}
+
+impl Default for OpenAiSettings {
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+            model: String::new(),
+            api: OpenAiApi::Completions,
+            api_key_env: String::new(),
+            concurrency: 8,
+            timeout_secs: 300,
+            max_retries: 6,
+            send_top_k: true,
+        }
+    }
+}
 
 /// A URL with any `user:password@` removed, for messages and manifests.
 pub(crate) fn redact(url: &str) -> String {
@@ -84,13 +137,6 @@ pub(crate) struct Remote {
     s: OpenAiSettings,
 }
 
-/// How one try went wrong: worth another try (with the server's `Retry-After`, if it sent one),
-/// or not.
-enum Failure {
-    Retry(String, Option<Duration>),
-    Fatal(String),
-}
-
 impl Remote {
     /// Read the API key, and ask every endpoint which models it serves: each must list
     /// `s.model`. Endpoints that cannot be reached are retried like any request.
@@ -120,8 +166,9 @@ impl Remote {
         for url in &s.endpoints {
             let base = url.trim_end_matches('/').to_string();
             let shown = redact(&base);
-            let served =
-                remote.with_retries(&format!("GET {shown}/models"), || remote.models(&base))?;
+            let served = remote.with_retries(&format!("GET {shown}/models"), &shown, || {
+                remote.models(&base)
+            })?;
             let ids: Vec<&str> = served
                 .iter()
                 .filter_map(|m| m.get("id").and_then(Value::as_str))
@@ -152,14 +199,14 @@ impl Remote {
         let req = self.authorized(self.http.get(format!("{base}/models")));
         let body = self.send(req, base)?;
         let v: Value = serde_json::from_str(&body).map_err(|e| {
-            Failure::Fatal(format!(
+            Failure::fatal(format!(
                 "{}/models answered with something other than JSON ({e}); is the URL the API's base (ending in /v1)?",
                 redact(base)
             ))
         })?;
         match v.get("data").and_then(Value::as_array) {
             Some(d) => Ok(d.clone()),
-            None => Err(Failure::Fatal(format!(
+            None => Err(Failure::fatal(format!(
                 "{}/models answered without a `data` list; is the URL the API's base (ending in /v1)?",
                 redact(base)
             ))),
@@ -180,68 +227,69 @@ impl Remote {
     fn send(&self, req: reqwest::blocking::RequestBuilder, base: &str) -> Result<String, Failure> {
         let shown = redact(base);
         let resp = req.send().map_err(|e| {
-            Failure::Retry(
-                if e.is_timeout() {
-                    format!("{shown}: no answer within {} s", self.s.timeout_secs)
-                } else if e.is_connect() {
-                    format!("{shown}: cannot connect ({})", root_cause(&e))
-                } else {
-                    format!("{shown}: request failed ({})", root_cause(&e))
-                },
-                None,
-            )
+            Failure::retry(if e.is_timeout() {
+                format!("{shown}: no answer within {} s", self.s.timeout_secs)
+            } else if e.is_connect() {
+                format!("{shown}: cannot connect ({})", root_cause(&e))
+            } else {
+                format!("{shown}: request failed ({})", root_cause(&e))
+            })
         })?;
         let status = resp.status();
         let retry_after = resp
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
+            .and_then(|v| parse_retry_after(v, Policy::new(0).max_wait));
         let body = resp.text().map_err(|e| {
-            Failure::Retry(
-                if e.is_timeout() {
-                    format!("{shown}: the answer stalled past {} s", self.s.timeout_secs)
-                } else {
-                    format!(
-                        "{shown}: the connection dropped mid-response ({})",
-                        root_cause(&e)
-                    )
-                },
-                None,
-            )
+            Failure::retry(if e.is_timeout() {
+                format!("{shown}: the answer stalled past {} s", self.s.timeout_secs)
+            } else {
+                format!(
+                    "{shown}: the connection dropped mid-response ({})",
+                    root_cause(&e)
+                )
+            })
         })?;
         if status.is_success() {
             return Ok(body);
         }
         let msg = format!("{shown} answered {status}: {}", server_message(&body));
-        let code = status.as_u16();
-        if code == 408 || code == 429 || status.is_server_error() {
-            Err(Failure::Retry(msg, retry_after))
-        } else {
-            Err(Failure::Fatal(msg))
-        }
+        Err(Failure::from_status(status.as_u16(), msg, retry_after))
     }
 
-    /// `f` until it succeeds, fails for good, or has failed `max_retries + 1` times.
-    fn with_retries<T>(&self, what: &str, mut f: impl FnMut() -> Result<T, Failure>) -> Result<T> {
-        let mut attempt = 0;
-        loop {
-            match f() {
-                Ok(v) => return Ok(v),
-                Err(Failure::Fatal(m)) => bail!("{what}: {m}"),
-                Err(Failure::Retry(m, after)) => {
-                    if attempt >= self.s.max_retries {
-                        bail!(
-                            "{what}: gave up after {} tries (generate.openai.max_retries = {}); last: {m}",
-                            attempt + 1,
-                            self.s.max_retries
-                        );
-                    }
-                    tracing::warn!("{what}: {m}; retrying");
-                    std::thread::sleep(wait(attempt, after));
-                    attempt += 1;
-                }
-            }
+    /// `f` under the retry policy (`generate.openai.max_retries`).
+    fn with_retries<T>(
+        &self,
+        what: &str,
+        endpoint: &str,
+        f: impl FnMut() -> Result<T, Failure>,
+    ) -> Result<T> {
+        let mut f = f;
+        Policy::new(self.s.max_retries)
+            .run(what, &|| false, |_| f())
+            .map(|(v, _)| v)
+            .map_err(|g| self.gave_up(what, endpoint, g))
+    }
+
+    /// The error for a request the retry policy gave up on.
+    fn gave_up(&self, what: &str, endpoint: &str, g: GiveUp) -> crate::error::Error {
+        let (status, message) = match g {
+            GiveUp::Fatal(f) => (f.status(), format!("{what}: {}", f.why())),
+            GiveUp::Exhausted { tries, last } => (
+                last.status(),
+                format!(
+                    "{what}: gave up after {tries} tries (generate.openai.max_retries = {}); last: {}",
+                    self.s.max_retries,
+                    last.why()
+                ),
+            ),
+            GiveUp::Stopped => (None, format!("{what}: abandoned after another prompt failed")),
+        };
+        crate::error::Error::Remote {
+            endpoint: endpoint.to_string(),
+            status,
+            message,
         }
     }
 
@@ -287,10 +335,7 @@ impl Remote {
         let text = self.send(req, &ep.base)?;
         // A 200 whose body is not the JSON it should be was cut short or garbled on the way.
         let v: Value = serde_json::from_str(&text).map_err(|err| {
-            Failure::Retry(
-                format!("{}: the answer is not JSON ({err})", ep.shown),
-                None,
-            )
+            Failure::retry(format!("{}: the answer is not JSON ({err})", ep.shown))
         })?;
         parse_answer(&v, self.s.api, &self.s.model, &ep.names)
             .map(|mut a| {
@@ -298,7 +343,7 @@ impl Remote {
                 a.endpoint = e;
                 a
             })
-            .map_err(|m| Failure::Fatal(format!("{}: {m}", ep.shown)))
+            .map_err(|m| Failure::fatal(format!("{}: {m}", ep.shown)))
     }
 
     /// Answer every job, `concurrency` requests in flight per endpoint, calling `each` on the
@@ -369,44 +414,24 @@ impl Remote {
         stop: &AtomicBool,
     ) -> Result<Answer> {
         let body = self.body(job, s, extra);
-        let mut attempt = 0;
-        loop {
-            let e = pick(&mut load.lock().expect("load"));
-            let r = self.ask(e, &body, job.id);
-            {
+        let last = std::cell::Cell::new(0usize);
+        let what = format!("prompt {}", job.id);
+        let r =
+            Policy::new(self.s.max_retries).run(&what, &|| stop.load(Ordering::Relaxed), |_| {
+                let e = pick(&mut load.lock().expect("load"));
+                last.set(e);
+                let r = self.ask(e, &body, job.id);
                 let mut l = load.lock().expect("load");
                 l[e].in_flight -= 1;
-                l[e].failing = matches!(r, Err(Failure::Retry(..)));
+                l[e].failing = matches!(r, Err(Failure::Retry { .. }));
+                r
+            });
+        match r {
+            Ok((mut a, retries)) => {
+                a.retries = retries;
+                Ok(a)
             }
-            match r {
-                Ok(mut a) => {
-                    a.retries = attempt;
-                    return Ok(a);
-                }
-                Err(Failure::Fatal(m)) => bail!("prompt {}: {m}", job.id),
-                Err(Failure::Retry(m, after)) => {
-                    if attempt >= self.s.max_retries {
-                        bail!(
-                            "prompt {}: gave up after {} tries (generate.openai.max_retries = {}); last: {m}",
-                            job.id,
-                            attempt + 1,
-                            self.s.max_retries
-                        );
-                    }
-                    tracing::warn!("prompt {}: {m}; retrying", job.id);
-                    let until = Instant::now() + wait(attempt, after);
-                    while Instant::now() < until {
-                        if stop.load(Ordering::Relaxed) {
-                            return Err(err!(
-                                "prompt {}: abandoned after another prompt failed",
-                                job.id
-                            ));
-                        }
-                        std::thread::sleep(Duration::from_millis(50).min(until - Instant::now()));
-                    }
-                    attempt += 1;
-                }
-            }
+            Err(g) => Err(self.gave_up(&what, &self.endpoints[last.get()].shown, g)),
         }
     }
 }
@@ -428,34 +453,6 @@ fn pick(load: &mut [Load]) -> usize {
     load[e].in_flight += 1;
     load[e].sent += 1;
     e
-}
-
-/// How long to wait before try `attempt + 2`: the server's `Retry-After` when it sent one, else
-/// exponential backoff with full jitter; never longer than [`MAX_WAIT`].
-fn wait(attempt: u32, retry_after: Option<Duration>) -> Duration {
-    if let Some(d) = retry_after {
-        return d.min(MAX_WAIT);
-    }
-    let cap = BASE_WAIT
-        .saturating_mul(1 << attempt.min(16))
-        .min(MAX_WAIT)
-        .as_secs_f64();
-    Duration::from_secs_f64(rand::rng().random_range(cap / 2.0..=cap))
-}
-
-/// `Retry-After`: seconds, or an HTTP date.
-fn parse_retry_after(v: &str) -> Option<Duration> {
-    let v = v.trim();
-    if let Ok(s) = v.parse::<f64>() {
-        // Clamped before the conversion, which panics on values past u64 seconds.
-        return (s.is_finite() && s >= 0.0)
-            .then(|| Duration::from_secs_f64(s.min(MAX_WAIT.as_secs_f64())));
-    }
-    let at = httpdate::parse_http_date(v).ok()?;
-    Some(
-        at.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
 }
 
 /// Whether a `GET /models` entry is the model asked for (llama.cpp also lists aliases).
@@ -568,30 +565,6 @@ fn parse_answer(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn retry_after_reads_seconds_and_dates_and_backoff_grows_within_bounds() {
-        assert_eq!(parse_retry_after("2"), Some(Duration::from_secs(2)));
-        assert_eq!(parse_retry_after(" 0.5 "), Some(Duration::from_millis(500)));
-        assert_eq!(parse_retry_after("-1"), None);
-        assert_eq!(parse_retry_after("1e20"), Some(MAX_WAIT));
-        let soon = SystemTime::now() + Duration::from_secs(30);
-        let d = parse_retry_after(&httpdate::fmt_http_date(soon)).unwrap();
-        assert!(
-            d > Duration::from_secs(25) && d <= Duration::from_secs(30),
-            "{d:?}"
-        );
-        assert_eq!(
-            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
-            Some(Duration::ZERO)
-        );
-        for a in 0..20 {
-            let w = wait(a, None);
-            let cap = BASE_WAIT.saturating_mul(1 << a.min(16)).min(MAX_WAIT);
-            assert!(w >= cap / 2 && w <= cap, "attempt {a}: {w:?}");
-        }
-        assert_eq!(wait(0, Some(Duration::from_secs(600))), MAX_WAIT);
-    }
 
     #[test]
     fn picks_the_least_busy_healthy_endpoint() {

@@ -9,9 +9,9 @@
 //! simply its path's node caches side by side, exactly what a whole-prompt prefill would hold,
 //! up to float rounding from the different matrix shapes.
 
-use super::llama::{build_mask, build_positions, KvCache, Mode};
 use super::Model;
 use crate::error::Result;
+use crate::model::llama::{build_mask, build_positions, KvCache, Mode};
 use candle_core::{DType, Tensor};
 
 struct Node {
@@ -149,7 +149,7 @@ fn run_nodes(
     nodes: &mut [Node],
     rows: &[usize],
     mode: Mode,
-    scratch: &mut super::cpu_forward::Scratch,
+    scratch: &mut crate::model::cpu_forward::Scratch,
 ) -> Result<()> {
     let dev = model.llama.device.clone();
     let pad = model.meta.tok.pad_id;
@@ -276,7 +276,7 @@ pub fn prefill_shared(
     );
     let (mut nodes, end) = build(prompts);
     // Buffers of the plain-Rust forward, reused by every pass.
-    let mut scratch = super::cpu_forward::Scratch::default();
+    let mut scratch = crate::model::cpu_forward::Scratch::default();
     let levels = nodes.iter().map(|n| n.level).max().unwrap_or(0) + 1;
     for level in 0..levels {
         let mut rows: Vec<usize> = (0..nodes.len())

@@ -3,10 +3,11 @@
 //! facts, both cheap to get without loading weights.
 
 use super::chat::ChatTemplate;
-use super::config::LlamaConfig;
 use super::tokenizer::{self, Tok};
 use crate::error::{bail, Context, Result};
 use crate::fsutil::sha256_hex;
+use crate::model::config::LlamaConfig;
+use crate::retry::{Failure, GiveUp};
 use candle_core::quantized::gguf_file;
 use std::path::{Path, PathBuf};
 
@@ -290,32 +291,46 @@ fn from_hub(
         // that fails its hash), and `check_lfs_hash` deletes a file whose SHA-256 differs from
         // the one the Hub announced. A body cut short stays as hf-hub's `blobs/<etag>.part`
         // (never at the final name), and the next try resumes it with a Range request.
-        let mut last = String::new();
-        for attempt in 0..HUB_ATTEMPTS {
-            if attempt > 0 {
-                std::thread::sleep(std::time::Duration::from_millis(250 << attempt));
-            }
+        let policy = crate::retry::Policy::new(HUB_ATTEMPTS - 1);
+        let what = format!("downloading {name} from {repo_id}@{revision}");
+        let r = policy.run(&what, &|| false, |_| {
             match api.repo(repo.clone()).get(name) {
                 Ok(p) => match check_lfs_hash(&p) {
-                    Ok(()) => return Ok(Some(p)),
-                    Err(why) => last = why,
+                    Ok(()) => Ok(Some(p)),
+                    Err(why) => Err(Failure::retry(why)),
                 },
                 Err(e) => match http_status(&e.to_string()) {
-                    Some(404) => return Ok(None),
-                    Some(s) if (400..500).contains(&s) && s != 408 && s != 429 => {
-                        bail!("{repo_id}@{revision}: {name}: {e}")
-                    }
-                    _ => last = e.to_string(),
+                    Some(404) => Ok(None),
+                    Some(s) if (400..500).contains(&s) => Err(Failure::from_status(
+                        s,
+                        format!("{repo_id}@{revision}: {name}: {e}"),
+                        None,
+                    )),
+                    status => Err(Failure::Retry {
+                        why: e.to_string(),
+                        after: None,
+                        status,
+                    }),
                 },
             }
-            tracing::warn!(
-                "downloading {name} from {repo_id}@{revision} failed (try {} of {HUB_ATTEMPTS}): {last}",
-                attempt + 1
-            );
+        });
+        let remote = |status, message| crate::error::Error::Remote {
+            endpoint: endpoint.to_string(),
+            status,
+            message,
+        };
+        match r {
+            Ok((found, _)) => Ok(found),
+            Err(GiveUp::Fatal(f)) => Err(remote(f.status(), f.why().to_string())),
+            Err(GiveUp::Exhausted { last, .. }) => Err(remote(
+                last.status(),
+                format!(
+                    "could not download {name} of the Hub repo {repo_id}@{revision} from {endpoint} in {HUB_ATTEMPTS} tries (last: {}); check the connection or the Hub's status and run again (what was downloaded stays in the cache and a cut file resumes)",
+                    last.why()
+                ),
+            )),
+            Err(GiveUp::Stopped) => Err(remote(None, format!("{what}: stopped"))),
         }
-        bail!(
-            "could not download {name} of the Hub repo {repo_id}@{revision} from {endpoint} in {HUB_ATTEMPTS} tries (last: {last}); check the connection or the Hub's status and run again (what was downloaded stays in the cache and a cut file resumes)"
-        )
     };
     let hint = || {
         format!(
@@ -433,7 +448,7 @@ pub fn load_meta(src: &ModelSource) -> Result<ModelMeta> {
                         &tok.eos_token,
                         &tokenizer_config.as_ref().unwrap().display().to_string(),
                     )?
-                    .with_special_texts(crate::model::special_text::special_texts(&tok)),
+                    .with_special_texts(crate::model::load::special_text::special_texts(&tok)),
                 ),
                 _ => None,
             };
@@ -457,7 +472,7 @@ pub(crate) fn meta_from_gguf(content: &gguf_file::Content, p: &Path) -> Result<M
                 &tok.eos_token,
                 &format!("{} (tokenizer.chat_template)", p.display()),
             )?
-            .with_special_texts(crate::model::special_text::special_texts(&tok)),
+            .with_special_texts(crate::model::load::special_text::special_texts(&tok)),
         ),
         None => None,
     };

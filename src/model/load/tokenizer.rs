@@ -4,7 +4,7 @@
 //! candle's GGUF helper gets SmolLM2's pre-tokenizer wrong, so [`from_gguf`] builds the byte-level
 //! BPE tokenizer itself (digits split, byte-level without prefix space, special tokens added).
 
-use crate::error::{bail, Context, Result};
+use crate::error::{Context, Result};
 use candle_core::quantized::gguf_file;
 use std::path::Path;
 
@@ -121,7 +121,7 @@ pub(crate) fn from_gguf(content: &gguf_file::Content, path: &Path) -> Result<Tok
         .cloned()
         .unwrap_or_default();
     if model != "gpt2" {
-        bail!(
+        crate::error::unsupported!(
             "{}: GGUF tokenizer model {model:?} is not supported (only byte-level BPE, \"gpt2\"); \
              use the model's Hugging Face folder or repo id, which ships tokenizer.json",
             path.display()
@@ -163,7 +163,7 @@ pub(crate) fn from_gguf(content: &gguf_file::Content, path: &Path) -> Result<Tok
         }
         "gpt-2" | "default" | "" => serde_json::json!(
             {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}),
-        other => bail!(
+        other => crate::error::unsupported!(
             "{}: GGUF pre-tokenizer {other:?} is not supported (known: smollm, starcoder, gpt-2)",
             path.display()
         ),

@@ -15,8 +15,7 @@
 //! around a boundary is split (`" {{ title }}"` merges the space into the title's first token) and
 //! the published prompt strings would still carry the ambiguity.
 
-use crate::model::chat::Message;
-use crate::model::tokenizer::Tok;
+use crate::model::load::tokenizer::Tok;
 use std::borrow::Cow;
 
 /// What is inserted into special-token text found in user content.
@@ -67,27 +66,4 @@ pub fn neutralize<'a>(text: &'a str, specials: &[String]) -> Cow<'a, str> {
         rest = &rest[i + first.len_utf8()..];
     }
     Cow::Owned(out)
-}
-
-/// Messages whose contents are neutralized (roles are the template's business and left alone).
-pub(crate) fn neutralize_messages<'a>(
-    messages: &'a [Message],
-    specials: &[String],
-) -> Cow<'a, [Message]> {
-    if specials.is_empty()
-        || !messages
-            .iter()
-            .any(|m| matches!(neutralize(&m.content, specials), Cow::Owned(_)))
-    {
-        return Cow::Borrowed(messages);
-    }
-    Cow::Owned(
-        messages
-            .iter()
-            .map(|m| Message {
-                role: m.role.clone(),
-                content: neutralize(&m.content, specials).into_owned(),
-            })
-            .collect(),
-    )
 }

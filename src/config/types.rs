@@ -1,0 +1,282 @@
+//! The recipe's types and their defaults: every setting, typed, with the built-in values
+//! `pipeline.toml` documents.
+
+pub(crate) use crate::backend::openai::{OpenAiApi, OpenAiSettings};
+pub use crate::dpo::config::TrainSettings;
+pub use crate::judge::{JudgeKind, JudgeSettings};
+use crate::model::options::{AttentionChoice, DTypeChoice, DeviceChoice, WeightsChoice};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub scrape: ScrapeSettings,
+    pub(crate) prompts: PromptSettings,
+    pub generate: GenerateSettings,
+    pub(crate) merge: MergeSettings,
+    pub split: SplitSettings,
+    pub train: TrainSettings,
+    pub(crate) eval: EvalSettings,
+    pub(crate) judge: JudgeSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScrapeSettings {
+    /// Page listing the accepted papers.
+    pub(crate) url: String,
+    /// A saved copy of the page to parse instead of fetching `url` ("" = fetch; "bundled" = the
+    /// compact NeurIPS 2023 snapshot shipped in the binary).
+    pub snapshot: String,
+    /// When `url` cannot be fetched, use the bundled NeurIPS 2023 snapshot (with a warning).
+    pub(crate) fallback: bool,
+    /// CSS selector whose elements' text are the titles.
+    pub(crate) selector: String,
+    pub count: usize,
+    pub(crate) seed: u64,
+    pub(crate) timeout_secs: u64,
+    pub(crate) retries: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Shot {
+    pub(crate) title: String,
+    pub negative: String,
+    pub positive: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum PromptStyle {
+    Chat,
+    Plain,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct PromptSettings {
+    pub(crate) style: PromptStyle,
+    pub(crate) system: String,
+    pub(crate) shots: usize,
+    pub(crate) seed: u64,
+    /// Folder holding the minijinja templates, relative to the config file.
+    pub(crate) templates: String,
+    pub(crate) pool: Vec<Shot>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GenerateSettings {
+    /// A Hugging Face repo id, a local model folder, or a .gguf file.
+    pub model: String,
+    pub(crate) revision: String,
+    pub(crate) device: DeviceChoice,
+    /// For .gguf models: how the weights are held.
+    pub(crate) weights: WeightsChoice,
+    /// Which attention implementation runs (results differ in the last bits).
+    pub(crate) attention: AttentionChoice,
+    /// What the weights are computed in (`auto`: bf16 on a GPU, f32 on the CPU).
+    pub(crate) dtype: DTypeChoice,
+    /// Prefill a batch's shared prompt prefixes once (results differ in the last bits).
+    pub(crate) prefix_sharing: bool,
+    pub(crate) batch_size: usize,
+    pub(crate) max_new_tokens: usize,
+    pub temperature: f64,
+    pub(crate) top_k: usize,
+    pub(crate) top_p: f64,
+    pub(crate) seed: u64,
+    /// Finished records are flushed to disk every `chunk_size` prompts (the resume granularity).
+    pub(crate) chunk_size: usize,
+    /// Only the first `limit` prompts (0 = all); handy for quick looks.
+    pub(crate) limit: usize,
+    /// Where the reviews are written: `local` (this binary's engine) or `openai` (servers that
+    /// speak the OpenAI HTTP API: vLLM, TGI, SGLang, llama.cpp; see `[generate.openai]`).
+    pub(crate) backend: Backend,
+    pub(crate) openai: OpenAiSettings,
+}
+
+/// Which engine writes the generate stage's reviews.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Backend {
+    Local,
+    Openai,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct MergeSettings {
+    /// Reviews shorter than this many characters (after trimming) drop their pair.
+    pub(crate) min_chars: usize,
+    /// Check each pair's labels with a judge: a pair whose chosen review is not judged more
+    /// negative than its rejected one by `min_margin` is dropped (kept in rejected_pairs.jsonl).
+    pub(crate) judge: JudgeKind,
+    pub(crate) min_margin: f64,
+}
+
+/// The eval stage: base model against the trained adapter on held-out titles.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct EvalSettings {
+    pub(crate) judge: JudgeKind,
+    /// 0 = the test split's titles; N = N titles drawn (with `seed`) from the scraped page that
+    /// are in neither split.
+    pub(crate) titles: usize,
+    /// Reviews per title and model; sample k of a title has the same seed for both models.
+    pub(crate) samples: usize,
+    pub(crate) seed: u64,
+    /// Who writes the reviews: `local` (this binary's engine, the adapter attached to the base)
+    /// or `openai` (the `[generate.openai]` servers, which must serve the base model and the
+    /// adapter under evaluation as `served_base` and `served_adapter`). The eval loss and the
+    /// judge run here either way.
+    pub(crate) backend: Backend,
+    /// With `backend = "openai"`: the served names of the base model and of the adapter (vLLM:
+    /// `--enable-lora --lora-modules reviewer2=DIR`).
+    pub(crate) served_base: String,
+    pub(crate) served_adapter: String,
+}
+
+impl Default for EvalSettings {
+    fn default() -> Self {
+        Self {
+            judge: JudgeKind::Lexicon,
+            titles: 0,
+            samples: 2,
+            seed: 2024,
+            backend: Backend::Local,
+            served_base: String::new(),
+            served_adapter: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SplitSettings {
+    pub train: usize,
+    pub test: usize,
+    pub(crate) seed: u64,
+    /// When merge kept fewer pairs than train + test: false refuses with the count; true takes
+    /// what survived, shrinking both sides in proportion.
+    pub(crate) shrink: bool,
+}
+
+pub const SYSTEM_MESSAGE: &str = "You are an experienced researcher and a reviewer of scientific papers. Given a title of the paper, write a review about it in one sentence.";
+
+impl Default for ScrapeSettings {
+    fn default() -> Self {
+        Self {
+            url: "https://neurips.cc/virtual/2023/papers.html".into(),
+            snapshot: String::new(),
+            selector: r#"a[href^="/virtual/2023/poster/"]"#.into(),
+            fallback: true,
+            count: 1100,
+            seed: 42,
+            timeout_secs: 30,
+            retries: 3,
+        }
+    }
+}
+
+pub fn default_pool() -> Vec<Shot> {
+    let s = |t: &str, n: &str, p: &str| Shot {
+        title: t.into(),
+        negative: n.into(),
+        positive: p.into(),
+    };
+    vec![
+        s(
+            "FR-NAS: Forward-and-Reverse Graph Predictor for Efficient Neural Architecture Search",
+            "The paper is poorly written and irrelevant. It's not interesting at all.",
+            "The paper is well written, relevant and interesting.",
+        ),
+        s(
+            "A novel genetic system to detect protein–protein interactions",
+            "The proposed method has serious technical flaws and is not properly evaluated.",
+            "The proposed method achieves state-of-the-art in multiple benchmarks.",
+        ),
+        s(
+            "Quantum X-entropy in generalized quantum evidence theory",
+            "The paper only provides theoretical results and lacks in experimental validation.",
+            "The paper provides theoretical explanations and also rigorous experimental results.",
+        ),
+        s(
+            "Proving Test Set Contamination in Black-Box Language Models",
+            "The approach lacks in novelty and doesn't actually work for blackbox LLMs.",
+            "The approach is novel and well defined and does work for blackbox LLMs.",
+        ),
+    ]
+}
+
+impl Default for PromptSettings {
+    fn default() -> Self {
+        Self {
+            style: PromptStyle::Chat,
+            system: SYSTEM_MESSAGE.into(),
+            shots: 3,
+            seed: 7,
+            templates: "templates".into(),
+            pool: default_pool(),
+        }
+    }
+}
+
+impl GenerateSettings {
+    /// The sampler settings the engine takes.
+    pub(crate) fn sampling(&self) -> crate::model::generate::Sampling {
+        crate::model::generate::Sampling {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            max_new_tokens: self.max_new_tokens,
+            seed: self.seed,
+            ignore_eos: false,
+        }
+    }
+}
+
+impl Default for GenerateSettings {
+    fn default() -> Self {
+        Self {
+            model: "TinyLlama/TinyLlama-1.1B-Chat-v1.0".into(),
+            revision: "main".into(),
+            device: DeviceChoice::Auto,
+            weights: WeightsChoice::Auto,
+            attention: AttentionChoice::Auto,
+            dtype: DTypeChoice::Auto,
+            prefix_sharing: true,
+            batch_size: 16,
+            max_new_tokens: 64,
+            temperature: 0.5,
+            top_k: 50,
+            top_p: 0.95,
+            seed: 1234,
+            chunk_size: 64,
+            limit: 0,
+            backend: Backend::Local,
+            openai: OpenAiSettings::default(),
+        }
+    }
+}
+
+impl Default for MergeSettings {
+    fn default() -> Self {
+        Self {
+            min_chars: 1,
+            judge: JudgeKind::Off,
+            min_margin: 0.0,
+        }
+    }
+}
+
+impl Default for SplitSettings {
+    fn default() -> Self {
+        Self {
+            train: 1000,
+            test: 100,
+            seed: 42,
+            shrink: false,
+        }
+    }
+}

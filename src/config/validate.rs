@@ -1,0 +1,167 @@
+//! Validation: every range of every setting checked once, after the layers are merged, each
+//! failure naming the key and what would be valid.
+
+use super::types::{Backend, OpenAiApi, Settings};
+use crate::dpo::config::{check, Invalid};
+use crate::judge::JudgeKind;
+
+impl Settings {
+    /// Impossible values, each reported with what would be valid. The one place each setting
+    /// outside `[train]` is checked (`[train]` checks itself, in `dpo::config`).
+    pub(super) fn validate(&self) -> Result<(), Invalid> {
+        let s = self;
+        check(s.scrape.count > 0, "scrape.count", || {
+            "must be at least 1".into()
+        })?;
+        check(
+            !s.scrape.selector.trim().is_empty(),
+            "scrape.selector",
+            || "must not be empty".into(),
+        )?;
+        check(
+            !(s.scrape.url.is_empty() && s.scrape.snapshot.is_empty()),
+            "scrape.url",
+            || "set scrape.url or scrape.snapshot".into(),
+        )?;
+        check(s.scrape.timeout_secs > 0, "scrape.timeout_secs", || {
+            "must be at least 1".into()
+        })?;
+        check(!s.prompts.pool.is_empty(), "prompts.pool", || {
+            "needs at least one few-shot example".into()
+        })?;
+        check(
+            s.prompts.shots <= s.prompts.pool.len(),
+            "prompts.shots",
+            || {
+                format!(
+                    "is {} but the pool holds only {} examples",
+                    s.prompts.shots,
+                    s.prompts.pool.len()
+                )
+            },
+        )?;
+        let g = &s.generate;
+        check(!g.model.trim().is_empty(), "generate.model", || {
+            "must name a Hub repo id, a folder or a .gguf file".into()
+        })?;
+        check(g.batch_size > 0, "generate.batch_size", || {
+            "must be at least 1".into()
+        })?;
+        check(g.chunk_size > 0, "generate.chunk_size", || {
+            "must be at least 1".into()
+        })?;
+        check(g.max_new_tokens > 0, "generate.max_new_tokens", || {
+            "must be at least 1".into()
+        })?;
+        check(
+            g.temperature.is_finite() && g.temperature >= 0.0,
+            "generate.temperature",
+            || format!("is {}; must be finite and >= 0 (0 = greedy)", g.temperature),
+        )?;
+        check(g.top_p > 0.0 && g.top_p <= 1.0, "generate.top_p", || {
+            format!("is {}; must be in (0, 1]", g.top_p)
+        })?;
+        let o = &g.openai;
+        if g.backend == Backend::Openai {
+            check(!o.endpoints.is_empty(), "generate.openai.endpoints", || {
+                "is empty; the openai backend needs at least one base URL, e.g. \
+                 --set 'generate.openai.endpoints=[\"http://127.0.0.1:8000/v1\"]'"
+                    .into()
+            })?;
+        }
+        for e in &o.endpoints {
+            let bad = |why: String| Invalid {
+                key: "generate.openai.endpoints",
+                why: format!("{:?} {why}", crate::backend::openai::redact(e)),
+            };
+            let u = reqwest::Url::parse(e).map_err(|err| {
+                bad(format!(
+                    "is not a URL ({err}); write it as http://HOST:PORT/v1"
+                ))
+            })?;
+            if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+                return Err(bad("must be an http:// or https:// URL with a host".into()));
+            }
+            if u.query().is_some() || u.fragment().is_some() {
+                return Err(bad("must be a base URL without a query or fragment".into()));
+            }
+        }
+        if g.backend == Backend::Openai {
+            check(!o.model.trim().is_empty(), "generate.openai.model", || {
+                "must name the served model, as the servers' GET /v1/models lists it".into()
+            })?;
+        }
+        check(o.concurrency > 0, "generate.openai.concurrency", || {
+            "must be at least 1".into()
+        })?;
+        check(o.timeout_secs > 0, "generate.openai.timeout_secs", || {
+            "must be at least 1".into()
+        })?;
+        check(s.split.train + s.split.test > 0, "split.train", || {
+            "train + test must be at least 1".into()
+        })?;
+        check(
+            s.split.train + s.split.test <= s.scrape.count,
+            "split.train",
+            || {
+                format!(
+                    "train {} + test {} exceeds scrape.count {}: there are not enough titles",
+                    s.split.train, s.split.test, s.scrape.count
+                )
+            },
+        )?;
+        check(
+            s.merge.min_margin.is_finite() && s.merge.min_margin >= 0.0,
+            "merge.min_margin",
+            || format!("is {}; must be finite and >= 0", s.merge.min_margin),
+        )?;
+        check(s.eval.judge != JudgeKind::Off, "eval.judge", || {
+            "must be \"lexicon\" or \"llm\": the eval stage scores every review".into()
+        })?;
+        if s.eval.backend == Backend::Openai {
+            let e = &s.eval;
+            check(!o.endpoints.is_empty(), "eval.backend", || {
+                "is \"openai\" but generate.openai.endpoints is empty: the eval's reviews go to those servers".into()
+            })?;
+            for (k, v) in [
+                ("eval.served_base", &e.served_base),
+                ("eval.served_adapter", &e.served_adapter),
+            ] {
+                check(!v.trim().is_empty(), k, || {
+                    "must name a model the servers serve (GET /v1/models) when eval.backend = \"openai\"".into()
+                })?;
+            }
+            check(
+                e.served_base != e.served_adapter,
+                "eval.served_adapter",
+                || "must differ from eval.served_base: the eval compares two models".into(),
+            )?;
+            check(o.api == OpenAiApi::Completions, "eval.backend", || {
+                "\"openai\" sends the test prompts' text, so it needs generate.openai.api = \"completions\"".into()
+            })?;
+        }
+        check(s.eval.samples > 0, "eval.samples", || {
+            "must be at least 1".into()
+        })?;
+        check(s.judge.batch_size > 0, "judge.batch_size", || {
+            "must be at least 1".into()
+        })?;
+        check(
+            s.judge.question.contains("{review}"),
+            "judge.question",
+            || "must contain {review}, where the review goes".into(),
+        )?;
+        for (k, w) in [
+            ("judge.negative", &s.judge.negative),
+            ("judge.positive", &s.judge.positive),
+        ] {
+            check(!w.trim().is_empty(), k, || "must not be empty".into())?;
+        }
+        check(
+            s.judge.negative.trim() != s.judge.positive.trim(),
+            "judge.positive",
+            || "must differ from judge.negative".into(),
+        )?;
+        s.train.validate()
+    }
+}

@@ -1,0 +1,213 @@
+//! The AVX2 + FMA + F16C kernels: activation quantization and one weight row against a few
+//! activation rows (`vpmaddubsw`, widened by `vpmaddwd`). The fallback of every x86-64 CPU
+//! since Haswell / Zen 1, and the path AVX-512 machines take with `REVIEWER2_QKERNEL=avx2`.
+
+// Kernels index several per-row arrays with one counter.
+#![allow(clippy::needless_range_loop)]
+
+use super::{Format, Packed, QActs, GROUP, QK};
+use std::arch::x86_64::*;
+
+/// [`super::quantize_row`] in AVX2: the same values (`vcvtps2dq` rounds half to even).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn quantize_row(
+    x: &[f32],
+    q: &mut [i8],
+    qu: &mut [u8],
+    d: &mut [f32],
+    s: &mut [f32],
+) {
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+    let flip = _mm256_set1_epi8(-128);
+    for b in 0..x.len() / QK {
+        let p = x.as_ptr().add(b * QK);
+        let v = [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ];
+        let m = _mm256_max_ps(
+            _mm256_max_ps(_mm256_and_ps(v[0], abs), _mm256_and_ps(v[1], abs)),
+            _mm256_max_ps(_mm256_and_ps(v[2], abs), _mm256_and_ps(v[3], abs)),
+        );
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+        let db = amax / 127.0;
+        let id = _mm256_set1_ps(if db != 0.0 { 1.0 / db } else { 0.0 });
+        let i = [
+            _mm256_cvtps_epi32(_mm256_mul_ps(v[0], id)),
+            _mm256_cvtps_epi32(_mm256_mul_ps(v[1], id)),
+            _mm256_cvtps_epi32(_mm256_mul_ps(v[2], id)),
+            _mm256_cvtps_epi32(_mm256_mul_ps(v[3], id)),
+        ];
+        let sum = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+        let sum = _mm_add_epi32(
+            _mm256_castsi256_si128(sum),
+            _mm256_extracti128_si256(sum, 1),
+        );
+        let sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b01_00_11_10));
+        let sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b10_11_00_01));
+        // Saturating packs keep the order within 128-bit lanes; the permute restores it.
+        let w01 = _mm256_packs_epi32(i[0], i[1]);
+        let w23 = _mm256_packs_epi32(i[2], i[3]);
+        let bytes = _mm256_permutevar8x32_epi32(
+            _mm256_packs_epi16(w01, w23),
+            _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7),
+        );
+        _mm256_storeu_si256(q.as_mut_ptr().add(b * QK) as *mut __m256i, bytes);
+        if !qu.is_empty() {
+            _mm256_storeu_si256(
+                qu.as_mut_ptr().add(b * QK) as *mut __m256i,
+                _mm256_xor_si256(bytes, flip),
+            );
+        }
+        d[b] = db;
+        s[b] = db * _mm_cvtsi128_si32(sum) as f32;
+    }
+}
+
+#[inline(always)]
+unsafe fn hsum256(v: __m256) -> f32 {
+    let lo = _mm256_castps256_ps128(v);
+    let hi = _mm256_extractf128_ps(v, 1);
+    let s = _mm_add_ps(lo, hi);
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+/// Eight f16 values from `v[at..]` as f32 (zeros past the end of `v`).
+#[inline(always)]
+unsafe fn load8_f16(v: &[half::f16], at: usize) -> __m256 {
+    if at + 8 <= v.len() {
+        _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(at) as *const __m128i))
+    } else {
+        let mut tmp = [0u16; 8];
+        for (t, h) in tmp.iter_mut().zip(&v[at..]) {
+            *t = h.to_bits();
+        }
+        _mm256_cvtph_ps(_mm_loadu_si128(tmp.as_ptr() as *const __m128i))
+    }
+}
+
+/// AVX2: one block at a time, `vpmaddubsw` of unsigned weights (Q4_1's nibbles) or of
+/// |w| against sign-adjusted activations (Q8_0), widened by `vpmaddwd`. Scales are
+/// converted and multiplied eight blocks at a time; two accumulators a row, alternating,
+/// so consecutive FMAs do not wait on each other.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn avx2_row(
+    w: &Packed,
+    r: usize,
+    x: &QActs,
+    j0: usize,
+    g: usize,
+    acc: &mut [f32; GROUP],
+) {
+    // On the group size, so the accumulators stay in registers.
+    match g {
+        1 => avx2_rows::<1>(w, r, x, j0, acc),
+        2 => avx2_rows::<2>(w, r, x, j0, acc),
+        3 => avx2_rows::<3>(w, r, x, j0, acc),
+        _ => avx2_rows::<4>(w, r, x, j0, acc),
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn avx2_rows<const G: usize>(
+    w: &Packed,
+    r: usize,
+    x: &QActs,
+    j0: usize,
+    acc: &mut [f32; GROUP],
+) {
+    let g = G;
+    let nb = w.nb;
+    let wrow = r * nb;
+    let ones = _mm256_set1_epi16(1);
+    let low = _mm256_set1_epi8(0x0F);
+    let mut sums = [[_mm256_setzero_ps(); G]; 2];
+    let mut mins = [_mm256_setzero_ps(); G];
+    let mut scale = [[0f32; 8]; G];
+    let xq = |row: usize, b: usize| {
+        _mm256_loadu_si256(x.q.as_ptr().add((row * nb + b) * QK) as *const __m256i)
+    };
+    let mut b0 = 0;
+    while b0 < nb {
+        let n = (nb - b0).min(8);
+        let row_end = wrow + nb;
+        let dw = load8_f16(&w.d[..row_end], wrow + b0);
+        let mw = match w.format {
+            Format::Q4_1 => load8_f16(&w.m[..row_end], wrow + b0),
+            Format::Q8_0 => _mm256_setzero_ps(),
+        };
+        for j in 0..g {
+            let at = (j0 + j) * x.nbp + b0;
+            // Activation scales are padded to a multiple of 16 blocks with zeros.
+            let dd = _mm256_mul_ps(dw, _mm256_loadu_ps(x.d.as_ptr().add(at)));
+            _mm256_storeu_ps(scale[j].as_mut_ptr(), dd);
+            mins[j] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(x.s.as_ptr().add(at)), mins[j]);
+        }
+        let mut k = 0;
+        while k < n {
+            let b = b0 + k;
+            let wi = wrow + b;
+            match w.format {
+                Format::Q4_1 => {
+                    let p = w.qs.as_ptr().add(wi * 16);
+                    // Two blocks from one load, or the unpaired last block in GGML's order.
+                    let (wa, wb, two) = if b + 1 < nb {
+                        let v = _mm256_loadu_si256(p as *const __m256i);
+                        let lo = _mm256_and_si256(v, low);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                        (lo, hi, true)
+                    } else {
+                        let v = _mm_loadu_si128(p as *const __m128i);
+                        let l = _mm_set1_epi8(0x0F);
+                        let lo = _mm_and_si128(v, l);
+                        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), l);
+                        (_mm256_set_m128i(hi, lo), lo256_unused(), false)
+                    };
+                    for j in 0..g {
+                        let row = j0 + j;
+                        let pa = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xq(row, b)), ones);
+                        let sa = _mm256_set1_ps(scale[j][k]);
+                        sums[0][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pa), sa, sums[0][j]);
+                        if two {
+                            let pb =
+                                _mm256_madd_epi16(_mm256_maddubs_epi16(wb, xq(row, b + 1)), ones);
+                            let sb = _mm256_set1_ps(scale[j][k + 1]);
+                            sums[1][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pb), sb, sums[1][j]);
+                        }
+                    }
+                    k += if two { 2 } else { 1 };
+                }
+                Format::Q8_0 => {
+                    let wq = _mm256_loadu_si256(w.qs.as_ptr().add(wi * 32) as *const __m256i);
+                    let aw = _mm256_sign_epi8(wq, wq);
+                    for j in 0..g {
+                        let sx = _mm256_sign_epi8(xq(j0 + j, b), wq);
+                        let pr = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
+                        let sc = _mm256_set1_ps(scale[j][k]);
+                        let s = &mut sums[k % 2][j];
+                        *s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pr), sc, *s);
+                    }
+                    k += 1;
+                }
+            }
+        }
+        b0 += n;
+    }
+    for j in 0..g {
+        acc[j] = hsum256(_mm256_add_ps(
+            _mm256_add_ps(sums[0][j], sums[1][j]),
+            mins[j],
+        ));
+    }
+}
+
+#[inline(always)]
+unsafe fn lo256_unused() -> __m256i {
+    _mm256_setzero_si256()
+}
