@@ -3,7 +3,7 @@
 
 It keeps only the poster links of the saved schedule page (../shared/data/neurips/
 virtual-2023-schedule.html), in page order, each title's whitespace folded and duplicates dropped,
-so `scrape` finds the same titles in the same order from either file (tests/scrape.rs checks it).
+so `scrape` finds the same titles in the same order from either file (tests/it/scrape.rs checks it).
 
     python3 scripts/compact-snapshot.py [SAVED_PAGE] [OUT]
 """

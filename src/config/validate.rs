@@ -7,8 +7,19 @@ use crate::judge::JudgeKind;
 
 impl Settings {
     /// Impossible values, each reported with what would be valid. The one place each setting
-    /// outside `[train]` is checked (`[train]` checks itself, in `dpo::config`).
+    /// outside `[train]` is checked (`[train]` checks itself, in `dpo::config`); sections in
+    /// the recipe's order, so the first bad key reported is the first in the file.
     pub(super) fn validate(&self) -> Result<(), Invalid> {
+        self.validate_scrape_and_prompts()?;
+        self.validate_generate()?;
+        self.validate_split_and_merge()?;
+        self.validate_eval()?;
+        self.validate_judge()?;
+        self.train.validate()
+    }
+
+    /// `[scrape]` and `[prompts]`.
+    fn validate_scrape_and_prompts(&self) -> Result<(), Invalid> {
         let s = self;
         check(s.scrape.count > 0, "scrape.count", || {
             "must be at least 1".into()
@@ -40,6 +51,12 @@ impl Settings {
                 )
             },
         )?;
+        Ok(())
+    }
+
+    /// `[generate]` and `[generate.openai]`.
+    fn validate_generate(&self) -> Result<(), Invalid> {
+        let s = self;
         let g = &s.generate;
         check(!g.model.trim().is_empty(), "generate.model", || {
             "must name a Hub repo id, a folder or a .gguf file".into()
@@ -97,6 +114,12 @@ impl Settings {
         check(o.timeout_secs > 0, "generate.openai.timeout_secs", || {
             "must be at least 1".into()
         })?;
+        Ok(())
+    }
+
+    /// `[split]` and `[merge]`.
+    fn validate_split_and_merge(&self) -> Result<(), Invalid> {
+        let s = self;
         check(s.split.train + s.split.test > 0, "split.train", || {
             "train + test must be at least 1".into()
         })?;
@@ -115,9 +138,16 @@ impl Settings {
             "merge.min_margin",
             || format!("is {}; must be finite and >= 0", s.merge.min_margin),
         )?;
+        Ok(())
+    }
+
+    /// `[eval]`, and the servers it needs with `eval.backend = "openai"`.
+    fn validate_eval(&self) -> Result<(), Invalid> {
+        let s = self;
         check(s.eval.judge != JudgeKind::Off, "eval.judge", || {
             "must be \"lexicon\" or \"llm\": the eval stage scores every review".into()
         })?;
+        let o = &s.generate.openai;
         if s.eval.backend == Backend::Openai {
             let e = &s.eval;
             check(!o.endpoints.is_empty(), "eval.backend", || {
@@ -143,6 +173,12 @@ impl Settings {
         check(s.eval.samples > 0, "eval.samples", || {
             "must be at least 1".into()
         })?;
+        Ok(())
+    }
+
+    /// `[judge]`: the LLM judge's prompt and verdict words.
+    fn validate_judge(&self) -> Result<(), Invalid> {
+        let s = self;
         check(s.judge.batch_size > 0, "judge.batch_size", || {
             "must be at least 1".into()
         })?;
@@ -162,6 +198,6 @@ impl Settings {
             "judge.positive",
             || "must differ from judge.negative".into(),
         )?;
-        s.train.validate()
+        Ok(())
     }
 }

@@ -18,7 +18,7 @@ pub struct SeqLogps {
     /// Mean logit over the response tokens and the vocabulary, per row.
     pub mean_logits: Vec<f32>,
     pub tokens: Vec<usize>,
-    /// With `mode.checkpoint`: carries `logps`' gradient through the layers after
+    /// With `mode.checkpoint()`: carries `logps`' gradient through the layers after
     /// `backward()` (see [`Checkpoint::backward`]); without it LoRA gets no gradient.
     pub ckpt: Option<Checkpoint>,
 }

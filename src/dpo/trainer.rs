@@ -8,7 +8,7 @@ use super::logps::sequence_logps;
 use super::loss::{dpo_loss, kto_loss, PairLoss};
 use super::optim::{lr_factor, AdamW};
 use crate::error::{bail, Context, Result};
-use crate::model::llama::{Checkpoint, Mode};
+use crate::model::llama::{Checkpoint, Mode, TrainPass};
 use crate::model::load::Model;
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -64,13 +64,11 @@ pub fn reference_logps(
     batch: usize,
     average: bool,
 ) -> Result<Vec<(f32, f32)>> {
-    let mode = Mode {
-        train: true,
+    let mode = Mode::Train(TrainPass {
         lora: false,
         dropout_seed: None,
         checkpoint: false,
-        decode: false,
-    };
+    });
     let mut out = Vec::with_capacity(exs.len());
     for chunk in exs.chunks(batch.max(1)) {
         let mut seqs: Vec<(&[u32], &[u32])> = chunk
@@ -227,30 +225,21 @@ impl Trainer<'_> {
                 .map(|i| (&exs[(i + 1) % b].prompt[..], &exs[i].chosen[..]))
                 .collect();
             // No backward through these: checkpointing keeps no per-layer graph alive.
-            let no_grad = Mode {
-                train: true,
+            let no_grad = Mode::Train(TrainPass {
                 lora: true,
                 dropout_seed: None,
                 checkpoint: true,
-                decode: false,
-            };
+            });
             let pk: Vec<f32> = sequence_logps(&self.model.llama, &kl, no_grad, false)?
                 .logps
                 .detach()
                 .to_dtype(DType::F32)?
                 .to_vec1()?;
-            let rk: Vec<f32> = sequence_logps(
-                &self.model.llama,
-                &kl,
-                Mode {
-                    lora: false,
-                    ..no_grad
-                },
-                false,
-            )?
-            .logps
-            .to_dtype(DType::F32)?
-            .to_vec1()?;
+            let rk: Vec<f32> =
+                sequence_logps(&self.model.llama, &kl, no_grad.with_lora(false), false)?
+                    .logps
+                    .to_dtype(DType::F32)?
+                    .to_vec1()?;
             let z = (mean(&pk) - mean(&rk)).max(0.0);
             let r = Tensor::from_vec(
                 refs.iter().map(|r| r.0).collect::<Vec<_>>(),
@@ -306,13 +295,11 @@ impl Trainer<'_> {
         let mut acc = Acc::default();
         // No backward follows: checkpointing just lets each layer's activations go as soon as
         // the next layer has its input, so evaluation never holds a whole batch's graph.
-        let mode = Mode {
-            train: true,
+        let mode = Mode::Train(TrainPass {
             lora: true,
             dropout_seed: None,
             checkpoint: true,
-            decode: false,
-        };
+        });
         let bs = self.s.batch_size;
         for (i, chunk) in self.eval.chunks(bs).enumerate() {
             let exs: Vec<&Example> = chunk.iter().collect();
@@ -331,13 +318,11 @@ impl Trainer<'_> {
         self.batch_loss(
             &exs,
             &refs,
-            Mode {
-                train: true,
+            Mode::Train(TrainPass {
                 lora: true,
                 dropout_seed: None,
                 checkpoint: false,
-                decode: false,
-            },
+            }),
             &mut acc,
         )?;
         Ok(acc.to_json(""))
@@ -355,13 +340,11 @@ impl Trainer<'_> {
                 crate::rng::mix(self.s.seed, DROPOUT),
                 (step * accum + k) as u64,
             );
-            let mode = Mode {
-                train: true,
+            let mode = Mode::Train(TrainPass {
                 lora: true,
                 dropout_seed: Some(seed),
                 checkpoint: self.s.gradient_checkpointing,
-                decode: false,
-            };
+            });
             let (loss, ckpt) = self.batch_loss(&exs, &refs, mode, acc)?;
             let mut g = (loss / accum as f64)?.backward()?;
             if let Some(c) = ckpt {

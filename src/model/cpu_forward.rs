@@ -13,12 +13,12 @@
 //! computes exactly what its whole-prompt prefill does (in `serve`, a seed reproduces its
 //! text). The KV cache is the same [`KvCache`] the candle path fills, written in place.
 //!
-//! Decoding steps run where [`Llama::fast_decode`] says (CPU, f32, inference, our attention,
-//! every projection held as blocks: `generate.weights = "mixed"`, `"blocks"` or `"q8"`);
-//! prefill where [`Llama::fast_prefill`] says (the same, with prefill on the blocks:
-//! `"blocks"`).
+//! Which passes run here is resolved once at load (`llama::InferPath`): decoding steps where
+//! every projection is held as blocks (CPU, f32, our attention: `generate.weights = "mixed"`,
+//! `"blocks"` or `"q8"`), prefill too with `"blocks"`. The caller gets the blocks from
+//! [`Llama::blocks_for`] and hands them in.
 
-use super::llama::{KvCache, Llama, Mode};
+use super::llama::{BlockWeights, KvCache, Llama, Mode};
 use super::lora::{Lora, Projection};
 use crate::error::{bail, Result};
 use crate::kernels::decode_attention::{attention, dot, Geometry, KvElem};
@@ -167,49 +167,11 @@ impl WriteColumns<'_> {
 }
 
 impl Llama {
-    /// Whether [`Llama::decode_step_cpu`] runs for `rows` rows in `mode`: at any batch size
-    /// (measured faster than dense gemm at 1 to 64 rows, docs/PERF.md), unless the load
-    /// options asked for candle's composed attention (`attention = "composed"`).
-    pub(crate) fn fast_decode(&self, rows: usize, mode: Mode) -> bool {
-        rows >= 1
-            && !mode.train
-            && self.fused_attention
-            && self.device.is_cpu()
-            && self.dtype == candle_core::DType::F32
-            && self.lm_head.packed().is_some()
-            && self.layers.iter().all(|l| {
-                Projection::ALL
-                    .iter()
-                    .all(|&p| l.proj(p).packed().is_some())
-            })
-    }
-
-    /// Whether [`Llama::forward_cpu`] runs prefill (many tokens a row) in `mode`: as
-    /// [`Llama::fast_decode`], with every product of a prefill on the blocks
-    /// (`generate.weights = "blocks"`), so that it computes what the candle path would.
-    pub(crate) fn fast_prefill(&self, mode: Mode) -> bool {
-        self.fast_decode(1, mode)
-            && self.layers.iter().all(|l| {
-                Projection::ALL
-                    .iter()
-                    .all(|&p| l.proj(p).prefill_on_blocks())
-            })
-    }
-
-    /// The KV cache's dtype: f16 where prefill and decoding both run in this module, as
-    /// llama.cpp keeps its cache (docs/PERF.md has what that changes); otherwise the model's.
-    pub(crate) fn kv_dtype(&self) -> candle_core::DType {
-        if self.fast_prefill(Mode::infer()) {
-            candle_core::DType::F16
-        } else {
-            self.dtype
-        }
-    }
-
     /// One token for each row: `ids[i]` is fed to row `i`, whose valid cache columns start at
     /// `start[i]`; the new keys and values go to column `cache.len`. Returns each row's logits.
     pub(crate) fn decode_step_cpu(
         &self,
+        w: &BlockWeights,
         ids: &[u32],
         start: &[usize],
         cache: &mut KvCache,
@@ -217,7 +179,7 @@ impl Llama {
         s: &mut Scratch,
     ) -> Result<Vec<Vec<f32>>> {
         let all: Vec<usize> = (0..ids.len()).collect();
-        self.forward_cpu(ids, 1, start, cache, mode, s, &all)
+        self.forward_cpu(w, ids, 1, start, cache, mode, s, &all)
     }
 
     /// `t` tokens for each row: `ids` is `[B, t]`, row `i`'s valid cache columns start at
@@ -228,6 +190,7 @@ impl Llama {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn forward_cpu(
         &self,
+        w: &BlockWeights,
         ids: &[u32],
         t: usize,
         start: &[usize],
@@ -259,7 +222,7 @@ impl Llama {
         let mut pos: Vec<usize> = (0..n)
             .map(|k| (len + k % t).saturating_sub(start[k / t]))
             .collect();
-        let adapter = self.adapter().filter(|_| mode.lora);
+        let adapter = self.adapter().filter(|_| mode.lora());
         let lora = |li: usize, p: Projection| adapter.and_then(|a| a.get(li, p));
 
         s.x.clear();
@@ -289,7 +252,7 @@ impl Llama {
                            y: &mut Vec<f32>,
                            tmp: &mut Vec<f32>|
              -> Result<()> {
-                let w = layer.proj(p).packed().expect("checked by fast_decode");
+                let w = w.proj(li, p);
                 // The product writes every element: only the length needs setting (zeroing
                 // a prefill's outputs first was 3% of its time).
                 y.resize(n * w.rows, 0.0);
@@ -365,7 +328,7 @@ impl Llama {
         with_f32(&self.norm, |w| rms_norm(&s.o, w, eps, &mut s.h))?;
         let rows = logits_at.len();
         s.acts.quantize(&s.h, rows, hs);
-        let head = self.lm_head.packed().expect("checked by fast_decode");
+        let head = &w.lm_head;
         let mut logits = vec![0f32; rows * head.rows];
         head.matmul(&s.acts, &mut logits);
         Ok(logits.chunks_exact(head.rows).map(|r| r.to_vec()).collect())
@@ -442,11 +405,14 @@ pub(crate) mod tests {
         let mut scratch = Scratch::default();
         let mut all = Vec::new();
         let mut same = 0;
-        assert!(m.llama.fast_decode(2, Mode::infer()));
+        let w = m
+            .llama
+            .blocks_for(Mode::infer().decode_step())
+            .expect("decoding on the blocks");
         for step in 0..6 {
             let a = m
                 .llama
-                .decode_step_cpu(&ids, &start, &mut fast, Mode::infer(), &mut scratch)
+                .decode_step_cpu(w, &ids, &start, &mut fast, Mode::infer(), &mut scratch)
                 .unwrap();
             let dev = &m.llama.device;
             let x = Tensor::from_vec(ids.clone(), (2, 1), dev).unwrap();
@@ -510,6 +476,7 @@ pub(crate) mod tests {
                 last = m
                     .llama
                     .forward_cpu(
+                        m.llama.blocks_for(Mode::infer()).unwrap(),
                         &a[from..to],
                         t,
                         &[0],
@@ -570,7 +537,7 @@ pub(crate) mod tests {
         // `blocks`: prefill on the blocks, through this module or through the candle ops (the
         // same products; norm, RoPE, attention and SiLU in other orders, exp vectorized).
         let mut m = smollm2(WeightsMode::Blocks);
-        assert!(m.llama.fast_prefill(Mode::infer()));
+        assert!(m.llama.blocks_for(Mode::infer()).is_some());
         let base = prefill_agrees(&m, "base");
         random_adapter(&mut m);
         let adapted = prefill_agrees(&m, "adapter");
@@ -617,6 +584,7 @@ pub(crate) mod tests {
         let a = m
             .llama
             .forward_cpu(
+                m.llama.blocks_for(Mode::infer()).unwrap(),
                 &ids,
                 l,
                 &start,

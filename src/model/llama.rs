@@ -26,41 +26,114 @@ use std::sync::Arc;
 
 use super::config::LlamaConfig;
 
-/// How a forward pass runs.
+/// Which pass a forward call is, and its options.
+#[derive(Debug, Clone, Copy)]
+pub enum Mode {
+    /// Inference over a prompt's tokens (many a row; a prefix-trie level of one token is still
+    /// prefill, and must give what a whole-prompt prefill gives). `lora`: apply the attached
+    /// adapter, if any.
+    Prefill { lora: bool },
+    /// Inference, one new token a row: weights kept as blocks too multiply through the blocks,
+    /// whatever the batch. Decided by the caller, not by the token count.
+    Decode { lora: bool },
+    /// Gradient-carrying ops: training, and the reference pass that must compute what training
+    /// computes.
+    Train(TrainPass),
+}
+
+/// The options of a [`Mode::Train`] pass.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Mode {
-    /// Gradient-carrying ops (training); otherwise fused inference kernels.
-    pub train: bool,
-    /// Apply the attached adapter, if any (off = the base model, training's reference).
+pub struct TrainPass {
+    /// Apply the attached adapter (off = the base model, training's reference).
     pub lora: bool,
     /// Seed for LoRA dropout masks this step (`None` = no dropout, as in eval).
     pub dropout_seed: Option<u64>,
-    /// Gradient checkpointing (training): see `Llama::forward_hidden_ckpt`.
+    /// Gradient checkpointing: see `Llama::forward_hidden_ckpt`.
     pub checkpoint: bool,
-    /// A decoding step: weights kept as blocks too (`generate.weights = "mixed"`) multiply
-    /// through the blocks, whatever the batch; prefill (and everything else) uses the dense
-    /// copy. Decided by the caller, not by the token count: a prefix-trie level of one token
-    /// is still prefill, and must give what a whole-prompt prefill gives.
-    pub decode: bool,
 }
 
 impl Mode {
+    /// Prefill with the adapter on.
     pub fn infer() -> Self {
-        Self {
-            train: false,
-            lora: true,
-            dropout_seed: None,
-            checkpoint: false,
-            decode: false,
+        Mode::Prefill { lora: true }
+    }
+
+    /// The decoding step of the same inference (training has none).
+    pub fn decode_step(self) -> Self {
+        Mode::Decode { lora: self.lora() }
+    }
+
+    /// The same pass with the adapter on or off.
+    pub fn with_lora(self, lora: bool) -> Self {
+        match self {
+            Mode::Prefill { .. } => Mode::Prefill { lora },
+            Mode::Decode { .. } => Mode::Decode { lora },
+            Mode::Train(t) => Mode::Train(TrainPass { lora, ..t }),
         }
     }
 
-    /// [`Mode::infer`] for a decoding step.
-    pub fn decode_step(self) -> Self {
-        Self {
-            decode: true,
-            ..self
+    pub fn lora(self) -> bool {
+        match self {
+            Mode::Prefill { lora } | Mode::Decode { lora } => lora,
+            Mode::Train(t) => t.lora,
         }
+    }
+
+    pub(crate) fn is_train(self) -> bool {
+        matches!(self, Mode::Train(_))
+    }
+
+    pub(crate) fn is_decode(self) -> bool {
+        matches!(self, Mode::Decode { .. })
+    }
+
+    pub(crate) fn dropout_seed(self) -> Option<u64> {
+        match self {
+            Mode::Train(t) => t.dropout_seed,
+            _ => None,
+        }
+    }
+
+    pub(crate) fn checkpoint(self) -> bool {
+        matches!(
+            self,
+            Mode::Train(TrainPass {
+                checkpoint: true,
+                ..
+            })
+        )
+    }
+}
+
+/// Which code computes an inference pass, resolved once when the model is loaded (and again only
+/// when its attention choice changes): candle's ops, or the plain-Rust forward over the GGUF's
+/// blocks (`cpu_forward.rs`), which then holds every projection's blocks.
+pub(crate) enum InferPath {
+    /// candle's ops for every pass (any device, dtype and weights; training always).
+    Graph,
+    /// Decoding steps in plain Rust over `weights`; prefill too when `prefill`
+    /// (`generate.weights = "blocks"`), else through candle's ops on the dense copy.
+    Blocks {
+        weights: BlockWeights,
+        prefill: bool,
+    },
+}
+
+/// Every projection's blocks and the head's, for the plain-Rust forward.
+pub(crate) struct BlockWeights {
+    /// Per layer, in [`Projection::ALL`] order.
+    layers: Vec<[Arc<Packed>; 7]>,
+    pub(crate) lm_head: Arc<Packed>,
+}
+
+impl BlockWeights {
+    /// Projection `p` of layer `layer`.
+    pub(crate) fn proj(&self, layer: usize, p: Projection) -> &Packed {
+        let i = Projection::ALL
+            .iter()
+            .position(|&q| q == p)
+            .unwrap_or_default();
+        &self.layers[layer][i]
     }
 }
 
@@ -70,9 +143,13 @@ enum Weight {
     Quant(Arc<QMatMul>),
     /// Both: quantized blocks for decoding steps (integer dot products over a fifth of the
     /// bytes: `kernels/quant/`), the dense matrix for prefill (many tokens a row, where f32 gemm
-    /// wins unless the tiled kernel runs) and training. `true`: prefill on the blocks too
-    /// (`generate.weights = "blocks"`).
-    Both(Tensor, Arc<Packed>, bool),
+    /// wins unless the tiled kernel runs) and training.
+    Both {
+        dense: Tensor,
+        blocks: Arc<Packed>,
+        /// Prefill on the blocks too (`generate.weights = "blocks"`).
+        prefill: bool,
+    },
 }
 
 /// A bias-free linear layer (a frozen base weight).
@@ -111,7 +188,11 @@ impl Linear {
             q.cols
         );
         Ok(Self {
-            weight: Weight::Both(w, Arc::new(q), prefill_on_blocks),
+            weight: Weight::Both {
+                dense: w,
+                blocks: Arc::new(q),
+                prefill: prefill_on_blocks,
+            },
             out_features: o,
             in_features: i,
         })
@@ -123,17 +204,21 @@ impl Linear {
         let (b, t, i) = x.dims3()?;
         let x2 = x.reshape((b * t, i))?;
         let base = match &self.weight {
-            Weight::Dense(w) | Weight::Both(w, ..) if mode.train => frozen_matmul(&x2, w)?,
+            Weight::Dense(w) | Weight::Both { dense: w, .. } if mode.is_train() => {
+                frozen_matmul(&x2, w)?
+            }
             // Decoding steps (one new token a row) on the blocks, whatever the batch: each
             // row's result then does not depend on the rows beside it.
-            Weight::Both(_, q, prefill) if (mode.decode || *prefill) && x2.device().is_cpu() => {
-                packed_forward(q, x, &x2)?
+            Weight::Both {
+                blocks, prefill, ..
+            } if (mode.is_decode() || *prefill) && x2.device().is_cpu() => {
+                packed_forward(blocks, x, &x2)?
             }
-            Weight::Dense(w) | Weight::Both(w, ..) => x2.matmul(&w.t()?)?,
+            Weight::Dense(w) | Weight::Both { dense: w, .. } => x2.matmul(&w.t()?)?,
             Weight::Quant(q) => q.forward(&x2.contiguous()?)?,
         };
         let y = match lora {
-            Some(l) => (base + l.forward(&x2, mode.dropout_seed.map(|s| s ^ salt))?)?,
+            Some(l) => (base + l.forward(&x2, mode.dropout_seed().map(|s| s ^ salt))?)?,
             None => base,
         };
         Ok(y.reshape((b, t, self.out_features))?)
@@ -144,7 +229,7 @@ impl Linear {
     fn input_grad(&self, g: &Tensor) -> Result<Option<Tensor>> {
         let (b, t, o) = g.dims3()?;
         Ok(match &self.weight {
-            Weight::Dense(w) | Weight::Both(w, ..) => Some(
+            Weight::Dense(w) | Weight::Both { dense: w, .. } => Some(
                 g.reshape((b * t, o))?
                     .matmul(w)?
                     .reshape((b, t, self.in_features))?,
@@ -153,23 +238,21 @@ impl Linear {
         })
     }
 
-    /// The quantized blocks, where this layer keeps them for decoding.
-    pub(crate) fn packed(&self) -> Option<&Packed> {
+    /// The quantized blocks, where this layer keeps them for decoding, and whether prefill
+    /// runs on them too.
+    fn blocks(&self) -> Option<(&Arc<Packed>, bool)> {
         match &self.weight {
-            Weight::Both(_, q, _) => Some(q),
+            Weight::Both {
+                blocks, prefill, ..
+            } => Some((blocks, *prefill)),
             _ => None,
         }
-    }
-
-    /// Whether inference over many rows (prefill) runs on the blocks too.
-    pub(crate) fn prefill_on_blocks(&self) -> bool {
-        matches!(self.weight, Weight::Both(_, _, true))
     }
 
     /// The base weight as a dense f32 tensor `[out, in]`.
     pub(crate) fn dense_f32(&self) -> Result<Tensor> {
         Ok(match &self.weight {
-            Weight::Dense(w) | Weight::Both(w, ..) => w.to_dtype(DType::F32)?,
+            Weight::Dense(w) | Weight::Both { dense: w, .. } => w.to_dtype(DType::F32)?,
             Weight::Quant(q) => match q.as_ref() {
                 QMatMul::QTensor(t) => t.dequantize(&Device::Cpu)?,
                 QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
@@ -311,8 +394,10 @@ pub struct Llama {
     pub(crate) device: Device,
     pub(crate) dtype: DType,
     /// Attention through our fused kernel (`kernels/attention.rs`): on where it runs (CPU, f32/f64)
-    /// unless the load options ask for the composed ops.
-    pub(crate) fused_attention: bool,
+    /// unless the load options ask for the composed ops ([`Llama::set_fused_attention`]).
+    fused_attention: bool,
+    /// Which code runs inference passes; follows from the weights and `fused_attention`.
+    path: InferPath,
 }
 
 /// Per-layer key/value cache, preallocated and grown by doubling. Row `i` holds valid entries in
@@ -586,7 +671,7 @@ impl Llama {
             .to_dtype(DType::F32)?
             .reshape((max, 1))?;
         let freqs = pos.broadcast_mul(&inv)?;
-        Ok(Self {
+        let mut llama = Self {
             cos: freqs.cos()?,
             sin: freqs.sin()?,
             cfg,
@@ -599,7 +684,79 @@ impl Llama {
             device: device.clone(),
             dtype,
             fused_attention: crate::kernels::attention::supported(device, dtype),
-        })
+            path: InferPath::Graph,
+        };
+        llama.path = llama.resolve_path();
+        Ok(llama)
+    }
+
+    /// Attention through the fused kernel or candle's composed ops; the inference path follows.
+    pub(crate) fn set_fused_attention(&mut self, fused: bool) {
+        self.fused_attention = fused;
+        self.path = self.resolve_path();
+    }
+
+    /// The plain-Rust forward runs on the CPU in f32 with our attention (`attention =
+    /// "composed"` asks for candle's ops), where every projection and the head keep blocks
+    /// (`generate.weights = "mixed"`, `"q8"` or `"blocks"`); prefill too where every projection
+    /// prefills on them (`"blocks"`). Measured faster than dense gemm for decoding at 1 to 64
+    /// rows (docs/PERF.md).
+    fn resolve_path(&self) -> InferPath {
+        if !(self.fused_attention && self.device.is_cpu() && self.dtype == DType::F32) {
+            return InferPath::Graph;
+        }
+        let Some((lm_head, _)) = self.lm_head.blocks() else {
+            return InferPath::Graph;
+        };
+        let mut layers = Vec::with_capacity(self.layers.len());
+        let mut prefill = true;
+        for l in &self.layers {
+            let mut blocks = Vec::with_capacity(7);
+            for p in Projection::ALL {
+                let Some((b, pre)) = l.proj(p).blocks() else {
+                    return InferPath::Graph;
+                };
+                prefill &= pre;
+                blocks.push(b.clone());
+            }
+            let Ok(blocks) = <[Arc<Packed>; 7]>::try_from(blocks) else {
+                return InferPath::Graph;
+            };
+            layers.push(blocks);
+        }
+        InferPath::Blocks {
+            weights: BlockWeights {
+                layers,
+                lm_head: lm_head.clone(),
+            },
+            prefill,
+        }
+    }
+
+    /// The blocks the plain-Rust forward runs `mode` on, or `None` where candle's ops run it:
+    /// decoding steps on the blocks path, prefill there too with `weights = "blocks"`,
+    /// training never.
+    pub(crate) fn blocks_for(&self, mode: Mode) -> Option<&BlockWeights> {
+        match (&self.path, mode) {
+            (InferPath::Blocks { weights, .. }, Mode::Decode { .. }) => Some(weights),
+            (
+                InferPath::Blocks {
+                    weights,
+                    prefill: true,
+                },
+                Mode::Prefill { .. },
+            ) => Some(weights),
+            _ => None,
+        }
+    }
+
+    /// The KV cache's dtype: f16 where prefill and decoding both run in plain Rust, as
+    /// llama.cpp keeps its cache (docs/PERF.md has what that changes); otherwise the model's.
+    pub(crate) fn kv_dtype(&self) -> DType {
+        match self.path {
+            InferPath::Blocks { prefill: true, .. } => DType::F16,
+            _ => self.dtype,
+        }
     }
 
     /// x: [B, heads, T, hd]; cos/sin: [B, T, hd/2].
@@ -680,7 +837,7 @@ impl Llama {
     /// only where it needs log-probabilities (the response tokens), which saves most of the
     /// vocabulary matmul.
     ///
-    /// With `mode.checkpoint` this refuses to run: use [`Llama::forward_hidden_ckpt`], whose
+    /// With `mode.checkpoint()` this refuses to run: use [`Llama::forward_hidden_ckpt`], whose
     /// checkpoint must carry the gradient on through the layers.
     pub(crate) fn forward_hidden(
         &self,
@@ -691,7 +848,7 @@ impl Llama {
         mode: Mode,
     ) -> Result<Tensor> {
         crate::error::ensure!(
-            !mode.checkpoint,
+            !mode.checkpoint(),
             "internal: a checkpointed forward must keep its checkpoint (forward_hidden_ckpt)"
         );
         Ok(self
@@ -699,7 +856,7 @@ impl Llama {
             .0)
     }
 
-    /// As [`Llama::forward_hidden`]; with `mode.checkpoint` (training only) the layers keep no
+    /// As [`Llama::forward_hidden`]; with `mode.checkpoint()` (training only) the layers keep no
     /// graph, only their inputs, and the returned [`Checkpoint`] recomputes each layer during
     /// the backward pass: activation memory of one layer instead of all of them, for one more
     /// forward pass.
@@ -740,7 +897,7 @@ impl Llama {
             past,
             fused: self.fused_attention,
         };
-        let checkpoint = mode.checkpoint && mode.train;
+        let checkpoint = mode.checkpoint();
         // A recomputed layer could not append to a cache a second time, and training has none.
         crate::error::ensure!(
             !(checkpoint && cache.is_some()),
@@ -774,7 +931,10 @@ impl Llama {
         } else {
             (x, None)
         };
-        Ok((rms_norm(&x, &self.norm, c.rms_norm_eps, mode.train)?, ckpt))
+        Ok((
+            rms_norm(&x, &self.norm, c.rms_norm_eps, mode.is_train())?,
+            ckpt,
+        ))
     }
 
     /// Layer `li`'s attention with its residual: x [B, T, H] -> [B, T, H], appending the
@@ -795,15 +955,15 @@ impl Llama {
         let past = ctx.past;
         let scale = 1.0 / (hd as f64).sqrt();
         let proj = |p: Projection, x: &Tensor| self.proj_forward(li, p, x, mode);
-        let h = rms_norm(x, &layer.input_layernorm, c.rms_norm_eps, mode.train)?;
+        let h = rms_norm(x, &layer.input_layernorm, c.rms_norm_eps, mode.is_train())?;
         let q = proj(Projection::QProj, &h)?;
         let k = proj(Projection::KProj, &h)?;
         let v = proj(Projection::VProj, &h)?;
         let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?; // [B,nh,T,hd]
         let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?; // [B,nkv,T,hd]
         let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let q = self.rope(&q, &ctx.cos, &ctx.sin, mode.train)?;
-        let k = self.rope(&k, &ctx.cos, &ctx.sin, mode.train)?;
+        let q = self.rope(&q, &ctx.cos, &ctx.sin, mode.is_train())?;
+        let k = self.rope(&k, &ctx.cos, &ctx.sin, mode.is_train())?;
         let (k, v) = match cache {
             Some(kv) => {
                 // The cache may hold f16 (`Llama::kv_dtype`): keys and values are rounded on
@@ -820,7 +980,7 @@ impl Llama {
             None => (k, v),
         };
         let y = if ctx.fused {
-            crate::kernels::attention::sdpa(&q, &k, &v, &ctx.mask, scale, mode.train)?
+            crate::kernels::attention::sdpa(&q, &k, &v, &ctx.mask, scale, mode.is_train())?
         // [B,T,nh*hd]
         } else {
             // Grouped-query attention without copying K/V: fold the rep query heads that
@@ -831,7 +991,7 @@ impl Llama {
             let att = att
                 .reshape((b, nkv, rep, t, past + t))?
                 .broadcast_add(&mask5)?;
-            let att = if mode.train {
+            let att = if mode.is_train() {
                 candle_nn::ops::softmax(&att.to_dtype(accum_dtype(self.dtype))?, D::Minus1)?
             } else {
                 candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?.contiguous()?)?
@@ -857,13 +1017,13 @@ impl Llama {
             x,
             &layer.post_attention_layernorm,
             c.rms_norm_eps,
-            mode.train,
+            mode.is_train(),
         )?;
         let g = proj(Projection::GateProj, &h)?;
         let u = proj(Projection::UpProj, &h)?;
-        let act = if mode.train && crate::kernels::fused::supported(&g) {
+        let act = if mode.is_train() && crate::kernels::fused::supported(&g) {
             crate::kernels::fused::swiglu(&g, &u)?
-        } else if mode.train {
+        } else if mode.is_train() {
             (candle_nn::ops::silu(&g)? * u)?
         } else {
             (g.silu()? * u)?
@@ -906,22 +1066,22 @@ impl Llama {
         let x = self.attention_block(li, x, ctx, None, mode)?;
         let act = self.mlp_act(li, &x, mode)?;
         let mut dot = ((x * g)?.sum_all()? + (&act * gd)?.sum_all()?)?;
-        let lora = self.adapter.as_ref().filter(|_| mode.lora);
+        let lora = self.adapter.as_ref().filter(|_| mode.lora());
         if let Some(l) = lora.and_then(|a| a.get(li, Projection::DownProj)) {
             let (b, t, i) = act.dims3()?;
             let salt = Self::salt(li, Projection::DownProj);
             let y = l.forward(
                 &act.reshape((b * t, i))?,
-                mode.dropout_seed.map(|s| s ^ salt),
+                mode.dropout_seed().map(|s| s ^ salt),
             )?;
             dot = (dot + (y.reshape(g.shape())? * g)?.sum_all()?)?;
         }
         Ok(dot)
     }
 
-    /// Projection `p` of layer `li`, with its adapter when `mode.lora`.
+    /// Projection `p` of layer `li`, with its adapter when `mode.lora()`.
     fn proj_forward(&self, li: usize, p: Projection, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let adapter = self.adapter.as_ref().filter(|_| mode.lora);
+        let adapter = self.adapter.as_ref().filter(|_| mode.lora());
         let lora = adapter.and_then(|a| a.get(li, p));
         self.layers[li]
             .proj(p)

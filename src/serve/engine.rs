@@ -148,10 +148,7 @@ fn run(
                     }
                 }
             }
-            let mode = Mode {
-                lora: m > 0,
-                ..Mode::infer()
-            };
+            let mode = Mode::infer().with_lora(m > 0);
             if let Err(e) = step(&model, lane, batch, mode, &mut next_id, load) {
                 fail(lane, load, &format!("{e:#}"));
             }

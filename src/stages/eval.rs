@@ -12,7 +12,9 @@
 use super::merge::Pair;
 use super::scrape::TitleRow;
 use super::{Built, Ctx};
-use crate::backend::openai::{Job, Remote};
+use crate::backend::local::Local;
+use crate::backend::openai::Remote;
+use crate::backend::Job;
 use crate::cache::KeyMaterial;
 use crate::config::Backend;
 use crate::config::JudgeKind;
@@ -20,7 +22,6 @@ use crate::dpo::{data, trainer};
 use crate::error::{bail, Context, Result};
 use crate::fsutil::{read_jsonl, sha256_file, write_atomic, write_json_pretty, write_jsonl};
 use crate::judge::{auroc, distinct2, wilson95, Judge};
-use crate::model::generate::{generate, Request};
 use crate::model::load::Model;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
@@ -212,32 +213,15 @@ fn held_out(
         .collect()
 }
 
+/// One review for each of `samples` samples of each prompt, from `backend`: job
+/// `i * samples + k` is sample `k` of prompt `i`, seeded `(s.seed, i * samples + k)` for both
+/// models, so the base and the adapter answer each title from the same seeds.
 fn draw(
-    model: &Model,
-    reqs: &[Request],
-    s: &crate::model::generate::Sampling,
-    batch: usize,
-) -> Result<Vec<String>> {
-    let mut out = vec![String::new(); reqs.len()];
-    generate(model, reqs.to_vec(), s, batch, |o, _| {
-        out[o.id] = model.meta.tok.decode(&o.tokens, true)?.trim().to_string();
-        Ok(())
-    })?;
-    Ok(out)
-}
-
-/// [`draw`] on the `[generate.openai]` servers, as the model they serve under `served`: request
-/// `i * samples + k` carries the seed `mix(eval.seed, i * samples + k)` for both models.
-fn draw_remote(
-    ctx: &Ctx,
-    served: &str,
+    backend: &dyn crate::backend::Backend,
     prompts: &[(String, String)],
     samples: usize,
     s: &crate::model::generate::Sampling,
 ) -> Result<Vec<String>> {
-    let mut o = ctx.settings().generate.openai.clone();
-    o.model = served.to_string();
-    let servers = Remote::connect(&o)?;
     let jobs: Vec<Job> = prompts
         .iter()
         .enumerate()
@@ -250,11 +234,18 @@ fn draw_remote(
         })
         .collect();
     let mut out = vec![String::new(); jobs.len()];
-    servers.generate(jobs, s, &Default::default(), |a| {
+    backend.generate(jobs, s, &mut |a| {
         out[a.id] = a.text;
         Ok(())
     })?;
     Ok(out)
+}
+
+/// The `[generate.openai]` servers, asked for the model they serve under `served`.
+fn servers(ctx: &Ctx, served: &str) -> Result<Remote> {
+    let mut o = ctx.settings().generate.openai.clone();
+    o.model = served.to_string();
+    Remote::connect(&o)
 }
 
 fn mean(v: &[f64]) -> f64 {
@@ -322,16 +313,7 @@ pub(crate) fn build(ctx: &Ctx, inp: &Inputs, out: &Path) -> Result<Built> {
 
     // Reviews from the base model, then from the adapter, with the same seeds.
     let prompts = held_out(ctx, inp, &raw.test, &model)?;
-    let mut reqs = Vec::with_capacity(prompts.len() * es.samples);
-    for (i, (_, p)) in prompts.iter().enumerate() {
-        let ids = model.meta.tok.encode(p, true)?;
-        for k in 0..es.samples {
-            reqs.push(Request {
-                id: i * es.samples + k,
-                ids: ids.clone(),
-            });
-        }
-    }
+    let n = prompts.len() * es.samples;
     let mut sampling = s.generate.sampling();
     sampling.seed = es.seed;
     let batch = s.generate.batch_size;
@@ -339,17 +321,22 @@ pub(crate) fn build(ctx: &Ctx, inp: &Inputs, out: &Path) -> Result<Built> {
         "Generating",
         format!(
             "{} reviews from the base model and {} from the adapter ({} titles x {} samples)",
-            reqs.len(),
-            reqs.len(),
+            n,
+            n,
             prompts.len(),
             es.samples
         ),
     );
     let remote = es.backend == Backend::Openai;
     let base = if remote {
-        draw_remote(ctx, &es.served_base, &prompts, es.samples, &sampling)?
+        draw(
+            &servers(ctx, &es.served_base)?,
+            &prompts,
+            es.samples,
+            &sampling,
+        )?
     } else {
-        draw(&model, &reqs, &sampling, batch)?
+        draw(&Local::new(&model, batch), &prompts, es.samples, &sampling)?
     };
 
     // The eval loss needs the reference (base) log-probs, then the adapter's.
@@ -358,9 +345,14 @@ pub(crate) fn build(ctx: &Ctx, inp: &Inputs, out: &Path) -> Result<Built> {
     let ref_eval = trainer::reference_logps(&model, &prep.eval, ts.batch_size, avg)?;
     model.load_adapter(inp.adapter)?;
     let adapted = if remote {
-        draw_remote(ctx, &es.served_adapter, &prompts, es.samples, &sampling)?
+        draw(
+            &servers(ctx, &es.served_adapter)?,
+            &prompts,
+            es.samples,
+            &sampling,
+        )?
     } else {
-        draw(&model, &reqs, &sampling, batch)?
+        draw(&Local::new(&model, batch), &prompts, es.samples, &sampling)?
     };
     let tr = trainer::Trainer {
         model: &model,
@@ -386,7 +378,6 @@ pub(crate) fn build(ctx: &Ctx, inp: &Inputs, out: &Path) -> Result<Built> {
     let sb = judge.score(&base_refs)?;
     let sa = judge.score(&adapted_refs)?;
     let harsher = sa.iter().zip(&sb).filter(|(a, b)| a > b).count();
-    let n = reqs.len();
     let chars = |v: &[String]| {
         mean(
             &v.iter()
@@ -409,17 +400,16 @@ pub(crate) fn build(ctx: &Ctx, inp: &Inputs, out: &Path) -> Result<Built> {
         mean_chars_base: chars(&base),
         mean_chars_adapter: chars(&adapted),
     };
-    let rows: Vec<SampleRow> = reqs
-        .iter()
-        .map(|r| SampleRow {
-            title: prompts[r.id / es.samples].0.clone(),
-            sample: r.id % es.samples,
+    let rows: Vec<SampleRow> = (0..n)
+        .map(|id| SampleRow {
+            title: prompts[id / es.samples].0.clone(),
+            sample: id % es.samples,
             seed: es.seed,
-            stream: r.id,
-            base: base[r.id].clone(),
-            adapter: adapted[r.id].clone(),
-            base_score: sb[r.id],
-            adapter_score: sa[r.id],
+            stream: id,
+            base: base[id].clone(),
+            adapter: adapted[id].clone(),
+            base_score: sb[id],
+            adapter_score: sa[id],
         })
         .collect();
     write_jsonl(&out.join("samples.jsonl"), &rows)?;

@@ -11,12 +11,14 @@
 
 use super::prompts::{Polarity, PromptRow};
 use super::{Built, Ctx};
+use crate::backend::local::Local;
 use crate::backend::openai::Remote;
+use crate::backend::{self, Report};
 use crate::cache::KeyMaterial;
 use crate::config::{Backend, GenerateSettings};
 use crate::error::{bail, Context, Result};
 use crate::fsutil::{read_jsonl, write_jsonl};
-use crate::model::generate::{self as gen, Finish, Request};
+use crate::model::generate::Finish;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -244,39 +246,14 @@ fn row(p: &PromptRow, text: String, tokens: usize, prompt_tokens: usize, finish:
 fn local(ctx: &Ctx, todo: &[&PromptRow], w: &mut Chunks) -> Result<()> {
     let g = &ctx.settings().generate;
     let model = ctx.recipe.load(&ctx.recipe.generate)?;
-    let tok = &model.meta.tok;
     let by_id: BTreeMap<usize, &PromptRow> = todo.iter().map(|p| (p.id, *p)).collect();
-    let reqs = todo
-        .iter()
-        .map(|p| {
-            Ok(Request {
-                id: p.id,
-                ids: tok.encode(&p.prompt, true)?,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    crate::model::generate::limits::check_generation_fits(
-        model.llama.cfg.max_position_embeddings,
-        g.max_new_tokens,
-        reqs.iter().map(|r| {
-            (r.ids.len(), || {
-                format!("prompt {} ({:?})", r.id, by_id[&r.id].title)
-            })
-        }),
-    )?;
-    w.t0 = Instant::now();
-    let stats = gen::generate(&model, reqs, &g.sampling(), g.batch_size, |o, _| {
-        let text = tok.decode(&o.tokens, true)?.trim().to_string();
-        w.push(row(
-            by_id[&o.id],
-            text,
-            o.tokens.len(),
-            o.prompt_tokens,
-            o.finish,
-        ))
-    })?;
-    w.flush()?;
-    w.bar.finish_and_clear();
+    let label = |id: usize| format!("prompt {id} ({:?})", by_id[&id].title);
+    let engine = Local {
+        label: Some(&label),
+        ..Local::new(&model, g.batch_size)
+    };
+    let (report, _) = write_reviews(ctx, &engine, todo, w)?;
+    let stats = report.engine.unwrap_or_default();
     let secs = w.t0.elapsed().as_secs_f64();
     ctx.say(
         "Generated",
@@ -317,14 +294,61 @@ fn remote(
             o.concurrency
         ),
     );
+    let (_, tally) = write_reviews(ctx, &servers, todo, w)?;
+    let secs = w.t0.elapsed().as_secs_f64();
+    ctx.say(
+        "Generated",
+        format!(
+            "{} reviews, {} tokens in {secs:.1}s ({:.1} tok/s over {} endpoints, {} retries)",
+            todo.len(),
+            w.tokens,
+            w.tokens as f64 / secs.max(1e-9),
+            servers.endpoints.len(),
+            tally.retries
+        ),
+    );
+    let mut answers = tally.answers;
+    answers.resize(servers.endpoints.len(), 0);
+    Ok(serde_json::json!({
+        "backend": "openai",
+        "api": o.api.name(),
+        "model": o.model,
+        "resumed": resumed,
+        "retries": tally.retries,
+        "endpoints": servers.endpoints.iter().zip(&answers).map(|(e, n)| serde_json::json!({
+            "url": e.shown,
+            "served": e.served,
+            "answers": n,
+        })).collect::<Vec<_>>(),
+    }))
+}
+
+/// Answers per endpoint and retries, counted as rows arrive.
+#[derive(Default)]
+struct Tally {
+    answers: Vec<usize>,
+    retries: u64,
+}
+
+/// `todo`'s reviews from `backend` into the chunks. Whatever was written before a failure is
+/// flushed, so the next run does not ask for it again.
+fn write_reviews(
+    ctx: &Ctx,
+    backend: &dyn backend::Backend,
+    todo: &[&PromptRow],
+    w: &mut Chunks,
+) -> Result<(Report, Tally)> {
+    let g = &ctx.settings().generate;
     let by_id: BTreeMap<usize, &PromptRow> = todo.iter().map(|p| (p.id, *p)).collect();
     let jobs = todo.iter().map(|p| p.job()).collect();
-    let mut answers = vec![0usize; servers.endpoints.len()];
-    let mut retries = 0u64;
+    let mut tally = Tally::default();
     w.t0 = Instant::now();
-    let r = servers.generate(jobs, &g.sampling(), &Default::default(), |a| {
-        answers[a.endpoint] += 1;
-        retries += u64::from(a.retries);
+    let r = backend.generate(jobs, &g.sampling(), &mut |a| {
+        if tally.answers.len() <= a.endpoint {
+            tally.answers.resize(a.endpoint + 1, 0);
+        }
+        tally.answers[a.endpoint] += 1;
+        tally.retries += u64::from(a.retries);
         w.push(row(
             by_id[&a.id],
             a.text,
@@ -333,33 +357,9 @@ fn remote(
             a.finish,
         ))
     });
-    // Whatever was answered before a failure is kept for the next run.
     w.flush()?;
     w.bar.finish_and_clear();
-    r?;
-    let secs = w.t0.elapsed().as_secs_f64();
-    ctx.say(
-        "Generated",
-        format!(
-            "{} reviews, {} tokens in {secs:.1}s ({:.1} tok/s over {} endpoints, {retries} retries)",
-            todo.len(),
-            w.tokens,
-            w.tokens as f64 / secs.max(1e-9),
-            servers.endpoints.len()
-        ),
-    );
-    Ok(serde_json::json!({
-        "backend": "openai",
-        "api": o.api.name(),
-        "model": o.model,
-        "resumed": resumed,
-        "retries": retries,
-        "endpoints": servers.endpoints.iter().zip(&answers).map(|(e, n)| serde_json::json!({
-            "url": e.shown,
-            "served": e.served,
-            "answers": n,
-        })).collect::<Vec<_>>(),
-    }))
+    Ok((r?, tally))
 }
 
 /// Finished records from earlier runs. Chunks are written atomically, but a disk can still lose

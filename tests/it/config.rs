@@ -124,21 +124,90 @@ fn set_overrides_by_dotted_name() {
 }
 
 #[test]
-fn cli_reports_errors_with_exit_code_1() {
+fn each_kind_of_error_has_its_exit_code() {
+    // README "Exit codes": 2 usage or settings, 3 an unsupported model, 4 a remote failure,
+    // 1 anything else.
     let d = tempdir();
     write(d.path(), "[scrape]\ncout = 5\n");
     let o = pipeline(d.path(), &["status"]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr_of(&o));
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(
         e.starts_with("error: ") && e.contains("scrape.count"),
         "{e}"
     );
-    // A missing explicit --config is an error; bad usage is clap's exit code 2.
+    // A missing explicit --config is a settings error; bad usage is clap's exit code 2.
     let o = pipeline(d.path(), &["status", "--config", "nope.toml"]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
     let o = pipeline(d.path(), &["run", "--until", "nowhere"]);
     assert_eq!(o.status.code(), Some(2));
+    // A page that cannot be fetched, with no fallback: the remote failure's code.
+    write(d.path(), "");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("scrape.url=\"http://127.0.0.1:{port}/papers.html\"");
+    let o = pipeline(
+        d.path(),
+        &[
+            "run",
+            "--until",
+            "scrape",
+            "--set",
+            &url,
+            "--set",
+            "scrape.fallback=false",
+            "--set",
+            "scrape.retries=0",
+            "--set",
+            "scrape.timeout_secs=2",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(4), "{}", stderr_of(&o));
+    // A model of another architecture: unsupported.
+    let m = d.path().join("gpt2");
+    std::fs::create_dir_all(&m).unwrap();
+    std::fs::write(
+        m.join("config.json"),
+        r#"{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": 10,
+            "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "max_position_embeddings": 64}"#,
+    )
+    .unwrap();
+    std::fs::write(m.join("tokenizer.json"), "{}").unwrap();
+    std::fs::write(m.join("model.safetensors"), "").unwrap();
+    let o = pipeline(
+        d.path(),
+        &[
+            "run",
+            "--until",
+            "prompts",
+            "--set",
+            "scrape.snapshot=\"bundled\"",
+            "--set",
+            "scrape.count=3",
+            "--set",
+            "split.train=2",
+            "--set",
+            "split.test=1",
+            "--set",
+            &format!("generate.model=\"{}\"", m.display()),
+            "--set",
+            &format!(
+                "prompts.templates=\"{}\"",
+                repo().join("templates").display()
+            ),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", stderr_of(&o));
+    assert!(
+        stderr_of(&o).contains("unsupported architecture"),
+        "{}",
+        stderr_of(&o)
+    );
 }
 
 #[test]

@@ -8,7 +8,7 @@ use reviewer2::dpo::config::Loss;
 use reviewer2::dpo::data::{truncate, Example, Truncation, TruncationReport};
 use reviewer2::dpo::logps::{sequence_logps, sequence_logps_with, SeqLogps};
 use reviewer2::dpo::loss::{dpo_loss, kto_loss};
-use reviewer2::model::llama::{Llama, Mode};
+use reviewer2::model::llama::{Llama, Mode, TrainPass};
 use reviewer2::model::lora::{LoraSpec, Projection};
 
 const LN2: f64 = std::f64::consts::LN_2;
@@ -134,13 +134,11 @@ fn logps_and_lora_grads(
 }
 
 fn train_mode(dropout_seed: Option<u64>, checkpoint: bool) -> Mode {
-    Mode {
-        train: true,
+    Mode::Train(TrainPass {
         lora: true,
         dropout_seed,
         checkpoint,
-        decode: false,
-    }
+    })
 }
 
 #[test]

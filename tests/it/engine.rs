@@ -5,7 +5,7 @@
 use crate::support::*;
 use candle_core::{DType, Device, Tensor, D};
 use reviewer2::model::generate::{generate, Request, Sampling};
-use reviewer2::model::llama::{build_mask, build_positions, Mode};
+use reviewer2::model::llama::{build_mask, build_positions, Mode, TrainPass};
 use reviewer2::model::load::source::resolve;
 use reviewer2::model::load::Model;
 use reviewer2::model::options::{LoadOptions, WeightsMode};
@@ -162,13 +162,11 @@ fn training_mode_forward_matches_inference_mode() {
         .llama
         .forward_all(
             &x,
-            Mode {
-                train: true,
+            Mode::Train(TrainPass {
                 lora: true,
                 dropout_seed: None,
                 checkpoint: false,
-                decode: false,
-            },
+            }),
         )
         .unwrap();
     let diff: f32 = max_abs_diff(&a, &b);
@@ -485,10 +483,7 @@ fn one_loaded_model_serves_base_and_adapter() {
         "the adapter changes the logits by only {changed}"
     );
     // Switched off for one call (training's reference model): exactly the base.
-    let off = Mode {
-        lora: false,
-        ..Mode::infer()
-    };
+    let off = Mode::infer().with_lora(false);
     assert!(logits(&m, &ids, off) == base);
     // Detached: exactly the base; attached again: exactly the adapted model.
     let adapter = m.llama.detach().unwrap();

@@ -234,7 +234,7 @@ impl Decoder {
             }
             self.recent.push(CachedPrompt {
                 ids: take[0].ids.clone(),
-                lora: mode.lora,
+                lora: mode.lora(),
                 cache: sub.columns(sub_start[0], n)?,
             });
         }
@@ -289,7 +289,7 @@ impl Decoder {
         let Some((shared, prev)) = self
             .recent
             .iter()
-            .filter(|p| p.lora == mode.lora)
+            .filter(|p| p.lora == mode.lora())
             .map(|p| (common(p), p))
             .max_by_key(|(n, _)| *n)
         else {
@@ -305,12 +305,18 @@ impl Decoder {
         cache.copy_prefix(&prev.cache, shared)?;
         let rest = &ids[shared..];
         let t = rest.len();
-        if model.llama.fast_prefill(mode) {
+        if let Some(w) = model.llama.blocks_for(mode) {
             let mut scratch = crate::model::cpu_forward::Scratch::default();
-            let logits =
-                model
-                    .llama
-                    .forward_cpu(rest, t, &[0], &mut cache, mode, &mut scratch, &[t - 1])?;
+            let logits = model.llama.forward_cpu(
+                w,
+                rest,
+                t,
+                &[0],
+                &mut cache,
+                mode,
+                &mut scratch,
+                &[t - 1],
+            )?;
             return Ok(Some((cache, vec![0], logits)));
         }
         let x = Tensor::from_vec(rest.to_vec(), (1, t), dev)?;
@@ -419,10 +425,10 @@ impl Decoder {
     pub(crate) fn decode(&mut self, model: &Model, mode: Mode) -> Result<()> {
         let c = self.cache.as_mut().expect("live rows have a cache");
         let ids: Vec<u32> = self.rows.iter().map(|r| r.pending).collect();
-        let logits = if model.llama.fast_decode(ids.len(), mode) {
+        let logits = if let Some(w) = model.llama.blocks_for(mode.decode_step()) {
             model
                 .llama
-                .decode_step_cpu(&ids, &self.start, c, mode, &mut self.scratch)?
+                .decode_step_cpu(w, &ids, &self.start, c, mode, &mut self.scratch)?
         } else {
             self.decode_candle(model, ids, mode)?
         };
@@ -535,13 +541,13 @@ pub fn prefill_padded(
     }
     let dev = &model.llama.device;
     let mut cache = KvCache::new(&model.llama, reqs.len(), cap.max(l))?;
-    if model.llama.fast_prefill(mode) {
+    if let Some(w) = model.llama.blocks_for(mode) {
         let last: Vec<usize> = (0..reqs.len()).map(|i| i * l + l - 1).collect();
         let mut scratch = crate::model::cpu_forward::Scratch::default();
         let logits =
             model
                 .llama
-                .forward_cpu(&ids, l, &start, &mut cache, mode, &mut scratch, &last)?;
+                .forward_cpu(w, &ids, l, &start, &mut cache, mode, &mut scratch, &last)?;
         return Ok((cache, start, logits));
     }
     let ids = Tensor::from_vec(ids, (reqs.len(), l), dev)?;
@@ -675,10 +681,7 @@ mod tests {
             }
         }
         // The base model's keys and values are not the adapter's.
-        let off = Mode {
-            lora: false,
-            ..Mode::infer()
-        };
+        let off = Mode::infer().with_lora(false);
         assert!(dec.prefill_after_cached(m, &b, 64, off).unwrap().is_none());
         // Nothing worth reusing.
         let other: Vec<u32> = b.iter().rev().copied().collect();

@@ -187,10 +187,10 @@ fn run_nodes(
         .map(|(r, &n)| (n, r * t + nodes[n].tokens.len() - 1))
         .collect();
     let at: Vec<usize> = ending.iter().map(|&(_, i)| i).collect();
-    let logits = if model.llama.fast_prefill(mode) {
+    let logits = if let Some(w) = model.llama.blocks_for(mode) {
         model
             .llama
-            .forward_cpu(&ids, t, &start, &mut cache, mode, scratch, &at)?
+            .forward_cpu(w, &ids, t, &start, &mut cache, mode, scratch, &at)?
     } else {
         let ids = Tensor::from_vec(ids, (rows.len(), t), &dev)?;
         let mask = build_mask(&start, past, t, model.llama.dtype, &dev)?;

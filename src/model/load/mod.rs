@@ -62,7 +62,7 @@ impl Model {
             }
         };
         let mut llama = llama;
-        llama.fused_attention = match opts.attention {
+        let fused = match opts.attention {
             AttentionChoice::Composed => false,
             AttentionChoice::Auto => attention::supported(&opts.device, opts.dtype),
             AttentionChoice::Fused => {
@@ -74,6 +74,7 @@ impl Model {
                 true
             }
         };
+        llama.set_fused_attention(fused);
         Ok(Self {
             llama,
             meta,
