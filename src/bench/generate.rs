@@ -41,6 +41,60 @@ pub(super) struct GenerateArgs {
     pub(super) backend: BenchBackend,
 }
 
+/// The configured model held as `weights` asks (or a random one of TinyLlama's shape), set
+/// never to stop early: every row makes exactly `--new-tokens` tokens.
+fn load(recipe: &Recipe, weights: BenchWeights, shape: Shape) -> Result<Model> {
+    let plan = &recipe.generate;
+    let mut model = if let Some(cfg) = shape.config() {
+        shape.model(&cfg, recipe, plan)?
+    } else {
+        let mut opts = plan.load.clone();
+        opts.weights = match weights {
+            BenchWeights::Quantized => WeightsMode::Quantized,
+            BenchWeights::Mixed => WeightsMode::Mixed,
+            BenchWeights::Q8 => WeightsMode::Q8,
+            BenchWeights::Blocks => WeightsMode::Blocks,
+            BenchWeights::F32 => WeightsMode::Dense,
+        };
+        Model::load(recipe.model(plan)?, &opts)?
+    };
+    model.meta.tok.eos_id = u32::MAX;
+    model.meta.tok.stop_ids.clear();
+    Ok(model)
+}
+
+/// `repeat` runs of every job at batch `bs`: each run's prompt tok/s, decode tok/s (NaN with
+/// no decoding step) and wall seconds.
+fn measure(
+    model: &Model,
+    bs: usize,
+    vocab: u32,
+    jobs: &[Job],
+    s: &crate::model::generate::Sampling,
+    repeat: usize,
+) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>)> {
+    let (mut pre, mut dec, mut wall) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..repeat.max(1) {
+        let t0 = Instant::now();
+        let engine = Local {
+            wrap_vocab: Some(vocab),
+            ..Local::new(model, bs)
+        };
+        let st = engine
+            .generate(jobs.to_vec(), s, &mut |_| Ok(()))?
+            .engine
+            .unwrap_or_default();
+        wall.push(t0.elapsed().as_secs_f64());
+        pre.push(st.prompt_tokens as f64 / st.prefill_secs);
+        dec.push(if st.decode_secs > 0.0 {
+            st.generated_tokens as f64 / st.decode_secs
+        } else {
+            f64::NAN
+        });
+    }
+    Ok((pre, dec, wall))
+}
+
 pub(super) fn run(recipe: &Recipe, ctx: &mut Ctx, a: GenerateArgs) -> Result<()> {
     let GenerateArgs {
         prompts,
@@ -58,26 +112,8 @@ pub(super) fn run(recipe: &Recipe, ctx: &mut Ctx, a: GenerateArgs) -> Result<()>
         let rows = &rows[..prompts.min(rows.len())];
         return remote(recipe, rows, &batch_size, new_tokens, repeat, json);
     }
-    let plan = &recipe.generate;
-    let device = plan.load.device.clone();
-    let src = recipe.model(plan)?;
     let tinyllama_shape = shape.tinyllama_shape;
-    let mut model = if let Some(cfg) = shape.config() {
-        shape.model(&cfg, recipe, plan)?
-    } else {
-        let mut opts = plan.load.clone();
-        opts.weights = match weights {
-            BenchWeights::Quantized => WeightsMode::Quantized,
-            BenchWeights::Mixed => WeightsMode::Mixed,
-            BenchWeights::Q8 => WeightsMode::Q8,
-            BenchWeights::Blocks => WeightsMode::Blocks,
-            BenchWeights::F32 => WeightsMode::Dense,
-        };
-        Model::load(src, &opts)?
-    };
-    // Never stop early: every row makes exactly new_tokens tokens.
-    model.meta.tok.eos_id = u32::MAX;
-    model.meta.tok.stop_ids.clear();
+    let model = load(recipe, weights, shape)?;
     let vocab = model.llama.cfg.vocab_size as u32;
     let jobs: Vec<Job> = rows
         .iter()
@@ -95,7 +131,6 @@ pub(super) fn run(recipe: &Recipe, ctx: &mut Ctx, a: GenerateArgs) -> Result<()>
         .collect::<Result<_>>()?;
     let s = sampling(new_tokens);
     let all: Vec<&[u32]> = reqs.iter().map(|r| &r[..]).collect();
-    let _ = &device;
     if !json {
         println!(
             "model {} ({}), {} prompts ({} prompt tokens, {} of them not a prefix another prompt \
@@ -131,28 +166,7 @@ pub(super) fn run(recipe: &Recipe, ctx: &mut Ctx, a: GenerateArgs) -> Result<()>
         println!("|---|---|---|---|---|---|");
     }
     for &bs in &batch_size {
-        let mut pre = Vec::new();
-        let mut dec = Vec::new();
-        let mut wall = Vec::new();
-        for _ in 0..repeat.max(1) {
-            let t0 = Instant::now();
-            let engine = Local {
-                wrap_vocab: Some(vocab),
-                ..Local::new(&model, bs)
-            };
-            let st = engine
-                .generate(jobs.clone(), &s, &mut |_| Ok(()))?
-                .engine
-                .unwrap_or_default();
-            wall.push(t0.elapsed().as_secs_f64());
-            pre.push(st.prompt_tokens as f64 / st.prefill_secs);
-            // No decoding step (one new token a prompt): no decode rate.
-            dec.push(if st.decode_secs > 0.0 {
-                st.generated_tokens as f64 / st.decode_secs
-            } else {
-                f64::NAN
-            });
-        }
+        let (pre, dec, wall) = measure(&model, bs, vocab, &jobs, &s, repeat)?;
         if json {
             let generated = (reqs.len() * new_tokens) as f64;
             let w = median(wall.clone());

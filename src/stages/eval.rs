@@ -252,6 +252,115 @@ fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
+/// The judge's AUROC at telling the test rows' chosen reviews from their rejected ones (for
+/// unpaired rows: desirable from undesirable), before it scores anything.
+fn judge_auroc(judge: &Judge, test: &[data::RawRow], unpaired: bool) -> Result<f64> {
+    let (harsh, kind): (Vec<&str>, Vec<&str>) = if unpaired {
+        (
+            test.iter()
+                .filter(|r| r.label == Some(true))
+                .map(|r| r.chosen.as_str())
+                .collect(),
+            test.iter()
+                .filter(|r| r.label == Some(false))
+                .map(|r| r.chosen.as_str())
+                .collect(),
+        )
+    } else {
+        (
+            test.iter().map(|r| r.chosen.as_str()).collect(),
+            test.iter().map(|r| r.rejected.as_str()).collect(),
+        )
+    };
+    if harsh.is_empty() || kind.is_empty() {
+        bail!(
+            "the test rows hold {} desirable and {} undesirable reviews; validating the judge needs both",
+            harsh.len(),
+            kind.len()
+        );
+    }
+    Ok(auroc(&judge.score(&harsh)?, &judge.score(&kind)?))
+}
+
+/// Score both models' reviews, and write `samples.jsonl`, `report.json`, `eval.md` and the
+/// scores' chart. Returns how many pairs the adapter's review was the harsher of.
+fn write_report(
+    ctx: &Ctx,
+    out: &Path,
+    judge: &Judge,
+    judge_auroc: f64,
+    prompts: &[(String, String)],
+    (base, adapted): (&[String], &[String]),
+    (eval_loss, eval_reward_accuracy): (f64, f64),
+) -> Result<usize> {
+    let es = &ctx.settings().eval;
+    let n = base.len();
+    let base_refs: Vec<&str> = base.iter().map(|s| s.as_str()).collect();
+    let adapted_refs: Vec<&str> = adapted.iter().map(|s| s.as_str()).collect();
+    let sb = judge.score(&base_refs)?;
+    let sa = judge.score(&adapted_refs)?;
+    let harsher = sa.iter().zip(&sb).filter(|(a, b)| a > b).count();
+    let chars = |v: &[String]| {
+        mean(
+            &v.iter()
+                .map(|t| t.chars().count() as f64)
+                .collect::<Vec<_>>(),
+        )
+    };
+    let report = Report {
+        n,
+        judge: es.judge.name().into(),
+        judge_auroc,
+        harsher_rate: harsher as f64 / n as f64,
+        harsher_rate_ci: wilson95(harsher, n),
+        negativity_base: mean(&sb),
+        negativity_adapter: mean(&sa),
+        eval_loss,
+        eval_reward_accuracy,
+        distinct2_base: distinct2(base),
+        distinct2_adapter: distinct2(adapted),
+        mean_chars_base: chars(base),
+        mean_chars_adapter: chars(adapted),
+    };
+    let rows: Vec<SampleRow> = (0..n)
+        .map(|id| SampleRow {
+            title: prompts[id / es.samples].0.clone(),
+            sample: id % es.samples,
+            seed: es.seed,
+            stream: id,
+            base: base[id].clone(),
+            adapter: adapted[id].clone(),
+            base_score: sb[id],
+            adapter_score: sa[id],
+        })
+        .collect();
+    write_jsonl(&out.join("samples.jsonl"), &rows)?;
+    write_json_pretty(&out.join("report.json"), &report)?;
+    write_atomic(&out.join("eval.md"), markdown(&report, &rows).as_bytes())?;
+    crate::dpo::charts::plot_distributions(
+        &sb,
+        &sa,
+        &format!(
+            "{} judge: negativity of {n} reviews per model",
+            es.judge.name()
+        ),
+        &out.join("scores.png"),
+    );
+    ctx.say(
+        "Evaluated",
+        format!(
+            "harsher in {:.0}% of {n} (95% CI {:.0}-{:.0}%), negativity {:.3} -> {:.3}, judge AUROC {:.3}",
+            100.0 * report.harsher_rate,
+            100.0 * report.harsher_rate_ci[0],
+            100.0 * report.harsher_rate_ci[1],
+            report.negativity_base,
+            report.negativity_adapter,
+            judge_auroc
+        ),
+    );
+    Ok(harsher)
+}
+
 pub(crate) fn build(ctx: &Ctx, inp: &Inputs, out: &Path) -> Result<Built> {
     let s = ctx.settings();
     let es = &s.eval;
@@ -275,33 +384,7 @@ pub(crate) fn build(ctx: &Ctx, inp: &Inputs, out: &Path) -> Result<Built> {
         _ => None,
     };
     let judge = Judge::new(es.judge, &s.judge, judge_model.as_ref())?;
-    let (harsh, kind): (Vec<&str>, Vec<&str>) = if ts.loss.is_unpaired() {
-        (
-            raw.test
-                .iter()
-                .filter(|r| r.label == Some(true))
-                .map(|r| r.chosen.as_str())
-                .collect(),
-            raw.test
-                .iter()
-                .filter(|r| r.label == Some(false))
-                .map(|r| r.chosen.as_str())
-                .collect(),
-        )
-    } else {
-        (
-            raw.test.iter().map(|r| r.chosen.as_str()).collect(),
-            raw.test.iter().map(|r| r.rejected.as_str()).collect(),
-        )
-    };
-    if harsh.is_empty() || kind.is_empty() {
-        bail!(
-            "the test rows hold {} desirable and {} undesirable reviews; validating the judge needs both",
-            harsh.len(),
-            kind.len()
-        );
-    }
-    let judge_auroc = auroc(&judge.score(&harsh)?, &judge.score(&kind)?);
+    let judge_auroc = judge_auroc(&judge, &raw.test, ts.loss.is_unpaired())?;
     ctx.say(
         "Judge",
         format!(
@@ -373,69 +456,15 @@ pub(crate) fn build(ctx: &Ctx, inp: &Inputs, out: &Path) -> Result<Built> {
         }
     };
 
-    let base_refs: Vec<&str> = base.iter().map(|s| s.as_str()).collect();
-    let adapted_refs: Vec<&str> = adapted.iter().map(|s| s.as_str()).collect();
-    let sb = judge.score(&base_refs)?;
-    let sa = judge.score(&adapted_refs)?;
-    let harsher = sa.iter().zip(&sb).filter(|(a, b)| a > b).count();
-    let chars = |v: &[String]| {
-        mean(
-            &v.iter()
-                .map(|t| t.chars().count() as f64)
-                .collect::<Vec<_>>(),
-        )
-    };
-    let report = Report {
-        n,
-        judge: es.judge.name().into(),
+    let harsher = write_report(
+        ctx,
+        out,
+        &judge,
         judge_auroc,
-        harsher_rate: harsher as f64 / n as f64,
-        harsher_rate_ci: wilson95(harsher, n),
-        negativity_base: mean(&sb),
-        negativity_adapter: mean(&sa),
-        eval_loss: metric("eval_loss")?,
-        eval_reward_accuracy: metric("eval_rewards/accuracies")?,
-        distinct2_base: distinct2(&base),
-        distinct2_adapter: distinct2(&adapted),
-        mean_chars_base: chars(&base),
-        mean_chars_adapter: chars(&adapted),
-    };
-    let rows: Vec<SampleRow> = (0..n)
-        .map(|id| SampleRow {
-            title: prompts[id / es.samples].0.clone(),
-            sample: id % es.samples,
-            seed: es.seed,
-            stream: id,
-            base: base[id].clone(),
-            adapter: adapted[id].clone(),
-            base_score: sb[id],
-            adapter_score: sa[id],
-        })
-        .collect();
-    write_jsonl(&out.join("samples.jsonl"), &rows)?;
-    write_json_pretty(&out.join("report.json"), &report)?;
-    write_atomic(&out.join("eval.md"), markdown(&report, &rows).as_bytes())?;
-    crate::dpo::charts::plot_distributions(
-        &sb,
-        &sa,
-        &format!(
-            "{} judge: negativity of {n} reviews per model",
-            es.judge.name()
-        ),
-        &out.join("scores.png"),
-    );
-    ctx.say(
-        "Evaluated",
-        format!(
-            "harsher in {:.0}% of {n} (95% CI {:.0}-{:.0}%), negativity {:.3} -> {:.3}, judge AUROC {:.3}",
-            100.0 * report.harsher_rate,
-            100.0 * report.harsher_rate_ci[0],
-            100.0 * report.harsher_rate_ci[1],
-            report.negativity_base,
-            report.negativity_adapter,
-            judge_auroc
-        ),
-    );
+        &prompts,
+        (&base, &adapted),
+        (metric("eval_loss")?, metric("eval_rewards/accuracies")?),
+    )?;
     Ok(Built::new("reviews", 2 * n)
         .with("titles", prompts.len())
         .with("harsher", harsher))
