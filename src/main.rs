@@ -10,7 +10,9 @@ fn tune_allocator() {
     // glibc caps the mmap threshold at 32 MiB (larger values are ignored).
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("REVIEWER2_DEFAULT_MALLOC").is_none() {
-        // SAFETY: mallopt only adjusts allocator thresholds; called before any thread starts.
+        // SAFETY: mallopt takes plain integers and only adjusts glibc's allocator thresholds
+        // (valid parameters, values in range); called first thing in `main`, before any thread
+        // starts.
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
             libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
@@ -35,7 +37,8 @@ fn tune_thread_pools() {
 fn main() {
     // `pipeline status | head` should end quietly, not panic on a closed pipe.
     #[cfg(unix)]
-    // SAFETY: restoring the default disposition of a signal before any thread starts.
+    // SAFETY: `SIG_DFL` for `SIGPIPE` installs no handler, only restores the default
+    // disposition, and this runs first in `main`, before any thread starts.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }

@@ -219,7 +219,8 @@ fn probs<T: Float + WithDType + 'static>(x: &Inputs<T>, bi: usize, g: usize) -> 
         // The same reductions and division as candle's softmax_last_dim, so inference through
         // this kernel rounds exactly as the composed path does.
         let mut max = T::neg_infinity();
-        // SAFETY: both reductions read `s` elements of a slice of length `s`.
+        // SAFETY: `row` is one of `p`'s chunks of `s` (`p` is `m * s` long), so the reduction
+        // reads `s` valid elements, and `max` is a live local it writes one value to.
         unsafe { T::vec_reduce_max(row.as_ptr(), &mut max, s) };
         for x in row.iter_mut() {
             *x -= max;
@@ -231,6 +232,7 @@ fn probs<T: Float + WithDType + 'static>(x: &Inputs<T>, bi: usize, g: usize) -> 
             None => row.iter_mut().for_each(|x| *x = x.exp()),
         }
         let mut sum = T::zero();
+        // SAFETY: as for the maximum: `s` valid elements of `row`, one write to the local `sum`.
         unsafe { T::vec_reduce_sum(row.as_ptr(), &mut sum, s) };
         row.iter_mut().for_each(|x| *x /= sum);
     }
@@ -283,12 +285,18 @@ fn forward<T: Float + WithDType + Send + Sync>(x: &Inputs<T>) -> Vec<T> {
 fn decode_task<T: Float + WithDType>(x: &Inputs<T>, bi: usize, g: usize) -> Vec<T> {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features the function is compiled for.
+        // SAFETY: AVX2 and FMA, the features `decode_task_avx2` is compiled for, were detected
+        // on this CPU just above; it has no other requirement.
         return unsafe { decode_task_avx2(x, bi, g) };
     }
     decode_task_generic(x, bi, g)
 }
 
+/// [`decode_task_generic`] compiled for AVX2 + FMA (the loops vectorize with them).
+///
+/// # Safety
+/// The CPU has AVX2 and FMA ([`decode_task`] detects them). The body is safe code: the
+/// features are the only requirement.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn decode_task_avx2<T: Float + WithDType>(x: &Inputs<T>, bi: usize, g: usize) -> Vec<T> {

@@ -12,6 +12,10 @@ pub(crate) trait KvElem: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
     /// Eight values from `p` as f32 lanes (inlined into AVX2 + F16C code).
+    ///
+    /// # Safety
+    /// `p` is valid for reading 8 consecutive values (no alignment needed), and the CPU has AVX
+    /// and F16C (the caller, `x86::attend`, runs only where `x86::available` found them).
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
 }
@@ -25,10 +29,16 @@ impl KvElem for f32 {
     fn from_f32(v: f32) -> Self {
         v
     }
+    /// `_mm256_loadu_ps`.
+    ///
+    /// # Safety
+    /// [`KvElem::load8`]'s: `p` is valid for reading 8 values (32 bytes); the CPU has AVX.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
-        std::arch::x86_64::_mm256_loadu_ps(p)
+        // SAFETY: the 8 values (32 bytes) at `p` are readable and the CPU has AVX, both by the
+        // trait method's contract.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
     }
 }
 
@@ -41,11 +51,18 @@ impl KvElem for half::f16 {
     fn from_f32(v: f32) -> Self {
         half::f16::from_f32(v)
     }
+    /// `vcvtph2ps` of a 16-byte load.
+    ///
+    /// # Safety
+    /// [`KvElem::load8`]'s: `p` is valid for reading 8 values (16 bytes); the CPU has AVX and
+    /// F16C.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
-        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        // SAFETY: the 8 values (16 bytes) at `p` are readable and the CPU has F16C, both by the
+        // trait method's contract.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
     }
 }
 
@@ -79,7 +96,9 @@ fn attend<E: KvElem>(
 ) {
     #[cfg(target_arch = "x86_64")]
     if x86::available() && hd.is_multiple_of(8) {
-        // SAFETY: the CPU has AVX2, FMA and F16C.
+        // SAFETY: `x86::available()` found AVX2, FMA and F16C (a non-portable quant kernel is
+        // offered only after detecting them, and F16C is checked again), and `hd % 8 == 0` is
+        // checked beside it; the slice lengths `x86::attend` needs it asserts itself.
         return unsafe { x86::attend(q, kv, cols, hd, scale, out) };
     }
     attend_generic(q, kv, cols, hd, scale, out)
@@ -156,8 +175,9 @@ mod x86 {
     /// [`super::attend`] for `hd` a multiple of 8.
     ///
     /// # Safety
-    /// The CPU has AVX2, FMA and F16C; `hd % 8 == 0`; `kc` and `vc` hold `cols.end * hd`
-    /// values.
+    /// The CPU has AVX2, FMA and F16C (`available()` checks them), and `hd % 8 == 0`. (That
+    /// `kc` and `vc` hold `cols.end * hd` values and `out` as many as `q` is asserted: a
+    /// violation panics.)
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn attend<E: super::KvElem>(
         q: &[f32],
@@ -167,71 +187,83 @@ mod x86 {
         scale: f32,
         out: &mut [f32],
     ) {
-        let (ncol, rep) = (cols.len(), q.len() / hd);
-        assert!(kc.len() >= cols.end * hd && vc.len() >= cols.end * hd && out.len() == q.len());
-        if ncol == 0 {
-            return;
-        }
-        let (kp, vp, qp) = (
-            kc.as_ptr().add(cols.start * hd),
-            vc.as_ptr().add(cols.start * hd),
-            q.as_ptr(),
-        );
-        let mut p = vec![0f32; rep * ncol];
-        let sc = _mm256_set1_ps(scale);
-        // Scores, eight columns at a time: their keys stay in L1 while every head reads them.
-        let mut j = 0;
-        while j + 8 <= ncol {
-            for r in 0..rep {
-                let mut acc = [_mm256_setzero_ps(); 8];
-                for c in (0..hd).step_by(8) {
-                    let qv = _mm256_loadu_ps(qp.add(r * hd + c));
-                    for (l, a) in acc.iter_mut().enumerate() {
-                        *a = _mm256_fmadd_ps(qv, E::load8(kp.add((j + l) * hd + c)), *a);
-                    }
-                }
-                _mm256_storeu_ps(
-                    p.as_mut_ptr().add(r * ncol + j),
-                    _mm256_mul_ps(hsum8(&acc), sc),
-                );
+        // SAFETY: the CPU features and `hd % 8 == 0` are this function's contract, and the
+        // assertion below gives the lengths; with them every raw access is in bounds:
+        // - keys: `kp` is `kc` from column `cols.start`, read 8 values at `(j + l) * hd + c` with
+        //   `j + l < ncol` and `c + 8 <= hd`, so inside `kc[cols.start * hd..cols.end * hd]`;
+        //   values likewise through `vp` (columns `jj < ncol`, offsets `c0 + 8 i + 8 <= hd`).
+        // - queries: 8 values at `r * hd + c` with `r < rep = q.len() / hd` and `c + 8 <= hd`
+        //   (`hd` a multiple of 8), inside `q`; `out` (as long as `q`) is read and written at the
+        //   same kind of offsets, `r * hd + c0 + 8 i`.
+        // - scores: 8 values at `r * ncol + j` with `j + 8 <= ncol`, inside `p` (`rep * ncol`).
+        // - `E::load8` reads 8 values at each such offset, on a CPU with AVX and F16C.
+        unsafe {
+            let (ncol, rep) = (cols.len(), q.len() / hd);
+            assert!(kc.len() >= cols.end * hd && vc.len() >= cols.end * hd && out.len() == q.len());
+            if ncol == 0 {
+                return;
             }
-            j += 8;
-        }
-        for jj in j..ncol {
-            for r in 0..rep {
-                let mut a = _mm256_setzero_ps();
-                for c in (0..hd).step_by(8) {
-                    a = _mm256_fmadd_ps(
-                        _mm256_loadu_ps(qp.add(r * hd + c)),
-                        E::load8(kp.add(jj * hd + c)),
-                        a,
-                    );
-                }
-                let mut lanes = [0f32; 8];
-                _mm256_storeu_ps(lanes.as_mut_ptr(), a);
-                p[r * ncol + jj] = lanes.iter().sum::<f32>() * scale;
-            }
-        }
-        p.chunks_exact_mut(ncol).for_each(super::softmax);
-        // P @ V: each head's output, 64 values at a time, held in eight registers over the
-        // columns.
-        for (r, ph) in p.chunks_exact(ncol).enumerate() {
-            for c0 in (0..hd).step_by(64) {
-                let w = (hd - c0).min(64) / 8;
-                let mut acc = [_mm256_setzero_ps(); 8];
-                for (jj, &pw) in ph.iter().enumerate() {
-                    let b = _mm256_set1_ps(pw);
-                    let row = vp.add(jj * hd + c0);
-                    for (i, a) in acc.iter_mut().enumerate().take(w) {
-                        *a = _mm256_fmadd_ps(b, E::load8(row.add(i * 8)), *a);
+            let (kp, vp, qp) = (
+                kc.as_ptr().add(cols.start * hd),
+                vc.as_ptr().add(cols.start * hd),
+                q.as_ptr(),
+            );
+            let mut p = vec![0f32; rep * ncol];
+            let sc = _mm256_set1_ps(scale);
+            // Scores, eight columns at a time: their keys stay in L1 while every head reads them.
+            let mut j = 0;
+            while j + 8 <= ncol {
+                for r in 0..rep {
+                    let mut acc = [_mm256_setzero_ps(); 8];
+                    for c in (0..hd).step_by(8) {
+                        let qv = _mm256_loadu_ps(qp.add(r * hd + c));
+                        for (l, a) in acc.iter_mut().enumerate() {
+                            *a = _mm256_fmadd_ps(qv, E::load8(kp.add((j + l) * hd + c)), *a);
+                        }
                     }
-                }
-                let o = out.as_mut_ptr().add(r * hd + c0);
-                for (i, a) in acc.iter().enumerate().take(w) {
                     _mm256_storeu_ps(
-                        o.add(i * 8),
-                        _mm256_add_ps(_mm256_loadu_ps(o.add(i * 8)), *a),
+                        p.as_mut_ptr().add(r * ncol + j),
+                        _mm256_mul_ps(hsum8(&acc), sc),
                     );
+                }
+                j += 8;
+            }
+            for jj in j..ncol {
+                for r in 0..rep {
+                    let mut a = _mm256_setzero_ps();
+                    for c in (0..hd).step_by(8) {
+                        a = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(qp.add(r * hd + c)),
+                            E::load8(kp.add(jj * hd + c)),
+                            a,
+                        );
+                    }
+                    let mut lanes = [0f32; 8];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), a);
+                    p[r * ncol + jj] = lanes.iter().sum::<f32>() * scale;
+                }
+            }
+            p.chunks_exact_mut(ncol).for_each(super::softmax);
+            // P @ V: each head's output, 64 values at a time, held in eight registers over the
+            // columns.
+            for (r, ph) in p.chunks_exact(ncol).enumerate() {
+                for c0 in (0..hd).step_by(64) {
+                    let w = (hd - c0).min(64) / 8;
+                    let mut acc = [_mm256_setzero_ps(); 8];
+                    for (jj, &pw) in ph.iter().enumerate() {
+                        let b = _mm256_set1_ps(pw);
+                        let row = vp.add(jj * hd + c0);
+                        for (i, a) in acc.iter_mut().enumerate().take(w) {
+                            *a = _mm256_fmadd_ps(b, E::load8(row.add(i * 8)), *a);
+                        }
+                    }
+                    let o = out.as_mut_ptr().add(r * hd + c0);
+                    for (i, a) in acc.iter().enumerate().take(w) {
+                        _mm256_storeu_ps(
+                            o.add(i * 8),
+                            _mm256_add_ps(_mm256_loadu_ps(o.add(i * 8)), *a),
+                        );
+                    }
                 }
             }
         }

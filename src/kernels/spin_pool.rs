@@ -32,10 +32,16 @@ struct Shared {
     rest: std::sync::atomic::AtomicBool,
 }
 
-// SAFETY: `job` is written only by the thread holding `SpinPool::caller` while no worker reads it
-// (every worker has finished the previous job: `pending == 0`), and read by workers only after
-// they observe the epoch that published it (release/acquire on `epoch`).
+// SAFETY: every field but `job` is `Sync` already. `job` is written only by the thread holding
+// `SpinPool::caller` while no worker reads it (every worker has finished the previous job:
+// `pending == 0`, observed with acquire after each worker's release decrement), and read by
+// workers only after they observe the epoch that published it (release/acquire on `epoch`), so
+// the `UnsafeCell` never sees a write concurrent with another access. The pointer it holds is to
+// a `dyn Fn + Sync`, which any thread may call.
 unsafe impl Sync for Shared {}
+// SAFETY: `Shared` is `!Send` only for the raw pointer in `job`; the closure it points to is
+// `Sync` (callable from any thread) and outlives every use (see `SpinPool::run_job`), and the
+// rest of `Shared` is `Send`.
 unsafe impl Send for Shared {}
 
 pub(crate) struct SpinPool {
@@ -109,9 +115,14 @@ impl SpinPool {
             return;
         }
         let sh = &*self.shared;
-        // SAFETY: the pointer outlives its use: this function does not return before every
-        // worker has finished running it (`pending` back to 0 below).
+        // SAFETY: the transmute only widens the trait object's lifetime bound to the `'static`
+        // of `Job` (same layout: a fat pointer). The pointer outlives its use: this function
+        // does not return, nor unwind, before every worker has finished running it
+        // (`WaitForWorkers` waits for `pending` back to 0 below).
         let job: Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), Job>(f) };
+        // SAFETY: this thread holds `caller`, so no other caller writes `job`; every worker has
+        // finished the previous job (the previous call waited for `pending == 0`, with acquire)
+        // and reads `job` again only after the epoch bump below publishes this write.
         unsafe { *sh.job.get() = Some(job) };
         sh.rest.store(rest, Ordering::Relaxed);
         sh.pending.store(self.threads - 1, Ordering::Relaxed);
@@ -175,8 +186,12 @@ fn worker(sh: Arc<Shared>, t: usize) {
             }
         }
         rest = sh.rest.load(Ordering::Relaxed);
-        // SAFETY: published before the epoch this thread just saw; the caller waits for us.
+        // SAFETY: `job` was written before the epoch this thread just saw (acquire load, paired
+        // with the caller's release bump), and the caller writes it again only after this
+        // thread's `pending` decrement below, so the read races with no write.
         if let Some(job) = unsafe { *sh.job.get() } {
+            // SAFETY: the caller's `f`, which lives until `run_job` returns, and `run_job` waits
+            // for this thread's `pending` decrement, after the call; `f` is `Sync`.
             let f = unsafe { &*job };
             // A panic must not kill the thread: the caller is waiting for `pending`.
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(t))).is_err() {

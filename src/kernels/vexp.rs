@@ -44,12 +44,22 @@ fn exp_loop(xs: &mut [f32]) {
     }
 }
 
+/// [`exp_loop`] compiled for AVX-512F (the same arithmetic: no fused multiply-adds).
+///
+/// # Safety
+/// The CPU has AVX-512F ([`exp_in_place`] detects it). The body is safe code: the feature is
+/// the only requirement.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn exp_avx512(xs: &mut [f32]) {
     exp_loop(xs)
 }
 
+/// [`exp_loop`] compiled for AVX2 (the same arithmetic: no fused multiply-adds).
+///
+/// # Safety
+/// The CPU has AVX2 ([`exp_in_place`] detects it). The body is safe code: the feature is the
+/// only requirement.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn exp_avx2(xs: &mut [f32]) {
@@ -61,11 +71,11 @@ pub(crate) fn exp_in_place(xs: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F.
+            // SAFETY: AVX-512F, `exp_avx512`'s one requirement, was detected just above.
             return unsafe { exp_avx512(xs) };
         }
         if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2.
+            // SAFETY: AVX2, `exp_avx2`'s one requirement, was detected just above.
             return unsafe { exp_avx2(xs) };
         }
     }
@@ -75,14 +85,16 @@ pub(crate) fn exp_in_place(xs: &mut [f32]) {
 /// `s` as f32, when `T` is f32.
 pub(crate) fn as_f32<T: 'static>(s: &[T]) -> Option<&[f32]> {
     (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
-        // SAFETY: T is f32.
+        // SAFETY: `T` is `f32` (the `TypeId`s are equal), so this is the same slice, same
+        // pointer, length and lifetime, under its own type.
         .then(|| unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<f32>(), s.len()) })
 }
 
 /// `s` as f32, when `T` is f32.
 pub(crate) fn as_f32_mut<T: 'static>(s: &mut [T]) -> Option<&mut [f32]> {
     (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
-        // SAFETY: T is f32.
+        // SAFETY: `T` is `f32` (the `TypeId`s are equal), so this is the same slice under its own
+        // type; it reborrows `s` mutably for its lifetime, so nothing else aliases it.
         .then(|| unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<f32>(), s.len()) })
 }
 

@@ -60,6 +60,8 @@ fn tinyllama_shape_matches_candle_transformers_llama() {
         serde_json::from_slice(&std::fs::read(d.path().join("config.json")).unwrap()).unwrap();
     let ct_cfg = ct_cfg.into_config(false);
     assert!(!ct_cfg.tie_word_embeddings);
+    // SAFETY: the mapped file is this test's own, written above into its private temporary
+    // folder, and nothing modifies or truncates it while the mapping lives.
     let vb = unsafe {
         candle_nn::VarBuilder::from_mmaped_safetensors(
             &[d.path().join("model.safetensors")],

@@ -9,6 +9,12 @@ use super::{Format, Packed, QActs, GROUP, QK};
 use std::arch::x86_64::*;
 
 /// [`super::quantize_row`] in AVX2: the same values (`vcvtps2dq` rounds half to even).
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C (checked by [`super::Kernel::available`]: any kernel but the
+/// portable one implies them). For `nb = x.len() / 32` blocks, `q` holds at least `nb * 32`
+/// values and `qu` is empty or holds at least `nb * 32` (`d` and `s` are indexed with bounds
+/// checks).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn quantize_row(
     x: &[f32],
@@ -20,13 +26,16 @@ pub(super) unsafe fn quantize_row(
     let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
     let flip = _mm256_set1_epi8(-128);
     for b in 0..x.len() / QK {
-        let p = x.as_ptr().add(b * QK);
-        let v = [
-            _mm256_loadu_ps(p),
-            _mm256_loadu_ps(p.add(8)),
-            _mm256_loadu_ps(p.add(16)),
-            _mm256_loadu_ps(p.add(24)),
-        ];
+        // SAFETY: `b < x.len() / 32`, so the 32 values at `b * 32` lie inside `x`.
+        let v = unsafe {
+            let p = x.as_ptr().add(b * QK);
+            [
+                _mm256_loadu_ps(p),
+                _mm256_loadu_ps(p.add(8)),
+                _mm256_loadu_ps(p.add(16)),
+                _mm256_loadu_ps(p.add(24)),
+            ]
+        };
         let m = _mm256_max_ps(
             _mm256_max_ps(_mm256_and_ps(v[0], abs), _mm256_and_ps(v[1], abs)),
             _mm256_max_ps(_mm256_and_ps(v[2], abs), _mm256_and_ps(v[3], abs)),
@@ -56,39 +65,58 @@ pub(super) unsafe fn quantize_row(
             _mm256_packs_epi16(w01, w23),
             _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7),
         );
-        _mm256_storeu_si256(q.as_mut_ptr().add(b * QK) as *mut __m256i, bytes);
-        if !qu.is_empty() {
-            _mm256_storeu_si256(
-                qu.as_mut_ptr().add(b * QK) as *mut __m256i,
-                _mm256_xor_si256(bytes, flip),
-            );
+        // SAFETY: `q` holds at least `x.len() / 32 * 32` bytes (the contract above), so block
+        // `b`'s 32 lie inside it; likewise `qu` where it is not empty.
+        unsafe {
+            _mm256_storeu_si256(q.as_mut_ptr().add(b * QK) as *mut __m256i, bytes);
+            if !qu.is_empty() {
+                _mm256_storeu_si256(
+                    qu.as_mut_ptr().add(b * QK) as *mut __m256i,
+                    _mm256_xor_si256(bytes, flip),
+                );
+            }
         }
         d[b] = db;
         s[b] = db * _mm_cvtsi128_si32(sum) as f32;
     }
 }
 
+/// The sum of `v`'s eight lanes.
+///
+/// # Safety
+/// The CPU has AVX (inlined into the AVX2 kernels, whose callers checked it).
 #[inline(always)]
 unsafe fn hsum256(v: __m256) -> f32 {
-    let lo = _mm256_castps256_ps128(v);
-    let hi = _mm256_extractf128_ps(v, 1);
-    let s = _mm_add_ps(lo, hi);
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    _mm_cvtss_f32(s)
+    // SAFETY: register-only AVX/SSE intrinsics; the CPU has AVX (this function's contract).
+    unsafe {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
 }
 
 /// Eight f16 values from `v[at..]` as f32 (zeros past the end of `v`).
+///
+/// # Safety
+/// The CPU has AVX and F16C. Any `v` and `at` are in bounds: the load is taken only where
+/// `at + 8 <= v.len()`, otherwise `v[at..]` is copied with bounds checks (and panics for
+/// `at > v.len()`).
 #[inline(always)]
 unsafe fn load8_f16(v: &[half::f16], at: usize) -> __m256 {
     if at + 8 <= v.len() {
-        _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(at) as *const __m128i))
+        // SAFETY: `at + 8 <= v.len()`, so the 16 bytes read lie inside `v`; the CPU has F16C
+        // (this function's contract).
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(at) as *const __m128i)) }
     } else {
         let mut tmp = [0u16; 8];
         for (t, h) in tmp.iter_mut().zip(&v[at..]) {
             *t = h.to_bits();
         }
-        _mm256_cvtph_ps(_mm_loadu_si128(tmp.as_ptr() as *const __m128i))
+        // SAFETY: `tmp` is 16 bytes; the CPU has F16C (this function's contract).
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(tmp.as_ptr() as *const __m128i)) }
     }
 }
 
@@ -96,6 +124,18 @@ unsafe fn load8_f16(v: &[half::f16], at: usize) -> __m256 {
 /// |w| against sign-adjusted activations (Q8_0), widened by `vpmaddwd`. Scales are
 /// converted and multiplied eight blocks at a time; two accumulators a row, alternating,
 /// so consecutive FMAs do not wait on each other.
+///
+/// # Safety
+/// - The CPU has AVX2, FMA and F16C ([`super::Kernel::available`] offers
+///   [`super::Kernel::Avx2`] and [`super::Kernel::Avx512Vnni`] only where it detected them).
+/// - `r < w.rows`, `x.nb == w.nb` (asserted by [`Packed::matmul`]), `1 <= g <= GROUP` (a
+///   `g` outside that range runs as 4) and `j0 + g <= x.rows`.
+///
+/// With these, every raw read is in bounds by the layout invariants [`Packed::from_ggml`] and
+/// [`Packed::permute_rows`] establish (`qs` holds `rows * nb * 16` bytes for Q4_1, `rows * nb *
+/// 32` for Q8_0; `d`, and `m` for Q4_1, `rows * nb` scales) and [`QActs::quantize`] establishes
+/// (`q` holds `rows * nb * 32` quants; `d` and `s` `rows * nbp` values, `nbp` a multiple of 16
+/// with the padding zeroed).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn avx2_row(
     w: &Packed,
@@ -106,14 +146,23 @@ pub(super) unsafe fn avx2_row(
     acc: &mut [f32; GROUP],
 ) {
     // On the group size, so the accumulators stay in registers.
-    match g {
-        1 => avx2_rows::<1>(w, r, x, j0, acc),
-        2 => avx2_rows::<2>(w, r, x, j0, acc),
-        3 => avx2_rows::<3>(w, r, x, j0, acc),
-        _ => avx2_rows::<4>(w, r, x, j0, acc),
+    // SAFETY: this function's contract is `avx2_rows::<G>`'s, with `G` the `g` it was given
+    // (4 for a `g` outside 1..=4, which the contract excludes).
+    unsafe {
+        match g {
+            1 => avx2_rows::<1>(w, r, x, j0, acc),
+            2 => avx2_rows::<2>(w, r, x, j0, acc),
+            3 => avx2_rows::<3>(w, r, x, j0, acc),
+            _ => avx2_rows::<4>(w, r, x, j0, acc),
+        }
     }
 }
 
+/// [`avx2_row`] for `G` activation rows.
+///
+/// # Safety
+/// [`avx2_row`]'s contract, with `g = G`: AVX2, FMA and F16C; `r < w.rows`; `x.nb == w.nb`;
+/// `j0 + G <= x.rows`.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn avx2_rows<const G: usize>(
     w: &Packed,
@@ -122,92 +171,114 @@ unsafe fn avx2_rows<const G: usize>(
     j0: usize,
     acc: &mut [f32; GROUP],
 ) {
-    let g = G;
-    let nb = w.nb;
-    let wrow = r * nb;
-    let ones = _mm256_set1_epi16(1);
-    let low = _mm256_set1_epi8(0x0F);
-    let mut sums = [[_mm256_setzero_ps(); G]; 2];
-    let mut mins = [_mm256_setzero_ps(); G];
-    let mut scale = [[0f32; 8]; G];
-    let xq = |row: usize, b: usize| {
-        _mm256_loadu_si256(x.q.as_ptr().add((row * nb + b) * QK) as *const __m256i)
-    };
-    let mut b0 = 0;
-    while b0 < nb {
-        let n = (nb - b0).min(8);
-        let row_end = wrow + nb;
-        let dw = load8_f16(&w.d[..row_end], wrow + b0);
-        let mw = match w.format {
-            Format::Q4_1 => load8_f16(&w.m[..row_end], wrow + b0),
-            Format::Q8_0 => _mm256_setzero_ps(),
+    // SAFETY: the CPU features and the bounds below are this function's contract. With
+    // `r < w.rows`, `x.nb == nb` and rows `j0..j0 + G` inside `x`, every raw access is in bounds:
+    // - `xq(row, b)`: the 32 quants of block `b < nb` of activation row `row < x.rows`, inside
+    //   `x.q` (`x.rows * nb * 32` values, `QActs::quantize`).
+    // - `x.d` and `x.s`, 8 values at `row * nbp + b0`: `b0` is a multiple of 8 below
+    //   `nb <= nbp`, and `nbp` a multiple of 16, so `b0 + 8 <= nbp` (the padding is zeros).
+    // - `w.qs`: Q4_1 32 bytes at `(r * nb + b) * 16` (blocks `b` and `b + 1`, paired) where
+    //   `b + 1 < nb`, else the last block's 16; Q8_0 32 bytes at `(r * nb + b) * 32`; all inside
+    //   row `r` of `qs` (`rows * nb * 16` or `* 32` bytes, `Packed::from_ggml`).
+    // - `w.d` and `w.m` are read through bounds-checked slices (`load8_f16`); `scale[j]` is a
+    //   local array of 8.
+    // - `load8_f16`, `hsum256` and `lo256_unused` need AVX and F16C, which this function has.
+    unsafe {
+        let g = G;
+        let nb = w.nb;
+        let wrow = r * nb;
+        let ones = _mm256_set1_epi16(1);
+        let low = _mm256_set1_epi8(0x0F);
+        let mut sums = [[_mm256_setzero_ps(); G]; 2];
+        let mut mins = [_mm256_setzero_ps(); G];
+        let mut scale = [[0f32; 8]; G];
+        let xq = |row: usize, b: usize| {
+            _mm256_loadu_si256(x.q.as_ptr().add((row * nb + b) * QK) as *const __m256i)
         };
-        for j in 0..g {
-            let at = (j0 + j) * x.nbp + b0;
-            // Activation scales are padded to a multiple of 16 blocks with zeros.
-            let dd = _mm256_mul_ps(dw, _mm256_loadu_ps(x.d.as_ptr().add(at)));
-            _mm256_storeu_ps(scale[j].as_mut_ptr(), dd);
-            mins[j] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(x.s.as_ptr().add(at)), mins[j]);
-        }
-        let mut k = 0;
-        while k < n {
-            let b = b0 + k;
-            let wi = wrow + b;
-            match w.format {
-                Format::Q4_1 => {
-                    let p = w.qs.as_ptr().add(wi * 16);
-                    // Two blocks from one load, or the unpaired last block in GGML's order.
-                    let (wa, wb, two) = if b + 1 < nb {
-                        let v = _mm256_loadu_si256(p as *const __m256i);
-                        let lo = _mm256_and_si256(v, low);
-                        let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-                        (lo, hi, true)
-                    } else {
-                        let v = _mm_loadu_si128(p as *const __m128i);
-                        let l = _mm_set1_epi8(0x0F);
-                        let lo = _mm_and_si128(v, l);
-                        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), l);
-                        (_mm256_set_m128i(hi, lo), lo256_unused(), false)
-                    };
-                    for j in 0..g {
-                        let row = j0 + j;
-                        let pa = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xq(row, b)), ones);
-                        let sa = _mm256_set1_ps(scale[j][k]);
-                        sums[0][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pa), sa, sums[0][j]);
-                        if two {
-                            let pb =
-                                _mm256_madd_epi16(_mm256_maddubs_epi16(wb, xq(row, b + 1)), ones);
-                            let sb = _mm256_set1_ps(scale[j][k + 1]);
-                            sums[1][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pb), sb, sums[1][j]);
+        let mut b0 = 0;
+        while b0 < nb {
+            let n = (nb - b0).min(8);
+            let row_end = wrow + nb;
+            let dw = load8_f16(&w.d[..row_end], wrow + b0);
+            let mw = match w.format {
+                Format::Q4_1 => load8_f16(&w.m[..row_end], wrow + b0),
+                Format::Q8_0 => _mm256_setzero_ps(),
+            };
+            for j in 0..g {
+                let at = (j0 + j) * x.nbp + b0;
+                // Activation scales are padded to a multiple of 16 blocks with zeros.
+                let dd = _mm256_mul_ps(dw, _mm256_loadu_ps(x.d.as_ptr().add(at)));
+                _mm256_storeu_ps(scale[j].as_mut_ptr(), dd);
+                mins[j] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(x.s.as_ptr().add(at)), mins[j]);
+            }
+            let mut k = 0;
+            while k < n {
+                let b = b0 + k;
+                let wi = wrow + b;
+                match w.format {
+                    Format::Q4_1 => {
+                        let p = w.qs.as_ptr().add(wi * 16);
+                        // Two blocks from one load, or the unpaired last block in GGML's order.
+                        let (wa, wb, two) = if b + 1 < nb {
+                            let v = _mm256_loadu_si256(p as *const __m256i);
+                            let lo = _mm256_and_si256(v, low);
+                            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                            (lo, hi, true)
+                        } else {
+                            let v = _mm_loadu_si128(p as *const __m128i);
+                            let l = _mm_set1_epi8(0x0F);
+                            let lo = _mm_and_si128(v, l);
+                            let hi = _mm_and_si128(_mm_srli_epi16(v, 4), l);
+                            (_mm256_set_m128i(hi, lo), lo256_unused(), false)
+                        };
+                        for j in 0..g {
+                            let row = j0 + j;
+                            let pa = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xq(row, b)), ones);
+                            let sa = _mm256_set1_ps(scale[j][k]);
+                            sums[0][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pa), sa, sums[0][j]);
+                            if two {
+                                let pb = _mm256_madd_epi16(
+                                    _mm256_maddubs_epi16(wb, xq(row, b + 1)),
+                                    ones,
+                                );
+                                let sb = _mm256_set1_ps(scale[j][k + 1]);
+                                sums[1][j] =
+                                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(pb), sb, sums[1][j]);
+                            }
                         }
+                        k += if two { 2 } else { 1 };
                     }
-                    k += if two { 2 } else { 1 };
-                }
-                Format::Q8_0 => {
-                    let wq = _mm256_loadu_si256(w.qs.as_ptr().add(wi * 32) as *const __m256i);
-                    let aw = _mm256_sign_epi8(wq, wq);
-                    for j in 0..g {
-                        let sx = _mm256_sign_epi8(xq(j0 + j, b), wq);
-                        let pr = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
-                        let sc = _mm256_set1_ps(scale[j][k]);
-                        let s = &mut sums[k % 2][j];
-                        *s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pr), sc, *s);
+                    Format::Q8_0 => {
+                        let wq = _mm256_loadu_si256(w.qs.as_ptr().add(wi * 32) as *const __m256i);
+                        let aw = _mm256_sign_epi8(wq, wq);
+                        for j in 0..g {
+                            let sx = _mm256_sign_epi8(xq(j0 + j, b), wq);
+                            let pr = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
+                            let sc = _mm256_set1_ps(scale[j][k]);
+                            let s = &mut sums[k % 2][j];
+                            *s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pr), sc, *s);
+                        }
+                        k += 1;
                     }
-                    k += 1;
                 }
             }
+            b0 += n;
         }
-        b0 += n;
-    }
-    for j in 0..g {
-        acc[j] = hsum256(_mm256_add_ps(
-            _mm256_add_ps(sums[0][j], sums[1][j]),
-            mins[j],
-        ));
+        for j in 0..g {
+            acc[j] = hsum256(_mm256_add_ps(
+                _mm256_add_ps(sums[0][j], sums[1][j]),
+                mins[j],
+            ));
+        }
     }
 }
 
+/// A zero register, for the second block of an unpaired one (never read).
+///
+/// # Safety
+/// The CPU has AVX.
 #[inline(always)]
 unsafe fn lo256_unused() -> __m256i {
-    _mm256_setzero_si256()
+    // SAFETY: a register-only AVX intrinsic; the CPU has AVX (this function's contract).
+    unsafe { _mm256_setzero_si256() }
 }

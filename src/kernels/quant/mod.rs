@@ -32,6 +32,13 @@ pub(crate) enum Format {
 }
 
 /// A `[rows, cols]` matrix of quantized blocks.
+///
+/// The SIMD kernels read `qs`, `d`, `m`, `sums` and the tiles through raw pointers, in bounds
+/// by these invariants, which [`Packed::from_ggml`] and [`Packed::permute_rows`] (the only
+/// constructors) establish and nothing changes afterwards: `nb = cols / 32`; `qs` holds
+/// `rows * nb * 16` bytes (Q4_1) or `rows * nb * 32` (Q8_0), row `r` from `r * nb * 16` (or
+/// `* 32`); `d` holds `rows * nb` scales, and `m` (Q4_1) or `sums` (Q8_0) `rows * nb` values;
+/// `tiles`, where present, is built from these and `rows` is a multiple of 16.
 pub(crate) struct Packed {
     pub(crate) format: Format,
     pub(crate) rows: usize,
@@ -352,9 +359,15 @@ impl Packed {
                     for tile in t0..t1 {
                         for j0 in (c0..c1).step_by(TILE_ROWS) {
                             let g = (c1 - j0).min(TILE_ROWS);
-                            // SAFETY: the kernel is available (tiles are built only then); parts
-                            // own disjoint tiles, so each output element has one writer, and
-                            // rows j0..j0 + g, columns of `tile` lie inside `out` (asserted).
+                            // SAFETY: `avx512::tiled`'s contract holds. The kernel is
+                            // `Avx512Vnni`, offered only where the CPU has its features; `tiles`
+                            // is `self.tiles`, built from `self`, and `tile < nt`; `x.nb ==
+                            // self.nb` (asserted above) and `j0 + g <= c1 <= x.rows`; `x.qu` is
+                            // filled, since `QActs::quantize` fills it wherever tiles are built
+                            // (both follow `Kernel::tiled_available`, fixed for the process).
+                            // `out` holds `x.rows * self.rows` values (asserted above), and parts
+                            // own disjoint tiles, so each written element (row `j0 + j`, the 16
+                            // columns of `tile`) has this one writer and no reader.
                             unsafe { avx512::tiled(self, tiles, x, tile, j0, g, dst.0) };
                         }
                     }
@@ -385,7 +398,9 @@ impl Packed {
                     kernel.row(self, r, x, j0, g, &mut acc);
                     for (j, v) in acc[..g].iter().enumerate() {
                         // SAFETY: parts own disjoint weight rows, so each (j, r) is written by
-                        // exactly one thread, and the index is inside `out` (asserted above).
+                        // exactly one thread and read by none; `j0 + j < x.rows` and
+                        // `r < self.rows`, so the index is inside `out` (`x.rows * self.rows`
+                        // values, asserted above).
                         unsafe { *dst.0.add((j0 + j) * self.rows + r) = *v };
                     }
                 }
@@ -407,13 +422,24 @@ pub(crate) fn prefill_on_blocks_pays() -> bool {
     Kernel::tiled_available()
 }
 
+/// A pointer parallel tasks write through, each to its own elements.
 pub(crate) struct SendPtr(pub(crate) *mut f32);
-// SAFETY: used only to write disjoint elements from parallel tasks (`Packed::matmul`, the
-// attention of `cpu_forward.rs`).
+// SAFETY: sharing the pointer value itself is harmless: it can only be dereferenced in `unsafe`
+// code, and every such use (`Packed::matmul`, `QActs::quantize`, the attention of
+// `decode_attention.rs`) writes elements that no other task reads or writes, while the buffer
+// outlives the tasks (the pool's `run` returns after all of them).
 unsafe impl Sync for SendPtr {}
+// SAFETY: as for `Sync`: moving the pointer to another thread grants nothing by itself, and
+// its uses write disjoint elements of a buffer that outlives them.
 unsafe impl Send for SendPtr {}
 
 /// Activation rows quantized to 8 bits per block of 32, with what the kernels need per block.
+///
+/// The SIMD kernels read `q`, `qu`, `d` and `s` through raw pointers, in bounds by these
+/// invariants, which [`QActs::quantize`] establishes (and the empty default satisfies, with
+/// `rows == 0`): `q` holds `rows * nb * 32` quants; `qu` as many where the tiled kernel runs,
+/// none otherwise; `d` and `s` `rows * nbp` values, `nbp` the multiple of 16 at or above `nb`,
+/// the padding zeros (so a kernel may load 16 from any block that is a multiple of 16).
 #[derive(Default)]
 pub(crate) struct QActs {
     pub(crate) rows: usize,
@@ -466,8 +492,12 @@ impl QActs {
             }
             let (q, qu, d, s) = (&q, &qu, &d, &s);
             for row in rows * t / parts..rows * (t + 1) / parts {
-                // SAFETY: each row's ranges are written by the one part that owns the row, and
-                // lie inside the buffers sized above.
+                // SAFETY: `row < rows`, so `row * cols..+cols` lies inside `q` (and `qu` where
+                // `tiled`), both resized to `rows * cols` above, and `row * nbp..+nb` inside `d`
+                // and `s` (`rows * nbp`); `q` and `qu` went through `*mut f32` only as a
+                // carrier and are cast back to their own element types. Each row belongs to
+                // one part, so these slices alias nothing else while they live (`x` is a
+                // separate borrow, and `self` is borrowed mutably for the whole call).
                 let (qr, qur, dr, sr) = unsafe {
                     (
                         std::slice::from_raw_parts_mut((q.0 as *mut i8).add(row * cols), cols),
@@ -483,7 +513,9 @@ impl QActs {
                 let xr = &x[row * cols..(row + 1) * cols];
                 #[cfg(target_arch = "x86_64")]
                 if simd {
-                    // SAFETY: every kernel but the portable one needs AVX2.
+                    // SAFETY: `simd` means `Kernel::get()` is `Avx2` or `Avx512Vnni`, which
+                    // `Kernel::available` offers only where it detected AVX2, FMA and F16C;
+                    // `xr` is `cols = nb * 32` values, `qr` `cols` and `qur` `cols` or empty.
                     unsafe { avx2::quantize_row(xr, qr, qur, dr, sr) };
                     continue;
                 }
@@ -607,6 +639,10 @@ impl Kernel {
     }
 
     /// `acc[j] = w[r] . x[j0 + j]` for `j < g` (g <= GROUP).
+    ///
+    /// Requires `r < w.rows`, `x.nb == w.nb`, `1 <= g <= GROUP` and `j0 + g <= x.rows`, and
+    /// `self` from [`Kernel::available`]: the SIMD kernels do not check these (the portable
+    /// one panics instead).
     #[inline]
     pub(crate) fn row(
         self,
@@ -619,9 +655,16 @@ impl Kernel {
     ) {
         match self {
             Kernel::Portable => portable_row(w, r, x, j0, g, acc),
-            // SAFETY: `available()` offers these only where the CPU has the features.
+            // SAFETY: `available()` offers `Avx2` only where the CPU has AVX2, FMA and F16C, and
+            // every `Kernel` this crate runs comes from it (`get`, the tests). The bounds are
+            // this method's documented requirements (`r < w.rows`, `x.nb == w.nb`,
+            // `1 <= g <= GROUP`, `j0 + g <= x.rows`), which its callers meet:
+            // `matmul_pooled` asserts `x.nb == w.nb` and loops within the rest, as does the
+            // tests' `Kernel::matmul` on inputs of one width.
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => unsafe { avx2::avx2_row(w, r, x, j0, g, acc) },
+            // SAFETY: as for `Avx2`: `available()` offers `Avx512Vnni` only where it detected
+            // AVX-512 F, BW, VL, DQ and VNNI besides AVX2, FMA and F16C; same bounds.
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Vnni => unsafe { avx512::vnni_row(w, r, x, j0, g, acc) },
         }
