@@ -55,8 +55,9 @@ pub enum Error {
     #[error("{0}")]
     Unsupported(String),
     /// A remote server failed or answered what cannot be used: which endpoint (its URL with
-    /// any credentials removed), the HTTP status when there was one, and why.
-    #[error("{endpoint}: {message}")]
+    /// any credentials removed), the HTTP status when there was one, and why (the message
+    /// names the endpoint too).
+    #[error("{message}")]
     Remote {
         endpoint: String,
         status: Option<u16>,

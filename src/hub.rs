@@ -142,6 +142,8 @@ fn write_unpaired(path: &Path, rows: &[crate::stages::merge::Pair]) -> Result<()
     })
 }
 
+// Long because the dataset card is one document written top to bottom; its sections read in the
+// order the Hub shows them.
 fn card(s: &Settings, infos: &[SplitInfo], manifests: &[Manifest], format: Format) -> String {
     let mut y = String::new();
     let download: u64 = infos.iter().map(|i| i.file_bytes).sum();

@@ -195,6 +195,7 @@ fn finite_positive(x: f64) -> bool {
 
 impl TrainSettings {
     /// Every range the trainer relies on, checked once where the recipe is loaded.
+    // Long because one check per `[train]` setting, in the recipe's order, each naming its key.
     pub(crate) fn validate(&self) -> Result<(), Invalid> {
         let t = self;
         check(

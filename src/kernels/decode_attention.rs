@@ -86,6 +86,7 @@ pub(crate) fn dot<E: KvElem>(a: &[f32], b: &[E]) -> f32 {
 
 /// Attention of a KV group's query heads (`q`: `[rep, hd]`) over cache columns `cols` of the
 /// group's keys and values (`kv`: `[cap, hd]` each, from column 0), into `out` (`[rep, hd]`).
+// Long because one kernel: scores, softmax and P @ V share the row's registers and scratch.
 fn attend<E: KvElem>(
     q: &[f32],
     kv: (&[E], &[E]),

@@ -187,6 +187,8 @@ impl Llama {
     /// new keys and values go to columns `cache.len..cache.len + t`; token `j` of a row sees
     /// its columns up to its own. Returns the logits of the flat token indices `logits_at`
     /// (`i * t + j`), in that order.
+    // Long because one layer loop over the scratch buffers: splitting it would pass a dozen
+    // buffers and shapes between pieces, and its order is what the split-invariance tests pin.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn forward_cpu(
         &self,

@@ -216,7 +216,8 @@ fn a_diverging_training_stops_and_a_missing_font_only_skips_charts() {
         ],
     );
     let e = stderr_of(&o);
-    assert_eq!(o.status.code(), Some(1), "{e}");
+    // Diverged training has its own exit code (README, "Exit codes").
+    assert_eq!(o.status.code(), Some(5), "{e}");
     assert!(
         e.contains("training diverged at step") && e.contains("learning rate too high"),
         "{e}"

@@ -315,7 +315,8 @@ fn an_unreachable_page_falls_back_to_the_bundled_snapshot_and_says_so() {
         ],
     );
     let err = stderr_of(&o);
-    assert_eq!(o.status.code(), Some(1), "{err}");
+    // A remote failure's exit code (README, "Exit codes").
+    assert_eq!(o.status.code(), Some(4), "{err}");
     assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
 }
 

@@ -163,6 +163,8 @@ pub(super) unsafe fn avx2_row(
 /// # Safety
 /// [`avx2_row`]'s contract, with `g = G`: AVX2, FMA and F16C; `r < w.rows`; `x.nb == w.nb`;
 /// `j0 + G <= x.rows`.
+// Long because one kernel: the accumulators must stay in registers across the whole block loop,
+// so it is not split into calls.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn avx2_rows<const G: usize>(
     w: &Packed,

@@ -243,6 +243,8 @@ unsafe fn dot_bytes(f: Format, wq: __m512i, xv: __m512i) -> __m512i {
 /// # Safety
 /// [`vnni_row`]'s contract, with `g = G`: the AVX-512 VNNI kernel's features; `r < w.rows`;
 /// `x.nb == w.nb`; `j0 + G <= x.rows`.
+// Long because one kernel: the accumulators must stay in registers across the whole block loop,
+// so it is not split into calls.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
 unsafe fn vnni_rows<const G: usize>(
     w: &Packed,

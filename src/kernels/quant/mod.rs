@@ -332,6 +332,8 @@ impl Packed {
         self.matmul_pooled(x, out, true)
     }
 
+    // Long because the pool's work split and the tiled and row paths share one set of raw output
+    // pointers, whose disjointness is argued once here.
     fn matmul_pooled(&self, x: &QActs, out: &mut [f32], rest: bool) {
         assert_eq!(
             x.nb, self.nb,

@@ -113,6 +113,8 @@ fn has_bos_postprocessor(p: &Path) -> bool {
 }
 
 /// Build the byte-level BPE tokenizer stored in a GGUF's metadata.
+// Long because it builds one tokenizer.json document from the GGUF's metadata, piece by piece in
+// the file format's order.
 pub(crate) fn from_gguf(content: &gguf_file::Content, path: &Path) -> Result<Tok> {
     let md = &content.metadata;
     let model = md
