@@ -7,6 +7,38 @@
 
 use std::time::{Duration, SystemTime};
 
+/// Read a response body to its end, but never more than `limit` bytes of it *as decoded*: a
+/// gzip-encoded answer is bounded by what it inflates to, so a small compressed "bomb" cannot
+/// take the process's memory. A `Content-Length` over the limit is refused before any byte is
+/// read. Over the limit is [`Failure::Fatal`] (the same request would bring the same body); a
+/// connection that drops mid-body is [`Failure::Retry`]. `what` names the request and `setting`
+/// the key that raises the limit, for the message.
+pub(crate) fn read_limited(
+    resp: reqwest::blocking::Response,
+    limit: u64,
+    what: &str,
+    setting: &str,
+) -> Result<Vec<u8>, Failure> {
+    use std::io::Read;
+    let too_large = |n: String| {
+        Failure::fatal(format!(
+            "{what}: the answer is {n} bytes, over the limit of {limit} ({setting}); raise it if that answer is expected"
+        ))
+    };
+    // Content-Length is of the encoded body; a decoded one can only be as large or larger.
+    if let Some(n) = resp.content_length().filter(|&n| n > limit) {
+        return Err(too_large(n.to_string()));
+    }
+    let mut body = Vec::new();
+    resp.take(limit + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| Failure::retry(format!("{what}: the body was cut short ({e})")))?;
+    if body.len() as u64 > limit {
+        return Err(too_large(format!("more than {limit}")));
+    }
+    Ok(body)
+}
+
 /// How one try went wrong.
 #[derive(Debug, Clone)]
 pub(crate) enum Failure {
