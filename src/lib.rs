@@ -12,6 +12,7 @@
 //! - [`hub`]: the Hugging Face dataset folder (Parquet + dataset card).
 //! - [`error`]: the library's error type.
 //! - [`fsutil`], `rng`: the one atomic write, hashes, JSONL; the one seed mixer and seeded orders.
+//! - `protocol`: the OpenAI HTTP API's wire format, shared by `pipeline serve` and the `openai` backend.
 //! - `estimate`: how long a run's plan will take on this device.
 //! - [`lock`], `export_guard`, [`term`]: one writer per workdir, outputs that never replace what
 //!   they did not write, colour only on a terminal (docs/RELIABILITY.md).
@@ -32,6 +33,7 @@ pub mod judge;
 pub(crate) mod kernels;
 pub mod lock;
 pub mod model;
+pub(crate) mod protocol;
 pub(crate) mod recipe;
 pub(crate) mod retry;
 pub(crate) mod rng;

@@ -30,9 +30,21 @@ pub(crate) fn read_limited(
         return Err(too_large(n.to_string()));
     }
     let mut body = Vec::new();
-    resp.take(limit + 1)
-        .read_to_end(&mut body)
-        .map_err(|e| Failure::retry(format!("{what}: the body was cut short ({e})")))?;
+    resp.take(limit + 1).read_to_end(&mut body).map_err(|e| {
+        let mut why = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            why = format!("{why}: {s}");
+            src = s.source();
+        }
+        Failure::retry(
+            if why.contains("timed out") || e.kind() == std::io::ErrorKind::TimedOut {
+                format!("{what}: the answer stalled past the timeout ({why})")
+            } else {
+                format!("{what}: the connection dropped mid-response ({why})")
+            },
+        )
+    })?;
     if body.len() as u64 > limit {
         return Err(too_large(format!("more than {limit}")));
     }

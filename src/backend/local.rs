@@ -66,6 +66,7 @@ impl Backend for Local<'_> {
                 finish: o.finish,
                 endpoint: 0,
                 retries: 0,
+                unexpected: Vec::new(),
             })
         })?;
         Ok(Report {

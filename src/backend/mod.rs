@@ -29,6 +29,9 @@ pub(crate) struct Finished {
     pub(crate) endpoint: usize,
     /// Tries that failed before this answer (0 for the local engine).
     pub(crate) retries: u32,
+    /// The `finish_reason` of each server answer refused and asked again (`content_filter`,
+    /// ...), for the stage's summary.
+    pub(crate) unexpected: Vec<String>,
 }
 
 /// What the backend measured of a run, beyond its rows.
@@ -63,6 +66,7 @@ impl From<openai::Answer> for Finished {
             finish: a.finish,
             endpoint: a.endpoint,
             retries: a.retries,
+            unexpected: a.unexpected,
         }
     }
 }
@@ -74,26 +78,7 @@ impl Backend for openai::Remote {
         s: &Sampling,
         each: &mut dyn FnMut(Finished) -> Result<()>,
     ) -> Result<Report> {
-        openai::Remote::generate(self, jobs, s, &Default::default(), |a| each(a.into()))?;
-        Ok(Report::default())
-    }
-}
-
-/// Servers asked with `extra` fields in every request body (`ignore_eos` for a benchmark).
-pub(crate) struct WithFields<'r> {
-    pub(crate) remote: &'r openai::Remote,
-    pub(crate) extra: serde_json::Map<String, serde_json::Value>,
-}
-
-impl Backend for WithFields<'_> {
-    fn generate(
-        &self,
-        jobs: Vec<Job>,
-        s: &Sampling,
-        each: &mut dyn FnMut(Finished) -> Result<()>,
-    ) -> Result<Report> {
-        self.remote
-            .generate(jobs, s, &self.extra, |a| each(a.into()))?;
+        openai::Remote::generate(self, jobs, s, |a| each(a.into()))?;
         Ok(Report::default())
     }
 }

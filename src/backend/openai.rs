@@ -5,8 +5,12 @@
 //! spreading requests over the endpoints (least in flight first, an endpoint that just failed
 //! last), retrying what may succeed on a second try (connect errors, timeouts, a connection
 //! dropped mid-response, 408, 429, 5xx) with exponential backoff and jitter, honouring
-//! `Retry-After`, and refusing answers that cannot be used (another model, an empty completion
-//! that did not run out of tokens). Resume, chunking and the cache stay in the generate stage.
+//! `Retry-After`, and refusing answers that cannot be used. An answer is read through a byte
+//! limit on its decoded size (`max_answer_bytes`) and must be a well-formed completion of the
+//! model asked for: `model` present and the one asked for, `finish_reason` `stop` or `length`
+//! (anything else, `content_filter` say, is retried or fails by `unexpected_finish`, and counted),
+//! token counts that fit the request, and no more text than `max_tokens` tokens can spell. The
+//! wire format is `crate::protocol`'s. Resume, chunking and the cache stay in the generate stage.
 //!
 //! The API key is read from the environment once and only ever placed in the `Authorization`
 //! header: it is never formatted into a message, a log line, a manifest or a cache key.
@@ -14,9 +18,10 @@
 use crate::error::{bail, Result};
 use crate::model::generate::{Finish, Sampling};
 use crate::model::load::chat::Message;
-use crate::retry::{parse_retry_after, Failure, GiveUp, Policy};
+use crate::protocol::{self, Prompt, Request};
+use crate::retry::{parse_retry_after, read_limited, Failure, GiveUp, Policy};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Mutex};
@@ -63,7 +68,24 @@ pub(crate) struct OpenAiSettings {
     pub(crate) max_retries: u32,
     /// Send `top_k` (vLLM, TGI, SGLang and llama.cpp take it; api.openai.com refuses it).
     pub(crate) send_top_k: bool,
+    /// The largest answer read, in bytes after decoding (gzip included).
+    pub(crate) max_answer_bytes: u64,
+    /// An answer that ended other than by `stop` or `length` (`content_filter`, `tool_calls`,
+    /// none at all): ask again (`retry`, within `max_retries`) or stop the stage (`fail`).
+    pub(crate) unexpected_finish: UnexpectedFinish,
 }
+
+/// `generate.openai.unexpected_finish`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum UnexpectedFinish {
+    Retry,
+    Fail,
+}
+
+/// More bytes than any token of a common vocabulary spells (Llama's longest are 16, GPT-4's
+/// 128): an answer longer than `max_tokens` times this cannot be `max_tokens` tokens.
+const MAX_TOKEN_BYTES: usize = 128;
 
 impl Default for OpenAiSettings {
     fn default() -> Self {
@@ -76,6 +98,8 @@ impl Default for OpenAiSettings {
             timeout_secs: 300,
             max_retries: 6,
             send_top_k: true,
+            max_answer_bytes: 8 << 20,
+            unexpected_finish: UnexpectedFinish::Retry,
         }
     }
 }
@@ -127,6 +151,8 @@ pub(crate) struct Answer {
     pub(crate) endpoint: usize,
     /// Tries that failed before this answer.
     pub(crate) retries: u32,
+    /// The `finish_reason` of each answer refused and asked again (`content_filter`, ...).
+    pub(crate) unexpected: Vec<String>,
 }
 
 /// Servers that speak the OpenAI API, checked to serve one model.
@@ -169,11 +195,8 @@ impl Remote {
             let served = remote.with_retries(&format!("GET {shown}/models"), &shown, || {
                 remote.models(&base)
             })?;
-            let ids: Vec<&str> = served
-                .iter()
-                .filter_map(|m| m.get("id").and_then(Value::as_str))
-                .collect();
-            let Some(entry) = served.iter().find(|m| names_model(m, &s.model)) else {
+            let Some(entry) = served.iter().find(|m| entry_names(m).any(|n| n == s.model)) else {
+                let ids: Vec<&str> = served.iter().map(|m| m.id.as_str()).collect();
                 bail!(
                     "{shown} does not serve the model {:?} (generate.openai.model); it serves: {}",
                     s.model,
@@ -187,30 +210,25 @@ impl Remote {
             remote.endpoints.push(Endpoint {
                 base,
                 shown,
-                served: entry.clone(),
-                names: entry_names(entry),
+                served: serde_json::to_value(entry).unwrap_or(Value::Null),
+                names: entry_names(entry).map(String::from).collect(),
             });
         }
         Ok(remote)
     }
 
     /// The `data` of `GET {base}/models`.
-    fn models(&self, base: &str) -> Result<Vec<Value>, Failure> {
+    fn models(&self, base: &str) -> Result<Vec<protocol::ModelEntry>, Failure> {
         let req = self.authorized(self.http.get(format!("{base}/models")));
         let body = self.send(req, base)?;
-        let v: Value = serde_json::from_str(&body).map_err(|e| {
-            Failure::fatal(format!(
-                "{}/models answered with something other than JSON ({e}); is the URL the API's base (ending in /v1)?",
-                redact(base)
-            ))
-        })?;
-        match v.get("data").and_then(Value::as_array) {
-            Some(d) => Ok(d.clone()),
-            None => Err(Failure::fatal(format!(
-                "{}/models answered without a `data` list; is the URL the API's base (ending in /v1)?",
-                redact(base)
-            ))),
-        }
+        protocol::parse::<protocol::ModelList>(&body)
+            .map(|l| l.data)
+            .map_err(|e| {
+                Failure::fatal(format!(
+                    "{}/models did not answer with a model list ({e}); is the URL the API's base (ending in /v1)?",
+                    redact(base)
+                ))
+            })
     }
 
     fn authorized(
@@ -223,8 +241,9 @@ impl Remote {
         }
     }
 
-    /// Send and read the whole body; sort failures into retryable and not.
-    fn send(&self, req: reqwest::blocking::RequestBuilder, base: &str) -> Result<String, Failure> {
+    /// Send and read the body (at most `max_answer_bytes` of it, decoded); sort failures into
+    /// retryable and not.
+    fn send(&self, req: reqwest::blocking::RequestBuilder, base: &str) -> Result<Vec<u8>, Failure> {
         let shown = redact(base);
         let resp = req.send().map_err(|e| {
             Failure::retry(if e.is_timeout() {
@@ -241,16 +260,12 @@ impl Remote {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, Policy::new(0).max_wait));
-        let body = resp.text().map_err(|e| {
-            Failure::retry(if e.is_timeout() {
-                format!("{shown}: the answer stalled past {} s", self.s.timeout_secs)
-            } else {
-                format!(
-                    "{shown}: the connection dropped mid-response ({})",
-                    root_cause(&e)
-                )
-            })
-        })?;
+        let body = read_limited(
+            resp,
+            self.s.max_answer_bytes,
+            &shown,
+            "generate.openai.max_answer_bytes",
+        )?;
         if status.is_success() {
             return Ok(body);
         }
@@ -295,32 +310,40 @@ impl Remote {
 
     /// The request body for one prompt. `seed` is derived per prompt from the sampling seed, so
     /// a rerun against the same server and model sends the same seeds.
-    fn body(&self, job: &Job, s: &Sampling, extra: &serde_json::Map<String, Value>) -> Value {
-        let mut b = json!({
-            "model": self.s.model,
-            "max_tokens": s.max_new_tokens,
-            "temperature": s.temperature,
-            "top_p": s.top_p,
+    fn body(&self, job: &Job, s: &Sampling) -> Vec<u8> {
+        let mut r = Request {
+            model: self.s.model.clone(),
+            max_tokens: Some(s.max_new_tokens as u64),
+            temperature: Some(s.temperature),
+            top_p: Some(s.top_p),
+            top_k: (self.s.send_top_k && s.top_k > 0).then_some(s.top_k as u64),
             // 31 bits: some servers keep the seed in a signed 32-bit integer.
-            "seed": crate::rng::mix(s.seed, job.id as u64) >> 33,
-            "n": 1,
-            "stream": false,
-        });
+            seed: Some(crate::rng::mix(s.seed, job.id as u64) >> 33),
+            n: Some(1),
+            stream: Some(false),
+            ignore_eos: s.ignore_eos.then_some(true),
+            ..Request::default()
+        };
         match self.s.api {
-            OpenAiApi::Completions => b["prompt"] = json!(job.prompt),
-            OpenAiApi::Chat => b["messages"] = json!(job.messages),
+            OpenAiApi::Completions => r.prompt = Some(Prompt::Text(job.prompt.clone())),
+            OpenAiApi::Chat => {
+                r.messages = Some(
+                    job.messages
+                        .iter()
+                        .map(|m| protocol::ChatMessage {
+                            role: m.role.clone(),
+                            content: Some(protocol::Content::Text(m.content.clone())),
+                            name: None,
+                        })
+                        .collect(),
+                )
+            }
         }
-        if self.s.send_top_k && s.top_k > 0 {
-            b["top_k"] = json!(s.top_k);
-        }
-        for (k, v) in extra {
-            b[k] = v.clone();
-        }
-        b
+        serde_json::to_vec(&r).expect("a request of strings and numbers serializes")
     }
 
     /// One try of one prompt at endpoint `e`.
-    fn ask(&self, e: usize, body: &Value, id: usize) -> Result<Answer, Failure> {
+    fn ask(&self, e: usize, body: &[u8], job: &Job, s: &Sampling) -> Result<Answer, Failure> {
         let ep = &self.endpoints[e];
         let path = match self.s.api {
             OpenAiApi::Completions => "completions",
@@ -330,20 +353,49 @@ impl Remote {
             self.http
                 .post(format!("{}/{path}", ep.base))
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body.to_string()),
+                .body(body.to_vec()),
         );
         let text = self.send(req, &ep.base)?;
-        // A 200 whose body is not the JSON it should be was cut short or garbled on the way.
-        let v: Value = serde_json::from_str(&text).map_err(|err| {
-            Failure::retry(format!("{}: the answer is not JSON ({err})", ep.shown))
+        // A 200 whose body is not even JSON was cut short or garbled on the way: worth a retry.
+        // JSON of the wrong shape is the server's answer, and asking again brings the same.
+        let answer = protocol::parse::<protocol::Completion>(&text).map_err(|err| {
+            let m = format!("{}: the answer is not a completion ({err})", ep.shown);
+            if err.syntax {
+                Failure::retry(m)
+            } else {
+                Failure::fatal(m)
+            }
         })?;
-        parse_answer(&v, self.s.api, &self.s.model, &ep.names)
-            .map(|mut a| {
-                a.id = id;
+        let sent = Sent {
+            api: self.s.api,
+            model: &self.s.model,
+            names: &ep.names,
+            max_tokens: s.max_new_tokens,
+            prompt_bytes: job.prompt.len()
+                + job.messages.iter().map(|m| m.content.len()).sum::<usize>(),
+        };
+        match check_answer(&answer, &sent) {
+            Ok(mut a) => {
+                a.id = job.id;
                 a.endpoint = e;
-                a
-            })
-            .map_err(|m| Failure::fatal(format!("{}: {m}", ep.shown)))
+                Ok(a)
+            }
+            Err(Unusable::Finish(reason)) => {
+                let m = format!(
+                    "{}: the answer ended with finish_reason {reason:?}, not \"stop\" or \"length\" (generate.openai.unexpected_finish = \"{}\")",
+                    ep.shown,
+                    match self.s.unexpected_finish {
+                        UnexpectedFinish::Retry => "retry",
+                        UnexpectedFinish::Fail => "fail",
+                    }
+                );
+                Err(match self.s.unexpected_finish {
+                    UnexpectedFinish::Retry => Failure::retry(m),
+                    UnexpectedFinish::Fail => Failure::fatal(m),
+                })
+            }
+            Err(Unusable::Malformed(m)) => Err(Failure::fatal(format!("{}: {m}", ep.shown))),
+        }
     }
 
     /// Answer every job, `concurrency` requests in flight per endpoint, calling `each` on the
@@ -354,7 +406,6 @@ impl Remote {
         &self,
         jobs: Vec<Job>,
         s: &Sampling,
-        extra: &serde_json::Map<String, Value>,
         mut each: impl FnMut(Answer) -> Result<()>,
     ) -> Result<()> {
         let workers = (self.endpoints.len() * self.s.concurrency).min(jobs.len());
@@ -371,7 +422,7 @@ impl Remote {
                         let Some(job) = queue.lock().expect("queue").pop_front() else {
                             break;
                         };
-                        let r = self.one(&job, s, extra, load, stop);
+                        let r = self.one(&job, s, load, stop);
                         if r.is_err() {
                             stop.store(true, Ordering::Relaxed);
                         }
@@ -409,26 +460,32 @@ impl Remote {
         &self,
         job: &Job,
         s: &Sampling,
-        extra: &serde_json::Map<String, Value>,
         load: &Mutex<Vec<Load>>,
         stop: &AtomicBool,
     ) -> Result<Answer> {
-        let body = self.body(job, s, extra);
+        let body = self.body(job, s);
         let last = std::cell::Cell::new(0usize);
+        let unexpected = std::cell::RefCell::new(Vec::new());
         let what = format!("prompt {}", job.id);
         let r =
             Policy::new(self.s.max_retries).run(&what, &|| stop.load(Ordering::Relaxed), |_| {
                 let e = pick(&mut load.lock().expect("load"));
                 last.set(e);
-                let r = self.ask(e, &body, job.id);
+                let r = self.ask(e, &body, job, s);
                 let mut l = load.lock().expect("load");
                 l[e].in_flight -= 1;
                 l[e].failing = matches!(r, Err(Failure::Retry { .. }));
+                if let Err(f) = &r {
+                    if let Some(reason) = unexpected_reason(f.why()) {
+                        unexpected.borrow_mut().push(reason);
+                    }
+                }
                 r
             });
         match r {
             Ok((mut a, retries)) => {
                 a.retries = retries;
+                a.unexpected = unexpected.into_inner();
                 Ok(a)
             }
             Err(g) => Err(self.gave_up(&what, &self.endpoints[last.get()].shown, g)),
@@ -455,27 +512,16 @@ fn pick(load: &mut [Load]) -> usize {
     e
 }
 
-/// Whether a `GET /models` entry is the model asked for (llama.cpp also lists aliases).
-fn names_model(entry: &Value, model: &str) -> bool {
-    entry_names(entry).iter().any(|n| n == model)
-}
-
-/// A `GET /models` entry's id and aliases.
-fn entry_names(entry: &Value) -> Vec<String> {
-    let id = entry.get("id").and_then(Value::as_str);
-    let aliases = entry
-        .get("aliases")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str);
-    id.into_iter().chain(aliases).map(String::from).collect()
+/// A `GET /models` entry's id and aliases (llama.cpp answers under its first alias whichever
+/// one was asked).
+fn entry_names(entry: &protocol::ModelEntry) -> impl Iterator<Item = &str> {
+    std::iter::once(entry.id.as_str()).chain(entry.aliases.iter().map(String::as_str))
 }
 
 /// The message an error body carries (OpenAI's `{"error": {"message"}}`, vLLM's `{"message"}`,
 /// TGI's `{"error": "..."}`), or the body itself, shortened.
-fn server_message(body: &str) -> String {
-    let v: Option<Value> = serde_json::from_str(body).ok();
+fn server_message(body: &[u8]) -> String {
+    let v: Option<Value> = serde_json::from_slice(body).ok();
     let m = v.as_ref().and_then(|v| {
         v.pointer("/error/message")
             .or_else(|| v.get("message"))
@@ -483,7 +529,8 @@ fn server_message(body: &str) -> String {
             .or_else(|| v.get("detail"))
             .and_then(Value::as_str)
     });
-    let m = m.unwrap_or(body).trim();
+    let lossy = String::from_utf8_lossy(body);
+    let m = m.unwrap_or(&lossy).trim();
     if m.is_empty() {
         return "(no message)".into();
     }
@@ -502,63 +549,111 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     cur.to_string()
 }
 
-/// The answer in a successful response, or why it cannot be used.
-fn parse_answer(
-    v: &Value,
+/// What was asked, for judging the answer.
+struct Sent<'a> {
     api: OpenAiApi,
-    model: &str,
-    names: &[String],
-) -> Result<Answer, String> {
-    if let Some(m) = v.get("model").and_then(Value::as_str) {
-        if m != model && !names.iter().any(|n| n == m) {
-            return Err(format!(
-                "answered with the model {m:?}, not {model:?} as asked (generate.openai.model); is another model loaded there?"
-            ));
+    model: &'a str,
+    /// The served entry's id and aliases.
+    names: &'a [String],
+    max_tokens: usize,
+    /// The prompt's (or the messages') text, in bytes.
+    prompt_bytes: usize,
+}
+
+/// Why an answer cannot be used.
+#[derive(Debug, PartialEq)]
+enum Unusable {
+    /// A well-formed answer that ended other than by `stop` or `length`.
+    Finish(String),
+    /// An answer no server should give: a missing or other model, impossible counts, too much
+    /// text, no choice.
+    Malformed(String),
+}
+
+/// The prefix [`Remote::ask`] gives an unexpected finish's message, and the reason back from it
+/// (the retry policy carries only the message).
+fn unexpected_reason(why: &str) -> Option<String> {
+    let rest = why.split_once("ended with finish_reason \"")?.1;
+    Some(rest.split_once('"')?.0.to_string())
+}
+
+/// Slack for the tokens a server's chat template adds around the messages.
+const TEMPLATE_TOKENS: u64 = 4096;
+
+/// The answer in a successful response, or why it cannot be used.
+fn check_answer(v: &protocol::Completion, sent: &Sent) -> Result<Answer, Unusable> {
+    let bad = |m: String| Err(Unusable::Malformed(m));
+    match v.model.as_deref() {
+        None => {
+            return bad(format!(
+                "the answer names no model (asked for {:?}); is this an OpenAI-compatible server?",
+                sent.model
+            ))
         }
+        Some(m) if m != sent.model && !sent.names.iter().any(|n| n == m) => {
+            return bad(format!(
+                "answered with the model {m:?}, not {:?} as asked (generate.openai.model); is another model loaded there?",
+                sent.model
+            ))
+        }
+        Some(_) => {}
     }
-    let choice = v
-        .get("choices")
-        .and_then(Value::as_array)
-        .and_then(|c| c.first())
-        .ok_or_else(|| {
-            format!(
-                "the answer has no choices: {}",
-                server_message(&v.to_string())
-            )
-        })?;
-    let text = match api {
-        OpenAiApi::Completions => choice.get("text"),
-        OpenAiApi::Chat => choice.pointer("/message/content"),
+    let Some(choice) = v.choices.first() else {
+        return bad("the answer has no choices".into());
+    };
+    let text = match sent.api {
+        OpenAiApi::Completions => choice.text.as_deref(),
+        OpenAiApi::Chat => choice.message.as_ref().and_then(|m| m.content.as_deref()),
     }
-    .and_then(Value::as_str)
     .unwrap_or("")
     .trim()
     .to_string();
-    let reason = choice.get("finish_reason").and_then(Value::as_str);
-    let finish = if reason == Some("length") {
-        Finish::Length
-    } else {
-        Finish::Eos
+    let finish = match choice.finish_reason.as_deref() {
+        Some("stop") => Finish::Eos,
+        Some("length") => Finish::Length,
+        other => return Err(Unusable::Finish(other.unwrap_or("null").to_string())),
     };
     if text.is_empty() && finish != Finish::Length {
-        return Err(format!(
-            "an empty completion with finish_reason {}; the server stopped without writing anything (a prompt beyond its context, a filter, or an overloaded server answering early)",
-            reason.map_or("null".to_string(), |r| format!("{r:?}"))
+        return bad(
+            "an empty completion with finish_reason \"stop\"; the server stopped without writing anything (a prompt beyond its context, or an overloaded server answering early)".into(),
+        );
+    }
+    if text.len() > sent.max_tokens.saturating_mul(MAX_TOKEN_BYTES) {
+        return bad(format!(
+            "the answer is {} bytes, more than {} tokens (max_tokens) can spell",
+            text.len(),
+            sent.max_tokens
         ));
     }
-    let usage = |k: &str| {
-        v.pointer(&format!("/usage/{k}"))
-            .and_then(Value::as_u64)
-            .unwrap_or(0) as usize
-    };
+    let u = v.usage.unwrap_or_default();
+    if u.completion_tokens > sent.max_tokens as u64 {
+        return bad(format!(
+            "usage.completion_tokens is {}, over the max_tokens of {} asked for",
+            u.completion_tokens, sent.max_tokens
+        ));
+    }
+    // A token spells at least one byte of the prompt, but for the BOS and the template's own.
+    if u.prompt_tokens > sent.prompt_bytes as u64 + TEMPLATE_TOKENS {
+        return bad(format!(
+            "usage.prompt_tokens is {}, more than a prompt of {} bytes can be",
+            u.prompt_tokens, sent.prompt_bytes
+        ));
+    }
+    if u.total_tokens != 0 && u.total_tokens != u.prompt_tokens + u.completion_tokens {
+        return bad(format!(
+            "usage.total_tokens is {}, not prompt_tokens + completion_tokens ({} + {})",
+            u.total_tokens, u.prompt_tokens, u.completion_tokens
+        ));
+    }
     Ok(Answer {
         id: 0,
         text,
-        prompt_tokens: usage("prompt_tokens"),
-        tokens: usage("completion_tokens"),
+        prompt_tokens: u.prompt_tokens as usize,
+        tokens: u.completion_tokens as usize,
         finish,
         endpoint: 0,
         retries: 0,
+        unexpected: Vec::new(),
     })
 }
 
@@ -578,34 +673,55 @@ mod tests {
         assert_eq!(pick(&mut l), 2, "a failing endpoint goes last");
     }
 
+    fn answer(json: &str) -> protocol::Completion {
+        protocol::parse(json.as_bytes()).unwrap()
+    }
+
+    fn sent<'a>(api: OpenAiApi, model: &'a str, names: &'a [String]) -> Sent<'a> {
+        Sent {
+            api,
+            model,
+            names,
+            max_tokens: 16,
+            prompt_bytes: 40,
+        }
+    }
+
     #[test]
     fn answers_are_checked() {
-        let ok = json!({"model": "m", "choices": [{"text": " hi ", "finish_reason": "stop"}],
-                        "usage": {"prompt_tokens": 7, "completion_tokens": 2}});
-        let a = parse_answer(&ok, OpenAiApi::Completions, "m", &[]).unwrap();
+        let ok = answer(
+            r#"{"model": "m", "choices": [{"text": " hi ", "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}}"#,
+        );
+        let c = OpenAiApi::Completions;
+        let a = check_answer(&ok, &sent(c, "m", &[])).unwrap();
         assert_eq!((a.text.as_str(), a.prompt_tokens, a.tokens), ("hi", 7, 2));
         assert_eq!(a.finish, Finish::Eos);
-        let e = parse_answer(&ok, OpenAiApi::Completions, "other", &[]).unwrap_err();
+        let Err(Unusable::Malformed(e)) = check_answer(&ok, &sent(c, "other", &[])) else {
+            panic!("another model must be refused")
+        };
         assert!(e.contains("\"m\"") && e.contains("\"other\""), "{e}");
         // An alias of the entry asked for is the same model.
         let aliases = ["other".to_string(), "m".to_string()];
-        assert!(parse_answer(&ok, OpenAiApi::Completions, "other", &aliases).is_ok());
-        let empty = json!({"choices": [{"text": "", "finish_reason": "stop"}]});
-        let e = parse_answer(&empty, OpenAiApi::Completions, "m", &[]).unwrap_err();
-        assert!(
-            e.contains("empty completion") && e.contains("\"stop\""),
-            "{e}"
+        assert!(check_answer(&ok, &sent(c, "other", &aliases)).is_ok());
+        let empty = answer(r#"{"model": "m", "choices": [{"text": "", "finish_reason": "stop"}]}"#);
+        let e = format!("{:?}", check_answer(&empty, &sent(c, "m", &[])));
+        assert!(e.contains("empty completion"), "{e}");
+        let cut = answer(
+            r#"{"model": "m", "choices": [{"message": {"content": ""}, "finish_reason": "length"}]}"#,
         );
-        let cut = json!({"choices": [{"message": {"content": ""}, "finish_reason": "length"}]});
+        let chat = OpenAiApi::Chat;
         assert_eq!(
-            parse_answer(&cut, OpenAiApi::Chat, "m", &[])
-                .unwrap()
-                .finish,
+            check_answer(&cut, &sent(chat, "m", &[])).unwrap().finish,
             Finish::Length
         );
-        assert!(parse_answer(&json!({"choices": []}), OpenAiApi::Chat, "m", &[]).is_err());
+        assert!(check_answer(
+            &answer(r#"{"model": "m", "choices": []}"#),
+            &sent(chat, "m", &[])
+        )
+        .is_err());
         assert_eq!(
-            server_message(r#"{"error": {"message": "bad top_k"}}"#),
+            server_message(br#"{"error": {"message": "bad top_k"}}"#),
             "bad top_k"
         );
         assert_eq!(
@@ -613,5 +729,56 @@ mod tests {
             "http://h:1/v1",
             "credentials in a URL never reach a message"
         );
+    }
+
+    #[test]
+    fn lying_answers_are_refused() {
+        let c = OpenAiApi::Completions;
+        let s = sent(c, "m", &[]);
+        let refused = |json: &str| check_answer(&answer(json), &s).unwrap_err();
+        assert_eq!(
+            refused(
+                r#"{"model": "m", "choices": [{"text": "x", "finish_reason": "content_filter"}]}"#
+            ),
+            Unusable::Finish("content_filter".into())
+        );
+        assert_eq!(
+            refused(r#"{"model": "m", "choices": [{"text": "x"}]}"#),
+            Unusable::Finish("null".into())
+        );
+        for (json, says) in [
+            (
+                r#"{"choices": [{"text": "x", "finish_reason": "stop"}]}"#,
+                "names no model",
+            ),
+            (
+                r#"{"model": "m", "choices": [{"text": "x", "finish_reason": "stop"}],
+                   "usage": {"completion_tokens": 18446744073709551615}}"#,
+                "completion_tokens",
+            ),
+            (
+                r#"{"model": "m", "choices": [{"text": "x", "finish_reason": "stop"}],
+                   "usage": {"prompt_tokens": 99999999}}"#,
+                "prompt_tokens",
+            ),
+            (
+                r#"{"model": "m", "choices": [{"text": "x", "finish_reason": "stop"}],
+                   "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 5}}"#,
+                "total_tokens",
+            ),
+        ] {
+            let Unusable::Malformed(m) = refused(json) else {
+                panic!("{json} must be refused as malformed")
+            };
+            assert!(m.contains(says), "{m}");
+        }
+        let long = format!(
+            r#"{{"model": "m", "choices": [{{"text": "{}", "finish_reason": "length"}}]}}"#,
+            "a".repeat(16 * MAX_TOKEN_BYTES + 1)
+        );
+        assert!(matches!(refused(&long), Unusable::Malformed(m) if m.contains("can spell")));
+        let why = "h: the answer ended with finish_reason \"content_filter\", not \"stop\"";
+        assert_eq!(unexpected_reason(why).as_deref(), Some("content_filter"));
+        assert_eq!(unexpected_reason("h: cannot connect"), None);
     }
 }

@@ -4,8 +4,9 @@
 use super::{median, peak_rss_mib, prompts_dir, sampling, BenchBackend, BenchWeights, Shape};
 use crate::backend::local::Local;
 use crate::backend::openai::Remote;
-use crate::backend::{Backend as _, Job, WithFields};
+use crate::backend::{Backend, Job};
 use crate::error::Result;
+use crate::model::generate::Sampling;
 use crate::model::load::Model;
 use crate::model::options::WeightsMode;
 use crate::recipe::Recipe;
@@ -217,8 +218,10 @@ pub(super) fn remote(
         !o.endpoints.is_empty() && !o.model.is_empty(),
         "bench generate --backend openai sends to the servers of [generate.openai]: set generate.openai.endpoints and generate.openai.model (--set works)"
     );
-    let s = sampling(new_tokens);
-    let extra = serde_json::Map::from_iter([("ignore_eos".to_string(), serde_json::json!(true))]);
+    let s = Sampling {
+        ignore_eos: true,
+        ..sampling(new_tokens)
+    };
     let jobs: Vec<Job> = rows.iter().map(|p| p.job()).collect();
     if !json {
         println!(
@@ -243,11 +246,7 @@ pub(super) fn remote(
         for _ in 0..repeat.max(1) {
             let (mut generated, mut prompt) = (0usize, 0usize);
             let t0 = Instant::now();
-            let asked = WithFields {
-                remote: &servers,
-                extra: extra.clone(),
-            };
-            asked.generate(jobs.clone(), &s, &mut |a| {
+            Backend::generate(&servers, jobs.clone(), &s, &mut |a| {
                 generated += a.tokens;
                 prompt += a.prompt_tokens;
                 Ok(())

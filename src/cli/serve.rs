@@ -34,6 +34,44 @@ pub(crate) struct ServeArgs {
     /// The most new tokens a request may ask for (and what it gets without max_tokens)
     #[arg(long, default_value_t = 256)]
     pub(crate) max_tokens: usize,
+    /// Also answer to this host name (repeat for more). Without it, a request whose Host is not
+    /// the bound address, localhost, 127.0.0.1 or ::1 gets 421: another name that resolves here
+    /// (DNS rebinding) reads nothing
+    #[arg(long, value_name = "NAME")]
+    pub(crate) allowed_host: Vec<String>,
+    /// Let pages of this origin (`https://app.example`) call the API from a browser (CORS;
+    /// repeat for more). Without it, cross-origin browser requests get 403
+    #[arg(long, value_name = "ORIGIN")]
+    pub(crate) cors_origin: Vec<String>,
+    /// Connections served at once; more wait until one closes
+    #[arg(long, default_value_t = 512)]
+    pub(crate) max_connections: usize,
+    /// Seconds a connection may take to send a request's headers, counted from when it opens or
+    /// its last answer ends (so an idle kept-alive connection closes after this too)
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub(crate) header_timeout: u64,
+    /// Seconds a request may take to send its body once its headers are in
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub(crate) body_timeout: u64,
+}
+
+/// `--cors-origin`: `scheme://host[:port]`, as a browser writes `Origin`.
+fn check_origin(o: &str) -> Result<String> {
+    let origin = reqwest::Url::parse(o).ok().filter(|u| {
+        matches!(u.scheme(), "http" | "https")
+            && u.host_str().is_some()
+            && u.path() == "/"
+            && u.query().is_none()
+            && u.fragment().is_none()
+            && u.username().is_empty()
+    });
+    match origin {
+        // As the browser will send it: lower-case host, default port left out.
+        Some(u) => Ok(u.origin().ascii_serialization()),
+        None => crate::error::usage!(
+            "--cors-origin {o:?} is not an origin; write it as a browser sends it, e.g. https://app.example or http://localhost:3000 (no path)"
+        ),
+    }
 }
 
 pub(crate) fn exec(g: &Global, a: ServeArgs) -> Result<()> {
@@ -76,6 +114,25 @@ pub(crate) fn exec(g: &Global, a: ServeArgs) -> Result<()> {
     if a.max_tokens == 0 {
         crate::error::usage!("--max-tokens must be at least 1");
     }
+    if a.max_connections == 0 || a.header_timeout == 0 || a.body_timeout == 0 {
+        crate::error::usage!(
+            "--max-connections, --header-timeout and --body-timeout must be at least 1"
+        );
+    }
+    let cors = a
+        .cors_origin
+        .iter()
+        .map(|o| check_origin(o))
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(h) = a
+        .allowed_host
+        .iter()
+        .find(|h| h.is_empty() || h.contains(|c: char| c == '/' || c == ':' || c.is_whitespace()))
+    {
+        crate::error::usage!(
+            "--allowed-host {h:?} is not a host name; give the name alone, without scheme or port (bot.lan)"
+        );
+    }
     let batch = a
         .batch_size
         .unwrap_or(recipe.settings().generate.batch_size)
@@ -99,6 +156,15 @@ pub(crate) fn exec(g: &Global, a: ServeArgs) -> Result<()> {
             batch,
             queue: a.queue,
             max_tokens: a.max_tokens,
+            limits: crate::serve::Limits {
+                header_timeout: std::time::Duration::from_secs(a.header_timeout),
+                body_timeout: std::time::Duration::from_secs(a.body_timeout),
+                max_connections: a.max_connections,
+            },
+            origins: crate::serve::Origins {
+                allowed_hosts: a.allowed_host.clone(),
+                cors,
+            },
             site,
             quiet: g.quiet,
         },

@@ -114,6 +114,11 @@ impl Settings {
         check(o.timeout_secs > 0, "generate.openai.timeout_secs", || {
             "must be at least 1".into()
         })?;
+        check(
+            o.max_answer_bytes >= 1024,
+            "generate.openai.max_answer_bytes",
+            || "must be at least 1024 (an answer's JSON alone takes a few hundred bytes)".into(),
+        )?;
         Ok(())
     }
 

@@ -54,14 +54,25 @@ pub fn truncate(mut ex: Example, t: &Truncation, rep: &mut TruncationReport) -> 
     ex
 }
 
-pub(crate) fn tokenize(tok: &Tok, prompt: &str, chosen: &str, rejected: &str) -> Result<Example> {
+/// One row's tokens. The prompt is the chat template's rendering, whose markers must stay
+/// special tokens; a response is text from a server or a dataset file, and special-token text in
+/// it (`<|im_end|>` written out) is neutralized (`specials`, from
+/// [`crate::model::load::special_text::special_texts`]) so it never becomes a control token.
+pub(crate) fn tokenize(
+    tok: &Tok,
+    specials: &[String],
+    prompt: &str,
+    chosen: &str,
+    rejected: &str,
+) -> Result<Example> {
     let mut p = tok.encode(prompt, false)?;
     if let Some(b) = tok.bos_id {
         // TRL adds BOS to every prompt, whatever the tokenizer's add_bos_token says.
         p.insert(0, b);
     }
     let resp = |s: &str| -> Result<Vec<u32>> {
-        let mut r = tok.encode(s, false)?;
+        let s = crate::model::load::special_text::neutralize(s, specials);
+        let mut r = tok.encode(&s, false)?;
         r.push(tok.eos_id);
         Ok(r)
     };

@@ -39,10 +39,12 @@ pub fn prepare(
     };
     let mut report = TruncationReport::default();
     let tok = &model.meta.tok;
+    let specials = crate::model::load::special_text::special_texts(tok);
     let mut conv = |rows: &[RawRow]| -> Result<Vec<Example>> {
         rows.iter()
             .map(|r| {
-                let mut ex = super::data::tokenize(tok, &r.prompt, &r.chosen, &r.rejected)?;
+                let mut ex =
+                    super::data::tokenize(tok, &specials, &r.prompt, &r.chosen, &r.rejected)?;
                 ex.label = r.label;
                 Ok(truncate(ex, &t, &mut report))
             })

@@ -6,6 +6,14 @@
 //! Model 0 is the base; model `i > 0` is the base with adapter `i` attached. One adapter stays
 //! attached while its rows decode; base rows decode with the adapter switched off; a second
 //! adapter is swapped in (a move, not a copy) for its own steps.
+//!
+//! A panic inside a step (a bug, never a request's fault) does not take the server down with a
+//! dead engine that still lists models: it is caught, every request in flight and waiting gets
+//! an error (a 500), the batches start over empty on the same loaded weights, and `/health`
+//! counts the restart. If the thread itself ends, `/health` says the engine is down.
+//!
+//! `REVIEWER2_FAILPOINT=engine-step:N` panics at the Nth decoding step, once: the tests' way to
+//! show the recovery on the real engine.
 
 use crate::error::Result;
 use crate::model::adapter::Adapter;
@@ -14,7 +22,8 @@ use crate::model::llama::Mode;
 use crate::model::load::Model;
 use rand_chacha::ChaCha8Rng;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -45,6 +54,10 @@ pub(crate) struct Load {
     /// Rows being decoded.
     pub(crate) active: AtomicUsize,
     pub(crate) tokens: AtomicUsize,
+    /// The engine thread is running.
+    pub(crate) up: AtomicBool,
+    /// Panics caught and recovered from.
+    pub(crate) restarts: AtomicUsize,
 }
 
 /// The handle the HTTP side holds.
@@ -72,9 +85,20 @@ impl Engine {
         let (tx, rx) = mpsc::channel();
         let load = Arc::new(Load::default());
         let l = load.clone();
+        load.up.store(true, Ordering::SeqCst);
         std::thread::Builder::new()
             .name("engine".into())
-            .spawn(move || run(model, adapters, batch, rx, &l))
+            .spawn(move || {
+                // Down however the thread ends, a panic that escapes included.
+                struct Down<'a>(&'a Load);
+                impl Drop for Down<'_> {
+                    fn drop(&mut self) {
+                        self.0.up.store(false, Ordering::SeqCst);
+                    }
+                }
+                let _down = Down(&l);
+                run(model, adapters, batch, rx, &l)
+            })
             .expect("spawn the engine thread");
         Engine { tx, load, queue }
     }
@@ -101,57 +125,131 @@ struct Lane {
     live: HashMap<usize, UnboundedSender<Piece>>,
 }
 
-fn run(
-    mut model: Model,
-    adapters: Vec<Adapter>,
+/// Everything the engine thread owns.
+struct State {
+    model: Model,
+    /// Adapter `i + 1` in slot `i`, except the one attached to the model.
+    adapters: Vec<Option<Adapter>>,
+    attached: Option<usize>,
+    lanes: Vec<Lane>,
+    next_id: usize,
     batch: usize,
-    rx: mpsc::Receiver<Job>,
-    load: &Load,
-) {
-    let mut adapters: Vec<Option<Adapter>> = adapters.into_iter().map(Some).collect();
-    let mut attached: Option<usize> = None;
-    let mut lanes: Vec<Lane> = (0..=adapters.len()).map(|_| Lane::default()).collect();
-    let mut next_id = 0usize;
+    /// Decoding steps left before the failpoint panics, if one is set.
+    failpoint: Option<usize>,
+}
+
+fn run(model: Model, adapters: Vec<Adapter>, batch: usize, rx: mpsc::Receiver<Job>, load: &Load) {
+    let lanes = (0..=adapters.len()).map(|_| Lane::default()).collect();
+    let mut st = State {
+        model,
+        adapters: adapters.into_iter().map(Some).collect(),
+        attached: None,
+        lanes,
+        next_id: 0,
+        batch,
+        failpoint: failpoint(),
+    };
     loop {
-        let idle = lanes
+        match std::panic::catch_unwind(AssertUnwindSafe(|| st.turn(&rx, load))) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".into());
+                load.restarts.fetch_add(1, Ordering::SeqCst);
+                st.recover(
+                    load,
+                    &format!("the engine panicked ({why}); it has restarted, try again"),
+                );
+            }
+        }
+    }
+}
+
+/// `REVIEWER2_FAILPOINT=engine-step:N`.
+fn failpoint() -> Option<usize> {
+    let v = std::env::var("REVIEWER2_FAILPOINT").ok()?;
+    v.strip_prefix("engine-step:")?.parse().ok()
+}
+
+impl State {
+    /// Wait for work if there is none, then one step of every lane that has rows. False when
+    /// the server has stopped.
+    fn turn(&mut self, rx: &mpsc::Receiver<Job>, load: &Load) -> bool {
+        let idle = self
+            .lanes
             .iter()
             .all(|l| l.dec.is_empty() && l.waiting.is_empty());
         if idle {
-            // Nothing to decode: wait for work (or for the server to stop).
             match rx.recv() {
-                Ok(j) => lanes[j.model].waiting.push_back(j),
-                Err(_) => return,
+                Ok(j) => self.lanes[j.model].waiting.push_back(j),
+                Err(_) => return false,
             }
         }
         while let Ok(j) = rx.try_recv() {
-            lanes[j.model].waiting.push_back(j);
+            self.lanes[j.model].waiting.push_back(j);
         }
-        for m in 0..lanes.len() {
-            let lane = &mut lanes[m];
-            if lane.dec.is_empty() && lane.waiting.is_empty() {
+        for m in 0..self.lanes.len() {
+            if self.lanes[m].dec.is_empty() && self.lanes[m].waiting.is_empty() {
                 continue;
             }
-            if m > 0 && attached != Some(m) {
-                if let Some(a) = attached {
-                    adapters[a - 1] = model.llama.detach();
+            if m > 0 && self.attached != Some(m) {
+                if let Err(e) = self.attach(m) {
+                    // `serve::run` attached every adapter once at start, so this is not
+                    // expected; the other lanes keep going either way.
+                    fail(
+                        &mut self.lanes[m],
+                        load,
+                        &format!("attaching the adapter: {e:#}"),
+                    );
+                    continue;
                 }
-                let a = adapters[m - 1]
-                    .take()
-                    .expect("an adapter is in its slot or attached");
-                match model.llama.attach(a) {
-                    Ok(()) => attached = Some(m),
-                    Err(e) => {
-                        // `serve::run` attached every adapter once at start, so this is not
-                        // expected; the other lanes keep going either way.
-                        fail(lane, load, &format!("attaching the adapter: {e:#}"));
-                        continue;
-                    }
+            }
+            if let Some(n) = self.failpoint.as_mut() {
+                if *n <= 1 {
+                    self.failpoint = None;
+                    panic!("REVIEWER2_FAILPOINT engine-step");
                 }
+                *n -= 1;
             }
             let mode = Mode::infer().with_lora(m > 0);
-            if let Err(e) = step(&model, lane, batch, mode, &mut next_id, load) {
+            let lane = &mut self.lanes[m];
+            if let Err(e) = step(&self.model, lane, self.batch, mode, &mut self.next_id, load) {
                 fail(lane, load, &format!("{e:#}"));
             }
+        }
+        true
+    }
+
+    /// Put the attached adapter back in its slot and attach adapter `m`.
+    fn attach(&mut self, m: usize) -> Result<()> {
+        if let Some(a) = self.attached.take() {
+            self.adapters[a - 1] = self.model.llama.detach();
+        }
+        let Some(a) = self.adapters[m - 1].take() else {
+            crate::error::bail!(
+                "adapter {m} was lost when the engine restarted; restart the server"
+            );
+        };
+        self.model.llama.attach(a)?;
+        self.attached = Some(m);
+        Ok(())
+    }
+
+    /// After a panic: every request gets `msg`, every batch starts over empty, and the adapter
+    /// that was attached goes back to its slot (the weights were only read by the step).
+    fn recover(&mut self, load: &Load, msg: &str) {
+        for lane in &mut self.lanes {
+            if !(lane.live.is_empty() && lane.waiting.is_empty()) {
+                fail(lane, load, msg);
+            }
+            lane.dec = Decoder::default();
+        }
+        if let Some(a) = self.attached.take() {
+            self.adapters[a - 1] = self.model.llama.detach();
         }
     }
 }

@@ -6,7 +6,7 @@
 use super::App;
 use crate::dpo::data::RawRow;
 use axum::extract::{Path as UrlPath, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
@@ -87,14 +87,7 @@ pub(super) struct PromptReq {
 
 /// The messages the bot is asked with for a title: the neutral few-shot prompt it was trained on
 /// (as `pipeline sample` asks it).
-pub(super) async fn prompt(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    Json(r): Json<PromptReq>,
-) -> Response {
-    if let Err(e) = super::authorize(&app, &headers) {
-        return e.into_response();
-    }
+pub(super) async fn prompt(State(app): State<Arc<App>>, Json(r): Json<PromptReq>) -> Response {
     let title = r.title.trim();
     if title.is_empty() || title.len() > 500 {
         return (
@@ -103,11 +96,14 @@ pub(super) async fn prompt(
         )
             .into_response();
     }
-    match crate::stages::prompts::neutral_messages_with(
-        &app.site.prompts,
-        &app.site.templates,
-        title,
-    ) {
+    // The template is rendered off the async workers, like a chat request's.
+    let (a, title) = (app.clone(), title.to_string());
+    let messages = tokio::task::spawn_blocking(move || {
+        crate::stages::prompts::neutral_messages_with(&a.site.prompts, &a.site.templates, &title)
+    })
+    .await
+    .unwrap_or_else(|e| Err(crate::error::err!("rendering the prompt: {e}")));
+    match messages {
         Ok(m) => Json(json!({"messages": m})).into_response(),
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -131,14 +127,7 @@ pub(super) struct PairsQuery {
 
 /// A page of the current split's pairs whose prompt, chosen or rejected text holds `q`
 /// (case-insensitive).
-pub(super) async fn pairs(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    Query(q): Query<PairsQuery>,
-) -> Response {
-    if let Err(e) = super::authorize(&app, &headers) {
-        return e.into_response();
-    }
+pub(super) async fn pairs(State(app): State<Arc<App>>, Query(q): Query<PairsQuery>) -> Response {
     let (train, test) = match app.site.pairs() {
         Ok(p) => p,
         Err(e) => return not_found(e),
@@ -176,10 +165,7 @@ pub(super) async fn pairs(
 }
 
 /// The current run: the training summary, its metrics, the charts there are, and the eval report.
-pub(super) async fn run_info(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    if let Err(e) = super::authorize(&app, &headers) {
-        return e.into_response();
-    }
+pub(super) async fn run_info(State(app): State<Arc<App>>) -> Response {
     let s = &app.site;
     let read_json = |p: PathBuf| -> Value {
         std::fs::read(p)
@@ -217,14 +203,7 @@ fn charts(dir: &std::path::Path) -> Vec<String> {
 }
 
 /// A chart of the current training run, by file name (only the PNGs that are there).
-pub(super) async fn chart(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    UrlPath(name): UrlPath<String>,
-) -> Response {
-    if let Err(e) = super::authorize(&app, &headers) {
-        return e.into_response();
-    }
+pub(super) async fn chart(State(app): State<Arc<App>>, UrlPath(name): UrlPath<String>) -> Response {
     let Some(dir) = &app.site.train else {
         return not_found("no training run in this workdir");
     };

@@ -307,6 +307,20 @@ fn remote(
             tally.retries
         ),
     );
+    if !tally.unexpected.is_empty() {
+        ctx.say(
+            "Refused",
+            format!(
+                "answers that ended with another finish_reason than stop or length, asked again: {}",
+                tally
+                    .unexpected
+                    .iter()
+                    .map(|(r, n)| format!("{n} \"{r}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+    }
     let mut answers = tally.answers;
     answers.resize(servers.endpoints.len(), 0);
     Ok(serde_json::json!({
@@ -315,6 +329,7 @@ fn remote(
         "model": o.model,
         "resumed": resumed,
         "retries": tally.retries,
+        "unexpected_finish": tally.unexpected,
         "endpoints": servers.endpoints.iter().zip(&answers).map(|(e, n)| serde_json::json!({
             "url": e.shown,
             "served": e.served,
@@ -323,11 +338,13 @@ fn remote(
     }))
 }
 
-/// Answers per endpoint and retries, counted as rows arrive.
+/// Answers per endpoint, retries, and answers refused for their `finish_reason`, counted as
+/// rows arrive.
 #[derive(Default)]
 struct Tally {
     answers: Vec<usize>,
     retries: u64,
+    unexpected: BTreeMap<String, u64>,
 }
 
 /// `todo`'s reviews from `backend` into the chunks. Whatever was written before a failure is
@@ -349,6 +366,9 @@ fn write_reviews(
         }
         tally.answers[a.endpoint] += 1;
         tally.retries += u64::from(a.retries);
+        for r in &a.unexpected {
+            *tally.unexpected.entry(r.clone()).or_default() += 1;
+        }
         w.push(row(
             by_id[&a.id],
             a.text,

@@ -14,6 +14,7 @@ use crate::config::JudgeKind;
 use crate::error::Result;
 use crate::fsutil::{read_jsonl, write_jsonl};
 use crate::judge::Judge;
+use crate::model::load::special_text::neutralize;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -101,6 +102,10 @@ pub(crate) fn build(ctx: &Ctx, prompts_dir: &Path, gen_dir: &Path, out: &Path) -
             Polarity::Positive => pos.insert(g.title_id, g),
         };
     }
+    // Reviews from anywhere (a server could answer with `<|im_end|>` written out) enter the
+    // dataset with special-token text neutralized, as the prompts are.
+    let (chat, _) = super::prompts::chat_template(ctx)?;
+    let review = |t: &str| neutralize(t, chat.special_texts()).into_owned();
     let (mut pairs, mut empty, mut identical, mut missing) = (Vec::new(), 0, 0, 0);
     for pp in &pair_prompts {
         let (Some(n), Some(p)) = (neg.get(&pp.title_id), pos.get(&pp.title_id)) else {
@@ -116,8 +121,8 @@ pub(crate) fn build(ctx: &Ctx, prompts_dir: &Path, gen_dir: &Path, out: &Path) -
                 title_id: pp.title_id,
                 title: pp.title.clone(),
                 prompt: pp.prompt.clone(),
-                chosen: n.text.clone(),
-                rejected: p.text.clone(),
+                chosen: review(&n.text),
+                rejected: review(&p.text),
             });
         }
     }

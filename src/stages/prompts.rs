@@ -68,7 +68,7 @@ pub(crate) struct PairPromptRow {
 }
 
 /// The chat template of the configured model, and a fingerprint of what affects prompt text.
-fn chat_template(ctx: &Ctx) -> Result<(ChatTemplate, String)> {
+pub(crate) fn chat_template(ctx: &Ctx) -> Result<(ChatTemplate, String)> {
     let src = ctx.recipe.model(&ctx.recipe.generate)?;
     let meta = crate::model::load::source::load_meta(src)?;
     let chat = meta.chat.with_context(|| {
@@ -201,6 +201,9 @@ pub(crate) fn build(ctx: &Ctx, scrape_dir: &Path, out: &Path) -> Result<Built> {
                 &examples,
             )?;
             let prompt = chat.render(&messages, true)?;
+            // Neutralized as rendered, so a server applying its own template (the openai
+            // backend's chat API) reads the same text as a token stream.
+            let messages = chat.neutralized(messages);
             rows.push(PromptRow {
                 id: 2 * t.id + (pol == Polarity::Positive) as usize,
                 title_id: t.id,
@@ -226,6 +229,7 @@ pub(crate) fn build(ctx: &Ctx, scrape_dir: &Path, out: &Path) -> Result<Built> {
             &tpl, dir, p.style, &p.system, &t.title, None, &shots, &examples,
         )?;
         let prompt = chat.render(&messages, true)?;
+        let messages = chat.neutralized(messages);
         pairs.push(PairPromptRow {
             title_id: t.id,
             title: t.title.clone(),

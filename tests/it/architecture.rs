@@ -14,6 +14,7 @@ const FLOORS: &[(&str, u8)] = &[
     ("lock", 0),
     ("term", 0),
     ("retry", 0),
+    ("protocol", 0),
     ("kernels", 1),
     ("model", 2),
     ("model::load", 3),

@@ -4,81 +4,12 @@
 //! driven in headless Chromium. Then the server's edges: the API key, a full queue, a client
 //! that leaves mid-stream.
 
+use crate::support::serve::Server;
 use crate::support::*;
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
-
-/// `pipeline serve` on a free port, for as long as this value lives.
-struct Server {
-    child: Child,
-    url: String,
-    stderr: std::sync::Arc<std::sync::Mutex<String>>,
-    /// The API key the server asks for, if any (`R2_SERVE_KEY` in its environment).
-    key: Option<String>,
-}
-
-impl Server {
-    fn start(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
-        let mut child = pipeline_cmd(dir)
-            .args(["serve", "--port", "0"])
-            .args(args)
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let (mut err, log) = (child.stderr.take().unwrap(), stderr.clone());
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = err.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                log.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let url = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("serve did not start: {line:?}\n{}", stderr.lock().unwrap()))
-            .to_string();
-        let key = env
-            .iter()
-            .find(|(k, _)| *k == "R2_SERVE_KEY")
-            .map(|(_, v)| v.to_string());
-        Server {
-            child,
-            url,
-            stderr,
-            key,
-        }
-    }
-
-    fn get(&self, path: &str) -> Value {
-        let mut r = reqwest::blocking::Client::new().get(format!("{}{path}", self.url));
-        if let Some(k) = &self.key {
-            r = r.bearer_auth(k);
-        }
-        r.send().unwrap().json().unwrap()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[test]
 fn openai_clients_a_crowd_and_a_browser_get_reviews_from_both_models() {
@@ -134,6 +65,10 @@ fn openai_clients_a_crowd_and_a_browser_get_reviews_from_both_models() {
     assert_eq!(e["bad_max_tokens"]["status"], 400, "{e}");
     assert_eq!(e["bad_max_tokens"]["param"], "max_tokens", "{e}");
     assert_eq!(e["too_long"]["code"], "context_length_exceeded", "{e}");
+    for p in ["logit_bias", "logprobs", "n", "response_format", "tools"] {
+        assert_eq!(e[p]["status"], 400, "{p} is refused, not ignored: {e}");
+        assert_eq!(e[p]["param"], p, "{e}");
+    }
 
     // 64 concurrent streams, all answered in full, decoded together.
     let load = py_json(&py, "load_test.py", &[&v1, "reviewer2", "64", "16"]);
@@ -280,13 +215,20 @@ fn the_key_a_full_queue_and_a_client_that_leaves() {
     assert_eq!(busy[0].1["error"]["code"], "queue_full");
     assert!(codes.iter().any(|(c, _)| *c == 200), "{codes:?}");
 
-    // A body that is not JSON names itself; the key is never in the server's output.
-    let r = http
-        .post(format!("{}/v1/completions", s.url))
-        .bearer_auth(key)
-        .body("{not json")
-        .send()
-        .unwrap();
+    // A body that is not JSON names itself; one not sent as JSON is refused before it is read;
+    // the key is never in the server's output.
+    let post = |ctype: Option<&str>| {
+        let mut r = http
+            .post(format!("{}/v1/completions", s.url))
+            .bearer_auth(key)
+            .body("{not json");
+        if let Some(c) = ctype {
+            r = r.header("Content-Type", c);
+        }
+        r.send().unwrap()
+    };
+    assert_eq!(post(None).status(), 415);
+    let r = post(Some("application/json"));
     assert_eq!(r.status(), 400);
     let e: Value = r.json().unwrap();
     assert_eq!(e["error"]["param"], "body");

@@ -83,9 +83,15 @@ pub fn row_rng(seed: u64, id: usize) -> ChaCha8Rng {
     crate::rng::stream(seed, id as u64)
 }
 
+/// A temperature below this samples greedily. Dividing f32 logits by a temperature near zero
+/// overflows them to infinities (1e-300 is 0 as an f32), and the draw then goes to the least
+/// likely tokens; long before that, at 1e-4, a logit gap of 0.01 is a factor of e^100, so
+/// sampling is argmax already.
+pub const GREEDY_BELOW: f64 = 1e-4;
+
 /// Draw the next token: temperature, then top-k, then top-p (the order transformers uses).
 pub fn sample(logits: &[f32], s: &Sampling, rng: &mut ChaCha8Rng) -> u32 {
-    if s.temperature <= 0.0 {
+    if s.temperature < GREEDY_BELOW {
         return argmax(logits);
     }
     let t = s.temperature as f32;

@@ -79,6 +79,20 @@ impl ChatTemplate {
         self
     }
 
+    /// `messages` as [`ChatTemplate::render`] sees them: special-token text in their contents
+    /// neutralized. What a server that applies its own template should be sent.
+    pub(crate) fn neutralized(&self, messages: Vec<Message>) -> Vec<Message> {
+        match neutralize_messages(&messages, &self.specials) {
+            Cow::Borrowed(_) => messages,
+            Cow::Owned(m) => m,
+        }
+    }
+
+    /// The special tokens' texts this template keeps out of message contents.
+    pub(crate) fn special_texts(&self) -> &[String] {
+        &self.specials
+    }
+
     pub fn source(&self) -> &str {
         &self.source
     }
