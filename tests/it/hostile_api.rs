@@ -598,8 +598,9 @@ fn an_engine_panic_fails_the_requests_in_flight_and_the_engine_restarts() {
         .is_empty());
 }
 
-/// Mutated request bodies thrown at a real server's parsing: every answer is an answer (200, or
-/// 4xx in OpenAI's error shape), never a 500 or a dropped connection. A few seconds here;
+/// Mutated request bodies thrown at a real server's parsing: each field given each odd value,
+/// then random mutations and damaged bytes. Every answer is an answer (200, or 4xx in OpenAI's
+/// error shape), never a 500 or a dropped connection. A few seconds here;
 /// `REVIEWER2_FUZZ_SECS=600` for a long run. The seed is printed to replay a failure.
 #[test]
 fn fuzzed_requests_get_answers_or_named_refusals() {
@@ -649,30 +650,16 @@ fn fuzzed_requests_get_answers_or_named_refusals() {
         json!({"type": "text"}),
         json!(2.5),
     ];
-    let (mut n, t0) = (0usize, Instant::now());
-    while t0.elapsed() < Duration::from_secs(secs) {
-        let (path, base) = &seeds[rng.random_range(0..seeds.len())];
-        let mut v = base.clone();
-        mutate(&mut v, &mut rng, &values, 3);
-        let mut body = v.to_string().into_bytes();
-        if rng.random_bool(0.2) && !body.is_empty() {
-            // Byte-level damage too: truncation, a flipped byte.
-            let i = rng.random_range(0..body.len());
-            if rng.random_bool(0.5) {
-                body.truncate(i);
-            } else {
-                body[i] ^= 1 << rng.random_range(0..8);
-            }
-        }
+    let send = |path: &str, body: &[u8]| {
         let r = http
             .post(format!("{}{path}", s.url))
             .header("Content-Type", "application/json")
-            .body(body.clone())
+            .body(body.to_vec())
             .send()
             .unwrap_or_else(|e| {
                 panic!(
                     "seed {seed}: no answer to {}: {e}",
-                    String::from_utf8_lossy(&body)
+                    String::from_utf8_lossy(body)
                 )
             });
         let code = r.status().as_u16();
@@ -680,13 +667,53 @@ fn fuzzed_requests_get_answers_or_named_refusals() {
         assert!(
             code == 200 || (400..500).contains(&code),
             "seed {seed}: {code} for {}:\n{text}",
-            String::from_utf8_lossy(&body)
+            String::from_utf8_lossy(body)
         );
         if code != 200 {
             let e: Value = serde_json::from_str(&text)
                 .unwrap_or_else(|_| panic!("seed {seed}: not JSON: {text}"));
             assert!(e["error"]["message"].is_string(), "{text}");
         }
+    };
+    // First every field of each body, and of its first message, given each odd value in turn.
+    let mut n = 0usize;
+    for (path, base) in &seeds {
+        let mut fields: Vec<Vec<String>> = base
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| vec![k.clone()])
+            .collect();
+        fields.push(vec!["messages".into(), "0".into(), "content".into()]);
+        fields.push(vec!["messages".into(), "1".into(), "role".into()]);
+        for f in &fields {
+            for v in &values {
+                let mut b = base.clone();
+                let ptr = format!("/{}", f.join("/"));
+                if let Some(slot) = b.pointer_mut(&ptr) {
+                    *slot = v.clone();
+                    send(path, &b.to_string().into_bytes());
+                    n += 1;
+                }
+            }
+        }
+    }
+    // Then random mutations, several at once, and damaged bytes, for the time left.
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(secs) {
+        let (path, base) = &seeds[rng.random_range(0..seeds.len())];
+        let mut v = base.clone();
+        mutate(&mut v, &mut rng, &values, 3);
+        let mut body = v.to_string().into_bytes();
+        if rng.random_bool(0.2) && !body.is_empty() {
+            let i = rng.random_range(0..body.len());
+            if rng.random_bool(0.5) {
+                body.truncate(i);
+            } else {
+                body[i] ^= 1 << rng.random_range(0..8);
+            }
+        }
+        send(path, &body);
         n += 1;
     }
     eprintln!("{n} fuzzed requests in {secs} s");
