@@ -74,6 +74,40 @@ fn check_origin(o: &str) -> Result<String> {
     }
 }
 
+/// `--max-connections`, the timeouts, `--allowed-host` and `--cors-origin`, checked.
+fn guards(a: &ServeArgs) -> Result<(crate::serve::Limits, crate::serve::Origins)> {
+    if a.max_connections == 0 || a.header_timeout == 0 || a.body_timeout == 0 {
+        crate::error::usage!(
+            "--max-connections, --header-timeout and --body-timeout must be at least 1"
+        );
+    }
+    let cors = a
+        .cors_origin
+        .iter()
+        .map(|o| check_origin(o))
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(h) = a
+        .allowed_host
+        .iter()
+        .find(|h| h.is_empty() || h.contains(|c: char| c == '/' || c == ':' || c.is_whitespace()))
+    {
+        crate::error::usage!(
+            "--allowed-host {h:?} is not a host name; give the name alone, without scheme or port (bot.lan)"
+        );
+    }
+    Ok((
+        crate::serve::Limits {
+            header_timeout: std::time::Duration::from_secs(a.header_timeout),
+            body_timeout: std::time::Duration::from_secs(a.body_timeout),
+            max_connections: a.max_connections,
+        },
+        crate::serve::Origins {
+            allowed_hosts: a.allowed_host.clone(),
+            cors,
+        },
+    ))
+}
+
 pub(crate) fn exec(g: &Global, a: ServeArgs) -> Result<()> {
     let recipe = open(g, Network::Allowed)?;
     let ctx = Ctx::new(&recipe, &g.workdir, g.quiet);
@@ -114,25 +148,7 @@ pub(crate) fn exec(g: &Global, a: ServeArgs) -> Result<()> {
     if a.max_tokens == 0 {
         crate::error::usage!("--max-tokens must be at least 1");
     }
-    if a.max_connections == 0 || a.header_timeout == 0 || a.body_timeout == 0 {
-        crate::error::usage!(
-            "--max-connections, --header-timeout and --body-timeout must be at least 1"
-        );
-    }
-    let cors = a
-        .cors_origin
-        .iter()
-        .map(|o| check_origin(o))
-        .collect::<Result<Vec<_>>>()?;
-    if let Some(h) = a
-        .allowed_host
-        .iter()
-        .find(|h| h.is_empty() || h.contains(|c: char| c == '/' || c == ':' || c.is_whitespace()))
-    {
-        crate::error::usage!(
-            "--allowed-host {h:?} is not a host name; give the name alone, without scheme or port (bot.lan)"
-        );
-    }
+    let (limits, origins) = guards(&a)?;
     let batch = a
         .batch_size
         .unwrap_or(recipe.settings().generate.batch_size)
@@ -156,15 +172,8 @@ pub(crate) fn exec(g: &Global, a: ServeArgs) -> Result<()> {
             batch,
             queue: a.queue,
             max_tokens: a.max_tokens,
-            limits: crate::serve::Limits {
-                header_timeout: std::time::Duration::from_secs(a.header_timeout),
-                body_timeout: std::time::Duration::from_secs(a.body_timeout),
-                max_connections: a.max_connections,
-            },
-            origins: crate::serve::Origins {
-                allowed_hosts: a.allowed_host.clone(),
-                cors,
-            },
+            limits,
+            origins,
             site,
             quiet: g.quiet,
         },

@@ -104,33 +104,7 @@ pub(super) fn validate(app: &App, body: &[u8], api: Api) -> Result<Ask, ApiError
         ApiError::bad(param, msg)
     };
     let (r, unknown) = protocol::parse_request(body).map_err(field_error)?;
-    let prompt = match api {
-        Api::Chat => {
-            if r.prompt.is_some() {
-                return Err(ApiError::bad(
-                    "prompt",
-                    "`prompt` is for /v1/completions; a chat takes `messages`",
-                ));
-            }
-            render_chat(app, r.messages.as_deref().unwrap_or_default())?
-        }
-        Api::Completions => {
-            if r.messages.is_some() {
-                return Err(ApiError::bad(
-                    "messages",
-                    "`messages` is for /v1/chat/completions; a completion takes `prompt`",
-                ));
-            }
-            match &r.prompt {
-                Some(Prompt::Text(s)) => s.clone(),
-                Some(Prompt::Texts(v)) if v.len() == 1 => v[0].clone(),
-                _ => return Err(ApiError::bad(
-                    "prompt",
-                    "`prompt` must be one string (one prompt per request; token ids are not taken)",
-                )),
-            }
-        }
-    };
+    let prompt = prompt_text(app, &r, api)?;
     let model = r.model.as_str();
     let model = app
         .names
@@ -186,6 +160,38 @@ pub(super) fn validate(app: &App, body: &[u8], api: Api) -> Result<Ask, ApiError
         stop: p.stop,
         stream: r.stream.unwrap_or(false),
         include_usage: p.include_usage,
+    })
+}
+
+/// The prompt text of a request: a completion's one prompt, or the chat's messages through
+/// the model's template. Each endpoint refuses the other's field by name.
+fn prompt_text(app: &App, r: &Request, api: Api) -> Result<String, ApiError> {
+    Ok(match api {
+        Api::Chat => {
+            if r.prompt.is_some() {
+                return Err(ApiError::bad(
+                    "prompt",
+                    "`prompt` is for /v1/completions; a chat takes `messages`",
+                ));
+            }
+            render_chat(app, r.messages.as_deref().unwrap_or_default())?
+        }
+        Api::Completions => {
+            if r.messages.is_some() {
+                return Err(ApiError::bad(
+                    "messages",
+                    "`messages` is for /v1/chat/completions; a completion takes `prompt`",
+                ));
+            }
+            match &r.prompt {
+                Some(Prompt::Text(s)) => s.clone(),
+                Some(Prompt::Texts(v)) if v.len() == 1 => v[0].clone(),
+                _ => return Err(ApiError::bad(
+                    "prompt",
+                    "`prompt` must be one string (one prompt per request; token ids are not taken)",
+                )),
+            }
+        }
     })
 }
 
