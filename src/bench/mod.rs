@@ -3,6 +3,8 @@
 //! `generate.rs` times generation (this engine, or the `[generate.openai]` servers, through the
 //! same backend trait the stages use), `train.rs` a DPO step; this file holds their arguments'
 //! shared parts and the helpers.
+//!
+//! May import every floor below 8 (`stages`, `recipe`, `backend`, `model`, ...); never `cli`.
 
 mod generate;
 mod train;

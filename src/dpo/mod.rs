@@ -10,6 +10,9 @@
 //! - [`trainer`]: the loop: reference log-probs, steps, eval, logs, checkpoints, resume.
 //! - `charts`: learning-curve PNGs.
 //! - `tensorboard`: the same metrics as TensorBoard event files.
+//!
+//! May import `model` (all of it), `kernels` and the base modules (floor 5 and below); never
+//! `config`, `stages` or anything above.
 
 pub(crate) mod charts;
 pub mod config;

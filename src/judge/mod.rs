@@ -10,6 +10,9 @@
 //!
 //! A judge is only as good as its validation: `auroc` on pairs whose labels are known (the
 //! split's test pairs, never used to tune it) is reported next to every number it produces.
+//!
+//! May import `model` (all of it), `kernels` and the base modules (floor 5 and below); never
+//! `config`, `stages` or anything above.
 
 pub(crate) mod vader;
 

@@ -8,6 +8,9 @@
 //! validated once into what the engine runs), `response.rs` (answers and errors in OpenAI's
 //! shape, text out of tokens), `engine.rs` (continuous batching on its own thread), `site.rs`
 //! (the page and its read-only views of the workdir). The wire types are `crate::protocol`'s.
+//!
+//! May import every floor below 8 (`stages`, `recipe`, `model`, `protocol`, ...); only `cli`
+//! imports it.
 
 mod auth;
 mod engine;

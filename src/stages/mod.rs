@@ -3,6 +3,9 @@
 //! Each stage module exposes `material` (what its output depends on, cheap to compute) and `build`
 //! (make the output in a staging folder). This module decides what is up to date, builds what is
 //! not, in order, and reports it, cargo-style.
+//!
+//! May import floors 0 to 6 of docs/ARCHITECTURE.md (`config`, `recipe`, `cache`, `backend`,
+//! `dpo`, `judge`, `model`, `kernels`, the base modules); never `serve`, `hub`, `bench` or `cli`.
 
 pub(crate) mod eval;
 pub(crate) mod generate;

@@ -4,6 +4,9 @@
 //! is refilled with the next prompt (prefilled in a sub-batch and spliced into the cache) instead
 //! of decoding a dead row. Each prompt's sampler is seeded from (seed, prompt id), so the text of a
 //! prompt does not depend on batch size, order, or where a resumed run starts.
+//!
+//! May import `model::load`, the model's core, `kernels` and the base modules; never `backend`,
+//! `dpo` or anything above.
 
 pub(crate) mod limits;
 pub mod prefix;
