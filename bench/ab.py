@@ -22,10 +22,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
+def checkout_of(binary):
+    """The checkout a `target/release/pipeline` was built in (its own pipeline.toml and
+    templates, which an older build must read), else this one."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(binary))))
+    return root if os.path.isfile(os.path.join(root, "pipeline.toml")) else ROOT
+
+
 def run_json(binary, workdir, args):
-    """`binary --workdir workdir ARGS --json` from the repo root; its JSON lines."""
+    """`binary --workdir workdir ARGS --json` from its checkout; its JSON lines. The checkout
+    needs `models/` (a link to this one's will do)."""
     cmd = [binary, "--workdir", workdir, "-q"] + args + ["--json"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(cmd, cwd=checkout_of(binary), capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr}")
     return [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
@@ -39,7 +47,7 @@ def main():
     ap.add_argument("--weights", default="f32,quantized,mixed,q8,blocks")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--train-steps", type=int, default=3)
+    ap.add_argument("--train-steps", type=int, default=3, help="0: no training benchmark")
     ap.add_argument("--preset", default="quick")
     a = ap.parse_args()
     common = ["--preset", a.preset]
@@ -54,13 +62,14 @@ def main():
         )
         for w in a.weights.split(",")
     ]
-    benches.append(
-        (
-            common + ["bench", "train", "--batch-size", "4", "--max-length", "256",
-                      "--max-prompt-length", "192", "--steps", str(a.train_steps)],
-            lambda rows: {"train: s/step": rows[-1]["step_s"], "train: peak RSS MiB": rows[-1]["peak_rss_mib"]},
+    if a.train_steps > 0:
+        benches.append(
+            (
+                common + ["bench", "train", "--batch-size", "4", "--max-length", "256",
+                          "--max-prompt-length", "192", "--steps", str(a.train_steps)],
+                lambda rows: {"train: s/step": rows[-1]["step_s"], "train: peak RSS MiB": rows[-1]["peak_rss_mib"]},
+            )
         )
-    )
     results = {}
     with tempfile.TemporaryDirectory() as wa, tempfile.TemporaryDirectory() as wb:
         for r in range(a.rounds):
