@@ -11,6 +11,7 @@ mod dpo;
 mod engine;
 mod eval;
 mod gpu_path;
+mod hostile_files;
 mod hub_faults;
 mod judge;
 mod openai_backend;
