@@ -7,7 +7,7 @@
 //! checksums is reported as damaged and rebuilt, never read.
 
 use crate::error::{Context, Result};
-use crate::fsutil::{sha256_file, sha256_hex, write_json_pretty};
+use crate::fsutil::{sha256_file, sha256_hex, stale_leftover, write_json_pretty};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs;
@@ -212,10 +212,13 @@ impl Cache {
             .root
             .join(stage)
             .join(format!(".tmp-{key}-{}", std::process::id()));
-        if tmp.exists() {
+        if tmp.symlink_metadata().is_ok() {
+            // This process's own name: left by an earlier process that had the same pid.
             fs::remove_dir_all(&tmp)?;
         }
-        fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        fs::create_dir_all(self.root.join(stage))?;
+        // create_dir, not create_dir_all: the folder must be a new one, made here.
+        fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         Ok(Staging {
             dir: tmp,
             stage: stage.to_string(),
@@ -223,7 +226,9 @@ impl Cache {
         })
     }
 
-    /// Remove temporary folders left by killed runs (never the resumable `.partial` ones).
+    /// Remove what killed runs left in the stage folders: stage folders being built (`.tmp-*`),
+    /// artifacts moved aside for a replacement (`.old-*`) and files being written, whose process
+    /// is gone (see [`crate::fsutil::stale_leftover`]). Never the resumable `.partial` folders.
     pub(crate) fn sweep(&self) {
         let Ok(stages) = fs::read_dir(&self.root) else {
             return;
@@ -234,13 +239,15 @@ impl Cache {
             };
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if let Some(rest) = name.strip_prefix(".tmp-") {
-                    let pid = rest.rsplit('-').next().and_then(|p| p.parse::<u32>().ok());
-                    let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
-                    if !alive || pid == Some(std::process::id()) {
-                        let _ = fs::remove_dir_all(e.path());
-                    }
+                if !stale_leftover(&name) {
+                    continue;
                 }
+                // Not following a symlink: a link is removed, never what it points at.
+                match e.file_type() {
+                    Ok(t) if t.is_dir() => fs::remove_dir_all(e.path()).ok(),
+                    Ok(_) => fs::remove_file(e.path()).ok(),
+                    Err(_) => None,
+                };
             }
         }
     }
@@ -296,20 +303,96 @@ impl Staging {
         };
         write_json_pretty(&self.dir.join("manifest.json"), &m)?;
         let fin = cache.dir(&self.stage, &self.key);
-        if fin.exists() {
-            // A damaged or forced artifact: move it aside first so the rename is atomic.
-            let old = fin.with_file_name(format!(".old-{}-{}", self.key, std::process::id()));
-            fs::rename(&fin, &old)?;
-            fs::rename(&self.dir, &fin)?;
-            let _ = fs::remove_dir_all(&old);
-        } else {
-            fs::rename(&self.dir, &fin)
-                .with_context(|| format!("moving {} into place", fin.display()))?;
+        if let Err(e) = place(&self.dir, &fin, &self.key) {
+            // Nothing half-done stays: the built folder goes, whatever was in place stays.
+            let _ = fs::remove_dir_all(&self.dir);
+            return Err(e);
         }
         if let Some(parent) = fin.parent() {
             crate::fsutil::sync_dir(parent);
         }
         write_json_pretty(&cache.root.join(&self.stage).join("latest.json"), &m)?;
         Ok(m)
+    }
+}
+
+/// Rename the built folder `dir` to `fin`. A damaged or forced artifact already there is moved
+/// aside first (to `.old-<key>-<pid>`, so the rename is atomic) and removed after; if the rename
+/// fails it is put back, so the stage never loses the artifact it had.
+fn place(dir: &Path, fin: &Path, key: &str) -> Result<()> {
+    if !fin.exists() {
+        return fs::rename(dir, fin)
+            .with_context(|| format!("moving {} into place", fin.display()));
+    }
+    let old = fin.with_file_name(format!(".old-{key}-{}", std::process::id()));
+    if old.symlink_metadata().is_ok() {
+        // This process's own name: left by an earlier process that had the same pid.
+        fs::remove_dir_all(&old)?;
+    }
+    fs::rename(fin, &old).with_context(|| format!("moving {} aside", fin.display()))?;
+    if let Err(e) = fs::rename(dir, fin) {
+        let _ = fs::rename(&old, fin);
+        return Err(e).with_context(|| format!("moving {} into place", fin.display()));
+    }
+    let _ = fs::remove_dir_all(&old);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweep_removes_the_leftovers_of_dead_runs_and_nothing_else() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::new(d.path());
+        let stage = cache.root.join("generate");
+        fs::create_dir_all(&stage).unwrap();
+        // Linux pids stay below 2^22; pid 1 is always alive.
+        let dead = (1u32 << 22) + 1;
+        let gone = [
+            format!(".old-0123abcd-{dead}"),
+            format!(".tmp-0123abcd-{dead}"),
+        ];
+        for g in &gone {
+            fs::create_dir_all(stage.join(g).join("sub")).unwrap();
+            fs::write(stage.join(g).join("sub/x"), "x").unwrap();
+        }
+        let file = format!(".latest.json.tmp-{dead}");
+        fs::write(stage.join(&file), "{").unwrap();
+        let kept = [
+            ".old-0123abcd-1",
+            "0123abcd.partial",
+            "0123abcd",
+            ".notes.tmp-draft",
+        ];
+        for k in kept {
+            fs::create_dir_all(stage.join(k)).unwrap();
+        }
+        cache.sweep();
+        for g in gone.iter().chain([&file]) {
+            assert!(stage.join(g).symlink_metadata().is_err(), "{g} was kept");
+        }
+        for k in kept {
+            assert!(stage.join(k).is_dir(), "{k} was swept");
+        }
+    }
+
+    #[test]
+    fn a_failed_commit_keeps_the_old_artifact_and_leaves_no_leftover() {
+        let d = tempfile::tempdir().unwrap();
+        let stage = d.path().join("s");
+        fs::create_dir_all(stage.join("k")).unwrap();
+        fs::write(stage.join("k/out.txt"), "old").unwrap();
+        // A staging folder that cannot be renamed: it is not there.
+        let e = place(&stage.join(".tmp-k-1"), &stage.join("k"), "k").unwrap_err();
+        assert!(format!("{e:#}").contains("into place"), "{e:#}");
+        assert_eq!(fs::read_to_string(stage.join("k/out.txt")).unwrap(), "old");
+        let names: Vec<String> = fs::read_dir(&stage)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["k"]);
     }
 }

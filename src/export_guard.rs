@@ -4,6 +4,9 @@
 //! ([`EXPORT_MARKER`]) that lists the files it wrote; `--force` replaces a folder only when the
 //! marker is there and every file in the folder is one the marker lists. Anything else in it, a
 //! folder without the marker, and any folder that is, holds or lies inside the workdir are refused.
+//! The marker is only a file in the folder, so it is not trusted: every entry must name a regular
+//! file inside the folder (relative, no `..`, no symlink on the way) or the export is refused
+//! before anything is deleted.
 //! `merge-adapter` refuses to write into the base model's folder.
 
 use crate::error::{bail, Context, Result};
@@ -103,7 +106,7 @@ pub(crate) fn check_export_target(out: &Path, workdir: &Path, force: bool) -> Re
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .filter(|m: &Marker| m.written_by == WRITTEN_BY);
-    let Some(listed) = listed else {
+    let Some(mut listed) = listed else {
         bail!(
             "--out {} is not empty and is not a folder `pipeline export` wrote (it has no {EXPORT_MARKER}); \
              export never deletes what it did not write: choose a new or empty folder \
@@ -111,6 +114,9 @@ pub(crate) fn check_export_target(out: &Path, workdir: &Path, force: bool) -> Re
             out.display()
         );
     };
+    // Before anything else: a marker is only a file in the folder, and whoever can write the
+    // folder can write it. One entry that names something outside refuses the whole export.
+    listed.files = marker_files(out, &marker, &listed.files)?;
     let foreign: Vec<&String> = present
         .iter()
         .filter(|f| f.as_str() != EXPORT_MARKER && !listed.files.contains(f))
@@ -138,6 +144,64 @@ pub(crate) fn check_export_target(out: &Path, workdir: &Path, force: bool) -> Re
     }
     Ok(ExportTarget::PreviousExport {
         files: listed.files,
+    })
+}
+
+/// The marker's entries that `--force` may delete. Each must be a relative path of plain names
+/// (no `..`, no root, no prefix) that is a regular file inside `out` with no symlink on the way
+/// (export writes none; a symlink pointing outside is outside). An entry that names nothing is
+/// dropped: there is nothing to delete. Anything else is an error naming the marker and the
+/// entry, and nothing has been deleted.
+fn marker_files(out: &Path, marker: &Path, files: &[String]) -> Result<Vec<String>> {
+    let root = out
+        .canonicalize()
+        .with_context(|| format!("resolving --out {}", out.display()))?;
+    let mut kept = Vec::with_capacity(files.len());
+    for f in files {
+        let rel = Path::new(f);
+        let plain = !f.is_empty()
+            && rel
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+        let path = out.join(rel);
+        let why = if !plain {
+            "is not a plain relative path (it is absolute, or has a `..` or `.` in it)"
+        } else {
+            match path.canonicalize() {
+                Ok(real) if !real.starts_with(&root) => {
+                    "leads outside the folder through a symlink"
+                }
+                Ok(real) if real != root.join(rel) => {
+                    "passes through a symlink (export writes none)"
+                }
+                Ok(real) if !real.is_file() => "is not a regular file",
+                Ok(_) => {
+                    kept.push(f.clone());
+                    continue;
+                }
+                // Nothing there, and no dangling symlink on the way: nothing to delete.
+                Err(_) if !path_has_link(&root, rel) => continue,
+                Err(_) => "is a symlink that cannot be resolved",
+            }
+        };
+        bail!(
+            "{}: the entry {f:?} {why}; export --force deletes only files a previous export \
+             wrote inside --out {}, so it refused this marker and deleted nothing. Remove that \
+             entry from the marker (or delete the folder yourself), or choose another folder",
+            marker.display(),
+            out.display()
+        );
+    }
+    Ok(kept)
+}
+
+/// Does a folder on the way from `root` to `root/rel` exist as a symlink?
+fn path_has_link(root: &Path, rel: &Path) -> bool {
+    let mut p = root.to_path_buf();
+    rel.components().any(|c| {
+        p.push(c);
+        p.symlink_metadata()
+            .is_ok_and(|m| m.file_type().is_symlink())
     })
 }
 
@@ -193,8 +257,10 @@ pub(crate) fn install(staging: &Path, out: &Path, target: &ExportTarget) -> Resu
             // remove_dir only removes an empty folder: nothing of anyone's is lost.
             std::fs::remove_dir(out)
                 .with_context(|| format!("{} is no longer empty", out.display()))?;
-            std::fs::rename(staging, out)
-                .with_context(|| format!("moving the export into {}", out.display()))?;
+            if let Err(e) = std::fs::rename(staging, out) {
+                let _ = std::fs::create_dir(out);
+                return Err(e).with_context(|| format!("moving the export into {}", out.display()));
+            }
         }
         ExportTarget::PreviousExport { files } => {
             let name = out
@@ -202,8 +268,13 @@ pub(crate) fn install(staging: &Path, out: &Path, target: &ExportTarget) -> Resu
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             let old = out.with_file_name(format!(".{name}.old-export-{}", std::process::id()));
-            std::fs::rename(out, &old)
-                .with_context(|| format!("moving the previous export {} aside", out.display()))?;
+            std::fs::rename(out, &old).with_context(|| {
+                format!(
+                    "moving the previous export {} aside to {}",
+                    out.display(),
+                    old.display()
+                )
+            })?;
             if let Err(e) = std::fs::rename(staging, out) {
                 let _ = std::fs::rename(&old, out);
                 return Err(e).with_context(|| format!("moving the export into {}", out.display()));

@@ -49,11 +49,35 @@ pub(crate) fn export(
             .unwrap_or_default(),
         std::process::id()
     ));
-    if staging.exists() {
+    if staging.symlink_metadata().is_ok() {
         // Our own staging name (this pid): left by an earlier process that had the same pid.
         std::fs::remove_dir_all(&staging)?;
     }
-    std::fs::create_dir_all(staging.join("data"))?;
+    if let Some(p) = staging.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(p)?;
+    }
+    // create_dir, not create_dir_all: the staging folder must be a new one, made here.
+    std::fs::create_dir(&staging)
+        .with_context(|| format!("creating the staging folder {}", staging.display()))?;
+    let r = stage_and_install(split_dir, &staging, out, &target, s, manifests, format);
+    if r.is_err() {
+        // Nothing half-written stays beside --out (install has put back what was there).
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    r
+}
+
+/// Write the export into `staging`, then put it at `out` (see [`export`]).
+fn stage_and_install(
+    split_dir: &Path,
+    staging: &Path,
+    out: &Path,
+    target: &export_guard::ExportTarget,
+    s: &Settings,
+    manifests: &[Manifest],
+    format: Format,
+) -> Result<Vec<SplitInfo>> {
+    std::fs::create_dir(staging.join("data"))?;
     let mut infos = Vec::new();
     for name in ["train", "test"] {
         let src = split_dir.join(format!("{name}.parquet"));
@@ -101,8 +125,8 @@ pub(crate) fn export(
         .map(|i| format!("data/{}-00000-of-00001.parquet", i.name))
         .collect();
     written.push("README.md".into());
-    export_guard::write_marker(&staging, &written)?;
-    export_guard::install(&staging, out, &target)?;
+    export_guard::write_marker(staging, &written)?;
+    export_guard::install(staging, out, target)?;
     Ok(infos)
 }
 

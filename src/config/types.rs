@@ -36,6 +36,8 @@ pub struct ScrapeSettings {
     pub(crate) seed: u64,
     pub(crate) timeout_secs: u64,
     pub(crate) retries: u32,
+    /// The largest page (decoded: after gzip) a fetch reads; a larger one is refused.
+    pub(crate) max_page_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -175,6 +177,9 @@ impl Default for ScrapeSettings {
             seed: 42,
             timeout_secs: 30,
             retries: 3,
+            // The real schedule page is under 1 MiB: room for far larger pages, and still a bound
+            // on the memory a broken or hostile server can make a fetch take.
+            max_page_bytes: 64 << 20,
         }
     }
 }

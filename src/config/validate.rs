@@ -37,6 +37,11 @@ impl Settings {
         check(s.scrape.timeout_secs > 0, "scrape.timeout_secs", || {
             "must be at least 1".into()
         })?;
+        check(
+            s.scrape.max_page_bytes >= 1024,
+            "scrape.max_page_bytes",
+            || "must be at least 1024 (1 KiB)".into(),
+        )?;
         check(!s.prompts.pool.is_empty(), "prompts.pool", || {
             "needs at least one few-shot example".into()
         })?;

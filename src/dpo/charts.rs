@@ -60,14 +60,16 @@ fn png(
     draw: impl FnOnce(&DrawingArea<BitMapBackend, plotters::coord::Shift>) -> Result<()>,
 ) -> Result<()> {
     register_font()?;
-    let tmp = crate::fsutil::tmp_sibling(out).with_extension("png");
-    {
-        let root = BitMapBackend::new(&tmp, (800, 480)).into_drawing_area();
+    // The encoder reads the format from the extension: the temporary name ends in `.png` too.
+    let mut tmp = crate::fsutil::tmp_sibling(out).into_os_string();
+    tmp.push(".png");
+    crate::fsutil::in_place(out, Path::new(&tmp), |tmp, _| {
+        let root = BitMapBackend::new(tmp, (800, 480)).into_drawing_area();
         root.fill(&WHITE)?;
         draw(&root)?;
         root.present().context("writing chart")?;
-    }
-    crate::fsutil::commit_tmp(&tmp, out)
+        Ok(())
+    })
 }
 
 /// The legend box, the same on every chart.
@@ -89,7 +91,6 @@ where
 /// Charts never fail the work they show: a chart that cannot be drawn is skipped, with a warning.
 fn or_skip(out: &Path, r: Result<()>) {
     if let Err(e) = r {
-        let _ = std::fs::remove_file(crate::fsutil::tmp_sibling(out).with_extension("png"));
         let name = out.file_name().unwrap_or_default().to_string_lossy();
         tracing::warn!("skipped the chart {name}: {e:#}");
     }

@@ -418,7 +418,7 @@ impl Trainer<'_> {
     /// The error that stops a diverged run: the step, what went non-finite, the likely causes,
     /// and which checkpoint (written before anything went wrong) is kept.
     fn diverged(&self, step: usize, what: &str, lr: f64) -> crate::error::Error {
-        let kept = match self.checkpoints().first() {
+        let kept = match self.checkpoints().0.first() {
             Some((n, dir)) => format!("checkpoint-{n} ({}) is kept", dir.display()),
             None => "no checkpoint had been written".to_string(),
         };
@@ -434,20 +434,26 @@ impl Trainer<'_> {
         }
     }
 
-    /// Every `checkpoint-N` folder, newest first.
-    fn checkpoints(&self) -> Vec<(usize, PathBuf)> {
-        let mut v: Vec<(usize, PathBuf)> = std::fs::read_dir(&self.ckpt_dir)
+    /// Every `checkpoint-N` folder, newest first, and the paths of what else the folder holds
+    /// (names this trainer does not write; its own temporary folders are not counted).
+    fn checkpoints(&self) -> (Vec<(usize, PathBuf)>, Vec<PathBuf>) {
+        let mut v = Vec::new();
+        let mut odd = Vec::new();
+        for e in std::fs::read_dir(&self.ckpt_dir)
             .into_iter()
             .flatten()
             .flatten()
-            .filter_map(|e| {
-                let n = e.file_name().to_string_lossy().into_owned();
-                let step = n.strip_prefix("checkpoint-")?.parse::<usize>().ok()?;
-                Some((step, e.path()))
-            })
-            .collect();
+        {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            match checkpoint_step(&name) {
+                Some(step) if e.path().is_dir() => v.push((step, e.path())),
+                _ if name.starts_with(".tmp-checkpoint-") => {}
+                _ => odd.push(e.path()),
+            }
+        }
         v.sort_by_key(|c| std::cmp::Reverse(c.0));
-        v
+        (v, odd)
     }
 
     fn new_optimizer(&self, vars: &[Var]) -> Result<AdamW> {
@@ -475,10 +481,39 @@ impl Trainer<'_> {
         let tmp = self
             .ckpt_dir
             .join(format!(".tmp-checkpoint-{step}-{}", std::process::id()));
-        if tmp.exists() {
+        if tmp.symlink_metadata().is_ok() {
+            // This process's own name: left by an earlier process that had the same pid.
             std::fs::remove_dir_all(&tmp)?;
         }
-        std::fs::create_dir_all(&tmp)?;
+        // create_dir, not create_dir_all: the folder must be a new one, made here.
+        std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let written = self.write_checkpoint(&tmp, &fin, step, vars, opt, log, window);
+        if written.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        written?;
+        crate::fsutil::sync_dir(&self.ckpt_dir);
+        // Keep the newest two.
+        for (old, dir) in self.checkpoints().0.iter().skip(2) {
+            std::fs::remove_dir_all(dir)
+                .map_err(|e| tracing::warn!("removing checkpoint-{old}: {e}"))
+                .ok();
+        }
+        Ok(())
+    }
+
+    /// Fill the new checkpoint folder `tmp` and rename it to `fin`.
+    #[allow(clippy::too_many_arguments)]
+    fn write_checkpoint(
+        &self,
+        tmp: &Path,
+        fin: &Path,
+        step: usize,
+        vars: &[(String, Var)],
+        opt: &AdamW,
+        log: &[Value],
+        window: &(Acc, Vec<f32>),
+    ) -> Result<()> {
         let map: std::collections::HashMap<String, Tensor> = vars
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
@@ -496,25 +531,10 @@ impl Trainer<'_> {
             },
         )?;
         if fin.exists() {
-            std::fs::remove_dir_all(&fin)?;
+            std::fs::remove_dir_all(fin)?;
         }
-        std::fs::rename(&tmp, &fin)?;
-        crate::fsutil::sync_dir(&self.ckpt_dir);
-        // Keep the newest two.
-        let mut all: Vec<usize> = std::fs::read_dir(&self.ckpt_dir)?
-            .flatten()
-            .filter_map(|e| {
-                e.file_name()
-                    .to_string_lossy()
-                    .strip_prefix("checkpoint-")?
-                    .parse()
-                    .ok()
-            })
-            .collect();
-        all.sort();
-        for old in all.iter().rev().skip(2) {
-            std::fs::remove_dir_all(self.ckpt_dir.join(format!("checkpoint-{old}"))).ok();
-        }
+        std::fs::rename(tmp, fin)
+            .with_context(|| format!("moving {} into place", fin.display()))?;
         Ok(())
     }
 
@@ -573,8 +593,23 @@ impl Trainer<'_> {
         let mut window = Acc::default();
         let mut norms = Vec::new();
         // The newest checkpoint that reads back whole; a damaged one is passed over, not fatal.
-        for (step, dir) in self.checkpoints() {
-            match self.restore(step, &dir, &named, &mut opt) {
+        let (checkpoints, odd) = self.checkpoints();
+        for p in &odd {
+            tracing::warn!(
+                "ignoring {}: not a checkpoint this trainer writes (a checkpoint-N folder)",
+                p.display()
+            );
+        }
+        for &(step, ref dir) in &checkpoints {
+            if step > self.total_steps() {
+                tracing::warn!(
+                    "ignoring {}: past this run's {} steps",
+                    dir.display(),
+                    self.total_steps()
+                );
+                continue;
+            }
+            match self.restore(step, dir, &named, &mut opt) {
                 Ok(st) => {
                     log = st.log;
                     (window, norms) = st.window.unwrap_or_default();
@@ -591,7 +626,7 @@ impl Trainer<'_> {
                 ),
             }
         }
-        if resumed_from.is_none() && !self.checkpoints().is_empty() {
+        if resumed_from.is_none() && !checkpoints.is_empty() {
             tracing::warn!("no checkpoint reads back whole: training starts from step 0");
         }
         let total = self.total_steps();
@@ -678,8 +713,34 @@ impl Trainer<'_> {
     }
 }
 
+/// The step of a checkpoint folder's name exactly as [`Trainer::save_checkpoint`] writes it
+/// (`checkpoint-12` is 12); `None` for any other name (`checkpoint-012`, `checkpoint-+12`, ...).
+fn checkpoint_step(name: &str) -> Option<usize> {
+    let step: usize = name.strip_prefix("checkpoint-")?.parse().ok()?;
+    (format!("checkpoint-{step}") == name).then_some(step)
+}
+
 /// Attach a fresh adapter, drawn from `train.seed`, to a dense model for training.
 pub fn attach_lora(model: &mut Model, s: &TrainSettings) -> Result<()> {
     let adapter = model.llama.new_adapter(&s.lora.spec(), s.seed)?;
     model.llama.attach(adapter)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_the_names_save_checkpoint_writes_are_checkpoints() {
+        assert_eq!(super::checkpoint_step("checkpoint-12"), Some(12));
+        for odd in [
+            "checkpoint-1é",
+            "checkpoint-012",
+            "checkpoint-+12",
+            "checkpoint-",
+            "checkpoint-99999999999999999999999",
+            ".tmp-checkpoint-4-123",
+            "notes",
+        ] {
+            assert_eq!(super::checkpoint_step(odd), None, "{odd}");
+        }
+    }
 }

@@ -219,10 +219,7 @@ impl Chunks {
             return Ok(());
         }
         self.n += 1;
-        write_jsonl(
-            &self.dir.join(format!("chunk-{:05}.jsonl", self.n)),
-            &self.buf,
-        )?;
+        write_jsonl(&self.dir.join(chunk_name(self.n)), &self.buf)?;
         self.done.append(&mut self.buf);
         Ok(())
     }
@@ -384,31 +381,43 @@ fn write_reviews(
 
 /// Finished records from earlier runs. Chunks are written atomically, but a disk can still lose
 /// the end of one (a crash before the data reached it): a chunk that does not read back whole is
-/// discarded with a warning, and its prompts are generated again.
+/// discarded with a warning, and its prompts are generated again. Anything else in the folder
+/// (a name this stage does not write, a folder) is left alone with a warning naming it; its
+/// prompts are generated again.
 fn read_chunks(dir: &Path) -> Result<(Vec<GenRow>, usize)> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)?
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("chunk-") && n.ends_with(".jsonl"))
-        .collect();
-    names.sort();
+    let mut chunks: Vec<(usize, PathBuf)> = Vec::new();
+    let mut max = 0;
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let e = e.with_context(|| format!("reading {}", dir.display()))?;
+        let name = e.file_name();
+        let path = e.path();
+        let number = name.to_str().and_then(chunk_number);
+        // New chunks are numbered past every chunk name taken, by a chunk or not, so that no
+        // rename meets something already there.
+        max = max.max(number.unwrap_or(0));
+        match number {
+            Some(n) if path.is_file() => chunks.push((n, path)),
+            // This stage's own file being written when a run was killed.
+            _ if name.to_string_lossy().starts_with(".chunk-") => {}
+            _ => tracing::warn!(
+                "generate: ignoring {}: not a chunk this stage writes (chunk-NNNNN.jsonl)",
+                path.display()
+            ),
+        }
+    }
+    chunks.sort();
     let mut rows = Vec::new();
     let mut seen = BTreeSet::new();
-    let mut max = 0;
-    for n in &names {
-        let idx: usize = n[6..11]
-            .parse()
-            .with_context(|| format!("odd chunk name {n}"))?;
-        max = max.max(idx);
-        let chunk = match read_jsonl::<GenRow>(&dir.join(n)) {
+    for (_, path) in &chunks {
+        let chunk = match read_jsonl::<GenRow>(path) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(
                     "generate: discarding the damaged chunk {} ({e:#}); its prompts are generated again",
-                    dir.join(n).display()
+                    path.display()
                 );
-                std::fs::remove_file(dir.join(n))
-                    .with_context(|| format!("removing {}", dir.join(n).display()))?;
+                std::fs::remove_file(path)
+                    .with_context(|| format!("removing {}", path.display()))?;
                 continue;
             }
         };
@@ -419,6 +428,23 @@ fn read_chunks(dir: &Path) -> Result<(Vec<GenRow>, usize)> {
         }
     }
     Ok((rows, max))
+}
+
+/// The number of a chunk file's name exactly as [`Chunks::flush`] writes it (`chunk-00042.jsonl`
+/// is 42); `None` for any other name.
+fn chunk_number(name: &str) -> Option<usize> {
+    let n: usize = name
+        .strip_prefix("chunk-")?
+        .strip_suffix(".jsonl")?
+        .parse()
+        .ok()?;
+    // A number far past any run's chunk count is not ours either (and the next chunk's number
+    // must not overflow).
+    (n < 1_000_000_000 && chunk_name(n) == name).then_some(n)
+}
+
+fn chunk_name(n: usize) -> String {
+    format!("chunk-{n:05}.jsonl")
 }
 
 fn progress_bar(ctx: &Ctx, len: u64, pos: u64) -> indicatif::ProgressBar {
@@ -436,4 +462,28 @@ fn progress_bar(ctx: &Ctx, len: u64, pos: u64) -> indicatif::ProgressBar {
     bar.set_prefix("Generating");
     bar.set_position(pos);
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{chunk_name, chunk_number};
+
+    #[test]
+    fn only_the_names_flush_writes_are_chunks() {
+        assert_eq!(chunk_number(&chunk_name(7)), Some(7));
+        assert_eq!(chunk_number(&chunk_name(123_456)), Some(123_456));
+        for odd in [
+            "chunk-0000é.jsonl",
+            "chunk-é0000.jsonl",
+            "chunk-.jsonl",
+            "chunk-7.jsonl",
+            "chunk-+0007.jsonl",
+            "chunk-00007.jsonl.bak",
+            "chunk-99999999999999999999999.jsonl",
+            "chunk-1000000000.jsonl",
+            "notes.txt",
+        ] {
+            assert_eq!(chunk_number(odd), None, "{odd}");
+        }
+    }
 }

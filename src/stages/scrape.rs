@@ -4,6 +4,7 @@
 //! snapshot) or from `scrape.url` over HTTP, with timeouts, retries with backoff on timeouts and
 //! 5xx answers, and gzip. A fetched page is kept in `<workdir>/cache/pages/` so later runs need no
 //! network; when it cannot be fetched, `scrape.fallback` uses the bundled snapshot with a warning.
+//! A page is read up to `scrape.max_page_bytes` (after gzip decoding) and no further.
 
 use super::{Built, Ctx};
 use crate::cache::KeyMaterial;
@@ -11,7 +12,7 @@ use crate::config::ScrapeSettings;
 use crate::error::{bail, Context, Error, Result};
 use crate::fsutil::{sha256_hex, write_atomic, write_jsonl};
 use crate::recipe::PageSource;
-use crate::retry::{parse_retry_after, Failure, GiveUp, Policy};
+use crate::retry::{parse_retry_after, read_limited, Failure, GiveUp, Policy};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -107,7 +108,9 @@ pub(crate) fn page(ctx: &Ctx, fetch: bool) -> Result<Option<Page>> {
 }
 
 /// The key covers the page's bytes, so a refetched page that changed, or a fallback to the
-/// bundled snapshot, gives new titles a new key and everything downstream reruns.
+/// bundled snapshot, gives new titles a new key and everything downstream reruns. How the page
+/// is fetched (`timeout_secs`, `retries`, `max_page_bytes`) is not in it: that decides whether a
+/// fetch succeeds, never what a page that was read holds.
 pub(crate) fn material(ctx: &Ctx, page: &Page) -> Result<KeyMaterial> {
     let s = &ctx.settings().scrape;
     Ok(KeyMaterial {
@@ -219,7 +222,12 @@ fn page_path(ctx: &Ctx, url: &str) -> PathBuf {
 
 /// Fetch `scrape.url` into the page cache (`--force scrape` refetches it).
 fn fetch_into_cache(s: &ScrapeSettings, path: &Path) -> Result<Vec<u8>> {
-    let body = fetch(&s.url, Duration::from_secs(s.timeout_secs), s.retries)?;
+    let body = fetch(
+        &s.url,
+        Duration::from_secs(s.timeout_secs),
+        s.retries,
+        s.max_page_bytes,
+    )?;
     write_atomic(path, &body)?;
     let meta = serde_json::json!({
         "url": s.url,
@@ -235,8 +243,9 @@ fn fetch_into_cache(s: &ScrapeSettings, path: &Path) -> Result<Vec<u8>> {
 
 /// GET `url` and return an HTML body, under the shared retry policy (`retry.rs`): timeouts,
 /// connection failures, truncated bodies, 408, 429 and 5xx answers are retried with backoff
-/// (`Retry-After` honoured); other 4xx and non-HTML bodies fail at once.
-pub fn fetch(url: &str, timeout: Duration, retries: u32) -> Result<Vec<u8>> {
+/// (`Retry-After` honoured); other 4xx, non-HTML bodies and bodies over `max_bytes`
+/// (`scrape.max_page_bytes`, counted after gzip decoding) fail at once.
+pub fn fetch(url: &str, timeout: Duration, retries: u32, max_bytes: u64) -> Result<Vec<u8>> {
     let client = reqwest::blocking::Client::builder()
         .user_agent(USER_AGENT)
         .timeout(timeout)
@@ -245,7 +254,7 @@ pub fn fetch(url: &str, timeout: Duration, retries: u32) -> Result<Vec<u8>> {
         .build()?;
     let policy = Policy::new(retries);
     let r = policy.run(&format!("GET {url}"), &|| false, |_| {
-        fetch_once(&client, url, &policy)
+        fetch_once(&client, url, &policy, max_bytes)
     });
     let remote = |status, message| Error::Remote {
         endpoint: url.to_string(),
@@ -271,6 +280,7 @@ fn fetch_once(
     client: &reqwest::blocking::Client,
     url: &str,
     policy: &Policy,
+    max_bytes: u64,
 ) -> std::result::Result<Vec<u8>, Failure> {
     let resp = client
         .get(url)
@@ -296,10 +306,12 @@ fn fetch_once(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    let body = resp
-        .bytes()
-        .map_err(|e| Failure::retry(format!("body cut short: {}", describe(&e))))?
-        .to_vec();
+    let body = read_limited(
+        resp,
+        max_bytes,
+        &format!("GET {url}"),
+        "scrape.max_page_bytes",
+    )?;
     let head = String::from_utf8_lossy(&body[..body.len().min(512)]).to_ascii_lowercase();
     let looks_html = head.trim_start().starts_with('<') && head.contains("<html")
         || head.contains("<!doctype html");

@@ -12,6 +12,7 @@ mod engine;
 mod eval;
 mod gpu_path;
 mod hostile_api;
+mod hostile_files;
 mod hub_faults;
 mod judge;
 mod openai_backend;

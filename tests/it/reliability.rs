@@ -564,7 +564,7 @@ fn examples() -> Vec<Example> {
 /// Train the tiny model to the end with checkpoints in `ckpt`. With `kill_after`, a first
 /// process stops after that many steps, `damage` is applied to what it left, and a fresh one
 /// (new model, new adapter) resumes. Returns the final log and where it resumed.
-fn train_tiny(
+pub(crate) fn train_tiny(
     s: &TrainSettings,
     ckpt: &Path,
     kill_after: Option<usize>,
@@ -595,7 +595,7 @@ fn train_tiny(
     process(None)
 }
 
-fn tiny_settings(save: usize, logging: usize, eval: usize) -> TrainSettings {
+pub(crate) fn tiny_settings(save: usize, logging: usize, eval: usize) -> TrainSettings {
     TrainSettings {
         batch_size: 2,
         max_steps: 8,

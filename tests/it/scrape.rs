@@ -140,6 +140,8 @@ fn page() -> Vec<u8> {
 }
 
 const T: Duration = Duration::from_secs(1);
+/// `scrape.max_page_bytes`'s default.
+const MAX: u64 = 64 << 20;
 
 #[test]
 fn retries_a_500_then_succeeds_and_names_itself() {
@@ -147,7 +149,7 @@ fn retries_a_500_then_succeeds_and_names_itself() {
         status(500),
         Reply::ok("text/html; charset=utf-8", page()),
     ]);
-    let body = fetch(&s.url(PAGE), T, 2).unwrap();
+    let body = fetch(&s.url(PAGE), T, 2, MAX).unwrap();
     assert_eq!(body, page());
     assert_eq!(s.hits(), 2);
     assert!(s
@@ -163,31 +165,31 @@ fn retries_a_stall_past_the_timeout() {
         Reply::silence(Duration::from_secs(3)),
         Reply::ok("text/html", page()),
     ]);
-    assert_eq!(fetch(&s.url(PAGE), T, 1).unwrap(), page());
+    assert_eq!(fetch(&s.url(PAGE), T, 1, MAX).unwrap(), page());
     let s = FakeServer::scripted(vec![Reply::silence(Duration::from_secs(3))]);
-    let e = fetch(&s.url(PAGE), T, 1).unwrap_err().to_string();
+    let e = fetch(&s.url(PAGE), T, 1, MAX).unwrap_err().to_string();
     assert!(e.contains("timed out") && e.contains("2 attempts"), "{e}");
 }
 
 #[test]
 fn retries_a_truncated_body() {
     let s = FakeServer::scripted(vec![truncated(page()), Reply::ok("text/html", page())]);
-    assert_eq!(fetch(&s.url(PAGE), T, 2).unwrap(), page());
+    assert_eq!(fetch(&s.url(PAGE), T, 2, MAX).unwrap(), page());
     let s = FakeServer::scripted(vec![truncated(page())]);
-    let e = fetch(&s.url(PAGE), T, 1).unwrap_err().to_string();
+    let e = fetch(&s.url(PAGE), T, 1, MAX).unwrap_err().to_string();
     assert!(e.contains("cut short"), "{e}");
 }
 
 #[test]
 fn decodes_gzip() {
     let s = FakeServer::scripted(vec![gzip(&page())]);
-    assert_eq!(fetch(&s.url(PAGE), T, 0).unwrap(), page());
+    assert_eq!(fetch(&s.url(PAGE), T, 0, MAX).unwrap(), page());
 }
 
 #[test]
 fn a_404_fails_at_once_and_says_what_to_change() {
     let s = FakeServer::scripted(vec![status(404)]);
-    let e = fetch(&s.url(PAGE), T, 3).unwrap_err().to_string();
+    let e = fetch(&s.url(PAGE), T, 3, MAX).unwrap_err().to_string();
     assert!(e.contains("404") && e.contains("scrape.url"), "{e}");
     assert_eq!(s.hits(), 1, "4xx must not be retried");
 }
@@ -198,7 +200,7 @@ fn a_non_html_body_is_refused() {
         "application/json",
         b"{\"papers\": []}".to_vec(),
     )]);
-    let e = fetch(&s.url(PAGE), T, 0).unwrap_err().to_string();
+    let e = fetch(&s.url(PAGE), T, 0, MAX).unwrap_err().to_string();
     assert!(e.contains("not an HTML page"), "{e}");
 }
 
