@@ -13,6 +13,7 @@ mod eval;
 mod gpu_path;
 mod hub_faults;
 mod judge;
+mod model_files;
 mod openai_backend;
 mod pipeline;
 mod prompts;
