@@ -278,6 +278,7 @@ fn a_tokenizer_larger_than_the_embedding_is_refused() {
     let mut cfg = tiny_cfg();
     cfg.vocab_size = 100;
     cfg.tie_word_embeddings = true;
+    cfg.max_position_embeddings = 2048; // room for the prompt
     model_folder(&dir, &cfg, 3);
     let err = refused(&dir, &["tokenizer.json", "100 rows", "vocab_size 100"]);
     assert!(err.contains("reaches id 49151"), "{err}");
@@ -289,6 +290,7 @@ fn an_hf_tensor_of_the_wrong_shape_is_named_with_both_shapes() {
     let dir = d.path().join("bad-shape");
     let mut cfg = tiny_cfg();
     cfg.vocab_size = smollm2_vocab();
+    cfg.max_position_embeddings = 2048; // room for the prompt
     model_folder(&dir, &cfg, 3);
     // The config now claims a wider MLP than the weights hold.
     let mut bad = cfg.clone();
