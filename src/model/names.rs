@@ -68,6 +68,44 @@ pub(crate) fn parse_peft(name: &str) -> Option<(usize, Projection, bool)> {
     Some((layer, p, is_b))
 }
 
+/// A weight of the network, whatever the file format names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Weight {
+    Embed,
+    /// The output head; absent from a file whose head is tied to the embeddings.
+    Head,
+    Norm,
+    Proj(usize, Projection),
+    InputNorm(usize),
+    PostNorm(usize),
+}
+
+impl Weight {
+    /// Its name in a Hugging Face checkpoint.
+    pub(crate) fn hf(self) -> String {
+        match self {
+            Weight::Embed => EMBED_TOKENS.into(),
+            Weight::Head => LM_HEAD.into(),
+            Weight::Norm => NORM.into(),
+            Weight::Proj(i, p) => weight(i, p),
+            Weight::InputNorm(i) => input_layernorm(i),
+            Weight::PostNorm(i) => post_attention_layernorm(i),
+        }
+    }
+
+    /// Its name in a GGUF file.
+    pub(crate) fn gguf(self) -> String {
+        match self {
+            Weight::Embed => gguf::TOKEN_EMBD.into(),
+            Weight::Head => gguf::OUTPUT.into(),
+            Weight::Norm => gguf::OUTPUT_NORM.into(),
+            Weight::Proj(i, p) => gguf::weight(i, p),
+            Weight::InputNorm(i) => gguf::attn_norm(i),
+            Weight::PostNorm(i) => gguf::ffn_norm(i),
+        }
+    }
+}
+
 /// llama.cpp's names in a GGUF file.
 pub(crate) mod gguf {
     use super::Projection;

@@ -15,6 +15,7 @@ mod hostile_api;
 mod hostile_files;
 mod hub_faults;
 mod judge;
+mod model_files;
 mod openai_backend;
 mod pipeline;
 mod prompts;

@@ -2,15 +2,75 @@
 //! (quantized matmuls, dense, or the file's blocks beside dense copies), q and k rows turned from
 //! llama.cpp's interleaved RoPE layout back to the Hugging Face one.
 
-use crate::error::Result;
+use crate::error::{ensure, err, no_panic, Context, Result};
 use crate::kernels::quant;
-use crate::model::config::LlamaConfig;
+use crate::model::config::{LlamaConfig, FIX};
 use crate::model::llama::{Layer, Linear, Llama};
 use crate::model::lora::Projection;
-use crate::model::names;
+use crate::model::names::{self, Weight};
 use crate::model::options::{LoadOptions, WeightsMode};
-use candle_core::quantized::{gguf_file, QMatMul};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul};
 use candle_core::Tensor;
+use std::fs::File;
+use std::io::{BufReader, Seek};
+use std::path::Path;
+
+/// Open a GGUF file and read its header: walked and checked by us first (`gguf_header`), then
+/// read by candle. Returns the header and the open file, for reading tensors.
+pub(crate) fn open(path: &Path) -> Result<(gguf_file::Content, BufReader<File>)> {
+    // Buffered: the metadata is tens of thousands of small reads (the vocabulary).
+    let mut f =
+        BufReader::new(File::open(path).with_context(|| format!("opening {}", path.display()))?);
+    super::gguf_header::check(&mut f)
+        .map_err(|e| err!("{}: not a usable GGUF file: {e}; {FIX}", path.display()))?;
+    f.rewind()?;
+    let content = no_panic(
+        format!("{}: reading the GGUF header", path.display()),
+        || {
+            gguf_file::Content::read(&mut f)
+                .with_context(|| format!("{}: not a readable GGUF file", path.display()))
+        },
+    )?;
+    Ok((content, f))
+}
+
+/// Every tensor the network reads is in the file with the shape `cfg` implies (the output head
+/// may be missing: tied to the embeddings), so that a damaged or mismatched file is refused at
+/// load, naming the tensor, and not at the first forward pass as an anonymous shape error.
+pub(crate) fn check_tensors(
+    content: &gguf_file::Content,
+    cfg: &LlamaConfig,
+    path: &Path,
+) -> Result<()> {
+    cfg.each_weight(|w, shape| {
+        let name = w.gguf();
+        let Some(info) = content.tensor_infos.get(&name) else {
+            ensure!(
+                w == Weight::Head,
+                "{}: tensor {name} is missing (the config has {} layers); {FIX}",
+                path.display(),
+                cfg.num_hidden_layers
+            );
+            return Ok(());
+        };
+        // Types llama.cpp only uses for intermediate results: candle's GGUF reader has no
+        // loader for them.
+        if matches!(info.ggml_dtype, GgmlDType::Q8_1 | GgmlDType::Q8K) {
+            crate::error::unsupported!(
+                "{}: tensor {name} is stored as {:?}, which this engine cannot load; use a GGUF quantized otherwise (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 or a K-quant)",
+                path.display(),
+                info.ggml_dtype
+            );
+        }
+        let found = info.shape.dims();
+        ensure!(
+            found == shape,
+            "{}: tensor {name} has shape {found:?}, but the config implies {shape:?} (rows, columns); {FIX}",
+            path.display()
+        );
+        Ok(())
+    })
+}
 
 /// Undo llama.cpp's q/k permutation (interleaved RoPE layout -> HF rotate-half layout).
 /// w: [heads * hd, in]
@@ -46,9 +106,12 @@ struct GgufTensors<'a> {
 
 impl GgufTensors<'_> {
     fn quantized(&mut self, name: &str) -> Result<candle_core::quantized::QTensor> {
-        self.content
-            .tensor(self.file, name, &self.opts.device)
-            .map_err(|e| crate::error::err!("tensor {name}: {e}"))
+        let (content, file, device) = (self.content, &mut *self.file, &self.opts.device);
+        no_panic(format!("tensor {name}"), || {
+            content
+                .tensor(file, name, device)
+                .with_context(|| format!("tensor {name}"))
+        })
     }
 
     /// A small tensor (norm weights, embeddings), always dequantized.
@@ -77,7 +140,6 @@ impl GgufTensors<'_> {
         ) && self.opts.device.is_cpu()
             && i.is_multiple_of(quant::QK);
         let mut packed = if blocks {
-            use candle_core::quantized::GgmlDType;
             let raw =
                 |f| -> Result<quant::Packed> { Ok(quant::Packed::from_ggml(f, &q.data()?, o, i)) };
             Some(match (self.opts.weights, q.dtype()) {

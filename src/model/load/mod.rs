@@ -8,18 +8,18 @@
 
 pub mod chat;
 mod gguf;
+mod gguf_header;
 pub mod safetensors;
 pub mod source;
 pub mod special_text;
 pub(crate) mod tokenizer;
 
-use crate::error::{bail, Context, Result};
+use crate::error::{bail, no_panic, Context, Result};
 use crate::kernels::attention;
 use crate::model::llama::Llama;
 use crate::model::lora::Projection;
 use crate::model::names;
 use crate::model::options::{AttentionChoice, LoadOptions};
-use candle_core::quantized::gguf_file;
 use candle_core::{DType, Tensor};
 use source::{ModelFiles, ModelMeta, ModelSource};
 use std::collections::HashMap;
@@ -38,24 +38,27 @@ impl Model {
     pub fn load(src: &ModelSource, opts: &LoadOptions) -> Result<Self> {
         let (llama, meta) = match &src.files {
             ModelFiles::Gguf(p) => {
-                // Buffered: the metadata is tens of thousands of small reads (the vocabulary).
-                let mut f = std::io::BufReader::new(std::fs::File::open(p)?);
-                let content = gguf_file::Content::read(&mut f).map_err(|e| {
-                    crate::error::err!("{}: not a readable GGUF file: {e}", p.display())
-                })?;
+                let (content, mut f) = gguf::open(p)?;
                 let meta = source::meta_from_gguf(&content, p)?;
                 let llama = gguf::load_gguf(&content, &mut f, &meta.config, opts)
                     .with_context(|| format!("loading weights from {}", p.display()))?;
                 (llama, meta)
             }
-            ModelFiles::Hf { weights, .. } => {
+            ModelFiles::Hf {
+                weights, config, ..
+            } => {
                 let meta = source::load_meta(src)?;
                 let mut map = HashMap::new();
+                let mut file_of = HashMap::new();
                 for w in weights {
-                    let t = candle_core::safetensors::load(w, &opts.device)
-                        .with_context(|| format!("reading {}", w.display()))?;
+                    let t = no_panic(format!("reading {}", w.display()), || {
+                        candle_core::safetensors::load(w, &opts.device)
+                            .with_context(|| format!("reading {}", w.display()))
+                    })?;
+                    file_of.extend(t.keys().map(|k| (k.clone(), w.clone())));
                     map.extend(t);
                 }
+                safetensors::check_tensors(&meta.config, &map, &file_of, config)?;
                 let llama =
                     safetensors::from_hf_tensors(&meta.config, map, &opts.device, opts.dtype)?;
                 (llama, meta)

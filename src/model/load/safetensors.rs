@@ -1,13 +1,54 @@
 //! Hugging Face checkpoints: a Llama built from HF-named tensors (safetensors files), and random
 //! HF-named tensors for tests and benchmarks.
 
-use crate::error::{Context, Result};
-use crate::model::config::LlamaConfig;
+use crate::error::{ensure, Context, Result};
+use crate::model::config::{LlamaConfig, FIX};
 use crate::model::llama::{Layer, Linear, Llama};
 use crate::model::lora::Projection;
-use crate::model::names;
+use crate::model::names::{self, Weight};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Every tensor the network reads is among `map` with the shape the config implies (the head
+/// may be missing when it is tied to the embeddings), so that a damaged or mismatched checkpoint
+/// is refused at load, naming the file and tensor, not at the first forward pass. `file_of`
+/// says which weight file each tensor came from; `config` is the config.json read.
+pub(crate) fn check_tensors(
+    cfg: &LlamaConfig,
+    map: &HashMap<String, Tensor>,
+    file_of: &HashMap<String, PathBuf>,
+    config: &Path,
+) -> Result<()> {
+    let dir = config.parent().unwrap_or(Path::new("."));
+    cfg.each_weight(|w, shape| {
+        let name = w.hf();
+        let Some(t) = map.get(&name) else {
+            ensure!(
+                w == Weight::Head && cfg.tie_word_embeddings,
+                "{}: no weight file has tensor {name} (the config has {} layers{}); {FIX}",
+                dir.display(),
+                cfg.num_hidden_layers,
+                if w == Weight::Head {
+                    ", untied embeddings"
+                } else {
+                    ""
+                }
+            );
+            return Ok(());
+        };
+        let found = t.dims();
+        ensure!(
+            found == shape,
+            "{}: tensor {name} has shape {found:?}, but {} implies {shape:?} (rows, columns); {FIX}",
+            file_of
+                .get(&name)
+                .map_or_else(|| dir.display(), |f| f.display()),
+            config.display()
+        );
+        Ok(())
+    })
+}
 
 /// Build from HF-named tensors (`model.layers.0.self_attn.q_proj.weight`, ...).
 pub fn from_hf_tensors(

@@ -420,11 +420,7 @@ pub struct ModelMeta {
 pub fn load_meta(src: &ModelSource) -> Result<ModelMeta> {
     match &src.files {
         ModelFiles::Gguf(p) => {
-            // Buffered: the metadata is tens of thousands of small reads (the vocabulary).
-            let mut f = std::io::BufReader::new(std::fs::File::open(p)?);
-            let content = gguf_file::Content::read(&mut f).map_err(|e| {
-                crate::error::err!("{}: not a readable GGUF file: {e}", p.display())
-            })?;
+            let (content, _) = super::gguf::open(p)?;
             meta_from_gguf(&content, p)
         }
         ModelFiles::Hf {
@@ -440,6 +436,16 @@ pub fn load_meta(src: &ModelSource) -> Result<ModelMeta> {
                 None => serde_json::json!({}),
             };
             let tok = Tok::from_hf(tokenizer, &tcfg)?;
+            tok.check_fits(
+                cfg.vocab_size,
+                &tokenizer.display().to_string(),
+                &format!(
+                    "{}, vocab_size {} in {}",
+                    crate::model::names::EMBED_TOKENS,
+                    cfg.vocab_size,
+                    config.display()
+                ),
+            )?;
             let chat = match tcfg.get("chat_template") {
                 Some(serde_json::Value::String(t)) => Some(
                     ChatTemplate::new(
@@ -463,11 +469,24 @@ pub fn load_meta(src: &ModelSource) -> Result<ModelMeta> {
 
 pub(crate) fn meta_from_gguf(content: &gguf_file::Content, p: &Path) -> Result<ModelMeta> {
     let config = LlamaConfig::from_gguf(content, p)?;
+    super::gguf::check_tensors(content, &config, p)?;
     let tok = tokenizer::from_gguf(content, p)?;
+    tok.check_fits(
+        config.vocab_size,
+        &p.display().to_string(),
+        crate::model::names::gguf::TOKEN_EMBD,
+    )?;
     let chat = match content.metadata.get("tokenizer.chat_template") {
         Some(v) => Some(
             ChatTemplate::new(
-                v.to_string()?,
+                v.to_string().map_err(|_| {
+                    crate::error::err!(
+                        "{}: GGUF metadata tokenizer.chat_template is a {:?}, expected a string; {}",
+                        p.display(),
+                        v.value_type(),
+                        crate::model::config::FIX
+                    )
+                })?,
                 &tok.bos_token,
                 &tok.eos_token,
                 &format!("{} (tokenizer.chat_template)", p.display()),

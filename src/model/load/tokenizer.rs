@@ -4,7 +4,8 @@
 //! candle's GGUF helper gets SmolLM2's pre-tokenizer wrong, so [`from_gguf`] builds the byte-level
 //! BPE tokenizer itself (digits split, byte-level without prefix space, special tokens added).
 
-use crate::error::{Context, Result};
+use crate::error::{ensure, Context, Result};
+use crate::model::config::FIX;
 use candle_core::quantized::gguf_file;
 use std::path::Path;
 
@@ -94,6 +95,36 @@ impl Tok {
         Ok(t)
     }
 
+    /// Every id this tokenizer can produce or is told to use (bos, eos, pad, the stops, every
+    /// token of its vocabulary, added ones included) must index a row of the model's embedding,
+    /// `rows` long: a larger one would fail in the middle of generating, or worse. `origin` is
+    /// the tokenizer's file, `embedding` names the table.
+    pub(crate) fn check_fits(&self, rows: usize, origin: &str, embedding: &str) -> Result<()> {
+        let named = [
+            ("bos", self.bos_id),
+            ("eos", Some(self.eos_id)),
+            ("pad", Some(self.pad_id)),
+        ];
+        let stops = self.stop_ids.iter().map(|&i| ("stop", Some(i)));
+        for (what, id) in named.into_iter().chain(stops) {
+            if let Some(id) = id {
+                ensure!(
+                    (id as usize) < rows,
+                    "{origin}: the {what} token id {id} is beyond the {rows} rows of the model's embedding ({embedding}); {FIX}"
+                );
+            }
+        }
+        let vocab = self.inner.get_vocab(true);
+        if let Some((token, &max)) = vocab.iter().max_by_key(|(_, &id)| id) {
+            ensure!(
+                (max as usize) < rows,
+                "{origin}: the tokenizer's vocabulary ({} tokens) reaches id {max} ({token:?}), beyond the {rows} rows of the model's embedding ({embedding}); {FIX}",
+                vocab.len()
+            );
+        }
+        Ok(())
+    }
+
     /// Chat models end a turn with their template's end marker; stop there too.
     fn add_chat_stops(&mut self) {
         for s in ["<|im_end|>", "<|eot_id|>", "<|end|>"] {
@@ -129,26 +160,48 @@ pub(crate) fn from_gguf(content: &gguf_file::Content, path: &Path) -> Result<Tok
             path.display()
         );
     }
-    let tokens: Vec<String> = md
-        .get("tokenizer.ggml.tokens")
-        .context("GGUF lacks tokenizer.ggml.tokens")?
-        .to_vec()?
-        .iter()
-        .map(|v| v.to_string().cloned())
-        .collect::<candle_core::Result<_>>()?;
-    let merges: Vec<String> = md
-        .get("tokenizer.ggml.merges")
-        .context("GGUF lacks tokenizer.ggml.merges")?
-        .to_vec()?
-        .iter()
-        .map(|v| v.to_string().cloned())
-        .collect::<candle_core::Result<_>>()?;
-    let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
-        Some(v) => v
-            .to_vec()?
+    // A value of the wrong type is named with the type found, never printed (it may be long).
+    let array = |k: &str| -> Result<&Vec<gguf_file::Value>> {
+        let v = md
+            .get(k)
+            .with_context(|| format!("{}: GGUF metadata lacks {k}; {FIX}", path.display()))?;
+        v.to_vec().map_err(|_| {
+            crate::error::err!(
+                "{}: GGUF metadata {k} is a {:?}, expected an array; {FIX}",
+                path.display(),
+                v.value_type()
+            )
+        })
+    };
+    let element = |k: &str, i: usize, v: &gguf_file::Value, want: &str| {
+        crate::error::err!(
+            "{}: GGUF metadata {k}[{i}] is a {:?}, expected {want}; {FIX}",
+            path.display(),
+            v.value_type()
+        )
+    };
+    let strings = |k: &str| -> Result<Vec<String>> {
+        array(k)?
             .iter()
-            .map(|x| x.to_i32())
-            .collect::<candle_core::Result<_>>()?,
+            .enumerate()
+            .map(|(i, v)| {
+                v.to_string()
+                    .cloned()
+                    .map_err(|_| element(k, i, v, "a string"))
+            })
+            .collect()
+    };
+    let tokens = strings("tokenizer.ggml.tokens")?;
+    let merges = strings("tokenizer.ggml.merges")?;
+    let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
+        Some(_) => {
+            let k = "tokenizer.ggml.token_type";
+            array(k)?
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v.to_i32().map_err(|_| element(k, i, v, "an i32")))
+                .collect::<Result<_>>()?
+        }
         None => vec![1; tokens.len()],
     };
     let pre = md
@@ -199,10 +252,27 @@ pub(crate) fn from_gguf(content: &gguf_file::Content, path: &Path) -> Result<Tok
     });
     let inner: tokenizers::Tokenizer = std::str::FromStr::from_str(&json.to_string())
         .map_err(|e| crate::error::err!("{}: building the tokenizer: {e}", path.display()))?;
-    let id = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
-    let eos_id =
-        id("tokenizer.ggml.eos_token_id").context("GGUF lacks tokenizer.ggml.eos_token_id")?;
-    let bos_id = id("tokenizer.ggml.bos_token_id");
+    // A special token's id names a token of the vocabulary: its text is what templates write.
+    let id = |k: &str| -> Result<Option<u32>> {
+        let Some(i) = md.get(k).and_then(|v| v.to_u32().ok()) else {
+            return Ok(None);
+        };
+        ensure!(
+            (i as usize) < tokens.len(),
+            "{}: GGUF metadata {k} is {i}, beyond the vocabulary's {} tokens (tokenizer.ggml.tokens); {FIX}",
+            path.display(),
+            tokens.len()
+        );
+        Ok(Some(i))
+    };
+    let eos_id = id("tokenizer.ggml.eos_token_id")?.with_context(|| {
+        format!(
+            "{}: GGUF metadata lacks tokenizer.ggml.eos_token_id; {FIX}",
+            path.display()
+        )
+    })?;
+    let bos_id = id("tokenizer.ggml.bos_token_id")?;
+    let pad_id = id("tokenizer.ggml.padding_token_id")?.unwrap_or(eos_id);
     let name = |i: Option<u32>| {
         i.and_then(|i| tokens.get(i as usize))
             .cloned()
@@ -219,7 +289,7 @@ pub(crate) fn from_gguf(content: &gguf_file::Content, path: &Path) -> Result<Tok
         eos_id,
         eos_token: name(Some(eos_id)),
         stop_ids: vec![],
-        pad_id: id("tokenizer.ggml.padding_token_id").unwrap_or(eos_id),
+        pad_id,
         add_bos,
     };
     t.add_chat_stops();

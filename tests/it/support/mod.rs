@@ -3,6 +3,7 @@
 //! fake HTTP servers (`http`, and the Hub-like one in `hub`), `pipeline serve` as a child (`serve`), and a test that must run alone in
 //! its own process (`alone`).
 
+pub mod gguf;
 pub mod http;
 pub mod hub;
 mod model;
