@@ -62,6 +62,8 @@ fn tinyllama_folder(dir: &std::path::Path) {
         num_attention_heads: 2,
         num_key_value_heads: 1,
         head_dim: 16,
+        // The tokenizer is SmolLM2's: the embedding must have a row for each of its tokens.
+        vocab_size: meta.tok.inner.get_vocab_size(true),
         ..reviewer2::model::config::LlamaConfig::tinyllama()
     };
     std::fs::write(dir.join("config.json"), cfg.to_hf_json().to_string()).unwrap();
