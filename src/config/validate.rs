@@ -143,6 +143,9 @@ impl Settings {
                 )
             },
         )?;
+        check(s.merge.judge != JudgeKind::Trained, "merge.judge", || {
+            "is \"trained\", but that judge is fitted on the split, which merge comes before; use \"lexicon\" or \"llm\"".into()
+        })?;
         check(
             s.merge.min_margin.is_finite() && s.merge.min_margin >= 0.0,
             "merge.min_margin",
@@ -155,7 +158,7 @@ impl Settings {
     fn validate_eval(&self) -> Result<(), Invalid> {
         let s = self;
         check(s.eval.judge != JudgeKind::Off, "eval.judge", || {
-            "must be \"lexicon\" or \"llm\": the eval stage scores every review".into()
+            "must be \"lexicon\", \"trained\" or \"llm\": the eval stage scores every review".into()
         })?;
         let o = &s.generate.openai;
         if s.eval.backend == Backend::Openai {

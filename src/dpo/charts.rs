@@ -182,6 +182,52 @@ pub(crate) fn plot_distributions(base: &[f64], adapter: &[f64], title: &str, out
     or_skip(out, histograms(base, adapter, title, out));
 }
 
+/// Grouped bars of shares in [0, 1], base against the adapter: `(label, base, adapter)` each.
+pub(crate) fn plot_shares(bars: &[(&str, f64, f64)], title: &str, out: &Path) {
+    or_skip(out, shares(bars, title, out));
+}
+
+fn shares(bars: &[(&str, f64, f64)], title: &str, out: &Path) -> Result<()> {
+    let n = bars.len() as f64;
+    png(out, |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption(title, ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0f64..n, 0f64..1.05)?;
+        let labels: Vec<String> = bars.iter().map(|b| b.0.to_string()).collect();
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(bars.len() * 2 + 1)
+            .x_label_formatter(&|x| {
+                let i = x.floor() as usize;
+                if (x - x.floor() - 0.5).abs() < 1e-6 && i < labels.len() {
+                    labels[i].clone()
+                } else {
+                    String::new()
+                }
+            })
+            .y_desc("share of reviews")
+            .label_style(("sans-serif", 14))
+            .draw()?;
+        for (k, color, name) in [(0, BLUE, "base"), (1, RED, "Reviewer #2")] {
+            chart
+                .draw_series(bars.iter().enumerate().map(|(i, b)| {
+                    let v = if k == 0 { b.1 } else { b.2 };
+                    let x0 = i as f64 + 0.12 + 0.38 * k as f64;
+                    Rectangle::new([(x0, 0.0), (x0 + 0.36, v)], color.mix(0.55).filled())
+                }))?
+                .label(name)
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 16, y + 5)], color.mix(0.5).filled())
+                });
+        }
+        legend(&mut chart)
+    })
+}
+
 fn histograms(base: &[f64], adapter: &[f64], title: &str, out: &Path) -> Result<()> {
     let all = base.iter().chain(adapter);
     let lo = all.clone().fold(f64::MAX, |a, b| a.min(*b)).min(0.0);

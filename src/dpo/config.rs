@@ -101,6 +101,10 @@ pub struct TrainSettings {
     pub loss: Loss,
     pub beta: f64,
     pub label_smoothing: f64,
+    /// TRL's `rpo_alpha` (RPO): add this times the NLL of the chosen responses (the mean over
+    /// their tokens) to the pairwise loss, so training keeps the chosen text likely instead of
+    /// only pushing the rejected one down. 0 = off (TRL's `None`).
+    pub rpo_alpha: f64,
     pub learning_rate: f64,
     pub lr_scheduler: LrScheduler,
     pub warmup_steps: usize,
@@ -141,6 +145,7 @@ impl Default for TrainSettings {
             loss: Loss::Sigmoid,
             beta: 0.1,
             label_smoothing: 0.0,
+            rpo_alpha: 0.0,
             learning_rate: 5e-4,
             lr_scheduler: LrScheduler::Cosine,
             warmup_steps: 0,
@@ -221,6 +226,18 @@ impl TrainSettings {
             (0.0..0.5).contains(&t.label_smoothing),
             "train.label_smoothing",
             || format!("is {}; must be in [0, 0.5)", t.label_smoothing),
+        )?;
+        check(
+            t.rpo_alpha.is_finite() && t.rpo_alpha >= 0.0,
+            "train.rpo_alpha",
+            || format!("is {}; must be finite and >= 0 (0 = off)", t.rpo_alpha),
+        )?;
+        check(
+            t.rpo_alpha == 0.0 || !t.loss.is_unpaired(),
+            "train.rpo_alpha",
+            || {
+                "is set, but train.loss is \"kto\", which has no chosen responses: RPO's NLL term is for the pairwise losses".into()
+            },
         )?;
         check(
             finite_positive(t.learning_rate),

@@ -111,6 +111,8 @@ struct Acc {
     logps_r: Vec<f32>,
     logits_c: Vec<f32>,
     logits_r: Vec<f32>,
+    /// With `rpo_alpha`: the chosen responses' NLL, summed over batches weighted by rows.
+    nll: Option<f64>,
 }
 
 fn mean(v: &[f32]) -> f64 {
@@ -137,6 +139,9 @@ impl Acc {
         m.insert(k("logps/chosen"), json!(mean(&self.logps_c)));
         m.insert(k("logits/rejected"), json!(mean(&self.logits_r)));
         m.insert(k("logits/chosen"), json!(mean(&self.logits_c)));
+        if let Some(nll) = self.nll {
+            m.insert(k("nll_loss"), json!(nll / self.n.max(1.0)));
+        }
         m
     }
 }
@@ -279,9 +284,31 @@ impl Trainer<'_> {
             acc.logps_r.extend_from_slice(&lp[b..]);
             acc.logits_c.extend_from_slice(&pol.mean_logits[..b]);
             acc.logits_r.extend_from_slice(&pol.mean_logits[b..]);
-            let l = dpo_loss(s.loss, s.beta, s.label_smoothing, &pc, &pr, &rc, &rr)?;
+            let mut l = dpo_loss(s.loss, s.beta, s.label_smoothing, &pc, &pr, &rc, &rr)?;
             for (c, r) in l.chosen_rewards.iter().zip(&l.rejected_rewards) {
                 acc.acc.push(if c > r { 1.0 } else { 0.0 });
+            }
+            if s.rpo_alpha > 0.0 {
+                // TRL's nll_loss: cross-entropy over every chosen token of the batch, so a long
+                // response weighs more than a short one. Summed log-probs are what `pc` holds
+                // unless the loss averages them per token; then each is scaled back.
+                let counts = &pol.tokens[..b];
+                let total = counts.iter().sum::<usize>().max(1) as f64;
+                let sums = if average {
+                    let n = Tensor::from_vec(
+                        counts.iter().map(|&c| c as f32).collect::<Vec<_>>(),
+                        b,
+                        dev,
+                    )?
+                    .to_dtype(dt)?;
+                    (&pc * n)?
+                } else {
+                    pc.clone()
+                };
+                let nll = (sums.sum_all()?.neg()? / total)?;
+                let v = nll.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                *acc.nll.get_or_insert(0.0) += b as f64 * v;
+                l.loss = (l.loss + (nll * s.rpo_alpha)?)?;
             }
             l
         };

@@ -4,9 +4,13 @@
 //! - `lexicon`: VADER (Hutto and Gilbert, 2014), its published lexicon and rules (`vader`, a
 //!   port of vaderSentiment 3.3.2 that matches it bit for bit); the score is the negated compound
 //!   score, in [-1, 1].
+//! - `trained`: a logistic regression on word 1-2 grams with negation marking, fitted on the
+//!   split's train pairs (`trained`); the score is P(harsh), in [0, 1].
 //! - `llm`: a question about the review, sent through a model's chat template, then the start of
 //!   the answer; the score is P(negative) from the next token's log-probabilities of the two
 //!   verdict words, renormalised over the two (no sampling), in [0, 1].
+//!
+//! `coherence` measures what no negativity judge sees: whether a review repeats itself.
 //!
 //! A judge is only as good as its validation: `auroc` on pairs whose labels are known (the
 //! split's test pairs, never used to tune it) is reported next to every number it produces.
@@ -14,6 +18,8 @@
 //! May import `model` (all of it), `kernels` and the base modules (floor 5 and below); never
 //! `config`, `stages` or anything above.
 
+pub mod coherence;
+pub mod trained;
 pub(crate) mod vader;
 
 use crate::error::{bail, Context, Result};
@@ -31,6 +37,9 @@ pub enum JudgeKind {
     Lexicon,
     /// P(negative) from a model's next-token log-probabilities after a judge prompt, in [0, 1].
     Llm,
+    /// P(harsh) from a logistic regression fitted on the split's train pairs, in [0, 1]
+    /// (`trained`): only where a split exists, so the eval stage, not merge's label check.
+    Trained,
 }
 
 impl JudgeKind {
@@ -39,6 +48,7 @@ impl JudgeKind {
             JudgeKind::Off => "off",
             JudgeKind::Lexicon => "lexicon",
             JudgeKind::Llm => "llm",
+            JudgeKind::Trained => "trained",
         }
     }
 }
@@ -77,13 +87,18 @@ impl Default for JudgeSettings {
 pub enum Judge<'m> {
     Lexicon(Box<vader::Vader>),
     Llm(LlmJudge<'m>),
+    Trained(Box<trained::Trained>),
 }
 
 impl<'m> Judge<'m> {
-    /// `model` is needed for (and only for) the `llm` judge.
+    /// `model` is needed for (and only for) the `llm` judge. The `trained` judge is fitted, not
+    /// loaded: [`trained::Trained::fit`], then [`Judge::Trained`].
     pub fn new(kind: JudgeKind, s: &JudgeSettings, model: Option<&'m Model>) -> Result<Self> {
         Ok(match kind {
             JudgeKind::Off => bail!("no judge is configured (the judge is \"off\")"),
+            JudgeKind::Trained => {
+                bail!("the trained judge is fitted on a split's train pairs, not loaded")
+            }
             JudgeKind::Lexicon => Judge::Lexicon(Box::default()),
             JudgeKind::Llm => Judge::Llm(LlmJudge::new(
                 model.context("the llm judge needs a model")?,
@@ -96,6 +111,7 @@ impl<'m> Judge<'m> {
         match self {
             Judge::Lexicon(_) => JudgeKind::Lexicon,
             Judge::Llm(_) => JudgeKind::Llm,
+            Judge::Trained(_) => JudgeKind::Trained,
         }
     }
 
@@ -107,6 +123,7 @@ impl<'m> Judge<'m> {
                 .map(|r| -a.polarity_scores(r).compound)
                 .collect()),
             Judge::Llm(j) => j.score(reviews),
+            Judge::Trained(t) => Ok(t.score(reviews)),
         }
     }
 }

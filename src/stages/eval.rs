@@ -3,11 +3,16 @@
 //! On held-out titles (the test split's, or with `eval.titles = N` titles from the page that are
 //! in neither split) the base model and the adapter each write `eval.samples` reviews from the
 //! same prompt (the neutral, interleaved pair prompt the dataset's `prompt` column holds) with the
-//! same per-sample seeds. A judge scores every review's negativity; the judge itself is validated
-//! on the test pairs (chosen against rejected: its AUROC), which nothing here tunes it on. The eval
-//! loss and reward accuracy of the adapter on the test pairs come from the trainer's own eval.
+//! same per-sample seeds. Judges score every review's negativity: `eval.judge` (the headline
+//! numbers), and always the lexicon judge and the `trained` judge (fitted here on the train
+//! pairs), each validated on the test pairs (chosen against rejected: its AUROC), which nothing
+//! here tunes it on. A judge that labelled the training data (merge's label check) is marked so:
+//! the report always holds one that did not. Coherence (`judge::coherence`) is measured for both
+//! models, and the harsher rate again over the pairs where neither review loops. The eval loss
+//! and reward accuracy of the adapter on the test pairs come from the trainer's own eval.
 //!
-//! Outputs: `report.json`, `samples.jsonl`, `eval.md`, `scores.png`.
+//! Outputs: `report.json`, `samples.jsonl`, `eval.md`, `scores.png`, `coherence.png`,
+//! `trained_judge.json`.
 
 use super::merge::Pair;
 use super::scrape::TitleRow;
@@ -21,13 +26,17 @@ use crate::config::JudgeKind;
 use crate::dpo::{data, trainer};
 use crate::error::{bail, Context, Result};
 use crate::fsutil::{read_jsonl, sha256_file, write_atomic, write_json_pretty, write_jsonl};
+use crate::judge::coherence::{loops, repeats_ngram, repeats_sentence, share};
+use crate::judge::trained::Trained;
 use crate::judge::{auroc, distinct2, wilson95, Judge};
+use crate::model::generate::Finish;
 use crate::model::load::Model;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
-const VERSION: u32 = 1;
+// 2: coherence measures, every judge's numbers, the trained judge.
+const VERSION: u32 = 2;
 
 /// Where the adapter under evaluation comes from.
 pub(crate) enum AdapterSource<'a> {
@@ -54,11 +63,34 @@ struct SampleRow {
     stream: usize,
     base: String,
     adapter: String,
+    /// By `eval.judge`.
     base_score: f64,
     adapter_score: f64,
+    /// Every judge's scores, `[base, adapter]`.
+    scores: BTreeMap<String, [f64; 2]>,
+    base_tokens: usize,
+    adapter_tokens: usize,
+    base_finish: Finish,
+    adapter_finish: Finish,
 }
 
-/// `report.json`, exactly the keys the issue names.
+/// One judge's verdict.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct JudgeReport {
+    auroc: f64,
+    harsher_rate: f64,
+    harsher_rate_ci: [f64; 2],
+    /// Over the pairs where neither review loops.
+    harsher_rate_fluent: f64,
+    harsher_rate_fluent_ci: [f64; 2],
+    negativity_base: f64,
+    negativity_adapter: f64,
+    /// It chose which pairs the training data kept (merge's label check): its verdict on the
+    /// bot trained on them is not independent.
+    labeled_training_data: bool,
+}
+
+/// `report.json`. The top-level judge numbers are `eval.judge`'s; `judges` holds every judge's.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Report {
     n: usize,
@@ -74,6 +106,31 @@ struct Report {
     distinct2_adapter: f64,
     mean_chars_base: f64,
     mean_chars_adapter: f64,
+    mean_tokens_base: f64,
+    mean_tokens_adapter: f64,
+    /// Shares of reviews that repeat a sentence, that repeat a 4-gram, and that stopped at
+    /// `max_new_tokens` rather than at the end-of-sequence token (`judge::coherence`).
+    repeat_sentence_base: f64,
+    repeat_sentence_adapter: f64,
+    repeat_ngram_base: f64,
+    repeat_ngram_adapter: f64,
+    hit_max_tokens_base: f64,
+    hit_max_tokens_adapter: f64,
+    /// Pairs where neither review loops (repeats a sentence).
+    fluent_pairs: usize,
+    harsher_rate_fluent: f64,
+    harsher_rate_fluent_ci: [f64; 2],
+    judges: BTreeMap<String, JudgeReport>,
+    /// The judges that did not label the training data.
+    independent_judges: Vec<String>,
+}
+
+/// One review and how it ended.
+#[derive(Debug, Clone)]
+struct Review {
+    text: String,
+    tokens: usize,
+    finish: Finish,
 }
 
 pub(crate) fn material(
@@ -98,6 +155,9 @@ pub(crate) fn material(
         "dtype": ctx.recipe.train.dtype_name(),
         "attention": t.attention,
     });
+    if t.rpo_alpha > 0.0 {
+        settings["loss"]["rpo_alpha"] = serde_json::json!(t.rpo_alpha);
+    }
     let mut model = ctx.recipe.model(&ctx.recipe.train)?.identity.clone();
     match s.eval.judge {
         JudgeKind::Llm => {
@@ -109,6 +169,17 @@ pub(crate) fn material(
         }
         _ => settings["judge"] = serde_json::json!("vader 3.3.2"),
     }
+    settings["judge_kind"] = serde_json::json!(s.eval.judge.name());
+    // The other judges every report holds, and what marks one as the labels' judge.
+    settings["also_judged_by"] = serde_json::json!([
+        "vader 3.3.2",
+        format!(
+            "trained v1 C={} min_df={}",
+            crate::judge::trained::C,
+            crate::judge::trained::MIN_DF
+        )
+    ]);
+    settings["merge_judge"] = serde_json::json!(s.merge.judge.name());
     let mut files = BTreeMap::new();
     let mut inputs = BTreeMap::new();
     match adapter {
@@ -221,7 +292,7 @@ fn draw(
     prompts: &[(String, String)],
     samples: usize,
     s: &crate::model::generate::Sampling,
-) -> Result<Vec<String>> {
+) -> Result<Vec<Review>> {
     let jobs: Vec<Job> = prompts
         .iter()
         .enumerate()
@@ -233,12 +304,19 @@ fn draw(
             })
         })
         .collect();
-    let mut out = vec![String::new(); jobs.len()];
+    let mut out = vec![None; jobs.len()];
     backend.generate(jobs, s, &mut |a| {
-        out[a.id] = a.text;
+        out[a.id] = Some(Review {
+            text: a.text,
+            tokens: a.tokens,
+            finish: a.finish,
+        });
         Ok(())
     })?;
-    Ok(out)
+    out.into_iter()
+        .enumerate()
+        .map(|(i, r)| r.with_context(|| format!("the backend returned no review for job {i}")))
+        .collect()
 }
 
 /// The `[generate.openai]` servers, asked for the model they serve under `served`.
@@ -252,26 +330,31 @@ fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
-/// The judge's AUROC at telling the test rows' chosen reviews from their rejected ones (for
-/// unpaired rows: desirable from undesirable), before it scores anything.
-fn judge_auroc(judge: &Judge, test: &[data::RawRow], unpaired: bool) -> Result<f64> {
-    let (harsh, kind): (Vec<&str>, Vec<&str>) = if unpaired {
+/// The rows' harsh (chosen; for unpaired rows: desirable) and kind reviews.
+fn harsh_and_kind(rows: &[data::RawRow], unpaired: bool) -> (Vec<&str>, Vec<&str>) {
+    if unpaired {
         (
-            test.iter()
+            rows.iter()
                 .filter(|r| r.label == Some(true))
                 .map(|r| r.chosen.as_str())
                 .collect(),
-            test.iter()
+            rows.iter()
                 .filter(|r| r.label == Some(false))
                 .map(|r| r.chosen.as_str())
                 .collect(),
         )
     } else {
         (
-            test.iter().map(|r| r.chosen.as_str()).collect(),
-            test.iter().map(|r| r.rejected.as_str()).collect(),
+            rows.iter().map(|r| r.chosen.as_str()).collect(),
+            rows.iter().map(|r| r.rejected.as_str()).collect(),
         )
-    };
+    }
+}
+
+/// The judge's AUROC at telling the test rows' chosen reviews from their rejected ones (for
+/// unpaired rows: desirable from undesirable), before it scores anything.
+fn judge_auroc(judge: &Judge, test: &[data::RawRow], unpaired: bool) -> Result<f64> {
+    let (harsh, kind) = harsh_and_kind(test, unpaired);
     if harsh.is_empty() || kind.is_empty() {
         bail!(
             "the test rows hold {} desirable and {} undesirable reviews; validating the judge needs both",
@@ -282,45 +365,100 @@ fn judge_auroc(judge: &Judge, test: &[data::RawRow], unpaired: bool) -> Result<f
     Ok(auroc(&judge.score(&harsh)?, &judge.score(&kind)?))
 }
 
-/// Score both models' reviews, and write `samples.jsonl`, `report.json`, `eval.md` and the
-/// scores' chart. Returns how many pairs the adapter's review was the harsher of.
+/// A judge of this eval, with its validation.
+struct Judged<'a, 'm> {
+    judge: &'a Judge<'m>,
+    auroc: f64,
+    /// It labelled the training data (merge's label check).
+    labeled: bool,
+}
+
+fn share_where(v: &[Review], f: impl Fn(&Review) -> bool) -> f64 {
+    v.iter().filter(|r| f(r)).count() as f64 / v.len().max(1) as f64
+}
+
+/// Score both models' reviews by every judge, measure their coherence, and write
+/// `samples.jsonl`, `report.json`, `eval.md` and the charts. `judges[0]` is `eval.judge`.
+/// Returns how many pairs the adapter's review was the harsher of, by `eval.judge`.
 fn write_report(
     ctx: &Ctx,
     out: &Path,
-    judge: &Judge,
-    judge_auroc: f64,
+    judges: &[Judged],
     prompts: &[(String, String)],
-    (base, adapted): (&[String], &[String]),
+    (base, adapted): (&[Review], &[Review]),
     (eval_loss, eval_reward_accuracy): (f64, f64),
 ) -> Result<usize> {
     let es = &ctx.settings().eval;
     let n = base.len();
-    let base_refs: Vec<&str> = base.iter().map(|s| s.as_str()).collect();
-    let adapted_refs: Vec<&str> = adapted.iter().map(|s| s.as_str()).collect();
-    let sb = judge.score(&base_refs)?;
-    let sa = judge.score(&adapted_refs)?;
-    let harsher = sa.iter().zip(&sb).filter(|(a, b)| a > b).count();
-    let chars = |v: &[String]| {
+    let bt: Vec<&str> = base.iter().map(|r| r.text.as_str()).collect();
+    let at: Vec<&str> = adapted.iter().map(|r| r.text.as_str()).collect();
+    let fluent: Vec<bool> = (0..n).map(|i| !loops(bt[i]) && !loops(at[i])).collect();
+    let fluent_pairs = fluent.iter().filter(|f| **f).count();
+
+    let mut verdicts = BTreeMap::new();
+    let mut all_scores: Vec<(Vec<f64>, Vec<f64>)> = Vec::new();
+    for j in judges {
+        let sb = j.judge.score(&bt)?;
+        let sa = j.judge.score(&at)?;
+        let harsher = (0..n).filter(|&i| sa[i] > sb[i]).count();
+        let harsher_fluent = (0..n).filter(|&i| fluent[i] && sa[i] > sb[i]).count();
+        verdicts.insert(
+            j.judge.kind().name().to_string(),
+            JudgeReport {
+                auroc: j.auroc,
+                harsher_rate: harsher as f64 / n as f64,
+                harsher_rate_ci: wilson95(harsher, n),
+                harsher_rate_fluent: harsher_fluent as f64 / fluent_pairs.max(1) as f64,
+                harsher_rate_fluent_ci: wilson95(harsher_fluent, fluent_pairs),
+                negativity_base: mean(&sb),
+                negativity_adapter: mean(&sa),
+                labeled_training_data: j.labeled,
+            },
+        );
+        all_scores.push((sb, sa));
+    }
+    let (sb, sa) = &all_scores[0];
+    let main = &verdicts[judges[0].judge.kind().name()];
+    let harsher = (0..n).filter(|&i| sa[i] > sb[i]).count();
+    let chars = |v: &[&str]| {
         mean(
             &v.iter()
                 .map(|t| t.chars().count() as f64)
                 .collect::<Vec<_>>(),
         )
     };
+    let tokens = |v: &[Review]| mean(&v.iter().map(|r| r.tokens as f64).collect::<Vec<_>>());
     let report = Report {
         n,
         judge: es.judge.name().into(),
-        judge_auroc,
-        harsher_rate: harsher as f64 / n as f64,
-        harsher_rate_ci: wilson95(harsher, n),
-        negativity_base: mean(&sb),
-        negativity_adapter: mean(&sa),
+        judge_auroc: main.auroc,
+        harsher_rate: main.harsher_rate,
+        harsher_rate_ci: main.harsher_rate_ci,
+        negativity_base: main.negativity_base,
+        negativity_adapter: main.negativity_adapter,
         eval_loss,
         eval_reward_accuracy,
-        distinct2_base: distinct2(base),
-        distinct2_adapter: distinct2(adapted),
-        mean_chars_base: chars(base),
-        mean_chars_adapter: chars(adapted),
+        distinct2_base: distinct2(&bt),
+        distinct2_adapter: distinct2(&at),
+        mean_chars_base: chars(&bt),
+        mean_chars_adapter: chars(&at),
+        mean_tokens_base: tokens(base),
+        mean_tokens_adapter: tokens(adapted),
+        repeat_sentence_base: share(&bt, repeats_sentence),
+        repeat_sentence_adapter: share(&at, repeats_sentence),
+        repeat_ngram_base: share(&bt, repeats_ngram),
+        repeat_ngram_adapter: share(&at, repeats_ngram),
+        hit_max_tokens_base: share_where(base, |r| r.finish == Finish::Length),
+        hit_max_tokens_adapter: share_where(adapted, |r| r.finish == Finish::Length),
+        fluent_pairs,
+        harsher_rate_fluent: main.harsher_rate_fluent,
+        harsher_rate_fluent_ci: main.harsher_rate_fluent_ci,
+        independent_judges: verdicts
+            .iter()
+            .filter(|(_, v)| !v.labeled_training_data)
+            .map(|(k, _)| k.clone())
+            .collect(),
+        judges: verdicts,
     };
     let rows: Vec<SampleRow> = (0..n)
         .map(|id| SampleRow {
@@ -328,34 +466,79 @@ fn write_report(
             sample: id % es.samples,
             seed: es.seed,
             stream: id,
-            base: base[id].clone(),
-            adapter: adapted[id].clone(),
+            base: base[id].text.clone(),
+            adapter: adapted[id].text.clone(),
             base_score: sb[id],
             adapter_score: sa[id],
+            scores: judges
+                .iter()
+                .zip(&all_scores)
+                .map(|(j, (b, a))| (j.judge.kind().name().to_string(), [b[id], a[id]]))
+                .collect(),
+            base_tokens: base[id].tokens,
+            adapter_tokens: adapted[id].tokens,
+            base_finish: base[id].finish,
+            adapter_finish: adapted[id].finish,
         })
         .collect();
     write_jsonl(&out.join("samples.jsonl"), &rows)?;
     write_json_pretty(&out.join("report.json"), &report)?;
     write_atomic(&out.join("eval.md"), markdown(&report, &rows).as_bytes())?;
     crate::dpo::charts::plot_distributions(
-        &sb,
-        &sa,
+        sb,
+        sa,
         &format!(
             "{} judge: negativity of {n} reviews per model",
             es.judge.name()
         ),
         &out.join("scores.png"),
     );
+    crate::dpo::charts::plot_shares(
+        &[
+            (
+                "repeats a sentence",
+                report.repeat_sentence_base,
+                report.repeat_sentence_adapter,
+            ),
+            (
+                "repeats a 4-gram",
+                report.repeat_ngram_base,
+                report.repeat_ngram_adapter,
+            ),
+            (
+                "stopped at max_new_tokens",
+                report.hit_max_tokens_base,
+                report.hit_max_tokens_adapter,
+            ),
+            (
+                "distinct-2",
+                report.distinct2_base,
+                report.distinct2_adapter,
+            ),
+        ],
+        &format!("coherence of {n} reviews per model"),
+        &out.join("coherence.png"),
+    );
+    let others: Vec<String> = report
+        .judges
+        .iter()
+        .filter(|(k, _)| *k != es.judge.name())
+        .map(|(k, v)| format!("{k} {:.0}%", 100.0 * v.harsher_rate))
+        .collect();
     ctx.say(
         "Evaluated",
         format!(
-            "harsher in {:.0}% of {n} (95% CI {:.0}-{:.0}%), negativity {:.3} -> {:.3}, judge AUROC {:.3}",
+            "harsher in {:.0}% of {n} (95% CI {:.0}-{:.0}%; {}), {:.0}% of the {fluent_pairs} pairs where neither loops; negativity {:.3} -> {:.3}, judge AUROC {:.3}; loops {:.0}% -> {:.0}%",
             100.0 * report.harsher_rate,
             100.0 * report.harsher_rate_ci[0],
             100.0 * report.harsher_rate_ci[1],
+            others.join(", "),
+            100.0 * report.harsher_rate_fluent,
             report.negativity_base,
             report.negativity_adapter,
-            judge_auroc
+            report.judge_auroc,
+            100.0 * report.repeat_sentence_base,
+            100.0 * report.repeat_sentence_adapter,
         ),
     );
     Ok(harsher)
@@ -376,23 +559,51 @@ pub(crate) fn build(ctx: &Ctx, inp: &Inputs, out: &Path) -> Result<Built> {
     if raw.test.is_empty() {
         bail!("the dataset has no test rows: the eval stage judges on them (split.test must be at least 1)");
     }
+    let unpaired = ts.loss.is_unpaired();
     let mut model = ctx.recipe.load(&ctx.recipe.train)?;
 
-    // The judge, validated on the labelled test rows before it scores anything.
+    // The judges, `eval.judge` first, each validated on the labelled test rows before it
+    // scores anything. The trained one learns from the train rows only.
+    let (harsh, kind) = harsh_and_kind(&raw.train, unpaired);
+    let trained = Trained::fit(&harsh, &kind)
+        .context("fitting the trained judge on the dataset's train rows")?;
+    write_json_pretty(&out.join("trained_judge.json"), &trained)?;
     let judge_model = match es.judge {
         JudgeKind::Llm => Some(ctx.recipe.load(&ctx.recipe.judge)?),
         _ => None,
     };
-    let judge = Judge::new(es.judge, &s.judge, judge_model.as_ref())?;
-    let judge_auroc = judge_auroc(&judge, &raw.test, ts.loss.is_unpaired())?;
-    ctx.say(
-        "Judge",
-        format!(
-            "{}: AUROC {judge_auroc:.3} at telling chosen from rejected on {} test rows",
-            es.judge.name(),
-            raw.test.len()
-        ),
-    );
+    let mut kinds = vec![es.judge];
+    for k in [JudgeKind::Lexicon, JudgeKind::Trained] {
+        if !kinds.contains(&k) {
+            kinds.push(k);
+        }
+    }
+    let loaded: Vec<Judge> = kinds
+        .iter()
+        .map(|&k| match k {
+            JudgeKind::Trained => Ok(Judge::Trained(Box::new(trained.clone()))),
+            k => Judge::new(k, &s.judge, judge_model.as_ref()),
+        })
+        .collect::<Result<_>>()?;
+    // merge's label check kept only the pairs its judge agreed with.
+    let from_merge = ctx.recipe.train_dataset.is_none();
+    let mut judges = Vec::new();
+    for j in &loaded {
+        let a = judge_auroc(j, &raw.test, unpaired)?;
+        ctx.say(
+            "Judge",
+            format!(
+                "{}: AUROC {a:.3} at telling chosen from rejected on {} test rows",
+                j.kind().name(),
+                raw.test.len()
+            ),
+        );
+        judges.push(Judged {
+            judge: j,
+            auroc: a,
+            labeled: from_merge && s.merge.judge == j.kind(),
+        });
+    }
 
     // Reviews from the base model, then from the adapter, with the same seeds.
     let prompts = held_out(ctx, inp, &raw.test, &model)?;
@@ -459,8 +670,7 @@ pub(crate) fn build(ctx: &Ctx, inp: &Inputs, out: &Path) -> Result<Built> {
     let harsher = write_report(
         ctx,
         out,
-        &judge,
-        judge_auroc,
+        &judges,
         &prompts,
         (&base, &adapted),
         (metric("eval_loss")?, metric("eval_rewards/accuracies")?),
@@ -479,9 +689,15 @@ fn markdown(r: &Report, rows: &[SampleRow]) -> String {
     ));
     s.push_str("| | base | Reviewer #2 |\n|---|---|---|\n");
     s.push_str(&format!(
-        "| mean negativity | {:.3} | {:.3} |\n| distinct-2 | {:.3} | {:.3} |\n| mean characters | {:.1} | {:.1} |\n\n",
+        "| mean negativity | {:.3} | {:.3} |\n| distinct-2 | {:.3} | {:.3} |\n| mean characters | {:.1} | {:.1} |\n| mean tokens | {:.1} | {:.1} |\n",
         r.negativity_base, r.negativity_adapter, r.distinct2_base, r.distinct2_adapter,
-        r.mean_chars_base, r.mean_chars_adapter
+        r.mean_chars_base, r.mean_chars_adapter, r.mean_tokens_base, r.mean_tokens_adapter
+    ));
+    s.push_str(&format!(
+        "| repeats a sentence | {:.1}% | {:.1}% |\n| repeats a 4-gram | {:.1}% | {:.1}% |\n| stopped at max_new_tokens | {:.1}% | {:.1}% |\n\n",
+        100.0 * r.repeat_sentence_base, 100.0 * r.repeat_sentence_adapter,
+        100.0 * r.repeat_ngram_base, 100.0 * r.repeat_ngram_adapter,
+        100.0 * r.hit_max_tokens_base, 100.0 * r.hit_max_tokens_adapter
     ));
     s.push_str(&format!(
         "- Harsher than the base review: **{:.1}%** of {} (95% Wilson interval {:.1}% to {:.1}%; a tie is not harsher).\n",
@@ -491,9 +707,33 @@ fn markdown(r: &Report, rows: &[SampleRow]) -> String {
         100.0 * r.harsher_rate_ci[1]
     ));
     s.push_str(&format!(
+        "- Over the {} pairs where neither review repeats a sentence: **{:.1}%** ({:.1}% to {:.1}%).\n",
+        r.fluent_pairs,
+        100.0 * r.harsher_rate_fluent,
+        100.0 * r.harsher_rate_fluent_ci[0],
+        100.0 * r.harsher_rate_fluent_ci[1]
+    ));
+    s.push_str(&format!(
         "- The judge tells chosen from rejected on the test pairs with AUROC **{:.3}** (it was not tuned on them).\n",
         r.judge_auroc
     ));
+    s.push_str("\n## Every judge\n\n| judge | AUROC on the test pairs | harsher | 95% interval | harsher where neither loops | labelled the training data |\n|---|---|---|---|---|---|\n");
+    for (name, j) in &r.judges {
+        s.push_str(&format!(
+            "| {name} | {:.3} | {:.1}% | {:.1}% to {:.1}% | {:.1}% | {} |\n",
+            j.auroc,
+            100.0 * j.harsher_rate,
+            100.0 * j.harsher_rate_ci[0],
+            100.0 * j.harsher_rate_ci[1],
+            100.0 * j.harsher_rate_fluent,
+            if j.labeled_training_data {
+                "yes: not independent"
+            } else {
+                "no"
+            }
+        ));
+    }
+    s.push('\n');
     s.push_str(&format!(
         "- On the test pairs the adapter has eval loss {:.4} and reward accuracy {:.3}.\n\n",
         r.eval_loss, r.eval_reward_accuracy

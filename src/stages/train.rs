@@ -64,6 +64,10 @@ pub(crate) fn material(ctx: &Ctx, split_key: Option<&str>) -> Result<KeyMaterial
     }
     o.remove("dataset");
     o.remove("model");
+    // Off, it is not in the key: keys from before the setting existed stay valid.
+    if t.rpo_alpha == 0.0 {
+        o.remove("rpo_alpha");
+    }
     Ok(KeyMaterial {
         stage: "train".into(),
         version: VERSION,

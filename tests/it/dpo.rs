@@ -371,6 +371,77 @@ fn only_response_tokens_count_and_step_zero_is_ln2() {
     }
 }
 
+/// TRL's `rpo_alpha`: the loss gains `rpo_alpha` times the chosen responses' NLL, the mean over
+/// every chosen token of the batch (TRL's `F.cross_entropy(..., ignore_index)` over the chosen
+/// half), and `nll_loss` is logged. Training with it keeps the chosen responses likelier.
+#[test]
+fn rpo_alpha_adds_the_chosen_tokens_nll_and_keeps_them_likely() {
+    // The same weights and adapter for every run (training changes the adapter in place).
+    let fresh = || with_smollm2_tokenizer(with_lora(tiny_llama(11, DType::F32), 4, 0.0, 3));
+    // Chosen responses of different lengths: a mean of per-row means would differ.
+    let exs: Vec<Example> = (0..4u32)
+        .map(|i| Example {
+            prompt: vec![1, 3 + i, 5],
+            chosen: (0..(2 + 3 * i)).map(|k| 10 + (k + i) % 9).collect(),
+            rejected: vec![17 + i, 18, 2],
+            label: None,
+        })
+        .collect();
+    let refs = reviewer2::dpo::trainer::reference_logps(&fresh(), &exs, 4, false).unwrap();
+    let d = tempdir();
+    let run = |rpo: f64, steps: usize| {
+        let model = fresh();
+        let s = TrainSettings {
+            batch_size: 4,
+            max_steps: steps,
+            learning_rate: 2e-2,
+            logging_steps: 1,
+            rpo_alpha: rpo,
+            ..TrainSettings::default()
+        };
+        let tr = reviewer2::dpo::trainer::Trainer {
+            model: &model,
+            s: &s,
+            train: &exs,
+            eval: &[],
+            ref_train: &refs,
+            ref_eval: &[],
+            ckpt_dir: d.path().join(format!("rpo-{rpo}")),
+            quiet: true,
+        };
+        if steps == 0 {
+            vec![serde_json::Value::Object(tr.probe(0).unwrap())]
+        } else {
+            tr.run(None).unwrap().log
+        }
+    };
+    // Step 0: the policy is the reference, so the NLL is the reference's, by hand.
+    let tokens: usize = exs.iter().map(|e| e.chosen.len()).sum();
+    let nll = -refs.iter().map(|r| r.0 as f64).sum::<f64>() / tokens as f64;
+    let m0 = &run(0.5, 0)[0];
+    let got = m0["nll_loss"].as_f64().unwrap();
+    assert!(
+        (got - nll).abs() < 1e-4 * nll.abs(),
+        "nll_loss {got} vs {nll}"
+    );
+    let loss = m0["loss"].as_f64().unwrap();
+    assert!(
+        (loss - (LN2 + 0.5 * nll)).abs() < 1e-4,
+        "loss {loss} vs ln 2 + 0.5 x {nll}"
+    );
+    assert!(run(0.0, 0)[0].get("nll_loss").is_none(), "off: not logged");
+    // Trained alike, with and without it: the chosen log-probs end higher with it.
+    let with = run(1.0, 8);
+    let without = run(0.0, 8);
+    let last = |l: &[serde_json::Value]| l.last().unwrap()["logps/chosen"].as_f64().unwrap();
+    assert!(
+        last(&with) > last(&without) + 0.1,
+        "chosen log-probs with RPO {} vs without {}",
+        last(&with),
+        last(&without)
+    );
+}
+
 #[test]
 fn kto_trains_on_unpaired_rows() {
     let s = TrainSettings {

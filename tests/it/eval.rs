@@ -31,6 +31,7 @@ fn eval_report_is_recomputed_from_its_samples_and_the_reference_vader() {
     let py = python_with(&[
         ("vaderSentiment", "vaderSentiment"),
         ("tensorboard", "tensorboard"),
+        ("sklearn", "scikit-learn"),
     ]);
     let d = tempdir();
     // 5 test pairs at batch 2: the eval mean must weigh rows, not batches.
@@ -69,6 +70,19 @@ fn eval_report_is_recomputed_from_its_samples_and_the_reference_vader() {
         "distinct2_adapter",
         "mean_chars_base",
         "mean_chars_adapter",
+        "mean_tokens_base",
+        "mean_tokens_adapter",
+        "repeat_sentence_base",
+        "repeat_sentence_adapter",
+        "repeat_ngram_base",
+        "repeat_ngram_adapter",
+        "hit_max_tokens_base",
+        "hit_max_tokens_adapter",
+        "fluent_pairs",
+        "harsher_rate_fluent",
+        "harsher_rate_fluent_ci",
+        "judges",
+        "independent_judges",
     ];
     want.sort();
     let mut got = keys.clone();
@@ -161,6 +175,206 @@ print(json.dumps({"scores": [neg(t) for t in texts], "auroc": wins / (len(c) * l
         let chars = t.iter().map(|x| x.chars().count() as f64).sum::<f64>() / n;
         close(r(&format!("mean_chars_{who}")), chars, "mean_chars");
     }
+    // Coherence and the trained judge, recomputed in Python from their definitions (README,
+    // src/judge/coherence.rs and trained.rs), the logistic regression by scikit-learn.
+    let script = r#"
+import json, sys
+import numpy as np
+import pyarrow.parquet as pq
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+def words(t):
+    out = []
+    for w in t.split():
+        i, j = 0, len(w)
+        while i < j and not w[i].isalnum(): i += 1
+        while j > i and not w[j - 1].isalnum(): j -= 1
+        if i < j: out.append(w[i:j].lower())
+    return out
+
+def repeats_sentence(t):
+    s = [tuple(words(x)) for x in t.replace("!", ".").replace("?", ".").replace("\n", ".").split(".")]
+    s = [x for x in s if len(x) >= 3]
+    return len(set(s)) < len(s)
+
+def repeats_ngram(t):
+    w = words(t)
+    g = [tuple(w[i:i + 4]) for i in range(len(w) - 3)]
+    return len(set(g)) < len(g)
+
+NEG = {"not", "no", "never", "nor", "cannot", "without", "none", "nothing", "neither", "nobody",
+       "nowhere", "hardly", "barely", "scarcely"}
+
+def marked(t):
+    t = t.lower().replace("\u2019", "'")
+    toks, cur = [], ""
+    for c in t + " ":
+        if c.isalnum() or c == "'":
+            cur += c
+            continue
+        if cur: toks.append(cur); cur = ""
+        if c in ".,;:!?": toks.append(c)
+    out, neg = [], False
+    for tok in toks:
+        if tok in ".,;:!?":
+            neg = False
+            continue
+        out.append("not_" + tok if neg else tok)
+        if tok in NEG or tok.endswith("n't"): neg = True
+    return out
+
+def feats(t):
+    w = marked(t)
+    return set(w) | {a + " " + b for a, b in zip(w, w[1:])}
+
+samples = [json.loads(l) for l in open(sys.argv[1])]
+train = pq.read_table(sys.argv[2]).to_pylist()
+test = pq.read_table(sys.argv[3]).to_pylist()
+docs = [feats(r["chosen"]) for r in train] + [feats(r["rejected"]) for r in train]
+y = [1] * len(train) + [0] * len(train)
+df = {}
+for d in docs:
+    for f in d: df[f] = df.get(f, 0) + 1
+vocab = sorted(f for f, n in df.items() if n >= 2)
+ix = {f: i for i, f in enumerate(vocab)}
+def X(texts):
+    m = np.zeros((len(texts), len(vocab)))
+    for r, t in enumerate(texts):
+        for f in feats(t):
+            if f in ix: m[r, ix[f]] = 1.0
+    return m
+lr = LogisticRegression(C=1.0, tol=1e-12, max_iter=100000).fit(
+    X([r["chosen"] for r in train] + [r["rejected"] for r in train]), y)
+p = lambda texts: lr.predict_proba(X(texts))[:, 1].tolist()
+c, rj = p([r["chosen"] for r in test]), p([r["rejected"] for r in test])
+base, adapter = [s["base"] for s in samples], [s["adapter"] for s in samples]
+print(json.dumps({
+    "vocab": vocab, "weights": lr.coef_[0].tolist(), "bias": float(lr.intercept_[0]),
+    "auroc": roc_auc_score([1] * len(c) + [0] * len(rj), c + rj),
+    "base": p(base), "adapter": p(adapter),
+    "repeat_sentence": [[repeats_sentence(t) for t in base], [repeats_sentence(t) for t in adapter]],
+    "repeat_ngram": [[repeats_ngram(t) for t in base], [repeats_ngram(t) for t in adapter]],
+    "marked": marked("It is not novel, but it\u2019s clear. Doesn't scale; NO gains!"),
+}))
+"#;
+    let sk: Value = serde_json::from_str(&run_py(
+        &py,
+        script,
+        &[
+            eval.join("samples.jsonl").to_str().unwrap(),
+            split.join("train.parquet").to_str().unwrap(),
+            test_parquet.to_str().unwrap(),
+        ],
+    ))
+    .unwrap();
+    assert_eq!(
+        sk["marked"],
+        serde_json::json!(reviewer2::judge::trained::marked_words(
+            "It is not novel, but it\u{2019}s clear. Doesn't scale; NO gains!"
+        ))
+    );
+    let tj: Value = read_json(&eval.join("trained_judge.json"));
+    let ours: Vec<&String> = tj["weights"].as_object().unwrap().keys().collect();
+    let theirs: Vec<String> = sk["vocab"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ours.len(), theirs.len(), "vocabulary sizes");
+    assert!(!theirs.is_empty());
+    for (i, f) in theirs.iter().enumerate() {
+        let w = tj["weights"][f].as_f64().unwrap();
+        let want = sk["weights"][i].as_f64().unwrap();
+        assert!(
+            (w - want).abs() < 1e-4,
+            "weight of {f:?}: {w} vs scikit-learn {want}"
+        );
+    }
+    assert!((f(&tj, "bias") - sk["bias"].as_f64().unwrap()).abs() < 1e-4);
+    let judges = &report["judges"];
+    assert!(
+        (judges["trained"]["auroc"].as_f64().unwrap() - sk["auroc"].as_f64().unwrap()).abs() < 1e-9,
+        "{judges} vs {}",
+        sk["auroc"]
+    );
+    for (i, s) in samples.iter().enumerate() {
+        for (j, who) in ["base", "adapter"].iter().enumerate() {
+            let got = s["scores"]["trained"][j].as_f64().unwrap();
+            let want = sk[*who][i].as_f64().unwrap();
+            assert!(
+                (got - want).abs() < 1e-5,
+                "sample {i} {who}: trained {got} vs {want}"
+            );
+        }
+        // eval.judge's scores are the lexicon judge's, also under its name.
+        assert_eq!(s["scores"]["lexicon"][0], s["base_score"]);
+        assert_eq!(s["scores"]["lexicon"][1], s["adapter_score"]);
+    }
+    // Each judge's harsher rate and interval, and over the pairs where neither review loops.
+    let flag = |k: &str, who: usize, i: usize| sk[k][who][i].as_bool().unwrap();
+    let fluent: Vec<bool> = (0..samples.len())
+        .map(|i| !flag("repeat_sentence", 0, i) && !flag("repeat_sentence", 1, i))
+        .collect();
+    let nf = fluent.iter().filter(|x| **x).count();
+    assert_eq!(report["fluent_pairs"], nf);
+    for name in ["lexicon", "trained"] {
+        let sc = |i: usize, j: usize| samples[i]["scores"][name][j].as_f64().unwrap();
+        let k = (0..samples.len()).filter(|&i| sc(i, 1) > sc(i, 0)).count();
+        let kf = (0..samples.len())
+            .filter(|&i| fluent[i] && sc(i, 1) > sc(i, 0))
+            .count();
+        let j = &judges[name];
+        close(j["harsher_rate"].as_f64().unwrap(), k as f64 / n, name);
+        close(
+            j["harsher_rate_fluent"].as_f64().unwrap(),
+            kf as f64 / nf.max(1) as f64,
+            name,
+        );
+        // Nothing labelled this dataset (merge.judge is off): every judge is independent.
+        assert_eq!(j["labeled_training_data"], false);
+    }
+    assert_eq!(
+        report["independent_judges"],
+        serde_json::json!(["lexicon", "trained"])
+    );
+    close(
+        r("harsher_rate_fluent"),
+        judges["lexicon"]["harsher_rate_fluent"].as_f64().unwrap(),
+        "fluent",
+    );
+    for (j, who) in ["base", "adapter"].iter().enumerate() {
+        let share = |k: &str| (0..samples.len()).filter(|&i| flag(k, j, i)).count() as f64 / n;
+        close(
+            r(&format!("repeat_sentence_{who}")),
+            share("repeat_sentence"),
+            who,
+        );
+        close(
+            r(&format!("repeat_ngram_{who}")),
+            share("repeat_ngram"),
+            who,
+        );
+        let at_max = samples
+            .iter()
+            .filter(|s| s[format!("{who}_finish")] == "length")
+            .count() as f64;
+        close(r(&format!("hit_max_tokens_{who}")), at_max / n, who);
+        let toks = samples
+            .iter()
+            .map(|s| s[format!("{who}_tokens")].as_f64().unwrap())
+            .sum::<f64>();
+        close(r(&format!("mean_tokens_{who}")), toks / n, who);
+        // At 24 new tokens a review that has not ended has exactly 24.
+        for s in &samples {
+            if s[format!("{who}_finish")] == "length" {
+                assert_eq!(s[format!("{who}_tokens")], 24, "{s}");
+            }
+        }
+    }
+    assert!(eval.join("coherence.png").metadata().unwrap().len() > 100);
+
     // Every held-out title is a test title, each with `samples` samples.
     for s in &samples {
         assert!(!s["title"].as_str().unwrap().is_empty(), "{s}");
