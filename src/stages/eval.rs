@@ -133,6 +133,8 @@ struct Review {
     finish: Finish,
 }
 
+/// What the eval's output depends on: long because it is that list, each part with the
+/// reason it is there.
 pub(crate) fn material(
     ctx: &Ctx,
     adapter: AdapterSource,
@@ -377,29 +379,21 @@ fn share_where(v: &[Review], f: impl Fn(&Review) -> bool) -> f64 {
     v.iter().filter(|r| f(r)).count() as f64 / v.len().max(1) as f64
 }
 
-/// Score both models' reviews by every judge, measure their coherence, and write
-/// `samples.jsonl`, `report.json`, `eval.md` and the charts. `judges[0]` is `eval.judge`.
-/// Returns how many pairs the adapter's review was the harsher of, by `eval.judge`.
-fn write_report(
-    ctx: &Ctx,
-    out: &Path,
-    judges: &[Judged],
-    prompts: &[(String, String)],
-    (base, adapted): (&[Review], &[Review]),
-    (eval_loss, eval_reward_accuracy): (f64, f64),
-) -> Result<usize> {
-    let es = &ctx.settings().eval;
-    let n = base.len();
-    let bt: Vec<&str> = base.iter().map(|r| r.text.as_str()).collect();
-    let at: Vec<&str> = adapted.iter().map(|r| r.text.as_str()).collect();
-    let fluent: Vec<bool> = (0..n).map(|i| !loops(bt[i]) && !loops(at[i])).collect();
-    let fluent_pairs = fluent.iter().filter(|f| **f).count();
+type Scores = (Vec<f64>, Vec<f64>);
 
+/// Every judge's verdict on the pairs, and its scores `(base, adapter)`, in `judges`' order.
+fn judge_all(
+    judges: &[Judged],
+    (bt, at): (&[&str], &[&str]),
+    fluent: &[bool],
+) -> Result<(BTreeMap<String, JudgeReport>, Vec<Scores>)> {
+    let n = bt.len();
+    let fluent_pairs = fluent.iter().filter(|f| **f).count();
     let mut verdicts = BTreeMap::new();
-    let mut all_scores: Vec<(Vec<f64>, Vec<f64>)> = Vec::new();
+    let mut all_scores = Vec::new();
     for j in judges {
-        let sb = j.judge.score(&bt)?;
-        let sa = j.judge.score(&at)?;
+        let sb = j.judge.score(bt)?;
+        let sa = j.judge.score(at)?;
         let harsher = (0..n).filter(|&i| sa[i] > sb[i]).count();
         let harsher_fluent = (0..n).filter(|&i| fluent[i] && sa[i] > sb[i]).count();
         verdicts.insert(
@@ -417,6 +411,93 @@ fn write_report(
         );
         all_scores.push((sb, sa));
     }
+    Ok((verdicts, all_scores))
+}
+
+/// `samples.jsonl`'s rows: review `id` is sample `id % samples` of prompt `id / samples`.
+fn sample_rows(
+    es: &crate::config::EvalSettings,
+    prompts: &[(String, String)],
+    judges: &[Judged],
+    all_scores: &[Scores],
+    (base, adapted): (&[Review], &[Review]),
+) -> Vec<SampleRow> {
+    let (sb, sa) = &all_scores[0];
+    (0..base.len())
+        .map(|id| SampleRow {
+            title: prompts[id / es.samples].0.clone(),
+            sample: id % es.samples,
+            seed: es.seed,
+            stream: id,
+            base: base[id].text.clone(),
+            adapter: adapted[id].text.clone(),
+            base_score: sb[id],
+            adapter_score: sa[id],
+            scores: judges
+                .iter()
+                .zip(all_scores)
+                .map(|(j, (b, a))| (j.judge.kind().name().to_string(), [b[id], a[id]]))
+                .collect(),
+            base_tokens: base[id].tokens,
+            adapter_tokens: adapted[id].tokens,
+            base_finish: base[id].finish,
+            adapter_finish: adapted[id].finish,
+        })
+        .collect()
+}
+
+/// `scores.png` (`eval.judge`'s scores of both models) and `coherence.png`.
+fn charts(r: &Report, (sb, sa): (&[f64], &[f64]), judge: &str, out: &Path) {
+    crate::dpo::charts::plot_distributions(
+        sb,
+        sa,
+        &format!("{judge} judge: negativity of {} reviews per model", r.n),
+        &out.join("scores.png"),
+    );
+    crate::dpo::charts::plot_shares(
+        &[
+            (
+                "repeats a sentence",
+                r.repeat_sentence_base,
+                r.repeat_sentence_adapter,
+            ),
+            (
+                "repeats a 4-gram",
+                r.repeat_ngram_base,
+                r.repeat_ngram_adapter,
+            ),
+            (
+                "stopped at max_new_tokens",
+                r.hit_max_tokens_base,
+                r.hit_max_tokens_adapter,
+            ),
+            ("distinct-2", r.distinct2_base, r.distinct2_adapter),
+        ],
+        &format!("coherence of {} reviews per model", r.n),
+        &out.join("coherence.png"),
+    );
+}
+
+/// Score both models' reviews by every judge, measure their coherence, and write
+/// `samples.jsonl`, `report.json`, `eval.md` and the charts. `judges[0]` is `eval.judge`.
+/// Returns how many pairs the adapter's review was the harsher of, by `eval.judge`. Its length
+/// is the report's fields, one line each.
+fn write_report(
+    ctx: &Ctx,
+    out: &Path,
+    judges: &[Judged],
+    prompts: &[(String, String)],
+    (base, adapted): (&[Review], &[Review]),
+    (eval_loss, eval_reward_accuracy): (f64, f64),
+) -> Result<usize> {
+    let es = &ctx.settings().eval;
+    let n = base.len();
+    let bt: Vec<&str> = base.iter().map(|r| r.text.as_str()).collect();
+    let at: Vec<&str> = adapted.iter().map(|r| r.text.as_str()).collect();
+    let fluent: Vec<bool> = (0..n).map(|i| !loops(bt[i]) && !loops(at[i])).collect();
+    let fluent_pairs = fluent.iter().filter(|f| **f).count();
+
+    let (verdicts, all_scores) = judge_all(judges, (&bt, &at), &fluent)?;
     let (sb, sa) = &all_scores[0];
     let main = &verdicts[judges[0].judge.kind().name()];
     let harsher = (0..n).filter(|&i| sa[i] > sb[i]).count();
@@ -460,65 +541,11 @@ fn write_report(
             .collect(),
         judges: verdicts,
     };
-    let rows: Vec<SampleRow> = (0..n)
-        .map(|id| SampleRow {
-            title: prompts[id / es.samples].0.clone(),
-            sample: id % es.samples,
-            seed: es.seed,
-            stream: id,
-            base: base[id].text.clone(),
-            adapter: adapted[id].text.clone(),
-            base_score: sb[id],
-            adapter_score: sa[id],
-            scores: judges
-                .iter()
-                .zip(&all_scores)
-                .map(|(j, (b, a))| (j.judge.kind().name().to_string(), [b[id], a[id]]))
-                .collect(),
-            base_tokens: base[id].tokens,
-            adapter_tokens: adapted[id].tokens,
-            base_finish: base[id].finish,
-            adapter_finish: adapted[id].finish,
-        })
-        .collect();
+    let rows = sample_rows(es, prompts, judges, &all_scores, (base, adapted));
     write_jsonl(&out.join("samples.jsonl"), &rows)?;
     write_json_pretty(&out.join("report.json"), &report)?;
     write_atomic(&out.join("eval.md"), markdown(&report, &rows).as_bytes())?;
-    crate::dpo::charts::plot_distributions(
-        sb,
-        sa,
-        &format!(
-            "{} judge: negativity of {n} reviews per model",
-            es.judge.name()
-        ),
-        &out.join("scores.png"),
-    );
-    crate::dpo::charts::plot_shares(
-        &[
-            (
-                "repeats a sentence",
-                report.repeat_sentence_base,
-                report.repeat_sentence_adapter,
-            ),
-            (
-                "repeats a 4-gram",
-                report.repeat_ngram_base,
-                report.repeat_ngram_adapter,
-            ),
-            (
-                "stopped at max_new_tokens",
-                report.hit_max_tokens_base,
-                report.hit_max_tokens_adapter,
-            ),
-            (
-                "distinct-2",
-                report.distinct2_base,
-                report.distinct2_adapter,
-            ),
-        ],
-        &format!("coherence of {n} reviews per model"),
-        &out.join("coherence.png"),
-    );
+    charts(&report, (sb, sa), es.judge.name(), out);
     let others: Vec<String> = report
         .judges
         .iter()
@@ -544,6 +571,59 @@ fn write_report(
     Ok(harsher)
 }
 
+/// `eval.judge`, then the lexicon and trained judges where it is neither.
+fn load_judges<'m>(
+    ctx: &Ctx,
+    trained: &Trained,
+    judge_model: Option<&'m Model>,
+) -> Result<Vec<Judge<'m>>> {
+    let s = ctx.settings();
+    let mut kinds = vec![s.eval.judge];
+    for k in [JudgeKind::Lexicon, JudgeKind::Trained] {
+        if !kinds.contains(&k) {
+            kinds.push(k);
+        }
+    }
+    kinds
+        .iter()
+        .map(|&k| match k {
+            JudgeKind::Trained => Ok(Judge::Trained(Box::new(trained.clone()))),
+            k => Judge::new(k, &s.judge, judge_model),
+        })
+        .collect()
+}
+
+/// Each judge's AUROC on the test rows, and whether it labelled the training data (merge's
+/// label check kept only the pairs its judge agreed with).
+fn validate_judges<'a, 'm>(
+    ctx: &Ctx,
+    loaded: &'a [Judge<'m>],
+    test: &[data::RawRow],
+    unpaired: bool,
+) -> Result<Vec<Judged<'a, 'm>>> {
+    let from_merge = ctx.recipe.train_dataset.is_none();
+    let mut judges = Vec::new();
+    for j in loaded {
+        let a = judge_auroc(j, test, unpaired)?;
+        ctx.say(
+            "Judge",
+            format!(
+                "{}: AUROC {a:.3} at telling chosen from rejected on {} test rows",
+                j.kind().name(),
+                test.len()
+            ),
+        );
+        judges.push(Judged {
+            judge: j,
+            auroc: a,
+            labeled: from_merge && ctx.settings().merge.judge == j.kind(),
+        });
+    }
+    Ok(judges)
+}
+
+/// The stage, step by step (long because the steps share the loaded model, whose adapter is
+/// attached half way: the base's reviews and reference log-probs come before it).
 pub(crate) fn build(ctx: &Ctx, inp: &Inputs, out: &Path) -> Result<Built> {
     let s = ctx.settings();
     let es = &s.eval;
@@ -572,38 +652,8 @@ pub(crate) fn build(ctx: &Ctx, inp: &Inputs, out: &Path) -> Result<Built> {
         JudgeKind::Llm => Some(ctx.recipe.load(&ctx.recipe.judge)?),
         _ => None,
     };
-    let mut kinds = vec![es.judge];
-    for k in [JudgeKind::Lexicon, JudgeKind::Trained] {
-        if !kinds.contains(&k) {
-            kinds.push(k);
-        }
-    }
-    let loaded: Vec<Judge> = kinds
-        .iter()
-        .map(|&k| match k {
-            JudgeKind::Trained => Ok(Judge::Trained(Box::new(trained.clone()))),
-            k => Judge::new(k, &s.judge, judge_model.as_ref()),
-        })
-        .collect::<Result<_>>()?;
-    // merge's label check kept only the pairs its judge agreed with.
-    let from_merge = ctx.recipe.train_dataset.is_none();
-    let mut judges = Vec::new();
-    for j in &loaded {
-        let a = judge_auroc(j, &raw.test, unpaired)?;
-        ctx.say(
-            "Judge",
-            format!(
-                "{}: AUROC {a:.3} at telling chosen from rejected on {} test rows",
-                j.kind().name(),
-                raw.test.len()
-            ),
-        );
-        judges.push(Judged {
-            judge: j,
-            auroc: a,
-            labeled: from_merge && s.merge.judge == j.kind(),
-        });
-    }
+    let loaded = load_judges(ctx, &trained, judge_model.as_ref())?;
+    let judges = validate_judges(ctx, &loaded, &raw.test, unpaired)?;
 
     // Reviews from the base model, then from the adapter, with the same seeds.
     let prompts = held_out(ctx, inp, &raw.test, &model)?;
