@@ -8,7 +8,7 @@
 
 use super::response::{Api, ApiError};
 use super::App;
-use crate::model::generate::{Sampling, GREEDY_BELOW};
+use crate::model::generate::{Penalties, Sampling, GREEDY_BELOW};
 use crate::model::load::chat::Message;
 use crate::protocol::{self, Content, Prompt, Request, Stop};
 use axum::http::StatusCode;
@@ -155,6 +155,8 @@ pub(super) fn validate(app: &App, body: &[u8], api: Api) -> Result<Ask, ApiError
             max_new_tokens: p.max_tokens.unwrap_or(app.max_tokens).min(room),
             seed: 0,
             ignore_eos: p.ignore_eos,
+            // Refused above unless neutral: the penalties are not served yet.
+            penalties: Penalties::OFF,
         },
         seed: r.seed,
         stop: p.stop,

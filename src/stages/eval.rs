@@ -98,6 +98,7 @@ pub(crate) fn material(
         "dtype": ctx.recipe.train.dtype_name(),
         "attention": t.attention,
     });
+    super::generate::add_penalties(&mut settings["sampling"], g);
     let mut model = ctx.recipe.model(&ctx.recipe.train)?.identity.clone();
     match s.eval.judge {
         JudgeKind::Llm => {
