@@ -44,6 +44,14 @@ pub(crate) struct Request {
     pub(crate) stream: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) stream_options: Option<StreamOptions>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) presence_penalty: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) frequency_penalty: Option<f64>,
+    /// Not OpenAI's: transformers' penalty, under the name vLLM and TGI take it by (llama.cpp's
+    /// server calls it `repeat_penalty`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) repetition_penalty: Option<f64>,
     /// Not OpenAI's; vLLM, SGLang and llama.cpp take it: decode to `max_tokens` whatever.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) ignore_eos: Option<bool>,
@@ -57,12 +65,6 @@ pub(crate) struct Request {
     pub(crate) top_logprobs: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) logit_bias: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) presence_penalty: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) frequency_penalty: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) repetition_penalty: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) tools: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -90,14 +92,11 @@ pub(crate) struct Request {
 impl Request {
     /// The parameters kept as sent, by name: a server that does not act on one can still accept
     /// it at the value that asks for nothing, and refuse it otherwise.
-    pub(crate) fn unserved(&self) -> [(&'static str, Option<&Value>); 17] {
+    pub(crate) fn unserved(&self) -> [(&'static str, Option<&Value>); 14] {
         [
             ("logprobs", self.logprobs.as_ref()),
             ("top_logprobs", self.top_logprobs.as_ref()),
             ("logit_bias", self.logit_bias.as_ref()),
-            ("presence_penalty", self.presence_penalty.as_ref()),
-            ("frequency_penalty", self.frequency_penalty.as_ref()),
-            ("repetition_penalty", self.repetition_penalty.as_ref()),
             ("tools", self.tools.as_ref()),
             ("functions", self.functions.as_ref()),
             ("tool_choice", self.tool_choice.as_ref()),

@@ -311,6 +311,7 @@ impl Remote {
     /// The request body for one prompt. `seed` is derived per prompt from the sampling seed, so
     /// a rerun against the same server and model sends the same seeds.
     fn body(&self, job: &Job, s: &Sampling) -> Vec<u8> {
+        let p = &s.penalties;
         let mut r = Request {
             model: self.s.model.clone(),
             max_tokens: Some(s.max_new_tokens as u64),
@@ -322,6 +323,11 @@ impl Remote {
             n: Some(1),
             stream: Some(false),
             ignore_eos: s.ignore_eos.then_some(true),
+            // Each only when on: a server that does not know `repetition_penalty` (OpenAI's own
+            // API) still gets exactly the body it got before penalties existed.
+            frequency_penalty: (p.frequency != 0.0).then_some(p.frequency),
+            presence_penalty: (p.presence != 0.0).then_some(p.presence),
+            repetition_penalty: (p.repetition != 1.0).then_some(p.repetition),
             ..Request::default()
         };
         match self.s.api {

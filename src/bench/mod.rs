@@ -125,6 +125,7 @@ pub(super) fn sampling(new_tokens: usize) -> Sampling {
         max_new_tokens: new_tokens,
         seed: 1,
         ignore_eos: false,
+        penalties: crate::model::generate::Penalties::OFF,
     }
 }
 

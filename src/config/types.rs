@@ -87,6 +87,11 @@ pub struct GenerateSettings {
     pub temperature: f64,
     pub(crate) top_k: usize,
     pub(crate) top_p: f64,
+    /// transformers' repetition penalty over the prompt and the generated tokens (1 = off).
+    pub(crate) repetition_penalty: f64,
+    /// OpenAI's frequency and presence penalties over the generated tokens (0 = off).
+    pub(crate) frequency_penalty: f64,
+    pub(crate) presence_penalty: f64,
     pub(crate) seed: u64,
     /// Finished records are flushed to disk every `chunk_size` prompts (the resume granularity).
     pub(crate) chunk_size: usize,
@@ -237,6 +242,15 @@ impl GenerateSettings {
             max_new_tokens: self.max_new_tokens,
             seed: self.seed,
             ignore_eos: false,
+            penalties: self.penalties(),
+        }
+    }
+
+    pub(crate) fn penalties(&self) -> crate::model::generate::Penalties {
+        crate::model::generate::Penalties {
+            repetition: self.repetition_penalty,
+            frequency: self.frequency_penalty,
+            presence: self.presence_penalty,
         }
     }
 }
@@ -256,6 +270,9 @@ impl Default for GenerateSettings {
             temperature: 0.5,
             top_k: 50,
             top_p: 0.95,
+            repetition_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
             seed: 1234,
             chunk_size: 64,
             limit: 0,

@@ -83,6 +83,26 @@ impl Settings {
         check(g.top_p > 0.0 && g.top_p <= 1.0, "generate.top_p", || {
             format!("is {}; must be in (0, 1]", g.top_p)
         })?;
+        // transformers refuses a penalty that is not strictly positive.
+        check(
+            g.repetition_penalty.is_finite() && g.repetition_penalty > 0.0,
+            "generate.repetition_penalty",
+            || {
+                format!(
+                    "is {}; must be finite and > 0 (1 = off)",
+                    g.repetition_penalty
+                )
+            },
+        )?;
+        // OpenAI's range for both.
+        for (key, v) in [
+            ("generate.frequency_penalty", g.frequency_penalty),
+            ("generate.presence_penalty", g.presence_penalty),
+        ] {
+            check((-2.0..=2.0).contains(&v), key, || {
+                format!("is {v}; must be in [-2, 2] (0 = off)")
+            })?;
+        }
         let o = &g.openai;
         if g.backend == Backend::Openai {
             check(!o.endpoints.is_empty(), "generate.openai.endpoints", || {

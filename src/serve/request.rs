@@ -8,7 +8,7 @@
 
 use super::response::{Api, ApiError};
 use super::App;
-use crate::model::generate::{Sampling, GREEDY_BELOW};
+use crate::model::generate::{Penalties, Sampling, GREEDY_BELOW};
 use crate::model::load::chat::Message;
 use crate::protocol::{self, Content, Prompt, Request, Stop};
 use axum::http::StatusCode;
@@ -33,9 +33,6 @@ const NEUTRAL_ONLY: &[(&str, &str)] = &[
     ("logprobs", "false, 0 or null"),
     ("top_logprobs", "0 or null"),
     ("logit_bias", "{} or null"),
-    ("presence_penalty", "0 or null"),
-    ("frequency_penalty", "0 or null"),
-    ("repetition_penalty", "1 or null"),
     ("tools", "[] or null"),
     ("functions", "[] or null"),
     ("tool_choice", "\"none\", \"auto\" or null"),
@@ -54,8 +51,8 @@ fn is_neutral(name: &str, v: &Value) -> bool {
     v.is_null()
         || match name {
             "logprobs" => v == &Value::Bool(false) || num(0.0),
-            "top_logprobs" | "presence_penalty" | "frequency_penalty" => num(0.0),
-            "repetition_penalty" | "best_of" => num(1.0),
+            "top_logprobs" => num(0.0),
+            "best_of" => num(1.0),
             "logit_bias" | "metadata" => v.as_object().is_some_and(|o| o.is_empty()),
             "tools" | "functions" => v.as_array().is_some_and(|a| a.is_empty()),
             "tool_choice" | "function_call" => matches!(v.as_str(), Some("none" | "auto")),
@@ -86,7 +83,7 @@ fn refuse_unserved(r: &Request, unknown: &[String]) -> Result<(), ApiError> {
     if let Some(name) = unknown.first() {
         return Err(ApiError::bad(
             name.as_str(),
-            format!("unknown parameter `{name}`; this server takes OpenAI's parameters (and top_k, ignore_eos)"),
+            format!("unknown parameter `{name}`; this server takes OpenAI's parameters (and top_k, ignore_eos, repetition_penalty)"),
         ));
     }
     Ok(())
@@ -155,6 +152,7 @@ pub(super) fn validate(app: &App, body: &[u8], api: Api) -> Result<Ask, ApiError
             max_new_tokens: p.max_tokens.unwrap_or(app.max_tokens).min(room),
             seed: 0,
             ignore_eos: p.ignore_eos,
+            penalties: p.penalties,
         },
         seed: r.seed,
         stop: p.stop,
@@ -204,6 +202,7 @@ struct Checked {
     stop: Vec<String>,
     ignore_eos: bool,
     include_usage: bool,
+    penalties: Penalties,
 }
 
 impl Checked {
@@ -221,6 +220,22 @@ impl Checked {
             temperature = 0.0;
         }
         let top_p = range("top_p", p.top_p, 0.0, 1.0, 1.0)?;
+        let penalties = Penalties {
+            // OpenAI's range.
+            frequency: range("frequency_penalty", p.frequency_penalty, -2.0, 2.0, 0.0)?,
+            presence: range("presence_penalty", p.presence_penalty, -2.0, 2.0, 0.0)?,
+            repetition: match p.repetition_penalty {
+                None => 1.0,
+                // transformers refuses a penalty that is not above 0.
+                Some(f) if f > 0.0 && f.is_finite() => f,
+                Some(_) => {
+                    return Err(ApiError::bad(
+                        "repetition_penalty",
+                        "`repetition_penalty` must be a number above 0 (1 = off)",
+                    ))
+                }
+            },
+        };
         if top_p <= 0.0 {
             return Err(ApiError::bad("top_p", "`top_p` must be above 0"));
         }
@@ -269,6 +284,7 @@ impl Checked {
             // An extension vLLM and llama.cpp share: decode to max_tokens whatever the model says.
             ignore_eos: p.ignore_eos.unwrap_or(false),
             include_usage,
+            penalties,
         })
     }
 }
@@ -347,7 +363,7 @@ mod tests {
             |v: serde_json::Value| protocol::parse_request(v.to_string().as_bytes()).unwrap();
         let (ok, unknown) = parse(
             serde_json::json!({"model": "m", "logprobs": false, "tools": [],
-            "logit_bias": {}, "presence_penalty": 0, "response_format": {"type": "text"},
+            "logit_bias": {}, "response_format": {"type": "text"},
             "tool_choice": "none", "user": "u"}),
         );
         assert!(refuse_unserved(&ok, &unknown).is_ok());
@@ -360,8 +376,6 @@ mod tests {
                 "response_format",
                 serde_json::json!({"type": "json_object"}),
             ),
-            ("presence_penalty", serde_json::json!(0.5)),
-            ("frequency_penalty", serde_json::json!(-1)),
             ("echo", serde_json::json!(true)),
             ("best_of", serde_json::json!(2)),
             ("made_up", serde_json::json!(1)),

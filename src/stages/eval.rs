@@ -160,6 +160,7 @@ pub(crate) fn material(
     if t.rpo_alpha > 0.0 {
         settings["loss"]["rpo_alpha"] = serde_json::json!(t.rpo_alpha);
     }
+    super::generate::add_penalties(&mut settings["sampling"], g);
     let mut model = ctx.recipe.model(&ctx.recipe.train)?.identity.clone();
     match s.eval.judge {
         JudgeKind::Llm => {

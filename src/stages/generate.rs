@@ -60,6 +60,7 @@ pub(crate) fn material(ctx: &Ctx, prompts_key: &str) -> Result<KeyMaterial> {
         "attention": g.attention,
         "prefix_sharing": g.prefix_sharing,
     });
+    add_penalties(&mut settings, g);
     if plan.load.weights.batch_dependent() {
         // candle's quantized matmul rounds differently for one row than for several, so with
         // quantized weights the text depends on how rows are batched.
@@ -76,6 +77,22 @@ pub(crate) fn material(ctx: &Ctx, prompts_key: &str) -> Result<KeyMaterial> {
         model: Some(src.identity.clone()),
         inputs: BTreeMap::from([("prompts".to_string(), prompts_key.to_string())]),
     })
+}
+
+/// The penalties that are on, into a key's settings. One left at its off value adds nothing, so
+/// every key from before penalties existed is unchanged.
+pub(super) fn add_penalties(settings: &mut serde_json::Value, g: &GenerateSettings) {
+    let p = g.penalties();
+    let off = crate::model::generate::Penalties::OFF;
+    for (name, v, o) in [
+        ("repetition_penalty", p.repetition, off.repetition),
+        ("frequency_penalty", p.frequency, off.frequency),
+        ("presence_penalty", p.presence, off.presence),
+    ] {
+        if v != o {
+            settings[name] = serde_json::json!(v);
+        }
+    }
 }
 
 /// The key of a generation on servers: the backend, the API, the served model's name and the
@@ -96,6 +113,7 @@ fn remote_material(g: &GenerateSettings, prompts_key: &str) -> KeyMaterial {
     if o.send_top_k {
         settings["top_k"] = serde_json::json!(g.top_k);
     }
+    add_penalties(&mut settings, g);
     KeyMaterial {
         stage: "generate".into(),
         version: VERSION,

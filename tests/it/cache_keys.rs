@@ -145,3 +145,42 @@ fn reference_log_probs_are_keyed_on_device_and_dtype() {
     assert_eq!(s["device"], "cpu", "{m}");
     assert_eq!(s["dtype"], "f32", "{m}");
 }
+
+/// A penalty that is on is in the generate and eval keys (local and openai backends); one set
+/// to its off value changes no key, so every key from before penalties existed still holds.
+#[test]
+fn penalties_are_in_the_keys_only_when_on() {
+    let d = tempdir();
+    let openai = [
+        "generate.backend=openai",
+        "generate.openai.endpoints=[\"http://127.0.0.1:9/v1\"]",
+        "generate.openai.model=smollm2",
+    ];
+    for backend in [&[][..], &openai[..]] {
+        let keys = |extra: &[&str]| status_keys(d.path(), &[backend, extra].concat());
+        let base = keys(&[]);
+        assert!(
+            base["generate"].is_string() && base["eval"].is_string(),
+            "{base}"
+        );
+        let off = keys(&[
+            "generate.repetition_penalty=1.0",
+            "generate.frequency_penalty=0",
+            "generate.presence_penalty=0.0",
+        ]);
+        assert_eq!(off, base, "penalties at their off values: {backend:?}");
+        let mut seen = vec![base["generate"].clone()];
+        for on in [
+            "generate.repetition_penalty=1.2",
+            "generate.frequency_penalty=0.5",
+            "generate.presence_penalty=-0.5",
+        ] {
+            let k = keys(&[on]);
+            assert!(!seen.contains(&k["generate"]), "{on} {backend:?}: {k}");
+            assert_ne!(k["eval"], base["eval"], "{on} {backend:?}");
+            // What comes before generation does not move.
+            assert_eq!(k["prompts"], base["prompts"]);
+            seen.push(k["generate"].clone());
+        }
+    }
+}

@@ -325,3 +325,48 @@ fn presets_apply_over_the_file_and_under_set() {
         .to_string();
     assert!(e.contains("--preset fast") && e.contains("quick"), "{e}");
 }
+
+#[test]
+fn penalties_out_of_range_name_the_key_and_the_range() {
+    let d = tempdir();
+    for (line, key, range) in [
+        (
+            "repetition_penalty = 0",
+            "generate.repetition_penalty",
+            "> 0",
+        ),
+        (
+            "repetition_penalty = -1.2",
+            "generate.repetition_penalty",
+            "> 0",
+        ),
+        (
+            "repetition_penalty = nan",
+            "generate.repetition_penalty",
+            "> 0",
+        ),
+        (
+            "frequency_penalty = 2.5",
+            "generate.frequency_penalty",
+            "[-2, 2]",
+        ),
+        (
+            "presence_penalty = -3",
+            "generate.presence_penalty",
+            "[-2, 2]",
+        ),
+    ] {
+        let p = write(d.path(), &format!("[generate]\n{line}\n"));
+        let e = load(&p, &[], true).unwrap_err().to_string();
+        assert!(
+            e.contains("pipeline.toml:2") && e.contains(key) && e.contains(range),
+            "{line}: {e}"
+        );
+    }
+    let p = write(
+        d.path(),
+        "[generate]\nrepetition_penalty = 1.3\nfrequency_penalty = -2\npresence_penalty = 2\n",
+    );
+    let s = load(&p, &[], true).unwrap().settings;
+    assert_ne!(s, Settings::default());
+}

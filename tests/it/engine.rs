@@ -564,7 +564,7 @@ fn unsupported_architectures_are_named() {
 
 #[test]
 fn sampling_respects_top_k_and_is_seeded_per_prompt() {
-    use reviewer2::model::generate::{row_rng, sample};
+    use reviewer2::model::generate::{row_rng, sample, Penalties};
     let logits: Vec<f32> = (0..100).map(|i| i as f32 / 10.0).collect();
     let s = Sampling {
         temperature: 1.0,
@@ -573,6 +573,7 @@ fn sampling_respects_top_k_and_is_seeded_per_prompt() {
         max_new_tokens: 1,
         seed: 0,
         ignore_eos: false,
+        penalties: Penalties::OFF,
     };
     let mut rng = row_rng(5, 9);
     for _ in 0..200 {
@@ -585,6 +586,7 @@ fn sampling_respects_top_k_and_is_seeded_per_prompt() {
         max_new_tokens: 1,
         seed: 0,
         ignore_eos: false,
+        penalties: Penalties::OFF,
     };
     let draws: Vec<u32> = (0..20)
         .map(|_| sample(&logits, &s, &mut row_rng(1, 2)))

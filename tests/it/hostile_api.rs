@@ -423,7 +423,10 @@ fn the_server_refuses_foreign_hosts_cross_site_posts_and_unserved_parameters() {
             json!({"response_format": {"type": "json_object"}}),
             "response_format",
         ),
-        (json!({"presence_penalty": 0.5}), "presence_penalty"),
+        // Served now, within OpenAI's range only.
+        (json!({"presence_penalty": 2.5}), "presence_penalty"),
+        (json!({"frequency_penalty": "high"}), "frequency_penalty"),
+        (json!({"repetition_penalty": 0}), "repetition_penalty"),
         (json!({"temperature": "hot"}), "temperature"),
         (json!({"made_up_parameter": 1}), "made_up_parameter"),
         (
@@ -443,7 +446,7 @@ fn the_server_refuses_foreign_hosts_cross_site_posts_and_unserved_parameters() {
         assert_eq!(c, 400, "{extra}: {e}");
         assert_eq!(e["error"]["param"], param, "{extra}: {e}");
     }
-    // Neutral values of what is not served pass.
+    // Neutral values of what is not served pass (and a penalty at its off value).
     let (c, e) = ask(
         json!({"logprobs": false, "tools": [], "logit_bias": {}, "presence_penalty": 0, "user": "u1"}),
     );
@@ -623,12 +626,14 @@ fn fuzzed_requests_get_answers_or_named_refusals() {
             "/v1/chat/completions",
             json!({"model": "base", "max_tokens": 1, "temperature": 0.5, "top_p": 0.9, "stop": ["\n"],
                    "stream": false, "seed": 3, "n": 1, "stream_options": {"include_usage": true},
+                   "presence_penalty": 0.5, "frequency_penalty": 0.2,
                    "messages": [{"role": "system", "content": "Be brief."},
                                 {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]}),
         ),
         (
             "/v1/completions",
-            json!({"model": "base", "prompt": "The paper", "max_tokens": 1, "top_k": 5, "ignore_eos": true}),
+            json!({"model": "base", "prompt": "The paper", "max_tokens": 1, "top_k": 5, "ignore_eos": true,
+                   "repetition_penalty": 1.1}),
         ),
     ];
     let values = [

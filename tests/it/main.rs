@@ -17,6 +17,7 @@ mod hub_faults;
 mod judge;
 mod model_files;
 mod openai_backend;
+mod penalties;
 mod pipeline;
 mod prompts;
 mod reliability;

@@ -93,6 +93,8 @@ struct Proxy {
     /// The fault applied to each completion request, in arrival order.
     log: Arc<Mutex<Vec<Fault>>>,
     posts: Arc<AtomicUsize>,
+    /// Each completion request's body, in arrival order.
+    bodies: Arc<Mutex<Vec<Value>>>,
 }
 
 impl Proxy {
@@ -108,12 +110,22 @@ fn proxy(
 ) -> Proxy {
     let log: Arc<Mutex<Vec<Fault>>> = Default::default();
     let posts = Arc::new(AtomicUsize::new(0));
-    let (log2, posts2) = (log.clone(), posts.clone());
+    let bodies: Arc<Mutex<Vec<Value>>> = Default::default();
+    let (log2, posts2, bodies2) = (log.clone(), posts.clone(), bodies.clone());
     let key = key.map(|k| format!("bearer {}", k.to_lowercase()));
     let server = FakeServer::start(move |req, _| {
+        if req.method == "POST" {
+            let b = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+            bodies2.lock().unwrap().push(b);
+        }
         handle(req, upstream, key.as_deref(), &plan, &log2, &posts2)
     });
-    Proxy { server, log, posts }
+    Proxy {
+        server,
+        log,
+        posts,
+        bodies,
+    }
 }
 
 fn handle(
@@ -610,4 +622,81 @@ fn the_eval_stage_reviews_on_the_servers_as_the_two_served_models() {
     );
     let err = stderr_of(&o);
     assert!(!o.status.success() && err.contains("\"lora-x\""), "{err}");
+}
+
+/// The penalties reach llama.cpp's server, an independent implementation of OpenAI's frequency
+/// and presence penalties: off, the bodies carry no penalty at all (a server that knows none
+/// gets what it always got); on, each body carries them as set (and no `repetition_penalty`,
+/// left at 1), llama.cpp answers them, and its greedy reviews change.
+#[test]
+fn penalties_are_sent_only_when_on_and_llama_cpp_acts_on_them() {
+    let server = LlamaServer::start(2);
+    let p = proxy(server.port, None, |_| Fault::Pass);
+    let t = tempdir();
+    recipe(t.path(), &[p.url()], "concurrency = 2");
+    let greedy = [
+        "--set",
+        "generate.limit=8",
+        "--set",
+        "generate.temperature=0",
+    ];
+    let texts = |dir: &Path| -> Vec<(u64, String)> {
+        let mut v: Vec<(u64, String)> =
+            read_jsonl(&latest_build(&dir.join("data"), "generate").join("generations.jsonl"))
+                .iter()
+                .map(|r| {
+                    (
+                        r["id"].as_u64().unwrap(),
+                        r["text"].as_str().unwrap().into(),
+                    )
+                })
+                .collect();
+        v.sort();
+        v
+    };
+    pipeline_ok(t.path(), &[OPENAI, &greedy].concat());
+    let off = texts(t.path());
+    let sent: Vec<Value> = std::mem::take(&mut *p.bodies.lock().unwrap());
+    assert_eq!(sent.len(), 8);
+    for b in &sent {
+        let keys: Vec<&String> = b.as_object().unwrap().keys().collect();
+        assert!(
+            keys.iter().all(|k| !k.contains("penalty")),
+            "penalties off, yet sent: {b}"
+        );
+    }
+
+    let on = [
+        "--set",
+        "generate.frequency_penalty=1.5",
+        "--set",
+        "generate.presence_penalty=1",
+    ];
+    let out = pipeline_ok(t.path(), &[OPENAI, &greedy, &on].concat());
+    assert!(out.contains("Building generate"), "a new key: {out}");
+    let sent: Vec<Value> = std::mem::take(&mut *p.bodies.lock().unwrap());
+    assert_eq!(sent.len(), 8);
+    for b in &sent {
+        assert_eq!(b["frequency_penalty"], 1.5, "{b}");
+        assert_eq!(b["presence_penalty"], 1.0, "{b}");
+        assert!(b.get("repetition_penalty").is_none(), "{b}");
+    }
+    let pen = texts(t.path());
+    assert_eq!(pen.len(), 8);
+    let changed = off.iter().zip(&pen).filter(|(a, b)| a != b).count();
+    assert!(
+        changed > 0,
+        "llama.cpp wrote the same greedy reviews with the penalties:\n{off:?}"
+    );
+
+    // The transformers-style one goes under vLLM's and TGI's name (llama.cpp's server reads
+    // `repeat_penalty` and leaves this one be: the run still completes there).
+    let rep = ["--set", "generate.repetition_penalty=1.2"];
+    pipeline_ok(t.path(), &[OPENAI, &greedy, &rep].concat());
+    let sent: Vec<Value> = std::mem::take(&mut *p.bodies.lock().unwrap());
+    assert_eq!(sent.len(), 8);
+    for b in &sent {
+        assert_eq!(b["repetition_penalty"], 1.2, "{b}");
+        assert!(b.get("frequency_penalty").is_none(), "{b}");
+    }
 }

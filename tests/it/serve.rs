@@ -234,3 +234,104 @@ fn the_key_a_full_queue_and_a_client_that_leaves() {
     assert_eq!(e["error"]["param"], "body");
     assert!(!s.stderr.lock().unwrap().contains(key));
 }
+
+/// The penalties are served (200), per request: greedy on a prompt that makes the model loop,
+/// `presence_penalty: 0.5` changes the text and 0 does not; requests with and without them
+/// decoded in one batch each get their solo text (f32 weights, whose rows do not depend on
+/// the batch), so each row is penalized by its own history. Out of range is 400 naming the
+/// parameter, in OpenAI's error shape.
+#[test]
+fn penalties_are_served_per_request_and_out_of_range_ones_refused_by_name() {
+    let t = tempdir();
+    small_recipe(t.path(), 6, 4, 2, 8, "");
+    let s = Server::start(
+        t.path(),
+        &[
+            "--no-adapter",
+            "--batch-size",
+            "4",
+            "--set",
+            "generate.weights=f32",
+        ],
+        &[],
+    );
+    let http = reqwest::blocking::Client::new();
+    let ask = |extra: Value| {
+        let mut b = serde_json::json!({
+            "model": "base", "prompt": "I like apples. I like apples. I like",
+            "max_tokens": 32, "temperature": 0,
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        let r = http
+            .post(format!("{}/v1/completions", s.url))
+            .json(&b)
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().unwrap())
+    };
+    let text = |extra: Value| {
+        let (c, v) = ask(extra.clone());
+        assert_eq!(c, 200, "{extra}: {v}");
+        v["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    let plain = text(serde_json::json!({}));
+    let pres = text(serde_json::json!({"presence_penalty": 0.5}));
+    assert_ne!(
+        plain, pres,
+        "presence_penalty 0.5 changed nothing: {plain:?}"
+    );
+    assert_eq!(text(serde_json::json!({"presence_penalty": 0})), plain);
+    assert_eq!(text(serde_json::json!({"frequency_penalty": null})), plain);
+    let rep = text(serde_json::json!({"repetition_penalty": 1.3}));
+    assert_ne!(rep, plain);
+
+    // Together in one batch: each as alone.
+    let extras = [
+        serde_json::json!({}),
+        serde_json::json!({"presence_penalty": 0.5}),
+        serde_json::json!({"repetition_penalty": 1.3}),
+        serde_json::json!({}),
+    ];
+    let together: Vec<String> = std::thread::scope(|sc| {
+        let hs: Vec<_> = extras
+            .iter()
+            .map(|e| sc.spawn(|| text(e.clone())))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(together, vec![plain.clone(), pres, rep, plain]);
+
+    for (extra, param) in [
+        (
+            serde_json::json!({"frequency_penalty": 3}),
+            "frequency_penalty",
+        ),
+        (
+            serde_json::json!({"presence_penalty": -2.5}),
+            "presence_penalty",
+        ),
+        (
+            serde_json::json!({"repetition_penalty": 0}),
+            "repetition_penalty",
+        ),
+        (
+            serde_json::json!({"repetition_penalty": -1.1}),
+            "repetition_penalty",
+        ),
+        (
+            serde_json::json!({"frequency_penalty": "x"}),
+            "frequency_penalty",
+        ),
+    ] {
+        let (c, e) = ask(extra.clone());
+        assert_eq!(c, 400, "{extra}: {e}");
+        assert_eq!(e["error"]["param"], param, "{extra}: {e}");
+        assert_eq!(e["error"]["type"], "invalid_request_error", "{e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains(param),
+            "{e}"
+        );
+    }
+}

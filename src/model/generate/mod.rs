@@ -19,6 +19,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::time::Instant;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -33,6 +34,93 @@ pub struct Sampling {
     /// Keep going past the stop tokens (benchmarks; `pipeline serve`'s `ignore_eos`).
     #[serde(default)]
     pub ignore_eos: bool,
+    /// Left out when off, so a serialized `Sampling` reads as it did before penalties existed.
+    #[serde(default, skip_serializing_if = "Penalties::is_off")]
+    pub penalties: Penalties,
+}
+
+/// Penalties on tokens already seen, applied to the raw logits before temperature, top-k and
+/// top-p (transformers runs its repetition penalty before its warpers; llama.cpp's sampler chain
+/// starts with its penalties). At their off values nothing is computed and no history is kept.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct Penalties {
+    /// transformers' `repetition_penalty`: each distinct id of the prompt and the generated
+    /// tokens has its logit divided by this when positive, multiplied when negative. 1 = off.
+    pub repetition: f64,
+    /// OpenAI's `frequency_penalty`: minus this times the id's count among generated tokens.
+    pub frequency: f64,
+    /// OpenAI's `presence_penalty`: minus this once for an id generated at least once.
+    pub presence: f64,
+}
+
+impl Penalties {
+    pub const OFF: Penalties = Penalties {
+        repetition: 1.0,
+        frequency: 0.0,
+        presence: 0.0,
+    };
+
+    pub fn is_off(&self) -> bool {
+        *self == Self::OFF
+    }
+}
+
+impl Default for Penalties {
+    fn default() -> Self {
+        Self::OFF
+    }
+}
+
+/// What one row's penalties read, kept up to date as tokens are accepted rather than recounted
+/// each step: every id seen (prompt and generated), with how many times it was generated
+/// (0 for an id only in the prompt).
+#[derive(Debug, Clone, Default)]
+pub struct History {
+    counts: HashMap<u32, u32>,
+}
+
+impl History {
+    pub fn new(prompt: &[u32]) -> Self {
+        let mut counts = HashMap::with_capacity(prompt.len());
+        for &t in prompt {
+            counts.entry(t).or_insert(0);
+        }
+        Self { counts }
+    }
+
+    /// A generated token.
+    pub fn push(&mut self, t: u32) {
+        *self.counts.entry(t).or_insert(0) += 1;
+    }
+}
+
+/// Apply `p` to `logits` given what the row has seen: the repetition penalty once per distinct
+/// id, then `frequency * count + presence` subtracted for generated ids (vLLM's order). In f32,
+/// as transformers computes on f32 logits.
+pub fn penalize(logits: &mut [f32], p: &Penalties, h: &History) {
+    let rep = p.repetition as f32;
+    let (freq, pres) = (p.frequency as f32, p.presence as f32);
+    let scale = p.repetition != 1.0;
+    for (&t, &c) in &h.counts {
+        // Ids beyond the head (none from a checked tokenizer) have no logit to move.
+        let Some(l) = logits.get_mut(t as usize) else {
+            continue;
+        };
+        if scale {
+            *l = if *l < 0.0 { *l * rep } else { *l / rep };
+        }
+        if c > 0 {
+            *l -= freq * c as f32 + pres;
+        }
+    }
+}
+
+/// Penalize (when the row keeps a history, that is when its penalties are on) then sample.
+fn draw(mut logits: Vec<f32>, s: &Sampling, h: Option<&History>, rng: &mut ChaCha8Rng) -> u32 {
+    if let Some(h) = h {
+        penalize(&mut logits, &s.penalties, h);
+    }
+    sample(&logits, s, rng)
 }
 
 impl Sampling {
@@ -44,6 +132,7 @@ impl Sampling {
             max_new_tokens,
             seed: 0,
             ignore_eos: false,
+            penalties: Penalties::OFF,
         }
     }
 }
@@ -92,7 +181,8 @@ pub fn row_rng(seed: u64, id: usize) -> ChaCha8Rng {
 /// sampling is argmax already.
 pub const GREEDY_BELOW: f64 = 1e-4;
 
-/// Draw the next token: temperature, then top-k, then top-p (the order transformers uses).
+/// Draw the next token: temperature, then top-k, then top-p (the order transformers uses). The
+/// logits are already penalized ([`penalize`]) when the row has penalties.
 pub fn sample(logits: &[f32], s: &Sampling, rng: &mut ChaCha8Rng) -> u32 {
     if s.temperature < GREEDY_BELOW {
         return argmax(logits);
@@ -152,6 +242,8 @@ struct Row {
     s: Sampling,
     rng: ChaCha8Rng,
     out: Vec<u32>,
+    /// Only with penalties on: the default path keeps no map and does no extra work.
+    history: Option<History>,
     /// Sampled, not yet fed to the model.
     pending: u32,
     /// `pending` has been appended to `out` (or ended the row) already.
@@ -248,13 +340,15 @@ impl Decoder {
             });
         }
         for ((r, s, mut rng), lg) in reqs.into_iter().zip(logits) {
-            let next = sample(&lg, &s, &mut rng);
+            let history = (!s.penalties.is_off()).then(|| History::new(&r.ids));
+            let next = draw(lg, &s, history.as_ref(), &mut rng);
             self.rows.push(Row {
                 id: r.id,
                 prompt_tokens: r.ids.len(),
                 s,
                 rng,
                 out: Vec::new(),
+                history,
                 pending: next,
                 consumed: false,
             });
@@ -360,6 +454,9 @@ impl Decoder {
                 continue;
             }
             r.out.push(t);
+            if let Some(h) = r.history.as_mut() {
+                h.push(t);
+            }
             on_token(r.id, t);
             if r.out.len() >= r.s.max_new_tokens {
                 done.push((i, Finish::Length));
@@ -443,7 +540,7 @@ impl Decoder {
         };
         // Each row draws from its own generator, so sampling rows in parallel is deterministic.
         self.rows.par_iter_mut().zip(logits).for_each(|(r, lg)| {
-            r.pending = sample(&lg, &r.s, &mut r.rng);
+            r.pending = draw(lg, &r.s, r.history.as_ref(), &mut r.rng);
             r.consumed = false;
         });
         Ok(())
@@ -594,6 +691,126 @@ mod tests {
     use super::*;
     use crate::model::cpu_forward::tests::{prompt, smollm2};
     use crate::model::options::WeightsMode;
+    use rand::SeedableRng;
+
+    fn history(prompt: &[u32], generated: &[u32]) -> History {
+        let mut h = History::new(prompt);
+        generated.iter().for_each(|&t| h.push(t));
+        h
+    }
+
+    /// OpenAI's (and llama.cpp's) formula written out: logit -= frequency * count + presence *
+    /// (count > 0), counted over the generated tokens only. Id 5 is only in the prompt and id 2
+    /// nowhere: both keep their logits.
+    #[test]
+    fn frequency_and_presence_follow_openais_formula() {
+        let logits = [2.0f32, -1.5, 0.0, 3.25, -0.5, 1.0];
+        let prompt = [5u32, 5, 0];
+        let generated = [1u32, 3, 1, 1, 4, 0];
+        let (freq, pres) = (0.7f32, -0.3f32);
+        let p = Penalties {
+            repetition: 1.0,
+            frequency: freq as f64,
+            presence: pres as f64,
+        };
+        let mut got = logits.to_vec();
+        penalize(&mut got, &p, &history(&prompt, &generated));
+        let want: Vec<f32> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| {
+                let count = generated.iter().filter(|&&t| t as usize == i).count();
+                l - (freq * count as f32 + pres * (count > 0) as u8 as f32)
+            })
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!((got[2], got[5]), (0.0, 1.0));
+    }
+
+    /// Both kinds at once: the repetition penalty first (on the raw logit, prompt ids too),
+    /// then the subtraction, as vLLM orders them. Off, nothing moves.
+    #[test]
+    fn the_repetition_penalty_comes_before_the_subtraction() {
+        let logits = [4.0f32, -2.0, 1.0];
+        let p = Penalties {
+            repetition: 2.0,
+            frequency: 0.5,
+            presence: 1.0,
+        };
+        let mut got = logits.to_vec();
+        // Id 0 generated twice, id 1 only in the prompt, id 2 never seen.
+        penalize(&mut got, &p, &history(&[1], &[0, 0]));
+        assert_eq!(got, vec![4.0 / 2.0 - (0.5 * 2.0 + 1.0), -2.0 * 2.0, 1.0]);
+        let mut off = logits.to_vec();
+        penalize(&mut off, &Penalties::OFF, &history(&[0, 1, 2], &[0, 1, 2]));
+        assert_eq!(off, logits.to_vec());
+    }
+
+    /// Penalties act before the sampler, greedy included: the argmax of the penalized logits is
+    /// picked at temperature 0, and top-k keeps the penalized top token.
+    #[test]
+    fn greedy_and_top_k_see_the_penalized_logits() {
+        let logits = vec![3.0f32, 2.5, -1.0];
+        let p = Penalties {
+            repetition: 1.5,
+            ..Penalties::OFF
+        };
+        let h = history(&[0], &[]);
+        let greedy = Sampling {
+            penalties: p,
+            ..Sampling::greedy(1)
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        assert_eq!(draw(logits.clone(), &greedy, None, &mut rng), 0);
+        assert_eq!(draw(logits.clone(), &greedy, Some(&h), &mut rng), 1);
+        let top1 = Sampling {
+            temperature: 1.0,
+            top_k: 1,
+            ..greedy
+        };
+        for _ in 0..20 {
+            assert_eq!(draw(logits.clone(), &top1, Some(&h), &mut rng), 1);
+        }
+    }
+
+    /// Penalties off keep no history: the default path does no extra work per token.
+    #[test]
+    fn rows_keep_a_history_only_with_penalties_on() {
+        let m = smollm2(WeightsMode::Blocks);
+        let ids = prompt(&m, "Attention Is All You Need");
+        let mut dec = Decoder::default();
+        let on = Sampling {
+            penalties: Penalties {
+                presence: 0.5,
+                ..Penalties::OFF
+            },
+            ..Sampling::greedy(4)
+        };
+        let reqs = [Sampling::greedy(4), on]
+            .into_iter()
+            .enumerate()
+            .map(|(id, s)| {
+                let r = Request {
+                    id,
+                    ids: ids.clone(),
+                };
+                (r, s, row_rng(1, id))
+            })
+            .collect();
+        dec.admit(&m, reqs, Mode::infer()).unwrap();
+        dec.consume(&m, |_, _| {}).unwrap();
+        assert!(dec.rows[0].history.is_none());
+        let h = dec.rows[1].history.as_ref().unwrap();
+        // The prompt's distinct ids at count 0, and the one generated token counted once
+        // (generated counts only: a prompt id is not counted by OpenAI's penalties).
+        let first = dec.rows[1].out[0];
+        assert_eq!(h.counts[&first], 1);
+        let distinct: std::collections::HashSet<u32> = ids.iter().copied().collect();
+        assert_eq!(
+            h.counts.len(),
+            distinct.len() + usize::from(!distinct.contains(&first))
+        );
+    }
 
     /// A prompt admitted after another one it shares a prefix with prefills only the rest, on
     /// top of the first one's keys and values: the same logits and cache as prefilling it
