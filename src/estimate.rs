@@ -63,6 +63,7 @@ pub(crate) fn estimate(
 }
 
 /// [`estimate`] for a CPU with `cores` cores (the rates scale with them).
+// Long because it is one table: a rate and a formula per stage, side by side.
 fn estimate_on(
     s: &Settings,
     todo: &[Stage],

@@ -74,6 +74,8 @@ pub(crate) struct Recipe {
 
 impl Recipe {
     /// Resolve everything that needs no model files: paths, devices, load options, Hub access.
+    // Long because it is the one place each setting becomes a typed value, in the order they
+    // depend on each other (the workdir, then paths, then devices and load options).
     pub(crate) fn resolve(loaded: Loaded, workdir: &Path, network: Network) -> Result<Self> {
         let s = &loaded.settings;
         let page = match s.scrape.snapshot.as_str() {

@@ -96,6 +96,8 @@ fn measure(
     Ok((pre, dec, wall))
 }
 
+/// `pipeline bench generate`: the prompts, each batch size in turn, and the table.
+// Long because it is the benchmark's script: setup, the timed rounds, the table and its file.
 pub(super) fn run(recipe: &Recipe, ctx: &mut Ctx, a: GenerateArgs) -> Result<()> {
     let GenerateArgs {
         prompts,

@@ -27,6 +27,8 @@ pub(super) struct TrainArgs {
     pub(super) json: bool,
 }
 
+/// `pipeline bench train`: the data, the timed steps, their memory, and the table.
+// Long because it is the benchmark's script: setup, the timed steps, the table and its file.
 pub(super) fn run(
     recipe: &Recipe,
     ctx: &mut Ctx,

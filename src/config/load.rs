@@ -209,6 +209,7 @@ fn merge(base: &mut toml::Table, top: toml::Table) {
 }
 
 /// Load the recipe: defaults, then the file, then the preset, then each `--set`.
+// Long because the layers apply in one order, each with its own error naming the source.
 pub fn load(src: &Sources) -> Result<Loaded> {
     let file = &src.file;
     let text = match std::fs::read_to_string(file) {

@@ -60,6 +60,7 @@ impl Settings {
     }
 
     /// `[generate]` and `[generate.openai]`.
+    // Long because one check per setting, in the recipe's order, each naming its key.
     fn validate_generate(&self) -> Result<(), Invalid> {
         let s = self;
         let g = &s.generate;

@@ -34,6 +34,7 @@ pub fn sequence_logps(
 }
 
 /// As [`sequence_logps`]; `share_prompts = false` gives every sequence a row of its own.
+// Long because the packing, the mask and the gather of response positions share one layout.
 pub fn sequence_logps_with(
     model: &Llama,
     seqs: &[(&[u32], &[u32])],

@@ -146,6 +146,25 @@ impl Acc {
     }
 }
 
+/// TRL's `nll_loss` for `rpo_alpha`: the cross-entropy over every chosen token of the batch, so a
+/// long response weighs more than a short one. `pc` holds each chosen response's summed log-prob,
+/// or its per-token mean when the loss averages (then each is scaled back by its `counts`).
+fn chosen_nll(pc: &Tensor, counts: &[usize], average: bool) -> Result<Tensor> {
+    let total = counts.iter().sum::<usize>().max(1) as f64;
+    let sums = if average {
+        let n = Tensor::from_vec(
+            counts.iter().map(|&c| c as f32).collect::<Vec<_>>(),
+            counts.len(),
+            pc.device(),
+        )?
+        .to_dtype(pc.dtype())?;
+        (pc * n)?
+    } else {
+        pc.clone()
+    };
+    Ok((sums.sum_all()?.neg()? / total)?)
+}
+
 /// Trains the adapter attached to `model` ([`attach_lora`]).
 pub struct Trainer<'a> {
     pub model: &'a Model,
@@ -211,6 +230,10 @@ impl Trainer<'_> {
         (out, (first + bs) as f64 / n as f64)
     }
 
+    /// The loss of one micro-batch and its metrics into `acc`; the checkpoint that carries the
+    /// gradient through the layers when the pass checkpoints.
+    // Long because the two kinds of data (KTO's unpaired rows, the pairs) build their inputs
+    // and metrics differently around the same forward.
     fn batch_loss(
         &self,
         exs: &[&Example],
@@ -289,23 +312,7 @@ impl Trainer<'_> {
                 acc.acc.push(if c > r { 1.0 } else { 0.0 });
             }
             if s.rpo_alpha > 0.0 {
-                // TRL's nll_loss: cross-entropy over every chosen token of the batch, so a long
-                // response weighs more than a short one. Summed log-probs are what `pc` holds
-                // unless the loss averages them per token; then each is scaled back.
-                let counts = &pol.tokens[..b];
-                let total = counts.iter().sum::<usize>().max(1) as f64;
-                let sums = if average {
-                    let n = Tensor::from_vec(
-                        counts.iter().map(|&c| c as f32).collect::<Vec<_>>(),
-                        b,
-                        dev,
-                    )?
-                    .to_dtype(dt)?;
-                    (&pc * n)?
-                } else {
-                    pc.clone()
-                };
-                let nll = (sums.sum_all()?.neg()? / total)?;
+                let nll = chosen_nll(&pc, &pol.tokens[..b], average)?;
                 let v = nll.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 *acc.nll.get_or_insert(0.0) += b as f64 * v;
                 l.loss = (l.loss + (nll * s.rpo_alpha)?)?;
@@ -358,6 +365,7 @@ impl Trainer<'_> {
     }
 
     /// One optimizer step: accumulate gradients over micro-batches, clip, update.
+    // Long because accumulation, clipping and the update share the gradients of one step.
     fn step(&self, opt: &mut AdamW, vars: &[Var], step: usize, acc: &mut Acc) -> Result<f64> {
         let accum = self.s.gradient_accumulation_steps;
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
@@ -606,6 +614,7 @@ impl Trainer<'_> {
 
     /// Train to the end, resuming from the newest checkpoint if there is one.
     /// `stop_after` ends early after that many steps of this call (tests use it to simulate a kill).
+    // Long because it is the training loop: resume, step, log, evaluate, checkpoint, in order.
     pub fn run(&self, stop_after: Option<usize>) -> Result<Outcome> {
         if self.train.is_empty() {
             bail!("no training examples");

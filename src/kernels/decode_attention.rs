@@ -179,6 +179,7 @@ mod x86 {
     /// The CPU has AVX2, FMA and F16C (`available()` checks them), and `hd % 8 == 0`. (That
     /// `kc` and `vc` hold `cols.end * hd` values and `out` as many as `q` is asserted: a
     /// violation panics.)
+    // Long because one kernel: scores, softmax and P @ V share the row's registers and scratch.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn attend<E: super::KvElem>(
         q: &[f32],

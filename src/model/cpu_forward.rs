@@ -552,6 +552,7 @@ pub(crate) mod tests {
 
     /// Prefill of three left-padded prompts both ways: every valid position's logits and the
     /// cached keys and values agree. Returns this module's logits.
+    // Long because it compares every position of three prompts, logits, keys and values.
     fn prefill_agrees(m: &Model, label: &str) -> Vec<f32> {
         let titles = [
             "Attention Is All You Need",

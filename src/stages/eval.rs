@@ -481,8 +481,8 @@ fn charts(r: &Report, (sb, sa): (&[f64], &[f64]), judge: &str, out: &Path) {
 
 /// Score both models' reviews by every judge, measure their coherence, and write
 /// `samples.jsonl`, `report.json`, `eval.md` and the charts. `judges[0]` is `eval.judge`.
-/// Returns how many pairs the adapter's review was the harsher of, by `eval.judge`. Its length
-/// is the report's fields, one line each.
+/// Returns how many pairs the adapter's review was the harsher of, by `eval.judge`.
+// Long because the report's fields take a line each.
 fn write_report(
     ctx: &Ctx,
     out: &Path,

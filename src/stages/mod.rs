@@ -234,6 +234,7 @@ impl Plan {
 /// on its settings and its inputs' keys, never on their bytes, so every key is known before
 /// anything is built: `before_build` sees exactly the stages that will be built (the CLI prints
 /// the plan and its time estimate there, and may stop).
+// Long because it is the graph walk: keys, the plan, then each build with its lock and report.
 pub(crate) fn run(
     ctx: &mut Ctx,
     plan: &Plan,

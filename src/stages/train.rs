@@ -145,6 +145,9 @@ fn cached_reference(
     Ok((tr, ev))
 }
 
+/// The stage: the data, the reference log-probs (their own cached stage), the adapter trained
+/// with checkpoints, then its files, charts and summary.
+// Long because these steps share the loaded model and the prepared data.
 pub(crate) fn build(ctx: &Ctx, split_dir: Option<&Path>, key: &str, out: &Path) -> Result<Built> {
     let s = &ctx.settings().train;
     let raw = load_data(ctx, split_dir)?;

@@ -362,3 +362,79 @@ fn the_reader_sees_imports_of_every_form() {
         );
     }
 }
+
+/// Functions of `text` longer than `limit` lines (signature to closing brace, rustfmt's layout)
+/// whose comment block above does not say why ("Long because ..."): `(line, name, length)`.
+fn long_functions_without_a_reason(text: &str, limit: usize) -> Vec<(usize, String, usize)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        let t = l.trim_start();
+        let indent = l.len() - t.len();
+        let sig = t
+            .trim_start_matches("pub ")
+            .trim_start_matches("pub(crate) ")
+            .trim_start_matches("pub(super) ")
+            .trim_start_matches("const ")
+            .trim_start_matches("async ")
+            .trim_start_matches("unsafe ");
+        let Some(rest) = sig.strip_prefix("fn ") else {
+            continue;
+        };
+        // A declaration without a body (a trait's) ends with `;` before any `{`.
+        let Some(end) = (i..lines.len()).find(|&j| {
+            let s = lines[j];
+            s.len() > indent && s.starts_with(&" ".repeat(indent)) && s[indent..].starts_with('}')
+                || (j == i && s.trim_end().ends_with(';'))
+        }) else {
+            continue;
+        };
+        let n = end - i;
+        if n <= limit || lines[end].trim_end().ends_with(';') {
+            continue;
+        }
+        let mut reason = false;
+        let mut k = i;
+        while k > 0 {
+            k -= 1;
+            let a = lines[k].trim_start();
+            if !(a.starts_with("//") || a.starts_with("#[")) {
+                break;
+            }
+            reason |= a.to_lowercase().contains("long because");
+        }
+        if !reason {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            out.push((i + 1, name, n));
+        }
+    }
+    out
+}
+
+/// No function over about 80 lines without the reason in its comment (issue 22).
+#[test]
+fn long_functions_say_why_they_are_long() {
+    let mut files = Vec::new();
+    rust_files(&src(), &mut files);
+    let mut bad = Vec::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        for (line, name, n) in long_functions_without_a_reason(&text, 80) {
+            bad.push(format!("{}:{line} fn {name}: {n} lines", f.display()));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "split these, or say \"Long because ...\" in the comment above each:\n{}",
+        bad.join("\n")
+    );
+    // The reader itself: a long body without a reason is found, one with a reason is not.
+    let body = "    x();\n".repeat(85);
+    let plain = format!("/// Does x.\nfn f() {{\n{body}}}\n");
+    assert_eq!(long_functions_without_a_reason(&plain, 80).len(), 1);
+    let said = format!("/// Does x.\n// Long because x.\nfn f() {{\n{body}}}\n");
+    assert!(long_functions_without_a_reason(&said, 80).is_empty());
+}

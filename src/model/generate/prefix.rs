@@ -144,6 +144,7 @@ fn stack_paths(
 
 /// One batched forward over `rows` (nodes whose ancestors are done): stores each node's keys
 /// and values, and the logits where a prompt ends.
+// Long because one forward: gathering the rows, the masks and the cache writes share indices.
 fn run_nodes(
     model: &Model,
     nodes: &mut [Node],

@@ -259,6 +259,8 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// A Hub repo id: the cache first, then a download unless offline.
+// Long because each file's fallbacks (cache, offline, download, the error naming what to do)
+// read best in one place.
 fn from_hub(
     repo_id: &str,
     revision: &str,
