@@ -276,6 +276,13 @@ impl Trained {
         if !x.iter().all(|v| v.is_finite()) {
             bail!("fitting the trained judge diverged (a weight is not finite)");
         }
+        if grad_max > 1e-4 {
+            // Still a usable judge (its AUROC on the test pairs is reported), but not the
+            // optimum the module promises.
+            tracing::warn!(
+                "the trained judge stopped after {iterations} iterations with a gradient of {grad_max:.1e}, short of {GRAD_TOL:.0e}"
+            );
+        }
         Ok(Self {
             version: VERSION,
             c: C,

@@ -80,9 +80,10 @@ struct JudgeReport {
     auroc: f64,
     harsher_rate: f64,
     harsher_rate_ci: [f64; 2],
-    /// Over the pairs where neither review loops.
-    harsher_rate_fluent: f64,
-    harsher_rate_fluent_ci: [f64; 2],
+    /// Over the pairs where neither review loops; null when every pair has a loop (a rate of
+    /// nothing is not 0).
+    harsher_rate_fluent: Option<f64>,
+    harsher_rate_fluent_ci: Option<[f64; 2]>,
     negativity_base: f64,
     negativity_adapter: f64,
     /// It chose which pairs the training data kept (merge's label check): its verdict on the
@@ -118,8 +119,9 @@ struct Report {
     hit_max_tokens_adapter: f64,
     /// Pairs where neither review loops (repeats a sentence).
     fluent_pairs: usize,
-    harsher_rate_fluent: f64,
-    harsher_rate_fluent_ci: [f64; 2],
+    /// Null when there is no such pair.
+    harsher_rate_fluent: Option<f64>,
+    harsher_rate_fluent_ci: Option<[f64; 2]>,
     judges: BTreeMap<String, JudgeReport>,
     /// The judges that did not label the training data.
     independent_judges: Vec<String>,
@@ -403,8 +405,10 @@ fn judge_all(
                 auroc: j.auroc,
                 harsher_rate: harsher as f64 / n as f64,
                 harsher_rate_ci: wilson95(harsher, n),
-                harsher_rate_fluent: harsher_fluent as f64 / fluent_pairs.max(1) as f64,
-                harsher_rate_fluent_ci: wilson95(harsher_fluent, fluent_pairs),
+                harsher_rate_fluent: (fluent_pairs > 0)
+                    .then(|| harsher_fluent as f64 / fluent_pairs as f64),
+                harsher_rate_fluent_ci: (fluent_pairs > 0)
+                    .then(|| wilson95(harsher_fluent, fluent_pairs)),
                 negativity_base: mean(&sb),
                 negativity_adapter: mean(&sa),
                 labeled_training_data: j.labeled,
@@ -556,12 +560,12 @@ fn write_report(
     ctx.say(
         "Evaluated",
         format!(
-            "harsher in {:.0}% of {n} (95% CI {:.0}-{:.0}%; {}), {:.0}% of the {fluent_pairs} pairs where neither loops; negativity {:.3} -> {:.3}, judge AUROC {:.3}; loops {:.0}% -> {:.0}%",
+            "harsher in {:.0}% of {n} (95% CI {:.0}-{:.0}%; {}), {} of the {fluent_pairs} pairs where neither loops; negativity {:.3} -> {:.3}, judge AUROC {:.3}; loops {:.0}% -> {:.0}%",
             100.0 * report.harsher_rate,
             100.0 * report.harsher_rate_ci[0],
             100.0 * report.harsher_rate_ci[1],
             others.join(", "),
-            100.0 * report.harsher_rate_fluent,
+            pct(report.harsher_rate_fluent),
             report.negativity_base,
             report.negativity_adapter,
             report.judge_auroc,
@@ -731,6 +735,11 @@ pub(crate) fn build(ctx: &Ctx, inp: &Inputs, out: &Path) -> Result<Built> {
         .with("harsher", harsher))
 }
 
+/// A rate as a percentage, or "n/a" where there was nothing to count.
+fn pct(x: Option<f64>) -> String {
+    x.map_or("n/a".into(), |v| format!("{:.1}%", 100.0 * v))
+}
+
 fn markdown(r: &Report, rows: &[SampleRow]) -> String {
     let mut s = String::new();
     s.push_str("# Is Reviewer #2 harsher than the base model?\n\n");
@@ -757,13 +766,16 @@ fn markdown(r: &Report, rows: &[SampleRow]) -> String {
         100.0 * r.harsher_rate_ci[0],
         100.0 * r.harsher_rate_ci[1]
     ));
-    s.push_str(&format!(
-        "- Over the {} pairs where neither review repeats a sentence: **{:.1}%** ({:.1}% to {:.1}%).\n",
-        r.fluent_pairs,
-        100.0 * r.harsher_rate_fluent,
-        100.0 * r.harsher_rate_fluent_ci[0],
-        100.0 * r.harsher_rate_fluent_ci[1]
-    ));
+    match (r.harsher_rate_fluent, r.harsher_rate_fluent_ci) {
+        (Some(h), Some([lo, hi])) => s.push_str(&format!(
+            "- Over the {} pairs where neither review repeats a sentence: **{:.1}%** ({:.1}% to {:.1}%).\n",
+            r.fluent_pairs,
+            100.0 * h,
+            100.0 * lo,
+            100.0 * hi
+        )),
+        _ => s.push_str("- In every pair one review or both repeat a sentence: no harsher rate without loops.\n"),
+    }
     s.push_str(&format!(
         "- The judge tells chosen from rejected on the test pairs with AUROC **{:.3}** (it was not tuned on them).\n",
         r.judge_auroc
@@ -771,12 +783,12 @@ fn markdown(r: &Report, rows: &[SampleRow]) -> String {
     s.push_str("\n## Every judge\n\n| judge | AUROC on the test pairs | harsher | 95% interval | harsher where neither loops | labelled the training data |\n|---|---|---|---|---|---|\n");
     for (name, j) in &r.judges {
         s.push_str(&format!(
-            "| {name} | {:.3} | {:.1}% | {:.1}% to {:.1}% | {:.1}% | {} |\n",
+            "| {name} | {:.3} | {:.1}% | {:.1}% to {:.1}% | {} | {} |\n",
             j.auroc,
             100.0 * j.harsher_rate,
             100.0 * j.harsher_rate_ci[0],
             100.0 * j.harsher_rate_ci[1],
-            100.0 * j.harsher_rate_fluent,
+            pct(j.harsher_rate_fluent),
             if j.labeled_training_data {
                 "yes: not independent"
             } else {
@@ -800,4 +812,30 @@ fn markdown(r: &Report, rows: &[SampleRow]) -> String {
         ));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_pair_without_a_loop_gives_no_fluent_rate_not_zero() {
+        let j = Judge::Lexicon(Box::default());
+        let judged = [Judged {
+            judge: &j,
+            auroc: 0.5,
+            labeled: false,
+        }];
+        let (v, _) = judge_all(
+            &judged,
+            (&["it is good. it is good."], &["it is bad. it is bad."]),
+            &[false],
+        )
+        .unwrap();
+        assert!(v["lexicon"].harsher_rate_fluent.is_none());
+        assert!(v["lexicon"].harsher_rate_fluent_ci.is_none());
+        assert_eq!(v["lexicon"].harsher_rate, 1.0);
+        let (v, _) = judge_all(&judged, (&["it is good."], &["it is bad."]), &[true]).unwrap();
+        assert_eq!(v["lexicon"].harsher_rate_fluent, Some(1.0));
+    }
 }

@@ -327,11 +327,16 @@ print(json.dumps({
             .count();
         let j = &judges[name];
         close(j["harsher_rate"].as_f64().unwrap(), k as f64 / n, name);
-        close(
-            j["harsher_rate_fluent"].as_f64().unwrap(),
-            kf as f64 / nf.max(1) as f64,
-            name,
-        );
+        if nf == 0 {
+            // A rate over no pairs is not 0: the report says null.
+            assert!(j["harsher_rate_fluent"].is_null(), "{j}");
+        } else {
+            close(
+                j["harsher_rate_fluent"].as_f64().unwrap(),
+                kf as f64 / nf as f64,
+                name,
+            );
+        }
         // Nothing labelled this dataset (merge.judge is off): every judge is independent.
         assert_eq!(j["labeled_training_data"], false);
     }
@@ -339,10 +344,9 @@ print(json.dumps({
         report["independent_judges"],
         serde_json::json!(["lexicon", "trained"])
     );
-    close(
-        r("harsher_rate_fluent"),
-        judges["lexicon"]["harsher_rate_fluent"].as_f64().unwrap(),
-        "fluent",
+    assert_eq!(
+        report["harsher_rate_fluent"],
+        judges["lexicon"]["harsher_rate_fluent"]
     );
     for (j, who) in ["base", "adapter"].iter().enumerate() {
         let share = |k: &str| (0..samples.len()).filter(|&i| flag(k, j, i)).count() as f64 / n;
