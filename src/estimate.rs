@@ -7,7 +7,8 @@
 //! recorded. The point is the order of magnitude: minutes, hours, or days.
 
 use crate::config::Settings;
-use crate::stages::Stage;
+use crate::stages::rounds::Step;
+use crate::stages::{Node, Stage};
 
 /// Effective FLOP/s of batched generation and of a checkpointed LoRA DPO step.
 struct Rates {
@@ -35,7 +36,7 @@ fn rates(cuda: bool, cores: usize) -> Rates {
 
 /// One stage's estimate, in seconds, with what it counted.
 pub(crate) struct StageEstimate {
-    pub(crate) stage: Stage,
+    pub(crate) stage: Node,
     pub(crate) seconds: f64,
     pub(crate) what: String,
 }
@@ -52,7 +53,7 @@ pub(crate) struct Estimate {
 /// counts (None when unknown, e.g. a Hub model not downloaded yet).
 pub(crate) fn estimate(
     s: &Settings,
-    todo: &[Stage],
+    todo: &[Node],
     params: (Option<u64>, Option<u64>),
     cuda: bool,
 ) -> Estimate {
@@ -62,94 +63,32 @@ pub(crate) fn estimate(
     estimate_on(s, todo, params, cuda, cores)
 }
 
+/// A few-shot chat prompt is about 170 tokens, of which the shared prefix is computed once.
+const PROMPT_TOKENS: f64 = 60.0;
+
 /// [`estimate`] for a CPU with `cores` cores (the rates scale with them).
-// Long because it is one table: a rate and a formula per stage, side by side.
 fn estimate_on(
     s: &Settings,
-    todo: &[Stage],
+    todo: &[Node],
     params: (Option<u64>, Option<u64>),
     cuda: bool,
     cores: usize,
 ) -> Estimate {
     let r = rates(cuda, cores);
-    // A few-shot chat prompt is about 170 tokens, of which the shared prefix is computed once.
-    const PROMPT_TOKENS: f64 = 60.0;
-    let mut out = Vec::new();
-    for &st in todo {
-        let (seconds, what) = match st {
-            Stage::Scrape => (2.0, "one page".to_string()),
-            Stage::Prompts | Stage::Merge | Stage::Split => (1.0, String::new()),
-            Stage::Generate => {
-                let n = if s.generate.limit > 0 {
-                    s.generate.limit.min(2 * s.scrape.count)
-                } else {
-                    2 * s.scrape.count
-                } as f64;
-                let tokens = n * (s.generate.max_new_tokens as f64 + PROMPT_TOKENS);
-                if s.generate.backend == crate::config::Backend::Openai {
-                    // The servers' speed is theirs: nothing here measures it.
-                    (
-                        f64::NAN,
-                        format!("{n} reviews on the openai backend's servers"),
-                    )
-                } else {
-                    match params.0 {
-                        Some(p) => (
-                            2.0 * p as f64 * tokens / r.generate,
-                            format!("{n} reviews of up to {} tokens", s.generate.max_new_tokens),
-                        ),
-                        None => (f64::NAN, "model size unknown until it is downloaded".into()),
-                    }
-                }
+    let out: Vec<StageEstimate> = todo
+        .iter()
+        .map(|&node| {
+            let (seconds, what) = match node {
+                Node::Stage(st) => stage(s, st, params, &r),
+                Node::Round(_, step) => round(s, step, params.1, &r),
+            };
+            StageEstimate {
+                stage: node,
+                seconds,
+                what,
             }
-            Stage::Train => {
-                let t = &s.train;
-                let rows = s.split.train.max(1) as f64;
-                let steps = if t.max_steps > 0 {
-                    t.max_steps as f64
-                } else {
-                    (t.epochs as f64 * rows / (t.batch_size * t.gradient_accumulation_steps) as f64)
-                        .ceil()
-                };
-                // A pair: a shared prompt and two responses, cut to max_length.
-                let per_pair = (t.max_prompt_length as f64).min(170.0)
-                    + 2.0 * ((t.max_length - t.max_prompt_length) as f64).min(48.0);
-                let tokens =
-                    steps * (t.batch_size * t.gradient_accumulation_steps) as f64 * per_pair;
-                match params.1 {
-                    Some(p) => (
-                        6.0 * p as f64 * tokens / r.train,
-                        format!(
-                            "{steps} steps of {} pairs",
-                            t.batch_size * t.gradient_accumulation_steps
-                        ),
-                    ),
-                    None => (f64::NAN, "model size unknown until it is downloaded".into()),
-                }
-            }
-            Stage::Eval => {
-                let titles = if s.eval.titles > 0 {
-                    s.eval.titles
-                } else {
-                    s.split.test
-                };
-                let n = (2 * titles * s.eval.samples) as f64;
-                let tokens = n * (s.generate.max_new_tokens as f64 + 3.0 * PROMPT_TOKENS);
-                match params.1 {
-                    Some(p) => (
-                        2.0 * p as f64 * tokens / r.generate,
-                        format!("{n} reviews, base and adapter, judged"),
-                    ),
-                    None => (f64::NAN, "model size unknown until it is downloaded".into()),
-                }
-            }
-        };
-        out.push(StageEstimate {
-            stage: st,
-            seconds,
-            what,
-        });
-    }
+        })
+        .collect();
     let total = out
         .iter()
         .map(|e| e.seconds)
@@ -160,6 +99,129 @@ fn estimate_on(
         total,
         device: if cuda { "GPU" } else { "CPU" },
         measured: r.measured,
+    }
+}
+
+/// Seconds to write `n` reviews with a model of `params` parameters, each prompt `prompt`
+/// tokens of new work.
+fn reviews(
+    s: &Settings,
+    n: f64,
+    prompt: f64,
+    params: Option<u64>,
+    r: &Rates,
+    what: String,
+) -> (f64, String) {
+    let tokens = n * (s.generate.max_new_tokens as f64 + prompt);
+    match params {
+        Some(p) => (2.0 * p as f64 * tokens / r.generate, what),
+        None => (f64::NAN, "model size unknown until it is downloaded".into()),
+    }
+}
+
+/// Seconds of DPO on `rows` pairs for `max_steps` steps (or `epochs` passes when 0).
+fn training(
+    s: &Settings,
+    rows: f64,
+    (max_steps, epochs): (usize, usize),
+    params: Option<u64>,
+    r: &Rates,
+) -> (f64, String) {
+    let t = &s.train;
+    let per_step = (t.batch_size * t.gradient_accumulation_steps) as f64;
+    let steps = if max_steps > 0 {
+        max_steps as f64
+    } else {
+        (epochs as f64 * rows.max(1.0) / per_step).ceil()
+    };
+    // A pair: a shared prompt and two responses, cut to max_length.
+    let per_pair = (t.max_prompt_length as f64).min(170.0)
+        + 2.0 * ((t.max_length - t.max_prompt_length) as f64).min(48.0);
+    let tokens = steps * per_step * per_pair;
+    match params {
+        Some(p) => (
+            6.0 * p as f64 * tokens / r.train,
+            format!("{steps} steps of {per_step} pairs"),
+        ),
+        None => (f64::NAN, "model size unknown until it is downloaded".into()),
+    }
+}
+
+/// The eval: base and adapter each review the held-out titles.
+fn evaluation(s: &Settings, params: Option<u64>, r: &Rates) -> (f64, String) {
+    let titles = if s.eval.titles > 0 {
+        s.eval.titles
+    } else {
+        s.split.test
+    };
+    let n = (2 * titles * s.eval.samples) as f64;
+    reviews(
+        s,
+        n,
+        3.0 * PROMPT_TOKENS,
+        params,
+        r,
+        format!("{n} reviews, base and adapter, judged"),
+    )
+}
+
+fn stage(s: &Settings, st: Stage, params: (Option<u64>, Option<u64>), r: &Rates) -> (f64, String) {
+    match st {
+        Stage::Scrape => (2.0, "one page".to_string()),
+        Stage::Prompts | Stage::Merge | Stage::Split => (1.0, String::new()),
+        Stage::Generate => {
+            let n = if s.generate.limit > 0 {
+                s.generate.limit.min(2 * s.scrape.count)
+            } else {
+                2 * s.scrape.count
+            } as f64;
+            if s.generate.backend == crate::config::Backend::Openai {
+                // The servers' speed is theirs: nothing here measures it.
+                (
+                    f64::NAN,
+                    format!("{n} reviews on the openai backend's servers"),
+                )
+            } else {
+                reviews(
+                    s,
+                    n,
+                    PROMPT_TOKENS,
+                    params.0,
+                    r,
+                    format!("{n} reviews of up to {} tokens", s.generate.max_new_tokens),
+                )
+            }
+        }
+        Stage::Train => training(
+            s,
+            s.split.train as f64,
+            (s.train.max_steps, s.train.epochs),
+            params.1,
+            r,
+        ),
+        Stage::Eval => evaluation(s, params.1, r),
+    }
+}
+
+/// A round's stages: its reviews (from the neutral prompt, with the adapter), its pairs (at most
+/// one a title), its training and its eval.
+fn round(s: &Settings, step: Step, params: Option<u64>, r: &Rates) -> (f64, String) {
+    let rs = &s.rounds;
+    match step {
+        Step::Sample => {
+            let n = (rs.titles * rs.samples) as f64;
+            reviews(
+                s,
+                n,
+                3.0 * PROMPT_TOKENS,
+                params,
+                r,
+                format!("{n} reviews of {} fresh titles", rs.titles),
+            )
+        }
+        Step::Label => (1.0, String::new()),
+        Step::Train => training(s, rs.titles as f64, (0, rs.epochs), params, r),
+        Step::Eval => evaluation(s, params, r),
     }
 }
 
@@ -188,9 +250,10 @@ mod tests {
 
     #[test]
     fn the_default_recipe_on_two_cpu_cores_takes_days_and_the_quick_one_minutes() {
+        let all: Vec<Node> = ALL.into_iter().map(Node::Stage).collect();
         let full = estimate_on(
             &Settings::default(),
-            &ALL,
+            &all,
             (Some(TINYLLAMA), Some(TINYLLAMA)),
             false,
             2,
@@ -201,15 +264,21 @@ mod tests {
         quick.generate.max_new_tokens = 32;
         (quick.split.train, quick.split.test) = (20, 4);
         (quick.train.max_steps, quick.train.batch_size) = (20, 2);
-        let q = estimate_on(&quick, &ALL, (Some(SMOLLM2), Some(SMOLLM2)), false, 2);
+        let q = estimate_on(&quick, &all, (Some(SMOLLM2), Some(SMOLLM2)), false, 2);
         assert!(q.total > 30.0 && q.total < 900.0, "{}", human(q.total));
         // An unknown model size is said, not guessed as zero.
-        let u = estimate_on(&quick, &[Stage::Generate], (None, None), false, 2);
+        let u = estimate_on(
+            &quick,
+            &[Node::Stage(Stage::Generate)],
+            (None, None),
+            false,
+            2,
+        );
         assert!(u.stages[0].seconds.is_nan() && human(u.stages[0].seconds) == "unknown");
         // Fresh stages cost nothing: only what is to be built is counted.
         let split_only = estimate_on(
             &Settings::default(),
-            &[Stage::Split],
+            &[Node::Stage(Stage::Split)],
             (None, None),
             false,
             2,

@@ -1,9 +1,10 @@
-//! `pipeline export`: the split as a Hugging Face dataset folder (Parquet + dataset card).
+//! `pipeline export`: the split, or an on-policy round's pairs (`--round N`), as a Hugging Face
+//! dataset folder (Parquet + dataset card).
 
 use super::{open, Global};
 use crate::error::{bail, Result};
 use crate::recipe::Network;
-use crate::stages::{self, Ctx, Stage};
+use crate::stages::{self, rounds, Ctx, Node, Stage};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -19,16 +20,32 @@ pub(crate) struct ExportArgs {
     /// KTO, two rows per pair)
     #[arg(long, value_enum, default_value = "paired")]
     pub(crate) format: crate::hub::Format,
+    /// Export round N's pairs (`[rounds]`: the bot's own reviews, best = chosen, worst =
+    /// rejected; test = the split's test pairs) instead of the split
+    #[arg(long, value_name = "N")]
+    pub(crate) round: Option<usize>,
 }
 
 pub(crate) fn exec(g: &Global, a: ExportArgs) -> Result<()> {
     let recipe = open(g, Network::Never)?;
     let ctx = Ctx::new(&recipe, &g.workdir, g.quiet);
     let st = stages::status(&ctx);
-    let split = st.iter().find(|s| s.stage == Stage::Split).unwrap();
+    let (node, how) = match a.round {
+        None => (Node::Stage(Stage::Split), "`pipeline run --until split`".to_string()),
+        Some(r) if r == 0 || r > recipe.settings().rounds.count => bail!(
+            "--round {r}: this recipe has rounds 1 to {} (rounds.count); round 0 is the split itself (export without --round)",
+            recipe.settings().rounds.count
+        ),
+        Some(r) => (
+            Node::Round(r, rounds::Step::Label),
+            "`pipeline run`".to_string(),
+        ),
+    };
+    let split = st.iter().find(|s| s.node == node).unwrap();
     if split.state != "up to date" {
         bail!(
-            "the split stage is {} ({}); run `pipeline run --until split` first",
+            "the {} stage is {} ({}); run {how} first",
+            split.stage,
             split.state,
             split.reasons.join("; ")
         );
@@ -37,7 +54,7 @@ pub(crate) fn exec(g: &Global, a: ExportArgs) -> Result<()> {
         .iter()
         .filter_map(|s| {
             let key = s.key.as_ref()?;
-            match ctx.cache.lookup(s.stage.name(), key) {
+            match ctx.cache.lookup(&s.stage, key) {
                 crate::cache::Lookup::Fresh(m) => Some(*m),
                 _ => None,
             }

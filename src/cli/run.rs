@@ -3,7 +3,7 @@
 use super::{open, Global};
 use crate::error::Result;
 use crate::recipe::{Network, Recipe};
-use crate::stages::{self, Ctx, Plan, Stage};
+use crate::stages::{self, Ctx, Node, Plan, Stage};
 use clap::Args;
 use std::io::IsTerminal;
 
@@ -44,7 +44,7 @@ pub(crate) fn exec(g: &Global, a: RunArgs) -> Result<()> {
 
 /// Print the plan before the first build: the stages, a time estimate on this device, and on a
 /// terminal a question when it is long, so nobody starts a multi-day CPU run by accident.
-fn announce(recipe: &Recipe, todo: &[Stage], quiet: bool, yes: bool) -> Result<()> {
+fn announce(recipe: &Recipe, todo: &[Node], quiet: bool, yes: bool) -> Result<()> {
     let params = |plan: &crate::recipe::ModelPlan| -> Option<u64> {
         let src = recipe.model(plan).ok()?;
         Some(
@@ -54,12 +54,12 @@ fn announce(recipe: &Recipe, todo: &[Stage], quiet: bool, yes: bool) -> Result<(
                 .n_params(),
         )
     };
-    let needs = |s: Stage| todo.contains(&s);
+    let needs = |s: Stage| todo.contains(&Node::Stage(s));
     let p = (
         needs(Stage::Generate)
             .then(|| params(&recipe.generate))
             .flatten(),
-        (needs(Stage::Train) || needs(Stage::Eval))
+        (needs(Stage::Train) || needs(Stage::Eval) || todo.iter().any(|n| n.round().is_some()))
             .then(|| params(&recipe.train))
             .flatten(),
     );

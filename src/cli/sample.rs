@@ -4,7 +4,7 @@
 use super::{open, Global};
 use crate::error::{Context, Result};
 use crate::recipe::Network;
-use crate::stages::{self, Ctx, Stage};
+use crate::stages::{self, Ctx};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -36,7 +36,7 @@ pub(crate) fn exec(g: &Global, a: SampleArgs) -> Result<()> {
     let mut a = a;
     if a.adapter.is_none() && !a.no_adapter {
         let ctx = Ctx::new(&recipe, &g.workdir, g.quiet);
-        a.adapter = stages::latest_output(&ctx, Stage::Train);
+        a.adapter = stages::latest_adapter(&ctx);
         match &a.adapter {
             Some(d) => ctx.say(
                 "Adapter",

@@ -113,7 +113,7 @@ pub(crate) fn exec(g: &Global, a: ServeArgs) -> Result<()> {
     let ctx = Ctx::new(&recipe, &g.workdir, g.quiet);
     let mut dirs = a.adapter.clone();
     if dirs.is_empty() && !a.no_adapter {
-        match stages::latest_output(&ctx, Stage::Train) {
+        match stages::latest_adapter(&ctx) {
             Some(d) => dirs.push(d),
             None => ctx.say(
                 "Note",

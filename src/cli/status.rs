@@ -29,22 +29,22 @@ pub(crate) fn exec(g: &Global, a: StatusArgs) -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(", ");
             println!(
-                "{:<9} {:<11} {}",
-                s.stage.name(),
+                "{:<15} {:<11} {}",
+                s.stage,
                 s.state,
                 s.key.as_deref().unwrap_or("-")
             );
             for r in &s.reasons {
-                println!("            because {r}");
+                println!("{:16}because {r}", "");
             }
             if let Some(p) = &s.path {
-                println!("            at {}", p.display());
+                println!("{:16}at {}", "", p.display());
             }
             if !counts.is_empty() {
-                println!("            {counts}");
+                println!("{:16}{counts}", "");
             }
             if let (Some(f), Some(sec)) = (&s.finished_at, s.seconds) {
-                println!("            built {f} in {sec:.1}s");
+                println!("{:16}built {f} in {sec:.1}s", "");
             }
         }
     }

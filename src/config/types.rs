@@ -18,6 +18,7 @@ pub struct Settings {
     pub train: TrainSettings,
     pub(crate) eval: EvalSettings,
     pub(crate) judge: JudgeSettings,
+    pub(crate) rounds: RoundsSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -120,6 +121,62 @@ pub(crate) struct MergeSettings {
     /// negative than its rejected one by `min_margin` is dropped (kept in rejected_pairs.jsonl).
     pub(crate) judge: JudgeKind,
     pub(crate) min_margin: f64,
+}
+
+/// On-policy rounds after the eval (`stages::rounds`): the bot reviews fresh titles, a judge
+/// picks the best and worst of each title's reviews as a pair, and DPO goes on from the bot on
+/// those pairs. `count = 0`: none (the published recipe).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RoundsSettings {
+    pub(crate) count: usize,
+    /// Fresh titles per round: from the page, in neither split, not the eval's, not an earlier
+    /// round's.
+    pub(crate) titles: usize,
+    /// Reviews the bot writes of each title (k), from the neutral pair prompt.
+    pub(crate) samples: usize,
+    /// The title draw and the samplers (round r's review j of title i: stream i * k + j of
+    /// `mix(seed, r)`).
+    pub(crate) seed: u64,
+    /// The labelling judge (`lexicon` or `trained`): its negativity score, less the penalties
+    /// below, ranks a title's reviews.
+    pub(crate) judge: JudgeKind,
+    /// Subtracted from the score of a review that repeats a sentence (`judge::coherence`).
+    pub(crate) loop_penalty: f64,
+    /// Times |ln(characters / the split's mean chosen length)|, subtracted from the score: a
+    /// review that drifts long or short loses to one of the data's length.
+    pub(crate) length_penalty: f64,
+    /// A title whose best and worst scores differ by less than this gives no pair.
+    pub(crate) margin: f64,
+    /// Passes over a round's pairs (train.* settings otherwise).
+    pub(crate) epochs: usize,
+    /// The reference model of a round's DPO: `previous` (the bot the round starts from, as in
+    /// iterative DPO) or `base`.
+    pub(crate) reference: RoundReference,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RoundReference {
+    Previous,
+    Base,
+}
+
+impl Default for RoundsSettings {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            titles: 100,
+            samples: 4,
+            seed: 5,
+            judge: JudgeKind::Lexicon,
+            loop_penalty: 1.0,
+            length_penalty: 0.25,
+            margin: 0.1,
+            epochs: 1,
+            reference: RoundReference::Previous,
+        }
+    }
 }
 
 /// The eval stage: base model against the trained adapter on held-out titles.

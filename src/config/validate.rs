@@ -15,6 +15,7 @@ impl Settings {
         self.validate_split_and_merge()?;
         self.validate_eval()?;
         self.validate_judge()?;
+        self.validate_rounds()?;
         self.train.validate()
     }
 
@@ -176,6 +177,55 @@ impl Settings {
     }
 
     /// `[eval]`, and the servers it needs with `eval.backend = "openai"`.
+    /// `[rounds]`: checked only when rounds run, so a recipe without them never fails here.
+    fn validate_rounds(&self) -> Result<(), Invalid> {
+        let r = &self.rounds;
+        if r.count == 0 {
+            return Ok(());
+        }
+        check(r.count <= 100, "rounds.count", || {
+            format!("is {}; at most 100", r.count)
+        })?;
+        check(r.titles > 0, "rounds.titles", || {
+            "must be at least 1".into()
+        })?;
+        check(r.samples >= 2, "rounds.samples", || {
+            format!(
+                "is {}; a pair needs at least 2 reviews of a title to pick the best and the worst",
+                r.samples
+            )
+        })?;
+        check(
+            matches!(r.judge, JudgeKind::Lexicon | JudgeKind::Trained),
+            "rounds.judge",
+            || "must be \"lexicon\" or \"trained\": the judge that labels a round's pairs".into(),
+        )?;
+        for (k, v) in [
+            ("rounds.loop_penalty", r.loop_penalty),
+            ("rounds.length_penalty", r.length_penalty),
+            ("rounds.margin", r.margin),
+        ] {
+            check(v.is_finite() && v >= 0.0, k, || {
+                format!("is {v}; must be finite and >= 0")
+            })?;
+        }
+        check(r.epochs > 0, "rounds.epochs", || {
+            "must be at least 1".into()
+        })?;
+        check(self.train.dataset.is_empty(), "rounds.count", || {
+            "rounds draw fresh titles from the scraped page and extend the split's bot; with train.dataset set there is neither (set rounds.count = 0)".into()
+        })?;
+        check(!self.train.loss.is_unpaired(), "rounds.count", || {
+            format!(
+                "rounds make pairs (chosen, rejected), but train.loss = \"{}\" trains on unpaired rows; use a pairwise loss",
+                self.train.loss.name()
+            )
+        })?;
+        check(self.eval.backend == Backend::Local, "rounds.count", || {
+            "rounds sample from the bot with this binary's engine and evaluate each round here: set eval.backend = \"local\"".into()
+        })
+    }
+
     fn validate_eval(&self) -> Result<(), Invalid> {
         let s = self;
         check(s.eval.judge != JudgeKind::Off, "eval.judge", || {

@@ -228,6 +228,48 @@ fn shares(bars: &[(&str, f64, f64)], title: &str, out: &Path) -> Result<()> {
     })
 }
 
+/// Lines over the rounds (x: round 0, 1, ...), each a share or rate in [0, 1]; NaN points (a
+/// value a round does not have) are left out.
+pub(crate) fn plot_rounds(series: &[(String, Vec<f64>)], title: &str, out: &Path) {
+    or_skip(out, rounds(series, title, out));
+}
+
+fn rounds(series: &[(String, Vec<f64>)], title: &str, out: &Path) -> Result<()> {
+    let last = series.iter().map(|s| s.1.len()).max().unwrap_or(1).max(2) - 1;
+    let palette = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+    png(out, |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption(title, ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(56)
+            .build_cartesian_2d(-0.2f64..last as f64 + 0.2, 0f64..1.05)?;
+        chart
+            .configure_mesh()
+            .x_labels(last + 1)
+            .x_label_formatter(&|x| format!("{}", x.round() as i64))
+            .x_desc("round")
+            .y_desc("rate or share")
+            .label_style(("sans-serif", 14))
+            .draw()?;
+        for (i, (name, ys)) in series.iter().enumerate() {
+            let color = palette[i % palette.len()];
+            let pts: Vec<(f64, f64)> = ys
+                .iter()
+                .enumerate()
+                .filter(|(_, y)| y.is_finite())
+                .map(|(x, y)| (x as f64, *y))
+                .collect();
+            chart.draw_series(pts.iter().map(|p| Circle::new(*p, 3, color.filled())))?;
+            chart
+                .draw_series(LineSeries::new(pts, color.stroke_width(2)))?
+                .label(name.as_str())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        }
+        legend(&mut chart)
+    })
+}
+
 fn histograms(base: &[f64], adapter: &[f64], title: &str, out: &Path) -> Result<()> {
     let all = base.iter().chain(adapter);
     let lo = all.clone().fold(f64::MAX, |a, b| a.min(*b)).min(0.0);

@@ -52,6 +52,9 @@ pub(crate) struct Inputs<'a> {
     pub(crate) split: Option<&'a Path>,
     pub(crate) merge: Option<&'a Path>,
     pub(crate) scrape: Option<&'a Path>,
+    /// The judge that labelled on-policy rounds this adapter trained on (`rounds.judge`), if
+    /// any: like merge's, its verdict on the adapter is not independent.
+    pub(crate) round_labels: Option<JudgeKind>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -256,8 +259,29 @@ fn held_out(
     let dir = inp
         .scrape
         .context("eval.titles > 0 draws from the scraped page: the scrape stage must be built")?;
-    let all = std::fs::read_to_string(dir.join("all_titles.txt"))?;
-    let used: HashSet<String> = read_jsonl::<TitleRow>(&dir.join("titles.jsonl"))?
+    let (drawn, _) = page_titles(ctx, dir)?;
+    let chat = model
+        .meta
+        .chat
+        .as_ref()
+        .context("the model has no chat template")?;
+    drawn
+        .into_iter()
+        .map(|title| {
+            let m = super::prompts::neutral_messages(ctx.recipe, &title)?;
+            Ok((title, chat.render(&m, true)?))
+        })
+        .collect()
+}
+
+/// The page's titles outside the scrape stage's sample: `(the eval's, the rest)`. With
+/// `eval.titles = N`, the eval's are N of them drawn with `eval.seed`; the rest (the titles the
+/// rounds draw from) keep the page's order.
+pub(crate) fn page_titles(ctx: &Ctx, scrape_dir: &Path) -> Result<(Vec<String>, Vec<String>)> {
+    let n = ctx.settings().eval.titles;
+    let all = std::fs::read_to_string(scrape_dir.join("all_titles.txt"))
+        .with_context(|| format!("reading {}", scrape_dir.join("all_titles.txt").display()))?;
+    let used: HashSet<String> = read_jsonl::<TitleRow>(&scrape_dir.join("titles.jsonl"))?
         .into_iter()
         .map(|t| t.title)
         .collect();
@@ -272,21 +296,20 @@ fn held_out(
             ctx.loaded.origin("eval.titles")
         );
     }
+    if n == 0 {
+        return Ok((Vec::new(), pool.iter().map(|t| t.to_string()).collect()));
+    }
     let mut rng = crate::rng::seeded(ctx.settings().eval.seed);
     let idx = crate::rng::permutation(pool.len(), &mut rng);
-    let chat = model
-        .meta
-        .chat
-        .as_ref()
-        .context("the model has no chat template")?;
-    idx[..n]
-        .iter()
-        .map(|&i| {
-            let title = pool[i].to_string();
-            let m = super::prompts::neutral_messages(ctx.recipe, &title)?;
-            Ok((title, chat.render(&m, true)?))
-        })
-        .collect()
+    let drawn: HashSet<usize> = idx[..n].iter().copied().collect();
+    let rest = (0..pool.len())
+        .filter(|i| !drawn.contains(i))
+        .map(|i| pool[i].to_string())
+        .collect();
+    Ok((
+        idx[..n].iter().map(|&i| pool[i].to_string()).collect(),
+        rest,
+    ))
 }
 
 /// One review for each of `samples` samples of each prompt, from `backend`: job
@@ -605,6 +628,7 @@ fn validate_judges<'a, 'm>(
     loaded: &'a [Judge<'m>],
     test: &[data::RawRow],
     unpaired: bool,
+    round_labels: Option<JudgeKind>,
 ) -> Result<Vec<Judged<'a, 'm>>> {
     let from_merge = ctx.recipe.train_dataset.is_none();
     let mut judges = Vec::new();
@@ -621,7 +645,8 @@ fn validate_judges<'a, 'm>(
         judges.push(Judged {
             judge: j,
             auroc: a,
-            labeled: from_merge && ctx.settings().merge.judge == j.kind(),
+            labeled: (from_merge && ctx.settings().merge.judge == j.kind())
+                || round_labels == Some(j.kind()),
         });
     }
     Ok(judges)
@@ -658,7 +683,7 @@ pub(crate) fn build(ctx: &Ctx, inp: &Inputs, out: &Path) -> Result<Built> {
         _ => None,
     };
     let loaded = load_judges(ctx, &trained, judge_model.as_ref())?;
-    let judges = validate_judges(ctx, &loaded, &raw.test, unpaired)?;
+    let judges = validate_judges(ctx, &loaded, &raw.test, unpaired, inp.round_labels)?;
 
     // Reviews from the base model, then from the adapter, with the same seeds.
     let prompts = held_out(ctx, inp, &raw.test, &model)?;

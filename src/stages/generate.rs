@@ -9,6 +9,7 @@
 //! `openai`, servers that speak the OpenAI API (`crate::backend::openai`). Both go through the same
 //! chunks, so resume works the same way for both.
 
+use super::chunks::{self, Chunks};
 use super::prompts::{Polarity, PromptRow};
 use super::{Built, Ctx};
 use crate::backend::local::Local;
@@ -16,12 +17,12 @@ use crate::backend::openai::Remote;
 use crate::backend::{self, Report};
 use crate::cache::KeyMaterial;
 use crate::config::{Backend, GenerateSettings};
-use crate::error::{bail, Context, Result};
+use crate::error::Result;
 use crate::fsutil::{read_jsonl, write_jsonl};
 use crate::model::generate::Finish;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Instant;
 
 const VERSION: u32 = 1;
@@ -131,35 +132,19 @@ pub(crate) fn build(ctx: &Ctx, prompts_dir: &Path, key: &str, out: &Path) -> Res
         prompts.truncate(g.limit);
     }
     let partial = ctx.cache.partial_dir("generate", key);
-    std::fs::create_dir_all(&partial)?;
-    let (done, n_chunks) = read_chunks(&partial)?;
-    let resumed = done.len();
-    let done_ids: BTreeSet<usize> = done.iter().map(|r| r.id).collect();
+    let mut w = Chunks::<GenRow>::open(
+        ctx,
+        ("generate", "prompts"),
+        partial,
+        g.chunk_size,
+        prompts.len(),
+    )?;
+    let resumed = w.done.len();
+    let done_ids = w.done_ids();
     let todo: Vec<&PromptRow> = prompts
         .iter()
         .filter(|p| !done_ids.contains(&p.id))
         .collect();
-    if !done.is_empty() {
-        ctx.say(
-            "Resuming",
-            format!(
-                "generate: {} of {} prompts already done",
-                done.len(),
-                prompts.len()
-            ),
-        );
-    }
-    let mut w = Chunks {
-        dir: partial.clone(),
-        buf: Vec::new(),
-        done,
-        n: n_chunks,
-        size: g.chunk_size,
-        bar: progress_bar(ctx, prompts.len() as u64, resumed as u64),
-        quiet: ctx.quiet,
-        t0: Instant::now(),
-        tokens: 0,
-    };
     let mut info = serde_json::Value::Null;
     if !todo.is_empty() {
         match g.backend {
@@ -167,22 +152,9 @@ pub(crate) fn build(ctx: &Ctx, prompts_dir: &Path, key: &str, out: &Path) -> Res
             Backend::Openai => info = remote(ctx, &todo, &mut w, resumed)?,
         }
     }
-    let mut done = w.done;
-    done.sort_by_key(|r| r.id);
-    let ids: Vec<usize> = done.iter().map(|r| r.id).collect();
-    let want: Vec<usize> = {
-        let mut w: Vec<usize> = prompts.iter().map(|p| p.id).collect();
-        w.sort();
-        w
-    };
-    if ids != want {
-        bail!(
-            "generate: chunks in {} do not cover the prompts exactly ({} records for {} prompts); delete that folder to start over",
-            partial.display(),
-            ids.len(),
-            want.len()
-        );
-    }
+    let mut want: Vec<usize> = prompts.iter().map(|p| p.id).collect();
+    want.sort();
+    let done = w.finish(&want)?;
     write_jsonl(&out.join("generations.jsonl"), &done)?;
     let eos = done.iter().filter(|r| r.finish == Finish::Eos).count();
     let empty = done.iter().filter(|r| r.text.is_empty()).count();
@@ -194,52 +166,12 @@ pub(crate) fn build(ctx: &Ctx, prompts_dir: &Path, key: &str, out: &Path) -> Res
         .info(info))
 }
 
-/// Finished rows on their way to disk: every `size` rows become one chunk file (atomically), the
-/// unit a killed run resumes from.
-struct Chunks {
-    dir: PathBuf,
-    buf: Vec<GenRow>,
-    done: Vec<GenRow>,
-    /// The number of the last chunk written.
-    n: usize,
-    size: usize,
-    bar: indicatif::ProgressBar,
-    quiet: bool,
-    t0: Instant,
-    /// Tokens generated in this run.
-    tokens: usize,
-}
-
-impl Chunks {
-    fn push(&mut self, row: GenRow) -> Result<()> {
-        self.tokens += row.tokens;
-        self.buf.push(row);
-        let rate = self.tokens as f64 / self.t0.elapsed().as_secs_f64().max(1e-9);
-        self.bar.set_message(format!("{rate:.1} tok/s"));
-        self.bar.inc(1);
-        if self.buf.len() >= self.size {
-            self.flush()?;
-            if !self.quiet && self.bar.is_hidden() {
-                // No bar off a terminal (a log file, CI): a line per flushed chunk instead.
-                eprintln!(
-                    "{:>12} {}/{} prompts, {rate:.1} tok/s",
-                    "Generating",
-                    self.bar.position(),
-                    self.bar.length().unwrap_or(0),
-                );
-            }
-        }
-        Ok(())
+impl chunks::Row for GenRow {
+    fn id(&self) -> usize {
+        self.id
     }
-
-    fn flush(&mut self) -> Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        self.n += 1;
-        write_jsonl(&self.dir.join(chunk_name(self.n)), &self.buf)?;
-        self.done.append(&mut self.buf);
-        Ok(())
+    fn tokens(&self) -> usize {
+        self.tokens
     }
 }
 
@@ -258,7 +190,7 @@ fn row(p: &PromptRow, text: String, tokens: usize, prompt_tokens: usize, finish:
 }
 
 /// The reviews from this binary's engine.
-fn local(ctx: &Ctx, todo: &[&PromptRow], w: &mut Chunks) -> Result<()> {
+fn local(ctx: &Ctx, todo: &[&PromptRow], w: &mut Chunks<GenRow>) -> Result<()> {
     let g = &ctx.settings().generate;
     let model = ctx.recipe.load(&ctx.recipe.generate)?;
     let by_id: BTreeMap<usize, &PromptRow> = todo.iter().map(|p| (p.id, *p)).collect();
@@ -288,7 +220,7 @@ fn local(ctx: &Ctx, todo: &[&PromptRow], w: &mut Chunks) -> Result<()> {
 fn remote(
     ctx: &Ctx,
     todo: &[&PromptRow],
-    w: &mut Chunks,
+    w: &mut Chunks<GenRow>,
     resumed: usize,
 ) -> Result<serde_json::Value> {
     let g = &ctx.settings().generate;
@@ -368,7 +300,7 @@ fn write_reviews(
     ctx: &Ctx,
     backend: &dyn backend::Backend,
     todo: &[&PromptRow],
-    w: &mut Chunks,
+    w: &mut Chunks<GenRow>,
 ) -> Result<(Report, Tally)> {
     let g = &ctx.settings().generate;
     let by_id: BTreeMap<usize, &PromptRow> = todo.iter().map(|p| (p.id, *p)).collect();
@@ -395,113 +327,4 @@ fn write_reviews(
     w.flush()?;
     w.bar.finish_and_clear();
     Ok((r?, tally))
-}
-
-/// Finished records from earlier runs. Chunks are written atomically, but a disk can still lose
-/// the end of one (a crash before the data reached it): a chunk that does not read back whole is
-/// discarded with a warning, and its prompts are generated again. Anything else in the folder
-/// (a name this stage does not write, a folder) is left alone with a warning naming it; its
-/// prompts are generated again.
-fn read_chunks(dir: &Path) -> Result<(Vec<GenRow>, usize)> {
-    let mut chunks: Vec<(usize, PathBuf)> = Vec::new();
-    let mut max = 0;
-    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let e = e.with_context(|| format!("reading {}", dir.display()))?;
-        let name = e.file_name();
-        let path = e.path();
-        let number = name.to_str().and_then(chunk_number);
-        // New chunks are numbered past every chunk name taken, by a chunk or not, so that no
-        // rename meets something already there.
-        max = max.max(number.unwrap_or(0));
-        match number {
-            Some(n) if path.is_file() => chunks.push((n, path)),
-            // This stage's own file being written when a run was killed.
-            _ if name.to_string_lossy().starts_with(".chunk-") => {}
-            _ => tracing::warn!(
-                "generate: ignoring {}: not a chunk this stage writes (chunk-NNNNN.jsonl)",
-                path.display()
-            ),
-        }
-    }
-    chunks.sort();
-    let mut rows = Vec::new();
-    let mut seen = BTreeSet::new();
-    for (_, path) in &chunks {
-        let chunk = match read_jsonl::<GenRow>(path) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(
-                    "generate: discarding the damaged chunk {} ({e:#}); its prompts are generated again",
-                    path.display()
-                );
-                std::fs::remove_file(path)
-                    .with_context(|| format!("removing {}", path.display()))?;
-                continue;
-            }
-        };
-        for r in chunk {
-            if seen.insert(r.id) {
-                rows.push(r);
-            }
-        }
-    }
-    Ok((rows, max))
-}
-
-/// The number of a chunk file's name exactly as [`Chunks::flush`] writes it (`chunk-00042.jsonl`
-/// is 42); `None` for any other name.
-fn chunk_number(name: &str) -> Option<usize> {
-    let n: usize = name
-        .strip_prefix("chunk-")?
-        .strip_suffix(".jsonl")?
-        .parse()
-        .ok()?;
-    // A number far past any run's chunk count is not ours either (and the next chunk's number
-    // must not overflow).
-    (n < 1_000_000_000 && chunk_name(n) == name).then_some(n)
-}
-
-fn chunk_name(n: usize) -> String {
-    format!("chunk-{n:05}.jsonl")
-}
-
-fn progress_bar(ctx: &Ctx, len: u64, pos: u64) -> indicatif::ProgressBar {
-    if ctx.quiet {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(len);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{prefix:>12.cyan.bold} [{bar:30}] {pos}/{len} prompts, {msg}, ETA {eta}",
-        )
-        .unwrap()
-        .progress_chars("=> "),
-    );
-    bar.set_prefix("Generating");
-    bar.set_position(pos);
-    bar
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{chunk_name, chunk_number};
-
-    #[test]
-    fn only_the_names_flush_writes_are_chunks() {
-        assert_eq!(chunk_number(&chunk_name(7)), Some(7));
-        assert_eq!(chunk_number(&chunk_name(123_456)), Some(123_456));
-        for odd in [
-            "chunk-0000é.jsonl",
-            "chunk-é0000.jsonl",
-            "chunk-.jsonl",
-            "chunk-7.jsonl",
-            "chunk-+0007.jsonl",
-            "chunk-00007.jsonl.bak",
-            "chunk-99999999999999999999999.jsonl",
-            "chunk-1000000000.jsonl",
-            "notes.txt",
-        ] {
-            assert_eq!(chunk_number(odd), None, "{odd}");
-        }
-    }
 }

@@ -88,7 +88,7 @@ fn schema() -> Arc<Schema> {
 }
 
 /// Write pairs as Parquet (snappy), atomically.
-fn write_parquet(path: &Path, rows: &[&Pair]) -> Result<()> {
+pub(crate) fn write_parquet(path: &Path, rows: &[&Pair]) -> Result<()> {
     let col = |f: fn(&Pair) -> &str| -> ArrayRef {
         Arc::new(StringArray::from_iter_values(rows.iter().map(|p| f(p))))
     };

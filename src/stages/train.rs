@@ -200,6 +200,19 @@ pub(crate) fn build(ctx: &Ctx, split_dir: Option<&Path>, key: &str, out: &Path) 
         quiet: ctx.quiet,
     };
     let outcome = tr.run(None)?;
+    write_outputs(ctx, &model, &outcome, &prep, out)
+}
+
+/// The trained adapter's folder: the PEFT files, `metrics.jsonl`, the charts, TensorBoard
+/// events and `summary.json` (the train stage's and every round's).
+pub(super) fn write_outputs(
+    ctx: &Ctx,
+    model: &Model,
+    outcome: &trainer::Outcome,
+    prep: &trainer::Prepared,
+    out: &Path,
+) -> Result<Built> {
+    let r = prep.report;
     model.save_adapter(out)?;
     let mut lines = Vec::new();
     for m in &outcome.log {
