@@ -32,7 +32,7 @@ pub(crate) fn exec(g: &Global, a: ExportArgs) -> Result<()> {
     let st = stages::status(&ctx);
     let (node, how) = match a.round {
         None => (Node::Stage(Stage::Split), "`pipeline run --until split`".to_string()),
-        Some(r) if r == 0 || r > recipe.settings().rounds.count => bail!(
+        Some(r) if r == 0 || r > recipe.settings().rounds.count => crate::error::usage!(
             "--round {r}: this recipe has rounds 1 to {} (rounds.count); round 0 is the split itself (export without --round)",
             recipe.settings().rounds.count
         ),

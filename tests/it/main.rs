@@ -21,6 +21,7 @@ mod penalties;
 mod pipeline;
 mod prompts;
 mod reliability;
+mod rounds;
 mod scrape;
 mod serve;
 mod support;
