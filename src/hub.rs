@@ -40,6 +40,7 @@ pub(crate) fn export(
     s: &Settings,
     manifests: &[Manifest],
     format: Format,
+    round: Option<usize>,
 ) -> Result<Vec<SplitInfo>> {
     let target = export_guard::check_export_target(out, workdir, force)?;
     let staging = out.with_file_name(format!(
@@ -59,7 +60,15 @@ pub(crate) fn export(
     // create_dir, not create_dir_all: the staging folder must be a new one, made here.
     std::fs::create_dir(&staging)
         .with_context(|| format!("creating the staging folder {}", staging.display()))?;
-    let r = stage_and_install(split_dir, &staging, out, &target, s, manifests, format);
+    let r = stage_and_install(
+        split_dir,
+        &staging,
+        out,
+        &target,
+        s,
+        manifests,
+        (format, round),
+    );
     if r.is_err() {
         // Nothing half-written stays beside --out (install has put back what was there).
         let _ = std::fs::remove_dir_all(&staging);
@@ -75,7 +84,7 @@ fn stage_and_install(
     target: &export_guard::ExportTarget,
     s: &Settings,
     manifests: &[Manifest],
-    format: Format,
+    (format, round): (Format, Option<usize>),
 ) -> Result<Vec<SplitInfo>> {
     std::fs::create_dir(staging.join("data"))?;
     let mut infos = Vec::new();
@@ -118,7 +127,7 @@ fn stage_and_install(
     }
     crate::fsutil::write_atomic(
         &staging.join("README.md"),
-        card(s, &infos, manifests, format).as_bytes(),
+        card(s, &infos, manifests, format, round).as_bytes(),
     )?;
     let mut written: Vec<String> = infos
         .iter()
@@ -168,7 +177,52 @@ fn write_unpaired(path: &Path, rows: &[crate::stages::merge::Pair]) -> Result<()
 
 // Long because the dataset card is one document written top to bottom; its sections read in the
 // order the Hub shows them.
-fn card(s: &Settings, infos: &[SplitInfo], manifests: &[Manifest], format: Format) -> String {
+/// What an on-policy round's card says instead of the split's: where the reviews came from and
+/// how the pairs were picked (steps 1, 3 and 4, the intro and the two review columns).
+fn round_story(s: &Settings, r: usize, model: &str) -> [String; 5] {
+    let rs = &s.rounds;
+    let g = &s.generate;
+    [
+        format!(
+            "`chosen` and `rejected` are two of the Reviewer #2 bot's own reviews of the same title from the same prompt, \
+             after {} on-policy round(s): its best and its worst by the {} judge",
+            r - 1,
+            rs.judge.name()
+        ),
+        format!(
+            "{} titles of on-policy round {r}, drawn with seed {} from the titles of the page in neither the split nor the eval",
+            rs.titles, rs.seed
+        ),
+        format!(
+            "3. **Generation**: the bot (a LoRA adapter on `{model}`, after round {}), {} reviews a title from the neutral prompt, \
+             temperature {}, top-k {}, top-p {}, at most {} new tokens.\n",
+            r - 1,
+            rs.samples,
+            g.temperature,
+            g.top_k,
+            g.top_p,
+            g.max_new_tokens
+        ),
+        format!(
+            "4. **Pairs**: each review scored by the {} judge's negativity, less {} if it repeats a sentence and {} x |ln(length / the split's mean chosen length)|; \
+             chosen = the best, rejected = the worst; titles whose margin is under {} dropped. The test split is the original dataset's.\n",
+            rs.judge.name(),
+            rs.loop_penalty,
+            rs.length_penalty,
+            rs.margin
+        ),
+        "| `chosen` | string | the bot's best review of the title |\n| `rejected` | string | its worst review of the title |\n".to_string(),
+    ]
+}
+
+// Long because it is the card's one template, with its values beside it.
+fn card(
+    s: &Settings,
+    infos: &[SplitInfo],
+    manifests: &[Manifest],
+    format: Format,
+    round: Option<usize>,
+) -> String {
     let mut y = String::new();
     let download: u64 = infos.iter().map(|i| i.file_bytes).sum();
     let size: u64 = infos.iter().map(|i| i.num_bytes).sum();
@@ -228,6 +282,7 @@ fn card(s: &Settings, infos: &[SplitInfo], manifests: &[Manifest], format: Forma
             .unwrap_or(0)
     };
     let g = &s.generate;
+    let story = round.map(|r| round_story(s, r, &model));
     let _ = write!(
         y,
         "# Reviewer #2, {label} {layout}\n\n\
@@ -236,12 +291,10 @@ accepted paper, {intro}, both written by \
 `{model}`. The `prompt` asks for a review with few-shot examples of both polarities interleaved, \
 so it does not say which kind was asked for. Built with the `pipeline` tool of reviewer2.\n\n\
 ## How it was built\n\n\
-1. **Titles**: {found} titles parsed from {url} (selector `{sel}`), {count} sampled with seed {sseed}.\n\
+1. **Titles**: {found} titles parsed from {url} (selector `{sel}`), {picked}.\n\
 2. **Prompts**: `{style}` style, {shots} few-shot examples per prompt from a pool of {pool}, system message: \
 \"{system}\"; rendered with the model's chat template.\n\
-3. **Generation**: `{model}`, temperature {t}, top-k {k}, top-p {p}, at most {mnt} new tokens, seed {gseed}.\n\
-4. **Pairs**: chosen = negative review, rejected = positive review; {de} pairs dropped for an empty review, \
-{di} for identical reviews.\n\
+{step3}{step4}\
 5. **Split**: seed {spseed}: {ntr} train, {nte} test.\n\n\
 ## Columns\n\n\
 | column | type | meaning |\n|---|---|---|\n\
@@ -250,14 +303,16 @@ so it does not say which kind was asked for. Built with the `pipeline` tool of r
 ## Intended use\n\n\
 {use_} of a small chat model into a harsh \"Reviewer #2\". The reviews \
 are machine-written and say nothing true about the papers.\n",
-        intro = match format {
-            Format::Paired => "`chosen` is a negative review and `rejected` a positive one",
-            Format::Unpaired => "two rows: a negative review as `completion` with `label` true (desirable) \
+        intro = match (format, &story) {
+            (Format::Paired, Some(st)) => st[0].as_str(),
+            (Format::Paired, None) => "`chosen` is a negative review and `rejected` a positive one",
+            (Format::Unpaired, _) => "two rows: a negative review as `completion` with `label` true (desirable) \
                 and a positive one with `label` false; the unpaired layout of the paired dataset, row for row",
         },
-        columns = match format {
-            Format::Paired => "| `chosen` | string | the negative review |\n| `rejected` | string | the positive review |\n",
-            Format::Unpaired => "| `completion` | string | a review |\n| `label` | bool | true for the negative (desirable) review, false for the positive one |\n",
+        columns = match (format, &story) {
+            (Format::Paired, Some(st)) => st[4].as_str(),
+            (Format::Paired, None) => "| `chosen` | string | the negative review |\n| `rejected` | string | the positive review |\n",
+            (Format::Unpaired, _) => "| `completion` | string | a review |\n| `label` | bool | true for the negative (desirable) review, false for the positive one |\n",
         },
         use_ = match format {
             Format::Paired => "Preference tuning (DPO, IPO, ...)",
@@ -273,19 +328,30 @@ are machine-written and say nothing true about the papers.\n",
             format!("`{}` (a saved copy of the page)", public_name(&s.scrape.snapshot))
         },
         sel = s.scrape.selector,
-        count = s.scrape.count,
-        sseed = s.scrape.seed,
+        picked = match &story {
+            Some(st) => st[1].clone(),
+            None => format!("{} sampled with seed {}", s.scrape.count, s.scrape.seed),
+        },
+        step3 = match &story {
+            Some(st) => st[2].clone(),
+            None => format!(
+                "3. **Generation**: `{model}`, temperature {}, top-k {}, top-p {}, at most {} new tokens, seed {}.\n",
+                g.temperature, g.top_k, g.top_p, g.max_new_tokens, g.seed
+            ),
+        },
+        step4 = match &story {
+            Some(st) => st[3].clone(),
+            None => format!(
+                "4. **Pairs**: chosen = negative review, rejected = positive review; {} pairs dropped for an empty review, \
+                 {} for identical reviews.\n",
+                count("merge", "dropped_empty"),
+                count("merge", "dropped_identical")
+            ),
+        },
         style = format!("{:?}", s.prompts.style).to_lowercase(),
         shots = s.prompts.shots,
         pool = s.prompts.pool.len(),
         system = s.prompts.system,
-        t = g.temperature,
-        k = g.top_k,
-        p = g.top_p,
-        mnt = g.max_new_tokens,
-        gseed = g.seed,
-        de = count("merge", "dropped_empty"),
-        di = count("merge", "dropped_identical"),
         spseed = s.split.seed,
         ntr = infos.first().map(|i| i.num_examples).unwrap_or(0),
         nte = infos.get(1).map(|i| i.num_examples).unwrap_or(0),

@@ -68,6 +68,7 @@ pub(crate) fn exec(g: &Global, a: ExportArgs) -> Result<()> {
         &recipe.loaded.settings,
         &manifests,
         a.format,
+        a.round,
     )?;
     ctx.say(
         "Exported",

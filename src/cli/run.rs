@@ -9,7 +9,8 @@ use std::io::IsTerminal;
 
 #[derive(Args, Debug)]
 pub(crate) struct RunArgs {
-    /// Stop after this stage
+    /// Stop after this stage (the on-policy rounds of `[rounds]` come after eval and run only
+    /// in a run without --until or --only)
     #[arg(long, value_enum, conflicts_with = "only")]
     pub(crate) until: Option<Stage>,
     /// Run only this stage (its inputs must be up to date)

@@ -309,21 +309,7 @@ fn harness(full: bool) -> Harness {
             "train.eval_steps=3",
         ]
     } else {
-        &[
-            "scrape.count=5",
-            "generate.max_new_tokens=8",
-            "generate.batch_size=2",
-            "generate.chunk_size=2",
-            "split.train=3",
-            "split.test=1",
-            "train.max_steps=4",
-            "train.save_steps=1",
-            "train.logging_steps=1",
-            "train.eval_steps=2",
-            "train.batch_size=1",
-            "train.max_length=96",
-            "train.max_prompt_length=64",
-        ]
+        TINY_QUICK
     };
     let mut recipe = vec![
         "--preset".to_string(),

@@ -10,20 +10,8 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-const SETS: &[&str] = &[
-    "scrape.count=5",
-    "generate.max_new_tokens=8",
-    "generate.batch_size=2",
-    "generate.chunk_size=2",
-    "split.train=3",
-    "split.test=1",
-    "train.max_steps=4",
-    "train.save_steps=1",
-    "train.logging_steps=1",
-    "train.eval_steps=2",
-    "train.batch_size=1",
-    "train.max_length=96",
-    "train.max_prompt_length=64",
+/// On top of [`TINY_QUICK`]: two rounds of three titles, three reviews each.
+const ROUNDS: &[&str] = &[
     "eval.samples=2",
     "rounds.count=2",
     "rounds.titles=3",
@@ -41,7 +29,7 @@ fn cmd(work: &Path, verb: &[&str], extra: &[&str]) -> Command {
         .args(verb)
         .args(["--preset", "quick", "--set"])
         .arg(format!("generate.model={}", smollm2().display()));
-    for s in SETS.iter().chain(extra) {
+    for s in TINY_QUICK.iter().chain(ROUNDS).chain(extra) {
         c.args(["--set", s]);
     }
     c.env_remove("REVIEWER2_LOG").env("NO_COLOR", "1");
@@ -232,6 +220,13 @@ fn rounds_pair_the_bots_own_reviews_resume_after_kills_and_chain_their_keys() {
     assert_eq!(
         exported,
         std::fs::read(label.join("train.parquet")).unwrap()
+    );
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(
+        card.contains("the Reviewer #2 bot's own reviews")
+            && card.contains("its best and its worst by the lexicon judge")
+            && !card.contains("chosen = negative review"),
+        "{card}"
     );
     let o = cmd(a.path(), &["export", "--round", "3", "--out", "x"], &[])
         .output()

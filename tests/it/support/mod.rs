@@ -164,6 +164,24 @@ pub fn read_jsonl(path: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// `--set`s that shrink the quick preset to the least that still runs every stage with several
+/// generation chunks and checkpoints to resume from (seconds of work on 2 cores).
+pub const TINY_QUICK: &[&str] = &[
+    "scrape.count=5",
+    "generate.max_new_tokens=8",
+    "generate.batch_size=2",
+    "generate.chunk_size=2",
+    "split.train=3",
+    "split.test=1",
+    "train.max_steps=4",
+    "train.save_steps=1",
+    "train.logging_steps=1",
+    "train.eval_steps=2",
+    "train.batch_size=1",
+    "train.max_length=96",
+    "train.max_prompt_length=64",
+];
+
 /// A small recipe on the saved page and the SmolLM2 model, written as `pipeline.toml` in `dir`
 /// (with the repo's templates copied beside it).
 pub fn small_recipe(
