@@ -30,7 +30,7 @@ pub(crate) struct SplitInfo {
     file_bytes: u64,
 }
 
-/// Export the split stage's output to `out`. Refuses the workdir and any folder export did not
+/// Export the split stage's output (or on-policy round `round`'s pairs) to `out` in `format`. Refuses the workdir and any folder export did not
 /// write; a previous export is replaced only with `force` (see [`crate::export_guard`]).
 pub(crate) fn export(
     split_dir: &Path,
@@ -39,8 +39,7 @@ pub(crate) fn export(
     workdir: &Path,
     s: &Settings,
     manifests: &[Manifest],
-    format: Format,
-    round: Option<usize>,
+    (format, round): (Format, Option<usize>),
 ) -> Result<Vec<SplitInfo>> {
     let target = export_guard::check_export_target(out, workdir, force)?;
     let staging = out.with_file_name(format!(

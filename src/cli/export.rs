@@ -67,8 +67,7 @@ pub(crate) fn exec(g: &Global, a: ExportArgs) -> Result<()> {
         &g.workdir,
         &recipe.loaded.settings,
         &manifests,
-        a.format,
-        a.round,
+        (a.format, a.round),
     )?;
     ctx.say(
         "Exported",
