@@ -30,8 +30,8 @@ pub(crate) struct SplitInfo {
     file_bytes: u64,
 }
 
-/// Export the split stage's output (or on-policy round `round`'s pairs) to `out` in `format`. Refuses the workdir and any folder export did not
-/// write; a previous export is replaced only with `force` (see [`crate::export_guard`]).
+/// Export the split stage's output (or on-policy round `round`'s pairs) to `out` in `format`.
+/// Refuses the workdir and any folder export did not write; a previous export is replaced only with `force` (see [`crate::export_guard`]).
 pub(crate) fn export(
     split_dir: &Path,
     out: &Path,
