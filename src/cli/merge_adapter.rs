@@ -17,6 +17,11 @@ use std::path::PathBuf;
 /// The merged GGUF's name inside `--out`, as `model.safetensors` is the other format's.
 const GGUF_NAME: &str = "model.gguf";
 
+/// The few-shot turns of a chat prompt are drawn per title; the Modelfile holds one draw, this
+/// title's: the one `pipeline sample --title "Attention Is All You Need"` (the README's example)
+/// prompts with, so that Ollama and `sample` can be compared on it.
+const SHOTS_OF: &str = "Attention Is All You Need";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum MergedFormat {
     /// config.json, model.safetensors (f32) and the tokenizer files: transformers, PEFT, this engine
@@ -102,7 +107,7 @@ fn ollama_params(recipe: &Recipe) -> Result<OllamaParams> {
     let s = recipe.settings();
     let mut messages = Vec::new();
     if s.prompts.style == PromptStyle::Chat {
-        messages = crate::stages::prompts::neutral_messages(recipe, "TITLE")?;
+        messages = crate::stages::prompts::neutral_messages(recipe, SHOTS_OF)?;
         // The last message is the title's own turn: the user's, in Ollama.
         messages.pop();
     }

@@ -4,22 +4,20 @@
 //! and the tokenizer's metadata (`tokenizer.rs`). 2-D weights take the asked type; norms stay
 //! f32, as llama.cpp's converter and `llama-quantize` leave every 1-D tensor.
 //!
-//! The container is candle's `gguf_file::write`: GGUF version 2 (llama.cpp and the `gguf`
-//! package read versions 2 and 3 alike; the layout is the same), 32-byte alignment without a
-//! `general.alignment` key (the default every reader assumes), every metadata value written
-//! with the type it is given. Its quantizers are ggml's reference ones (`quantize_row_q8_0_ref`,
-//! `quantize_row_q4_1_ref`), so a block is the one llama.cpp's converter would write.
+//! The container is written a tensor at a time (`gguf_file.rs`). The blocks are candle's
+//! quantizers', which are ggml's reference ones (`quantize_row_q8_0_ref`,
+//! `quantize_row_q4_1_ref`): a block is the one llama.cpp's tools would write.
 
+use super::gguf_file::TensorInfo;
 use crate::error::{bail, Context, Result};
 use crate::model::config::LlamaConfig;
 use crate::model::llama::Llama;
 use crate::model::load::Model;
 use crate::model::lora::Projection;
 use crate::model::names::Weight;
-use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::quantized::gguf_file::Value;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device};
-use gguf_file::Value;
-use std::io::Write;
 use std::path::Path;
 
 /// The type of a merged GGUF's 2-D weights.
@@ -100,24 +98,32 @@ pub fn write_merged_gguf(model: &Model, path: &Path, ty: GgufType, name: &str) -
     if l.adapter().is_some() {
         bail!("the model carries an adapter: merge it into the weights before writing them");
     }
+    let t0 = std::time::Instant::now();
     let mut md = hyper_parameters(&l.cfg, ty, name);
     md.extend(super::tokenizer::metadata(model)?);
-    let (tensors, fell_back) = tensors(l, ty)?;
+    let (weights, infos) = plan(&l.cfg, ty)?;
+    let fell_back: Vec<String> = infos
+        .iter()
+        .filter(|t| t.dtype == GgmlDType::F16 && t.dims.len() == 2)
+        .filter(|_| matches!(ty, GgufType::Q8_0 | GgufType::Q4_1))
+        .map(|t| t.name.clone())
+        .collect();
     for w in &fell_back {
-        tracing::warn!("{w}: its rows are not whole {} blocks of 32; written as f16 (as llama.cpp's converter does)", ty.name());
+        tracing::warn!(
+            "{w}: its rows are not whole blocks of 32; written as f16 (as llama.cpp's converter does)"
+        );
     }
-    let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    crate::fsutil::write_atomic_with(path, |f| {
-        let mut w = std::io::BufWriter::new(f);
-        gguf_file::write(&mut w, &md_refs, &t_refs)?;
-        w.flush()?;
-        Ok(())
-    })
-    .with_context(|| format!("writing {}", path.display()))?;
+    let bytes = super::gguf_file::write(path, &md, &infos, |i| {
+        tensor_bytes(l, weights[i], infos[i].dtype)
+    })?;
+    tracing::debug!(
+        "wrote {} in {:.1}s",
+        path.display(),
+        t0.elapsed().as_secs_f64()
+    );
     Ok(Written {
-        tensors: tensors.len(),
-        bytes: std::fs::metadata(path)?.len(),
+        tensors: infos.len(),
+        bytes,
         fell_back,
     })
 }
@@ -158,51 +164,58 @@ fn hyper_parameters(cfg: &LlamaConfig, ty: GgufType, name: &str) -> Vec<(String,
     md
 }
 
-/// Every tensor llama.cpp reads, by its GGUF name, in the types `ty` asks for; and the names of
-/// those that fell back to f16. The head is left out when tied to the embeddings (llama.cpp
-/// then reuses `token_embd`).
-fn tensors(l: &Llama, ty: GgufType) -> Result<(Vec<(String, QTensor)>, Vec<String>)> {
-    let cfg = &l.cfg;
-    let mut out = Vec::new();
-    let mut fell_back = Vec::new();
-    cfg.each_weight(|w, _| {
-        let t = match w {
-            Weight::Head if cfg.tie_word_embeddings => return Ok(()),
-            Weight::Head => l.lm_head.dense_f32()?,
-            Weight::Embed => l.embed_tokens.clone(),
-            Weight::Norm => l.norm.clone(),
-            Weight::InputNorm(i) => l.layers[i].input_layernorm.clone(),
-            Weight::PostNorm(i) => l.layers[i].post_attention_layernorm.clone(),
-            Weight::Proj(i, p) => {
-                let d = l.layers[i].proj(p).dense_f32()?;
-                match p {
-                    Projection::QProj => super::permute_qk(&d, cfg.num_attention_heads)?,
-                    Projection::KProj => super::permute_qk(&d, cfg.num_key_value_heads)?,
-                    _ => d,
-                }
-            }
-        };
-        let name = w.gguf();
-        let t = t
-            .to_device(&Device::Cpu)?
-            .to_dtype(DType::F32)?
-            .contiguous()?;
-        let dtype = match t.dims() {
+/// Every tensor llama.cpp reads, by its GGUF name, and its type for `ty`. The head is left out
+/// when tied to the embeddings (llama.cpp then reuses `token_embd`).
+fn plan(cfg: &LlamaConfig, ty: GgufType) -> Result<(Vec<Weight>, Vec<TensorInfo>)> {
+    let mut weights = Vec::new();
+    let mut infos = Vec::new();
+    cfg.each_weight(|w, shape| {
+        if w == Weight::Head && cfg.tie_word_embeddings {
+            return Ok(());
+        }
+        let dtype = match shape {
             [_, cols] => {
                 let head = w == Weight::Head || (w == Weight::Embed && cfg.tie_word_embeddings);
                 ty.tensor_type(*cols, head)
             }
             _ => GgmlDType::F32,
         };
-        if dtype == GgmlDType::F16 && matches!(ty, GgufType::Q8_0 | GgufType::Q4_1) {
-            fell_back.push(name.clone());
-        }
-        let q = QTensor::quantize(&t, dtype)
-            .with_context(|| format!("{name}: converting to {dtype:?}"))?;
-        out.push((name, q));
+        weights.push(w);
+        infos.push(TensorInfo {
+            name: w.gguf(),
+            dims: shape.to_vec(),
+            dtype,
+        });
         Ok(())
     })?;
-    Ok((out, fell_back))
+    Ok((weights, infos))
+}
+
+/// The data of weight `w` as `dtype`: q and k rows in the converter's order, blocks as ggml's
+/// reference quantizers make them (candle's are those).
+fn tensor_bytes(l: &Llama, w: Weight, dtype: GgmlDType) -> Result<Vec<u8>> {
+    let cfg = &l.cfg;
+    let t = match w {
+        Weight::Head => l.lm_head.dense_f32()?,
+        Weight::Embed => l.embed_tokens.clone(),
+        Weight::Norm => l.norm.clone(),
+        Weight::InputNorm(i) => l.layers[i].input_layernorm.clone(),
+        Weight::PostNorm(i) => l.layers[i].post_attention_layernorm.clone(),
+        Weight::Proj(i, p) => {
+            let d = l.layers[i].proj(p).dense_f32()?;
+            match p {
+                Projection::QProj => super::permute_qk(&d, cfg.num_attention_heads)?,
+                Projection::KProj => super::permute_qk(&d, cfg.num_key_value_heads)?,
+                _ => d,
+            }
+        }
+    };
+    let t = t
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .contiguous()?;
+    let q = QTensor::quantize(&t, dtype).with_context(|| format!("converting to {dtype:?}"))?;
+    Ok(q.data()?.into_owned())
 }
 
 #[cfg(test)]

@@ -6,15 +6,15 @@
 //! the base GGUF holds those weights permuted, and `B A` must match them row for row.
 //! llama.cpp scales the update by `alpha / r`, as PEFT does.
 
+use super::gguf_file::TensorInfo;
 use crate::error::{bail, Context, Result};
 use crate::model::adapter::Adapter;
 use crate::model::config::LlamaConfig;
 use crate::model::lora::Projection;
 use crate::model::names;
-use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::quantized::gguf_file::Value;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device};
-use gguf_file::Value;
-use std::io::Write;
 use std::path::Path;
 
 /// The type of a GGUF LoRA's tensors.
@@ -46,7 +46,8 @@ pub fn write_lora_gguf(
     name: &str,
 ) -> Result<usize> {
     let adapter = Adapter::load(dir, &Device::Cpu)?;
-    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let mut infos = Vec::new();
+    let mut data = Vec::new();
     for (li, p, l) in adapter.loras() {
         let (o, i) = l.dims()?;
         let want = cfg.projection_shape(p);
@@ -71,33 +72,32 @@ pub fn write_lora_gguf(
             Projection::KProj => super::permute_qk(&b, cfg.num_key_value_heads)?,
             _ => b.contiguous()?,
         };
-        for (n, t) in [
+        for (name, t) in [
             (names::gguf::lora_a(li, p), a),
             (names::gguf::lora_b(li, p), b),
         ] {
             let q =
-                QTensor::quantize(&t, ty.dtype()).with_context(|| format!("{n}: converting"))?;
-            tensors.push((n, q));
+                QTensor::quantize(&t, ty.dtype()).with_context(|| format!("{name}: converting"))?;
+            data.push(q.data()?.into_owned());
+            infos.push(TensorInfo {
+                name,
+                dims: t.dims().to_vec(),
+                dtype: ty.dtype(),
+            });
         }
     }
+    let s = |v: &str| Value::String(v.into());
     let md = [
-        ("general.architecture", Value::String("llama".into())),
-        ("general.type", Value::String("adapter".into())),
-        ("general.name", Value::String(name.into())),
-        ("adapter.type", Value::String("lora".into())),
+        ("general.architecture", s("llama")),
+        ("general.type", s("adapter")),
+        ("general.name", s(name)),
+        ("adapter.type", s("lora")),
         (
             "adapter.lora.alpha",
             Value::F32(adapter.spec().alpha as f32),
         ),
-    ];
-    let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
-    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    crate::fsutil::write_atomic_with(path, |f| {
-        let mut w = std::io::BufWriter::new(f);
-        gguf_file::write(&mut w, &md_refs, &t_refs)?;
-        w.flush()?;
-        Ok(())
-    })
-    .with_context(|| format!("writing {}", path.display()))?;
-    Ok(tensors.len())
+    ]
+    .map(|(k, v)| (k.to_string(), v));
+    super::gguf_file::write(path, &md, &infos, |i| Ok(std::mem::take(&mut data[i])))?;
+    Ok(infos.len())
 }

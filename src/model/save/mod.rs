@@ -1,6 +1,6 @@
 //! A model or an adapter written for other engines: the merged model as a GGUF file that
 //! llama.cpp (and so Ollama and LM Studio) loads as any converted Llama (`gguf.rs`, its
-//! tokenizer metadata in `tokenizer.rs`), a LoRA adapter as llama.cpp's GGUF LoRA (`lora.rs`),
+//! tokenizer metadata in `tokenizer.rs`, the container in `gguf_file.rs`), a LoRA adapter as llama.cpp's GGUF LoRA (`lora.rs`),
 //! and the Ollama Modelfile written beside a merged GGUF (`modelfile.rs`). The formats this
 //! engine reads back stay with their readers' neighbours: PEFT folders in `model::adapter`, the
 //! safetensors folder in `Model::write_hf_folder`.
@@ -11,6 +11,7 @@
 //! anything above (a Modelfile's sampling parameters come in as plain numbers).
 
 mod gguf;
+mod gguf_file;
 mod lora;
 mod modelfile;
 mod tokenizer;
