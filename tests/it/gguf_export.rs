@@ -287,9 +287,12 @@ fn modelfile_messages(text: &str) -> Vec<Message> {
 
 /// The merged GGUF of an adapter on SmolLM2, in f32 and q8_0, read back by the `gguf` package
 /// and served by llama.cpp. f32: llama.cpp's greedy answers are this engine's with the adapter
-/// attached, and its first token's log-prob is within 5e-3 (llama.cpp's KV cache is f16). q8_0:
-/// its blocks are ggml's, byte for byte; the same first tokens, their log-probs within 0.15 of
-/// f32's read back by this engine, within 0.35 in llama.cpp (8-bit activations). The Modelfile's
+/// attached, and its first token's log-prob is within 5e-3 (llama.cpp's KV cache is f16; an
+/// export without the q/k permutation moved it by 0.35). q8_0: its blocks are those ggml makes of
+/// the f32 file's weights, byte for byte, so the two files hold one network; served, the same
+/// first tokens, their log-probs within 0.15 of f32's read back by this engine and within 0.35
+/// in llama.cpp (its 8-bit activations: a bound too loose to catch a missing permutation by
+/// itself, which is the f32 check's and the bytes' job). The Modelfile's
 /// conversation and a title, sent as a chat request (llama.cpp applies the GGUF's chat template
 /// and vocabulary), are answered as this engine answers them, and as `pipeline sample` answers
 /// on the exported file.
@@ -396,10 +399,10 @@ fn the_merged_gguf_answers_in_llama_cpp_as_the_engine_with_the_adapter() {
     );
     drop(s);
 
-    // q8_0's blocks are ggml's (above). Its rounding moves the first token's log-prob by up to
-    // 0.1 from the f32 model's here (this engine reading the file back, dequantized), and
-    // llama.cpp, multiplying the blocks by 8-bit activations, by up to 0.22 (on the base's own
-    // Q4_1 file, with no export involved, llama.cpp and this engine differ by up to 0.07).
+    // q8_0's rounding moves the first token's log-prob by up to 0.1 from the f32 model's here
+    // (this engine reading the file back, dequantized), and llama.cpp, multiplying the blocks
+    // by 8-bit activations, by up to 0.22 (on the base's own Q4_1 file, with no export
+    // involved, llama.cpp and this engine differ by up to 0.07).
     let q8 = Model::load(
         &resolve(q8_file.to_str().unwrap(), "main").unwrap(),
         &LoadOptions::cpu_f32(),
@@ -447,7 +450,8 @@ fn the_merged_gguf_answers_in_llama_cpp_as_the_engine_with_the_adapter() {
 /// llama.cpp (`--lora`, and the per-request `lora` scale). Over the base as an f32 GGUF (the
 /// merge of an all-zero adapter), llama.cpp's greedy answers are this engine's with the adapter
 /// attached (first token's log-prob within 5e-3, as for the merged file), and at scale 0 the
-/// base's, which differ. Over the base's own Q4_1 file, where llama.cpp's Q4_1 arithmetic moves
+/// base's, which differ. The zero adapter merged to q4_1 is the base's Q4_1 file, block for
+/// block. Over the base's own Q4_1 file, where llama.cpp's Q4_1 arithmetic moves
 /// log-probs by a tenth of a nat from this engine's f32 even without an adapter, its answers
 /// start with the same token as this engine's and differ from the base's.
 #[test]
@@ -485,6 +489,15 @@ fn the_gguf_lora_over_the_base_gguf_answers_in_llama_cpp_as_the_engine() {
     );
     check_lora_file(&gguf_read(&lora, &[]));
     let base_f32 = merge_gguf(d.path(), &zero, "f32", &[]).join("model.gguf");
+    // Requantized to q4_1, weights no adapter changed come back as the base file's own blocks.
+    let base_q4 = merge_gguf(d.path(), &zero, "q4_1", &[]).join("model.gguf");
+    let g = gguf_read(&base_q4, &["--compare", smollm2().to_str().unwrap()]);
+    assert_eq!(
+        g["same_as_other"].as_array().unwrap().len(),
+        272,
+        "{}",
+        g["same_as_other"]
+    );
 
     let off = json!({"lora": [{"id": 0, "scale": 0.0}]});
     let s = LlamaServer::serve(
@@ -600,9 +613,9 @@ fn tinyllama_folder(dir: &Path) {
 }
 
 /// Tiny HF folders with a byte-level BPE tokenizer (SmolLM2's, as `gpt2`) and a SentencePiece
-/// one (TinyLlama's, as `llama` with scores), merged into GGUFs (f16 and q8_0, whose 64-wide
-/// rows are whole blocks): the `gguf` package reads the tokenizer keys as the converter writes
-/// them; llama.cpp, building its tokenizer from them, splits text into the ids this engine's
+/// one (TinyLlama's, as `llama` with scores), merged into GGUFs (q4_1, whose 64-wide rows are
+/// whole blocks, its blocks ggml's own and the tied embedding q8_0; and f16): the `gguf` package
+/// reads the tokenizer keys as the converter writes them; llama.cpp, building its tokenizer from them, splits text into the ids this engine's
 /// tokenizer does (BOS, special tokens, digits, spaces, bytes); this engine loads the GGUF back
 /// with the same tokenizer.
 #[test]
@@ -616,8 +629,8 @@ fn hf_folder_tokenizers_are_written_as_llama_cpp_reads_them() {
         "line one\nline two",
     ];
     let cases = [
-        ("bpe", "f16", "gpt2", "F16"),
-        ("spm", "q8_0", "llama", "Q8_0"),
+        ("bpe", "q4_1", "gpt2", "Q4_1"),
+        ("spm", "f16", "llama", "F16"),
     ];
     for (name, ty, model, tensor_ty) in cases {
         let dir = d.path().join(name);
@@ -635,19 +648,40 @@ fn hf_folder_tokenizers_are_written_as_llama_cpp_reads_them() {
         let adapter =
             attach_random_adapter(&mut m, &dir, &[Projection::QProj, Projection::KProj], 0.05);
         let set = format!("generate.model={}", folder.display());
-        let out = merge_gguf(
-            &dir,
-            &adapter,
-            ty,
-            &[
-                "--config",
-                d.path().join("pipeline.toml").to_str().unwrap(),
-                "--set",
-                &set,
-            ],
-        );
+        let config = d.path().join("pipeline.toml");
+        let set_args = ["--config", config.to_str().unwrap(), "--set", &set];
+        let out = merge_gguf(&dir, &adapter, ty, &set_args);
         let file = out.join("model.gguf");
-        let g = gguf_read(&file, &[]);
+        let g = if ty == "q4_1" {
+            // Its blocks against ggml's own, from an f32 export; the tied embedding in q8_0.
+            let f32_file = merge_gguf(&dir, &adapter, "f32", &set_args).join("model.gguf");
+            let names = [
+                "blk.0.attn_q.weight",
+                "blk.1.ffn_down.weight",
+                "token_embd.weight",
+            ];
+            let g = gguf_read(
+                &file,
+                &[&["--requant", f32_file.to_str().unwrap()][..], &names].concat(),
+            );
+            for n in names {
+                assert_eq!(
+                    g["requant"][n]["same_bytes"], true,
+                    "{n}: {}",
+                    g["requant"][n]
+                );
+            }
+            let embd = g["tensors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["name"] == "token_embd.weight")
+                .unwrap();
+            assert_eq!(embd["type"], "Q8_0");
+            g
+        } else {
+            gguf_read(&file, &[])
+        };
         let md = &g["metadata"];
         assert_eq!(md["tokenizer.ggml.model"]["value"], model, "{name}");
         let vocab = m.llama.cfg.vocab_size;
