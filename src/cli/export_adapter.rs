@@ -36,7 +36,7 @@ pub(crate) struct ExportAdapterArgs {
     #[arg(long, value_enum, default_value = "gguf")]
     pub(crate) format: AdapterFormat,
     /// The tensors' type
-    #[arg(long = "type", value_enum, default_value = "f32")]
+    #[arg(long = "type", value_enum, default_value = "f32", value_name = "TYPE")]
     pub(crate) ty: LoraType,
 }
 

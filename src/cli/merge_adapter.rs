@@ -32,10 +32,13 @@ pub(crate) enum MergedFormat {
 
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:\n  \
-pipeline merge-adapter --adapter data/cache/train/<key> --out reviewer2-hf\n  \
-pipeline merge-adapter --adapter data/cache/train/<key> --out reviewer2-gguf --format gguf --type q8_0\n  \
+pipeline merge-adapter --adapter DIR --out reviewer2-hf\n  \
+pipeline merge-adapter --adapter DIR --out reviewer2-gguf --format gguf --type q8_0\n  \
 llama-server -m reviewer2-gguf/model.gguf              serve it with llama.cpp\n  \
-ollama create reviewer2 -f reviewer2-gguf/Modelfile    or with Ollama")]
+ollama create reviewer2 -f reviewer2-gguf/Modelfile    or with Ollama\n\n\
+DIR is a trained adapter (data/cache/train/<key>; `pipeline status` names it). The base is the \
+recipe's train.model, else generate.model. The Modelfile carries the recipe's system message, \
+few-shot turns and sampling.")]
 pub(crate) struct MergeAdapterArgs {
     /// Adapter folder (adapter_config.json + adapter_model.safetensors)
     #[arg(long, value_name = "DIR")]
@@ -56,6 +59,17 @@ pub(crate) fn exec(g: &Global, a: MergeAdapterArgs) -> Result<()> {
         crate::error::usage!(
             "--type chooses the GGUF's weight type: pass --format gguf with it (the safetensors \
              folder is always f32)"
+        );
+    }
+    if a.format == MergedFormat::Gguf
+        && a.out
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        crate::error::usage!(
+            "--out {} looks like a file name, but it is the folder that {GGUF_NAME} and its \
+             Modelfile go into: pass a folder, e.g. --out reviewer2-gguf",
+            a.out.display()
         );
     }
     let recipe = open(g, Network::Allowed)?;

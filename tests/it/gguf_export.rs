@@ -770,8 +770,8 @@ fn refused(dir: &Path, args: &[&str], code: i32, names: &[&str]) {
 }
 
 /// What llama.cpp or this engine cannot use is refused by name, before anything is written: a
-/// LoRA on the embeddings, DoRA, an output over the base model; and `--type` without
-/// `--format gguf`.
+/// LoRA on the embeddings, DoRA, an adapter of another base, an output over the base model; and
+/// `--type` without `--format gguf`, a `.gguf` file name for the output folder.
 #[test]
 fn exports_refuse_what_cannot_be_used_by_name() {
     let d = tempdir();
@@ -794,6 +794,7 @@ fn exports_refuse_what_cannot_be_used_by_name() {
         json!({"use_dora": true}),
     );
     let out = d.path().join("x.gguf");
+    let merged = d.path().join("merged");
     let (o, e, dr) = (
         out.to_str().unwrap(),
         on_embeddings.to_str().unwrap(),
@@ -812,7 +813,7 @@ fn exports_refuse_what_cannot_be_used_by_name() {
             "--adapter",
             e,
             "--out",
-            o,
+            merged.to_str().unwrap(),
             "--format",
             "gguf",
         ],
@@ -825,7 +826,7 @@ fn exports_refuse_what_cannot_be_used_by_name() {
         1,
         &["use_dora"],
     );
-    assert!(!out.exists());
+    assert!(!out.exists() && !merged.exists());
     let base = smollm2();
     let before = std::fs::metadata(&base).unwrap().modified().unwrap();
     refused(
@@ -872,4 +873,34 @@ fn exports_refuse_what_cannot_be_used_by_name() {
         2,
         &["--format gguf"],
     );
+    refused(
+        d.path(),
+        &[
+            "merge-adapter",
+            "--adapter",
+            dr,
+            "--out",
+            o,
+            "--format",
+            "gguf",
+        ],
+        2,
+        &["a folder"],
+    );
+    // An adapter of another base: its shapes are not SmolLM2's.
+    let mut tiny = with_smollm2_tokenizer(tiny_llama(1, DType::F32));
+    let other = attach_random_adapter(&mut tiny, &d.path().join("tiny"), &[Projection::VProj], 0.1);
+    refused(
+        d.path(),
+        &[
+            "export-adapter",
+            "--adapter",
+            other.to_str().unwrap(),
+            "--out",
+            o,
+        ],
+        1,
+        &["v_proj", "another base model"],
+    );
+    assert!(!out.exists());
 }

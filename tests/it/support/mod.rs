@@ -215,7 +215,7 @@ pub fn python_with(modules: &[(&str, &str)]) -> String {
             .unwrap_or(false);
         assert!(
             ok,
-            "{py} lacks {import}: run `python3 -m pip install {pip}` (scripts/setup.sh does)"
+            "{py} lacks {import}: run `bash scripts/setup.sh` (or `python3 -m pip install {pip}`)"
         );
     }
     py
