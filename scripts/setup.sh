@@ -2,12 +2,13 @@
 # One-time set-up on a fresh machine: what the tests and the offline quick start need beyond the
 # Rust toolchain. Idempotent: rerunning it does nothing that is already done.
 #   - pyarrow + pyyaml: the independent Parquet / dataset-card reader the tests use
-#   - gguf: llama.cpp's GGUF reader, checks the tests' GGUF writer (tests/it/model_files.rs)
+#   - gguf: llama.cpp's GGUF reader, checks the tests' GGUF writer (tests/it/model_files.rs) and
+#     reads back the GGUF export (tests/it/gguf_export.rs)
 #   - vaderSentiment: the reference VADER the lexicon judge is checked against
 #   - scikit-learn: the reference logistic regression the trained judge is checked against
 #   - tensorboard: reads back the training event files
 #   - xllamacpp: llama.cpp's OpenAI-compatible server, the real server the openai generate
-#     backend is tested against (and the speed peer of bench/llama_server.py)
+#     backend and the GGUF export are tested against (and the speed peer of bench/llama_server.py)
 #   - openai: the official client, tests `pipeline serve`'s API
 #   - selenium + Debian's chromium and chromium-driver: drive `pipeline serve`'s page
 #   - DejaVu Sans: the font of the training charts (usually already installed)

@@ -7,7 +7,8 @@
 //! The marker is only a file in the folder, so it is not trusted: every entry must name a regular
 //! file inside the folder (relative, no `..`, no symlink on the way) or the export is refused
 //! before anything is deleted.
-//! `merge-adapter` refuses to write into the base model's folder.
+//! `merge-adapter` refuses to write into the base model's folder; `export-adapter` refuses to write
+//! over a file of the base model or into the adapter's folder.
 
 use crate::error::{bail, Context, Result};
 use crate::model::load::source::{ModelFiles, ModelSource};
@@ -312,28 +313,60 @@ fn remove_export(dir: &Path, files: &[String]) {
     }
 }
 
+/// The files a model source reads.
+fn source_files(base: &ModelSource) -> Vec<PathBuf> {
+    match &base.files {
+        ModelFiles::Gguf(p) => vec![p.clone()],
+        ModelFiles::Hf {
+            config,
+            tokenizer,
+            tokenizer_config,
+            weights,
+            ..
+        } => [config, tokenizer]
+            .into_iter()
+            .chain(tokenizer_config)
+            .chain(weights)
+            .cloned()
+            .collect(),
+    }
+}
+
+/// Refuse an output file that is one of the base model's files (by its real location), or lies
+/// in the adapter folder `adapter` (PEFT and this engine read that folder whole, and a trained
+/// adapter's folder is a cache artifact whose files its manifest lists).
+pub(crate) fn refuse_model_files(out: &Path, base: &ModelSource, adapter: &Path) -> Result<()> {
+    let o = real_path(out)?;
+    for f in source_files(base) {
+        if real_path(&f)? == o {
+            bail!(
+                "--out {} is a file of the base model {}; choose another file name",
+                out.display(),
+                base.spec
+            );
+        }
+    }
+    let a = real_path(adapter)?;
+    if o.starts_with(&a) {
+        bail!(
+            "--out {} lies inside the adapter folder {}; write the GGUF outside it",
+            out.display(),
+            adapter.display()
+        );
+    }
+    Ok(())
+}
+
 /// Refuse an output folder that is, or lies inside, the base model's folder (for a GGUF: the
 /// folder holding the file, by the path given and by the file's real location), or that names one
 /// of the base model's files.
 pub(crate) fn refuse_base_folder(out: &Path, base: &ModelSource) -> Result<()> {
     let o = real_path(out)?;
     let mut dirs: Vec<PathBuf> = Vec::new();
-    let mut files: Vec<PathBuf> = Vec::new();
-    match &base.files {
-        ModelFiles::Gguf(p) => files.push(p.clone()),
-        ModelFiles::Hf {
-            dir,
-            config,
-            tokenizer,
-            tokenizer_config,
-            weights,
-        } => {
-            dirs.push(dir.clone());
-            files.extend([config.clone(), tokenizer.clone()]);
-            files.extend(tokenizer_config.iter().cloned());
-            files.extend(weights.iter().cloned());
-        }
+    if let ModelFiles::Hf { dir, .. } = &base.files {
+        dirs.push(dir.clone());
     }
+    let files = source_files(base);
     for f in &files {
         // The folder as named and the folder the file really lives in (symlinks resolved).
         if let Some(parent) = f.parent().filter(|p| !p.as_os_str().is_empty()) {

@@ -5,6 +5,7 @@
 mod bench;
 mod eval;
 mod export;
+mod export_adapter;
 mod merge_adapter;
 mod run;
 mod sample;
@@ -36,6 +37,7 @@ pipeline export --out reviewer2-1k-paired     a folder ready to upload to the Hu
 pipeline export --out r2-unpaired --format unpaired   the same data for KTO (prompt, completion, label)\n  \
 pipeline eval                                 is the trained bot harsher than the base model?\n  \
 pipeline eval --adapter DIR                   the same question for any adapter folder\n  \
+pipeline merge-adapter --adapter DIR --out OUT --format gguf   the bot for llama.cpp and Ollama\n  \
 pipeline sample --title \"Attention Is All You Need\" --adapter data/cache/train/<key>"
 )]
 pub struct Cli {
@@ -86,8 +88,10 @@ enum Command {
     Sample(sample::SampleArgs),
     /// Serve the bot: a page at / and an OpenAI-compatible API (/v1/chat/completions, ...)
     Serve(serve::ServeArgs),
-    /// Merge a trained LoRA adapter into the base model and write a plain safetensors folder
+    /// Merge a trained LoRA adapter into the base model: a safetensors folder, or a GGUF and an Ollama Modelfile
     MergeAdapter(merge_adapter::MergeAdapterArgs),
+    /// Write a trained LoRA adapter as a GGUF LoRA that llama.cpp applies over the base GGUF
+    ExportAdapter(export_adapter::ExportAdapterArgs),
     /// Measure speed: `bench generate` or `bench train`
     Bench(crate::bench::BenchArgs),
 }
@@ -114,6 +118,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Sample(a) => sample::exec(g, a),
         Command::Serve(a) => serve::exec(g, a),
         Command::MergeAdapter(a) => merge_adapter::exec(g, a),
+        Command::ExportAdapter(a) => export_adapter::exec(g, a),
         Command::Bench(a) => bench::exec(g, a),
     }
 }

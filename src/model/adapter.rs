@@ -131,8 +131,11 @@ impl Adapter {
         for (name, t) in map {
             let Some((li, p, is_b)) = names::parse_peft(&name) else {
                 bail!(
-                    "{}: {name} is not the LoRA tensor of a Llama projection",
-                    path.display()
+                    "{}: {name} is not the LoRA of a Llama layer's projection ({}); LoRAs on \
+                     the embeddings or the output head, and PEFT's modules_to_save, are not \
+                     supported: train the adapter on the projections only",
+                    path.display(),
+                    Projection::ALL.map(|p| p.name()).join(", ")
                 );
             };
             if halves.len() <= li {
@@ -216,6 +219,39 @@ fn read_peft_config(dir: &Path) -> Result<LoraSpec> {
         )
     })?)
     .with_context(|| format!("{}: invalid JSON", p.display()))?;
+    // PEFT variants whose update is not `(alpha / r) B A` on every projection alike: applied
+    // as if they were, they would give another model without a word.
+    for (key, plain) in [
+        ("use_dora", serde_json::json!(false)),
+        ("use_rslora", serde_json::json!(false)),
+    ] {
+        if v.get(key).is_some_and(|x| !x.is_null() && *x != plain) {
+            bail!(
+                "{}: {key} is {}; only plain LoRA (W + (alpha / r) B A) is supported",
+                p.display(),
+                v[key]
+            );
+        }
+    }
+    // Each tensor's own rank sets its scale (`rank_pattern` works); one alpha must do for all.
+    if v.get("alpha_pattern")
+        .is_some_and(|x| x.as_object().is_some_and(|o| !o.is_empty()))
+    {
+        bail!(
+            "{}: alpha_pattern is {}; adapters with one lora_alpha for every projection are \
+             supported",
+            p.display(),
+            v["alpha_pattern"]
+        );
+    }
+    if v.get("modules_to_save").is_some_and(|x| !x.is_null()) {
+        bail!(
+            "{}: modules_to_save is {}; an adapter that replaces whole modules is not supported \
+             (LoRA on the projections only)",
+            p.display(),
+            v["modules_to_save"]
+        );
+    }
     if v["peft_type"] != "LORA" {
         bail!(
             "{}: peft_type is {}, only LORA is supported",

@@ -342,20 +342,29 @@ impl LlamaConfig {
         f(Weight::Embed, &[v, h])?;
         for l in 0..self.num_hidden_layers {
             for p in Projection::ALL {
-                let shape = match p {
-                    Projection::QProj => [q, h],
-                    Projection::KProj | Projection::VProj => [kv, h],
-                    Projection::OProj => [h, q],
-                    Projection::GateProj | Projection::UpProj => [i, h],
-                    Projection::DownProj => [h, i],
-                };
-                f(Weight::Proj(l, p), &shape)?;
+                let (rows, cols) = self.projection_shape(p);
+                f(Weight::Proj(l, p), &[rows, cols])?;
             }
             f(Weight::InputNorm(l), &[h])?;
             f(Weight::PostNorm(l), &[h])?;
         }
         f(Weight::Norm, &[h])?;
         f(Weight::Head, &[v, h])
+    }
+
+    /// `(out, in)` of a layer's projection `p` (after [`LlamaConfig::each_weight`] or
+    /// `check` made sure the products fit).
+    pub(crate) fn projection_shape(&self, p: Projection) -> (usize, usize) {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        match p {
+            Projection::QProj => (q, h),
+            Projection::KProj | Projection::VProj => (kv, h),
+            Projection::OProj => (h, q),
+            Projection::GateProj | Projection::UpProj => (i, h),
+            Projection::DownProj => (h, i),
+        }
     }
 
     /// TinyLlama-1.1B-Chat-v1.0's shape, for benchmarks with random weights.

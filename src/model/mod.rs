@@ -5,6 +5,8 @@
 //!
 //! - [`load`]: model files into a [`load::Model`] (sources, GGUF, safetensors, tokenizer, chat
 //!   template, special text).
+//! - [`save`]: a model or an adapter written for other engines (GGUF for llama.cpp and Ollama,
+//!   the Ollama Modelfile).
 //! - [`generate`]: sampling, the [`generate::Decoder`] that `generate()` and `pipeline serve`
 //!   share, prefix sharing, context limits.
 //!
@@ -20,3 +22,4 @@ pub mod load;
 pub mod lora;
 pub(crate) mod names;
 pub mod options;
+pub mod save;

@@ -135,6 +135,16 @@ pub(crate) mod gguf {
     pub(crate) fn ffn_norm(layer: usize) -> String {
         format!("blk.{layer}.ffn_norm.weight")
     }
+
+    /// The LoRA tensors of a GGUF adapter (llama.cpp's `convert_lora_to_gguf.py`): the base
+    /// tensor's name and `.lora_a` (A, `[r, in]`) or `.lora_b` (B, `[out, r]`).
+    pub(crate) fn lora_a(layer: usize, p: Projection) -> String {
+        format!("{}.lora_a", weight(layer, p))
+    }
+
+    pub(crate) fn lora_b(layer: usize, p: Projection) -> String {
+        format!("{}.lora_b", weight(layer, p))
+    }
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ const FLOORS: &[(&str, u8)] = &[
     ("kernels", 1),
     ("model", 2),
     ("model::load", 3),
+    ("model::save", 3),
     ("model::generate", 4),
     ("backend", 5),
     ("dpo", 5),

@@ -10,6 +10,7 @@ mod crash;
 mod dpo;
 mod engine;
 mod eval;
+mod gguf_export;
 mod gpu_path;
 mod hostile_api;
 mod hostile_files;

@@ -5,66 +5,17 @@
 //! resumes with only the missing prompts; answers that must fail at once; and bad settings.
 
 use crate::support::http::{free_port, parse_head, read_message, FakeServer, Reply, Request};
+use crate::support::llama_server::LlamaServer;
 use crate::support::*;
 use serde_json::Value;
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// llama.cpp's server on a free loopback port, for as long as this value lives.
-struct LlamaServer {
-    child: Child,
-    port: u16,
-}
-
-impl LlamaServer {
-    fn start(parallel: usize) -> LlamaServer {
-        Self::start_named(parallel, "smollm2")
-    }
-
-    /// Serving the model under `names` (comma-separated aliases).
-    fn start_named(parallel: usize, names: &str) -> LlamaServer {
-        let py = python_with(&[("xllamacpp", "xllamacpp")]);
-        let port = free_port();
-        let mut child = Command::new(py)
-            .arg(fixture("llama_server.py"))
-            .arg(smollm2())
-            .arg(port.to_string())
-            .args(["--parallel", &parallel.to_string(), "--alias", names])
-            .args(["--threads", "1", "--watch-stdin"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start tests/fixtures/llama_server.py");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(
-            line.trim(),
-            format!("ready {port}"),
-            "llama.cpp's server did not start"
-        );
-        LlamaServer { child, port }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/v1", self.port)
-    }
-}
-
-impl Drop for LlamaServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// What the proxy does with the n-th completion request (model listings always pass).
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -7,7 +7,7 @@
 //! options}`) and the base modules; never `model::generate` or anything above.
 
 pub mod chat;
-mod gguf;
+pub(crate) mod gguf;
 mod gguf_header;
 pub mod safetensors;
 pub mod source;

@@ -1,11 +1,12 @@
 //! Helpers shared by the integration tests: the real model and saved pages (`model`), temporary
 //! folders, the `pipeline` binary and the artifacts it leaves, JSON files, the Python references,
-//! fake HTTP servers (`http`, and the Hub-like one in `hub`), `pipeline serve` as a child (`serve`), and a test that must run alone in
+//! fake HTTP servers (`http`, and the Hub-like one in `hub`), llama.cpp's real server (`llama_server`), `pipeline serve` as a child (`serve`), and a test that must run alone in
 //! its own process (`alone`).
 
 pub mod gguf;
 pub mod http;
 pub mod hub;
+pub mod llama_server;
 mod model;
 pub mod serve;
 
@@ -232,7 +233,7 @@ pub fn python_with(modules: &[(&str, &str)]) -> String {
             .unwrap_or(false);
         assert!(
             ok,
-            "{py} lacks {import}: run `python3 -m pip install {pip}` (scripts/setup.sh does)"
+            "{py} lacks {import}: run `bash scripts/setup.sh` (or `python3 -m pip install {pip}`)"
         );
     }
     py
