@@ -169,7 +169,9 @@ impl Default for RoundsSettings {
             titles: 100,
             samples: 4,
             seed: 5,
-            judge: JudgeKind::Lexicon,
+            // docs/RESULTS.md "On-policy rounds": labels by the trained judge gave the coherent
+            // bot (no loops, the base's length); labels by the lexicon judge a formula of it.
+            judge: JudgeKind::Trained,
             loop_penalty: 1.0,
             length_penalty: 0.25,
             margin: 0.1,

@@ -212,6 +212,19 @@ impl Settings {
         check(r.epochs > 0, "rounds.epochs", || {
             "must be at least 1".into()
         })?;
+        // Every eval must keep a judge that labelled nothing it evaluates.
+        let m = self.merge.judge;
+        check(
+            m == JudgeKind::Off || m == r.judge || self.eval.judge == JudgeKind::Llm,
+            "rounds.judge",
+            || {
+                format!(
+                    "is \"{}\" and merge.judge \"{}\": with both labelling, no judge of the eval would be independent of the labels; use the same judge for both, or set eval.judge = \"llm\" as a third",
+                    r.judge.name(),
+                    m.name()
+                )
+            },
+        )?;
         check(self.train.dataset.is_empty(), "rounds.count", || {
             "rounds draw fresh titles from the scraped page and extend the split's bot; with train.dataset set there is neither (set rounds.count = 0)".into()
         })?;

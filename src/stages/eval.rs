@@ -6,7 +6,8 @@
 //! same per-sample seeds. Judges score every review's negativity: `eval.judge` (the headline
 //! numbers), and always the lexicon judge and the `trained` judge (fitted here on the train
 //! pairs), each validated on the test pairs (chosen against rejected: its AUROC), which nothing
-//! here tunes it on. A judge that labelled the training data (merge's label check) is marked so:
+//! here tunes it on. A judge that labelled the training data (merge's label check, or an on-policy
+//! round's labels when the eval runs for a round: `stages::rounds`) is marked so:
 //! the report always holds one that did not. Coherence (`judge::coherence`) is measured for both
 //! models, and the harsher rate again over the pairs where neither review loops. The eval loss
 //! and reward accuracy of the adapter on the test pairs come from the trainer's own eval.

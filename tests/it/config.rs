@@ -370,3 +370,38 @@ fn penalties_out_of_range_name_the_key_and_the_range() {
     let s = load(&p, &[], true).unwrap().settings;
     assert_ne!(s, Settings::default());
 }
+
+#[test]
+fn rounds_settings_that_cannot_work_are_refused_by_name() {
+    let d = tempdir();
+    let p = write(d.path(), "");
+    let on = |more: &[&str]| -> Result<(), String> {
+        let mut sets = vec!["rounds.count=2".to_string()];
+        sets.extend(more.iter().map(|s| s.to_string()));
+        load(&p, &sets, true).map(|_| ()).map_err(|e| e.to_string())
+    };
+    assert!(on(&[]).is_ok());
+    for (more, key, why) in [
+        (&["rounds.samples=1"][..], "rounds.samples", "at least 2"),
+        (&["rounds.titles=0"], "rounds.titles", "at least 1"),
+        (&["rounds.judge=\"llm\""], "rounds.judge", "\"lexicon\" or \"trained\""),
+        (&["rounds.judge=\"off\""], "rounds.judge", "\"lexicon\" or \"trained\""),
+        (&["rounds.margin=-0.5"], "rounds.margin", ">= 0"),
+        (&["rounds.length_penalty=nan"], "rounds.length_penalty", "finite"),
+        (&["rounds.epochs=0"], "rounds.epochs", "at least 1"),
+        (&["train.dataset=\"x.parquet\""], "rounds.count", "train.dataset"),
+        (&["train.loss=\"kto\""], "rounds.count", "unpaired"),
+        (&["merge.judge=\"lexicon\""], "rounds.judge", "independent"),
+    ] {
+        let e = on(more).unwrap_err();
+        assert!(
+            e.contains(key) && e.contains(why) && e.contains("--set"),
+            "{more:?}: {e}"
+        );
+    }
+    // The same judge labelling both, or an llm judge as a third, leaves the eval one that did
+    // not label; and with no rounds nothing of [rounds] is checked.
+    assert!(on(&["merge.judge=\"lexicon\"", "rounds.judge=\"lexicon\""]).is_ok());
+    assert!(on(&["merge.judge=\"lexicon\"", "eval.judge=\"llm\""]).is_ok());
+    assert!(load(&p, &["rounds.samples=1".into()], true).is_ok());
+}

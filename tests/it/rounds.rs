@@ -197,12 +197,13 @@ fn rounds_pair_the_bots_own_reviews_resume_after_kills_and_chain_their_keys() {
     let table: Value = read_json(&folder(a.path(), "round-2-eval").join("rounds.json"));
     let rounds = table["rounds"].as_array().unwrap();
     assert_eq!(rounds.len(), 3, "{table}");
-    assert_eq!(table["labelled_by"], "lexicon");
-    assert_eq!(table["independent_judges"], serde_json::json!(["trained"]));
-    assert!(rounds[2]["vs_round0"]["trained"]["n"].as_u64().unwrap() > 0);
+    assert_eq!(table["labelled_by"], "trained");
+    assert_eq!(table["independent_judges"], serde_json::json!(["lexicon"]));
+    assert!(rounds[2]["vs_round0"]["lexicon"]["n"].as_u64().unwrap() > 0);
     let report: Value = read_json(&folder(a.path(), "round-1-eval").join("report.json"));
-    assert_eq!(report["judges"]["lexicon"]["labeled_training_data"], true);
-    assert_eq!(report["judges"]["trained"]["labeled_training_data"], false);
+    assert_eq!(report["judges"]["trained"]["labeled_training_data"], true);
+    assert_eq!(report["judges"]["lexicon"]["labeled_training_data"], false);
+    assert_eq!(report["independent_judges"], serde_json::json!(["lexicon"]));
 
     // Each round's pairs export as a dataset like the split.
     let ex = tempdir();
@@ -224,7 +225,7 @@ fn rounds_pair_the_bots_own_reviews_resume_after_kills_and_chain_their_keys() {
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
     assert!(
         card.contains("the Reviewer #2 bot's own reviews")
-            && card.contains("its best and its worst by the lexicon judge")
+            && card.contains("its best and its worst by the trained judge")
             && !card.contains("chosen = negative review"),
         "{card}"
     );
