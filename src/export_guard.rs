@@ -357,6 +357,21 @@ pub(crate) fn refuse_model_files(out: &Path, base: &ModelSource, adapter: &Path)
     Ok(())
 }
 
+/// Refuse to replace a file that is already there (a model export nobody asked to overwrite, or
+/// a user's own file under the same name) unless `--force` says to.
+pub(crate) fn refuse_existing(paths: &[PathBuf], force: bool) -> Result<()> {
+    if force {
+        return Ok(());
+    }
+    if let Some(p) = paths.iter().find(|p| p.symlink_metadata().is_ok()) {
+        bail!(
+            "{} already exists; pass --force to replace it, or choose another --out",
+            p.display()
+        );
+    }
+    Ok(())
+}
+
 /// Refuse an output folder that is, or lies inside, the base model's folder (for a GGUF: the
 /// folder holding the file, by the path given and by the file's real location), or that names one
 /// of the base model's files.

@@ -38,6 +38,9 @@ pub(crate) struct ExportAdapterArgs {
     /// The tensors' type
     #[arg(long = "type", value_enum, default_value = "f32", value_name = "TYPE")]
     pub(crate) ty: LoraType,
+    /// Replace --out if it already exists
+    #[arg(long)]
+    pub(crate) force: bool,
 }
 
 pub(crate) fn exec(g: &Global, a: ExportAdapterArgs) -> Result<()> {
@@ -46,6 +49,7 @@ pub(crate) fn exec(g: &Global, a: ExportAdapterArgs) -> Result<()> {
     let ctx = Ctx::new(&recipe, &g.workdir, g.quiet);
     let base = recipe.model(&recipe.train)?;
     crate::export_guard::refuse_model_files(&a.out, base, &a.adapter)?;
+    crate::export_guard::refuse_existing(std::slice::from_ref(&a.out), a.force)?;
     // The base's shape (its header or config.json), not its weights.
     let cfg = load_meta(base)?.config;
     let n = crate::model::save::write_lora_gguf(&a.adapter, &cfg, &a.out, a.ty, "reviewer2")?;

@@ -52,6 +52,9 @@ pub(crate) struct MergeAdapterArgs {
     /// The GGUF's weight type (--format gguf; default f16). Norms stay f32, as llama.cpp keeps them
     #[arg(long = "type", value_enum, value_name = "TYPE")]
     pub(crate) ty: Option<GgufType>,
+    /// Replace the GGUF and Modelfile in --out if they are already there
+    #[arg(long)]
+    pub(crate) force: bool,
 }
 
 pub(crate) fn exec(g: &Global, a: MergeAdapterArgs) -> Result<()> {
@@ -75,6 +78,12 @@ pub(crate) fn exec(g: &Global, a: MergeAdapterArgs) -> Result<()> {
     let recipe = open(g, Network::Allowed)?;
     let ctx = Ctx::new(&recipe, &g.workdir, g.quiet);
     crate::export_guard::refuse_base_folder(&a.out, recipe.model(&recipe.train)?)?;
+    if a.format == MergedFormat::Gguf {
+        crate::export_guard::refuse_existing(
+            &[a.out.join(GGUF_NAME), a.out.join("Modelfile")],
+            a.force,
+        )?;
+    }
     // Before the slow part: the recipe's prompt must render (its templates are found).
     let params = match a.format {
         MergedFormat::Gguf => Some(ollama_params(&recipe)?),

@@ -887,6 +887,58 @@ fn exports_refuse_what_cannot_be_used_by_name() {
         2,
         &["a folder"],
     );
+    // A file already at --out (the user's own, or an earlier export) is replaced only with
+    // --force, and refused before any work.
+    let mine = d.path().join("mine.gguf");
+    std::fs::write(&mine, b"not yours").unwrap();
+    refused(
+        d.path(),
+        &[
+            "export-adapter",
+            "--adapter",
+            dr,
+            "--out",
+            mine.to_str().unwrap(),
+        ],
+        1,
+        &["mine.gguf already exists", "--force"],
+    );
+    let kept = d.path().join("kept");
+    std::fs::create_dir_all(&kept).unwrap();
+    std::fs::write(kept.join("Modelfile"), b"FROM llama3").unwrap();
+    refused(
+        d.path(),
+        &[
+            "merge-adapter",
+            "--adapter",
+            dr,
+            "--out",
+            kept.to_str().unwrap(),
+            "--format",
+            "gguf",
+        ],
+        1,
+        &["Modelfile already exists", "--force"],
+    );
+    assert_eq!(std::fs::read(&mine).unwrap(), b"not yours");
+    assert_eq!(
+        std::fs::read(kept.join("Modelfile")).unwrap(),
+        b"FROM llama3"
+    );
+    // With --force the refusal is the adapter's own (DoRA), not the file's.
+    refused(
+        d.path(),
+        &[
+            "export-adapter",
+            "--adapter",
+            dr,
+            "--out",
+            mine.to_str().unwrap(),
+            "--force",
+        ],
+        1,
+        &["use_dora"],
+    );
     // An adapter of another base: its shapes are not SmolLM2's.
     let mut tiny = with_smollm2_tokenizer(tiny_llama(1, DType::F32));
     let other = attach_random_adapter(&mut tiny, &d.path().join("tiny"), &[Projection::VProj], 0.1);
