@@ -59,76 +59,76 @@ pub(crate) struct Inputs<'a> {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct SampleRow {
-    title: String,
-    sample: usize,
+pub(crate) struct SampleRow {
+    pub(crate) title: String,
+    pub(crate) sample: usize,
     /// The sampler of this row (both models) is stream `stream` of `seed` (`eval.seed`).
-    seed: u64,
-    stream: usize,
-    base: String,
-    adapter: String,
+    pub(crate) seed: u64,
+    pub(crate) stream: usize,
+    pub(crate) base: String,
+    pub(crate) adapter: String,
     /// By `eval.judge`.
-    base_score: f64,
-    adapter_score: f64,
+    pub(crate) base_score: f64,
+    pub(crate) adapter_score: f64,
     /// Every judge's scores, `[base, adapter]`.
-    scores: BTreeMap<String, [f64; 2]>,
-    base_tokens: usize,
-    adapter_tokens: usize,
-    base_finish: Finish,
-    adapter_finish: Finish,
+    pub(crate) scores: BTreeMap<String, [f64; 2]>,
+    pub(crate) base_tokens: usize,
+    pub(crate) adapter_tokens: usize,
+    pub(crate) base_finish: Finish,
+    pub(crate) adapter_finish: Finish,
 }
 
 /// One judge's verdict.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct JudgeReport {
-    auroc: f64,
-    harsher_rate: f64,
-    harsher_rate_ci: [f64; 2],
+pub(crate) struct JudgeReport {
+    pub(crate) auroc: f64,
+    pub(crate) harsher_rate: f64,
+    pub(crate) harsher_rate_ci: [f64; 2],
     /// Over the pairs where neither review loops; null when every pair has a loop (a rate of
     /// nothing is not 0).
-    harsher_rate_fluent: Option<f64>,
-    harsher_rate_fluent_ci: Option<[f64; 2]>,
-    negativity_base: f64,
-    negativity_adapter: f64,
+    pub(crate) harsher_rate_fluent: Option<f64>,
+    pub(crate) harsher_rate_fluent_ci: Option<[f64; 2]>,
+    pub(crate) negativity_base: f64,
+    pub(crate) negativity_adapter: f64,
     /// It chose which pairs the training data kept (merge's label check): its verdict on the
     /// bot trained on them is not independent.
-    labeled_training_data: bool,
+    pub(crate) labeled_training_data: bool,
 }
 
 /// `report.json`. The top-level judge numbers are `eval.judge`'s; `judges` holds every judge's.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Report {
-    n: usize,
-    judge: String,
-    judge_auroc: f64,
-    harsher_rate: f64,
-    harsher_rate_ci: [f64; 2],
-    negativity_base: f64,
-    negativity_adapter: f64,
-    eval_loss: f64,
-    eval_reward_accuracy: f64,
-    distinct2_base: f64,
-    distinct2_adapter: f64,
-    mean_chars_base: f64,
-    mean_chars_adapter: f64,
-    mean_tokens_base: f64,
-    mean_tokens_adapter: f64,
+pub(crate) struct Report {
+    pub(crate) n: usize,
+    pub(crate) judge: String,
+    pub(crate) judge_auroc: f64,
+    pub(crate) harsher_rate: f64,
+    pub(crate) harsher_rate_ci: [f64; 2],
+    pub(crate) negativity_base: f64,
+    pub(crate) negativity_adapter: f64,
+    pub(crate) eval_loss: f64,
+    pub(crate) eval_reward_accuracy: f64,
+    pub(crate) distinct2_base: f64,
+    pub(crate) distinct2_adapter: f64,
+    pub(crate) mean_chars_base: f64,
+    pub(crate) mean_chars_adapter: f64,
+    pub(crate) mean_tokens_base: f64,
+    pub(crate) mean_tokens_adapter: f64,
     /// Shares of reviews that repeat a sentence, that repeat a 4-gram, and that stopped at
     /// `max_new_tokens` rather than at the end-of-sequence token (`judge::coherence`).
-    repeat_sentence_base: f64,
-    repeat_sentence_adapter: f64,
-    repeat_ngram_base: f64,
-    repeat_ngram_adapter: f64,
-    hit_max_tokens_base: f64,
-    hit_max_tokens_adapter: f64,
+    pub(crate) repeat_sentence_base: f64,
+    pub(crate) repeat_sentence_adapter: f64,
+    pub(crate) repeat_ngram_base: f64,
+    pub(crate) repeat_ngram_adapter: f64,
+    pub(crate) hit_max_tokens_base: f64,
+    pub(crate) hit_max_tokens_adapter: f64,
     /// Pairs where neither review loops (repeats a sentence).
-    fluent_pairs: usize,
+    pub(crate) fluent_pairs: usize,
     /// Null when there is no such pair.
-    harsher_rate_fluent: Option<f64>,
-    harsher_rate_fluent_ci: Option<[f64; 2]>,
-    judges: BTreeMap<String, JudgeReport>,
+    pub(crate) harsher_rate_fluent: Option<f64>,
+    pub(crate) harsher_rate_fluent_ci: Option<[f64; 2]>,
+    pub(crate) judges: BTreeMap<String, JudgeReport>,
     /// The judges that did not label the training data.
-    independent_judges: Vec<String>,
+    pub(crate) independent_judges: Vec<String>,
 }
 
 /// One review and how it ended.

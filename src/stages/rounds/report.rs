@@ -6,41 +6,14 @@
 //! judge, with Wilson's interval. The judges that did not label the rounds are named: they are
 //! the ones whose verdict on the rounds counts.
 
+use super::super::eval::{Report as EvalReport, SampleRow as Sample};
 use crate::error::{Context, Result};
 use crate::fsutil::{read_jsonl, write_atomic, write_json_pretty};
 use crate::judge::wilson95;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
-
-/// The fields of an eval's `report.json` this table reads.
-#[derive(Debug, Deserialize)]
-struct EvalReport {
-    eval_loss: f64,
-    eval_reward_accuracy: f64,
-    distinct2_base: f64,
-    distinct2_adapter: f64,
-    mean_chars_base: f64,
-    mean_chars_adapter: f64,
-    repeat_sentence_base: f64,
-    repeat_sentence_adapter: f64,
-    judges: BTreeMap<String, Verdict>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Verdict {
-    harsher_rate: f64,
-    harsher_rate_ci: [f64; 2],
-}
-
-/// The fields of an eval's `samples.jsonl` rows this table reads.
-#[derive(Debug, Deserialize)]
-struct Sample {
-    title: String,
-    stream: usize,
-    scores: BTreeMap<String, [f64; 2]>,
-}
 
 /// Round r against round 0, by one judge.
 #[derive(Debug, Serialize)]
