@@ -31,6 +31,8 @@ pub(crate) enum PageSource {
     Bundled,
     /// Fetch `url` once into the page cache; on failure use the bundled snapshot if `fallback`.
     Url { url: String, fallback: bool },
+    /// A file of items (`scrape.file`), not a page.
+    File(PathBuf),
 }
 
 /// One model as a stage uses it: what it names, how it loads, and (once asked) its files.
@@ -79,6 +81,7 @@ impl Recipe {
     pub(crate) fn resolve(loaded: Loaded, workdir: &Path, network: Network) -> Result<Self> {
         let s = &loaded.settings;
         let page = match s.scrape.snapshot.as_str() {
+            _ if !s.scrape.file.is_empty() => PageSource::File(loaded.resolve(&s.scrape.file)),
             "" => PageSource::Url {
                 url: s.scrape.url.clone(),
                 fallback: s.scrape.fallback,

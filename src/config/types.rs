@@ -39,6 +39,56 @@ pub struct ScrapeSettings {
     pub(crate) retries: u32,
     /// The largest page (decoded: after gzip) a fetch reads; a larger one is refused.
     pub(crate) max_page_bytes: u64,
+    /// A file of items to read instead of a page ("" = the page): `.txt` (one a line), `.csv`,
+    /// `.tsv`, `.jsonl`, `.json` or `.parquet` (`column` names the field).
+    pub(crate) file: String,
+    /// The column or field of `file` that holds the items (not for `.txt`).
+    pub(crate) column: String,
+    /// The largest `file` read; a larger one is refused.
+    pub(crate) max_file_bytes: u64,
+}
+
+/// The formats `scrape.file` reads, by its extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ItemFormat {
+    Txt,
+    Csv,
+    Tsv,
+    Jsonl,
+    Json,
+    Parquet,
+}
+
+impl ItemFormat {
+    pub(crate) const EXTENSIONS: &'static str = ".txt, .csv, .tsv, .jsonl, .json or .parquet";
+
+    /// The format of a path by its extension (case-insensitive); `None` for any other.
+    pub(crate) fn of(path: &str) -> Option<Self> {
+        let ext = std::path::Path::new(path)
+            .extension()?
+            .to_str()?
+            .to_ascii_lowercase();
+        Some(match ext.as_str() {
+            "txt" => Self::Txt,
+            "csv" => Self::Csv,
+            "tsv" => Self::Tsv,
+            "jsonl" => Self::Jsonl,
+            "json" => Self::Json,
+            "parquet" => Self::Parquet,
+            _ => return None,
+        })
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Txt => "txt",
+            Self::Csv => "csv",
+            Self::Tsv => "tsv",
+            Self::Jsonl => "jsonl",
+            Self::Json => "json",
+            Self::Parquet => "parquet",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -244,6 +294,10 @@ impl Default for ScrapeSettings {
             // The real schedule page is under 1 MiB: room for far larger pages, and still a bound
             // on the memory a broken or hostile server can make a fetch take.
             max_page_bytes: 64 << 20,
+            file: String::new(),
+            column: String::new(),
+            // As a page: room for a list far longer than any recipe draws from, and a bound.
+            max_file_bytes: 64 << 20,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Validation: every range of every setting checked once, after the layers are merged, each
 //! failure naming the key and what would be valid.
 
-use super::types::{Backend, OpenAiApi, Settings};
+use super::types::{Backend, ItemFormat, OpenAiApi, Settings};
 use crate::dpo::config::{check, Invalid};
 use crate::judge::JudgeKind;
 
@@ -31,10 +31,11 @@ impl Settings {
             || "must not be empty".into(),
         )?;
         check(
-            !(s.scrape.url.is_empty() && s.scrape.snapshot.is_empty()),
+            !(s.scrape.url.is_empty() && s.scrape.snapshot.is_empty() && s.scrape.file.is_empty()),
             "scrape.url",
-            || "set scrape.url or scrape.snapshot".into(),
+            || "set scrape.url, scrape.snapshot or scrape.file".into(),
         )?;
+        self.validate_items_file()?;
         check(s.scrape.timeout_secs > 0, "scrape.timeout_secs", || {
             "must be at least 1".into()
         })?;
@@ -58,6 +59,51 @@ impl Settings {
             },
         )?;
         Ok(())
+    }
+
+    /// `scrape.file`, `scrape.column`, `scrape.max_file_bytes`: a file or a page, never both.
+    fn validate_items_file(&self) -> Result<(), Invalid> {
+        let sc = &self.scrape;
+        check(sc.max_file_bytes >= 1, "scrape.max_file_bytes", || {
+            "must be at least 1".into()
+        })?;
+        if sc.file.is_empty() {
+            return check(sc.column.is_empty(), "scrape.column", || {
+                "only applies with scrape.file (the page's titles come from scrape.selector)".into()
+            });
+        }
+        check(sc.snapshot.is_empty(), "scrape.file", || {
+            format!(
+                "is set ({:?}) and so is scrape.snapshot ({:?}): items come from one source, \
+                 a file or a page; remove one of them",
+                sc.file, sc.snapshot
+            )
+        })?;
+        let Some(format) = ItemFormat::of(&sc.file) else {
+            return check(false, "scrape.file", || {
+                format!(
+                    "{:?}: unknown extension; the format is read from it: {}",
+                    sc.file,
+                    ItemFormat::EXTENSIONS
+                )
+            });
+        };
+        if format == ItemFormat::Txt {
+            check(sc.column.is_empty(), "scrape.column", || {
+                format!(
+                    "{:?} is a text file, one item a line, with no columns: remove scrape.column",
+                    sc.file
+                )
+            })
+        } else {
+            check(!sc.column.trim().is_empty(), "scrape.column", || {
+                format!(
+                    "{:?} is a .{} file: name the column (or field) that holds the items",
+                    sc.file,
+                    format.name()
+                )
+            })
+        }
     }
 
     /// `[generate]` and `[generate.openai]`.

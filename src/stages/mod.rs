@@ -11,6 +11,7 @@
 mod chunks;
 pub(crate) mod eval;
 pub(crate) mod generate;
+pub mod items;
 pub mod merge;
 pub(crate) mod prompts;
 pub(crate) mod rounds;

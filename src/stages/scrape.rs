@@ -8,7 +8,7 @@
 
 use super::{Built, Ctx};
 use crate::cache::KeyMaterial;
-use crate::config::ScrapeSettings;
+use crate::config::{ItemFormat, ScrapeSettings};
 use crate::error::{bail, Context, Error, Result};
 use crate::fsutil::{sha256_hex, write_atomic, write_jsonl};
 use crate::recipe::PageSource;
@@ -69,6 +69,12 @@ pub(crate) fn page(ctx: &Ctx, fetch: bool) -> Result<Option<Page>> {
             kind: "snapshot",
             label: p.display().to_string(),
         },
+        PageSource::File(p) => Page {
+            bytes: super::items::read_bounded(p, s.max_file_bytes)
+                .with_context(|| ctx.loaded.origin("scrape.file"))?,
+            kind: "file",
+            label: p.display().to_string(),
+        },
         PageSource::Url { url, fallback } => {
             let path = page_path(ctx, url);
             if path.exists() && !ctx.refetch {
@@ -113,6 +119,24 @@ pub(crate) fn page(ctx: &Ctx, fetch: bool) -> Result<Option<Page>> {
 /// fetch succeeds, never what a page that was read holds.
 pub(crate) fn material(ctx: &Ctx, page: &Page) -> Result<KeyMaterial> {
     let s = &ctx.settings().scrape;
+    if page.kind == "file" {
+        // The file's bytes, not its path or mtime: a moved file keeps its key, an edited one
+        // rebuilds.
+        return Ok(KeyMaterial {
+            stage: "scrape".into(),
+            version: VERSION,
+            settings: serde_json::json!({
+                "source": "file",
+                "format": ItemFormat::of(&s.file).map(ItemFormat::name),
+                "column": s.column,
+                "count": s.count,
+                "seed": s.seed,
+            }),
+            files: BTreeMap::from([("items".to_string(), sha256_hex(&page.bytes))]),
+            model: None,
+            inputs: BTreeMap::new(),
+        });
+    }
     Ok(KeyMaterial {
         stage: "scrape".into(),
         version: VERSION,
@@ -132,13 +156,24 @@ pub(crate) fn material(ctx: &Ctx, page: &Page) -> Result<KeyMaterial> {
 pub(crate) fn build(ctx: &Ctx, page: &Page, out: &Path) -> Result<Built> {
     let s = &ctx.settings().scrape;
     let source = &page.label;
-    let html = String::from_utf8_lossy(&page.bytes);
-    let parsed = parse_titles(&html, &s.selector).map_err(|e| {
-        crate::error::err!(
-            "{e}\n  (selector set at {})",
-            ctx.loaded.origin("scrape.selector")
-        )
-    })?;
+    let parsed = if page.kind == "file" {
+        let format = ItemFormat::of(&s.file).context("scrape.file's format was validated")?;
+        let items = super::items::parse_items(&page.bytes, format, &s.column, source)
+            .with_context(|| ctx.loaded.origin("scrape.file"))?;
+        Parsed {
+            titles: items.items,
+            duplicates: items.duplicates,
+            empty: items.empty,
+        }
+    } else {
+        let html = String::from_utf8_lossy(&page.bytes);
+        parse_titles(&html, &s.selector).map_err(|e| {
+            crate::error::err!(
+                "{e}\n  (selector set at {})",
+                ctx.loaded.origin("scrape.selector")
+            )
+        })?
+    };
     if parsed.titles.is_empty() {
         bail!(
             "no element of {source} matches scrape.selector `{}` ({}).\n  \
@@ -150,7 +185,7 @@ pub(crate) fn build(ctx: &Ctx, page: &Page, out: &Path) -> Result<Built> {
     }
     let sample = sample_titles(&parsed.titles, s.count, s.seed).map_err(|e| {
         crate::error::err!(
-            "{e} in {source}; lower scrape.count ({})",
+            "{e} (distinct, non-empty) in {source}; lower scrape.count ({})",
             ctx.loaded.origin("scrape.count")
         )
     })?;

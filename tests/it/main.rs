@@ -15,6 +15,7 @@ mod gpu_path;
 mod hostile_api;
 mod hostile_files;
 mod hub_faults;
+mod items;
 mod judge;
 mod model_files;
 mod openai_backend;
