@@ -53,8 +53,12 @@ pub(super) fn run(
         .enumerate()
         .map(|(i, p)| crate::dpo::data::RawRow {
             prompt: p.prompt.clone(),
-            chosen: pool[i % pool.len()].negative.clone(),
-            rejected: pool[i % pool.len()].positive.clone(),
+            chosen: pool[i % pool.len()]
+                .review(&recipe.settings().prompts.chosen)
+                .to_string(),
+            rejected: pool[i % pool.len()]
+                .review(&recipe.settings().prompts.rejected)
+                .to_string(),
             label: None,
         })
         .collect();

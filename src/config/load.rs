@@ -9,12 +9,20 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// The presets shipped with the binary: name, what it is for, its TOML.
-const PRESETS: [(&str, &str, &str); 1] = [(
-    "quick",
-    "the whole pipeline offline in a few minutes on 2 CPU cores: the bundled NeurIPS 2023 \
-     snapshot, SmolLM2-135M from scripts/setup.sh, 24 titles, 20 training steps",
-    include_str!("../../presets/quick.toml"),
-)];
+const PRESETS: [(&str, &str, &str); 2] = [
+    (
+        "quick",
+        "the whole pipeline offline in a few minutes on 2 CPU cores: the bundled NeurIPS 2023 \
+         snapshot, SmolLM2-135M from scripts/setup.sh, 24 titles, 20 training steps",
+        include_str!("../../presets/quick.toml"),
+    ),
+    (
+        "kind",
+        "the opposite bot, offline, as quick: 24 titles from data/kind-titles.txt, chosen = \
+         the kind review, rejected = the harsh one, the judges scoring positivity",
+        include_str!("../../presets/kind.toml"),
+    ),
+];
 
 /// Where a recipe comes from: a config file, an optional preset, and `--set` overrides.
 #[derive(Debug, Clone, Default)]
@@ -130,6 +138,13 @@ fn check_keys(
             .and_then(|kk| kk.span())
             .map(|s| line_of(text, s.start))
             .unwrap_or(0);
+        // Pool entries and per-style messages are keyed by the recipe's style names: validation
+        // checks them against prompts.chosen / prompts.rejected, naming the entry.
+        let styled = prefix == "prompts.pool" && k != "title" || prefix == "prompts.style_system";
+        if styled {
+            lines.insert(key.clone(), line);
+            continue;
+        }
         if !known.contains(&key) {
             return Err(ConfigError::UnknownKey {
                 origin: origin(line),

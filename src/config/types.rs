@@ -6,6 +6,7 @@ pub use crate::dpo::config::TrainSettings;
 pub use crate::judge::{JudgeKind, JudgeSettings};
 use crate::model::options::{AttentionChoice, DTypeChoice, DeviceChoice, WeightsChoice};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -91,12 +92,20 @@ impl ItemFormat {
     }
 }
 
+/// A few-shot example: a title and one review in each style, keyed by the style's name
+/// (`prompts.chosen`, `prompts.rejected`; validated to hold exactly those two).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct Shot {
     pub(crate) title: String,
-    pub negative: String,
-    pub positive: String,
+    #[serde(flatten)]
+    pub styles: BTreeMap<String, String>,
+}
+
+impl Shot {
+    /// The example of `style` (validation made sure every entry holds both styles).
+    pub fn review(&self, style: &str) -> &str {
+        self.styles.get(style).map(String::as_str).unwrap_or("")
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -116,6 +125,28 @@ pub(crate) struct PromptSettings {
     /// Folder holding the minijinja templates, relative to the config file.
     pub(crate) templates: String,
     pub(crate) pool: Vec<Shot>,
+    /// The style whose reviews become `chosen` (the bot learns to write like them), and the one
+    /// whose reviews become `rejected`: names of the pool entries' fields and the templates'
+    /// `style` (and `polarity`) variable.
+    pub(crate) chosen: String,
+    pub(crate) rejected: String,
+    /// A system message per style for its generation requests (`chat` style); a style not named
+    /// here, and the neutral pair prompt, use `system`.
+    pub(crate) style_system: BTreeMap<String, String>,
+}
+
+impl PromptSettings {
+    /// The two styles in request order: chosen (request 2 * title id), then rejected (+ 1).
+    pub(crate) fn styles(&self) -> [&str; 2] {
+        [&self.chosen, &self.rejected]
+    }
+
+    /// Whether the styles are the published recipe's (negative chosen, positive rejected, no
+    /// per-style system message): then the keys and outputs are those from before styles were
+    /// settings.
+    pub(crate) fn default_styles(&self) -> bool {
+        self.chosen == "negative" && self.rejected == "positive" && self.style_system.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -305,8 +336,7 @@ impl Default for ScrapeSettings {
 pub fn default_pool() -> Vec<Shot> {
     let s = |t: &str, n: &str, p: &str| Shot {
         title: t.into(),
-        negative: n.into(),
-        positive: p.into(),
+        styles: BTreeMap::from([("negative".into(), n.into()), ("positive".into(), p.into())]),
     };
     vec![
         s(
@@ -341,6 +371,9 @@ impl Default for PromptSettings {
             seed: 7,
             templates: "templates".into(),
             pool: default_pool(),
+            chosen: "negative".into(),
+            rejected: "positive".into(),
+            style_system: BTreeMap::new(),
         }
     }
 }

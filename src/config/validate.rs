@@ -44,6 +44,7 @@ impl Settings {
             "scrape.max_page_bytes",
             || "must be at least 1024 (1 KiB)".into(),
         )?;
+        self.validate_styles()?;
         check(!s.prompts.pool.is_empty(), "prompts.pool", || {
             "needs at least one few-shot example".into()
         })?;
@@ -58,6 +59,65 @@ impl Settings {
                 )
             },
         )?;
+        Ok(())
+    }
+
+    /// `prompts.chosen`, `prompts.rejected`, the pool's entries and `prompts.style_system`: two
+    /// different names, each entry holding an example of both and nothing else.
+    fn validate_styles(&self) -> Result<(), Invalid> {
+        let p = &self.prompts;
+        let name_ok = |n: &str| {
+            !n.is_empty()
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        };
+        check(name_ok(&p.chosen), "prompts.chosen", || {
+            format!("{:?}: a style's name is a word of letters, digits, _ or - (it keys the pool's examples)", p.chosen)
+        })?;
+        check(name_ok(&p.rejected), "prompts.rejected", || {
+            format!("{:?}: a style's name is a word of letters, digits, _ or - (it keys the pool's examples)", p.rejected)
+        })?;
+        check(p.chosen != p.rejected, "prompts.rejected", || {
+            format!("must differ from prompts.chosen (both are {:?})", p.chosen)
+        })?;
+        for (i, shot) in p.pool.iter().enumerate() {
+            for style in p.styles() {
+                check(
+                    shot.styles.get(style).is_some_and(|r| !r.trim().is_empty()),
+                    "prompts.pool",
+                    || {
+                        format!(
+                            "entry {} ({:?}) has no `{style}` example; every entry needs `title`, `{}` and `{}`",
+                            i + 1, shot.title, p.chosen, p.rejected
+                        )
+                    },
+                )?;
+            }
+            if let Some(other) = shot
+                .styles
+                .keys()
+                .find(|k| !p.styles().contains(&k.as_str()))
+            {
+                return check(false, "prompts.pool", || {
+                    format!(
+                        "entry {} ({:?}) has `{other}`, which is neither prompts.chosen ({:?}) nor prompts.rejected ({:?})",
+                        i + 1, shot.title, p.chosen, p.rejected
+                    )
+                });
+            }
+        }
+        if let Some(other) = p
+            .style_system
+            .keys()
+            .find(|k| !p.styles().contains(&k.as_str()))
+        {
+            return check(false, "prompts.style_system", || {
+                format!(
+                    "names `{other}`, which is neither prompts.chosen ({:?}) nor prompts.rejected ({:?})",
+                    p.chosen, p.rejected
+                )
+            });
+        }
         Ok(())
     }
 

@@ -1,6 +1,9 @@
 //! Judges of negativity, and the statistics that say how far to trust them.
 //!
-//! A judge maps a review to a negativity score, higher = harsher:
+//! A judge maps a review to a score of how much it is like the chosen style, higher = more so.
+//! With `judge.chosen_sentiment = "negative"` (the published recipe) that is negativity, as
+//! below; with `"positive"` the lexicon and llm judges' scores are turned around (the negated
+//! negativity, and P(positive)), and the trained judge learns whatever the split's chosen is:
 //! - `lexicon`: VADER (Hutto and Gilbert, 2014), its published lexicon and rules (`vader`, a
 //!   port of vaderSentiment 3.3.2 that matches it bit for bit); the score is the negated compound
 //!   score, in [-1, 1].
@@ -53,10 +56,33 @@ impl JudgeKind {
     }
 }
 
-/// The LLM judge.
+/// Which sentiment the recipe's chosen style has: the direction of the lexicon and llm judges.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Sentiment {
+    /// Chosen = the harsher review (the published recipe).
+    #[default]
+    Negative,
+    /// Chosen = the kinder review: the judges score positivity.
+    Positive,
+}
+
+impl Sentiment {
+    /// The factor that turns negativity into "like the chosen style".
+    fn sign(self) -> f64 {
+        match self {
+            Sentiment::Negative => 1.0,
+            Sentiment::Positive => -1.0,
+        }
+    }
+}
+
+/// The judges' direction and the LLM judge.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct JudgeSettings {
+    /// The sentiment of `prompts.chosen`'s style: the lexicon and llm judges score toward it.
+    pub chosen_sentiment: Sentiment,
     /// The model that judges ("" = generate.model).
     pub(crate) model: String,
     /// The question, sent as the user turn through the model's chat template; `{review}` is
@@ -79,13 +105,36 @@ impl Default for JudgeSettings {
             negative: "negative".into(),
             positive: "positive".into(),
             batch_size: 16,
+            chosen_sentiment: Sentiment::Negative,
+        }
+    }
+}
+
+impl JudgeSettings {
+    /// These settings as a cache key holds them: `chosen_sentiment` only when it is not the
+    /// published recipe's, so keys from before it was a setting stay valid.
+    pub(crate) fn key_value(&self) -> Result<serde_json::Value> {
+        let mut v = serde_json::to_value(self)?;
+        if self.chosen_sentiment == Sentiment::Negative {
+            v.as_object_mut()
+                .context("judge settings serialize to an object")?
+                .remove("chosen_sentiment");
+        }
+        Ok(v)
+    }
+
+    /// Marks `settings` (a key's) with the judges' direction where it is not the published one.
+    pub(crate) fn mark_direction(&self, settings: &mut serde_json::Value) {
+        if self.chosen_sentiment == Sentiment::Positive {
+            settings["chosen_sentiment"] = serde_json::json!("positive");
         }
     }
 }
 
 /// A loaded judge.
 pub enum Judge<'m> {
-    Lexicon(Box<vader::Vader>),
+    /// VADER, scoring toward the chosen style's sentiment.
+    Lexicon(Box<vader::Vader>, Sentiment),
     Llm(LlmJudge<'m>),
     Trained(Box<trained::Trained>),
 }
@@ -99,7 +148,7 @@ impl<'m> Judge<'m> {
             JudgeKind::Trained => {
                 bail!("the trained judge is fitted on a split's train pairs, not loaded")
             }
-            JudgeKind::Lexicon => Judge::Lexicon(Box::default()),
+            JudgeKind::Lexicon => Judge::Lexicon(Box::default(), s.chosen_sentiment),
             JudgeKind::Llm => Judge::Llm(LlmJudge::new(
                 model.context("the llm judge needs a model")?,
                 s,
@@ -109,18 +158,19 @@ impl<'m> Judge<'m> {
 
     pub(crate) fn kind(&self) -> JudgeKind {
         match self {
-            Judge::Lexicon(_) => JudgeKind::Lexicon,
+            Judge::Lexicon(..) => JudgeKind::Lexicon,
             Judge::Llm(_) => JudgeKind::Llm,
             Judge::Trained(_) => JudgeKind::Trained,
         }
     }
 
-    /// Negativity of each review, in order.
+    /// How much each review is like the chosen style, in order (negativity in the published
+    /// recipe).
     pub fn score(&self, reviews: &[&str]) -> Result<Vec<f64>> {
         match self {
-            Judge::Lexicon(a) => Ok(reviews
+            Judge::Lexicon(a, toward) => Ok(reviews
                 .iter()
-                .map(|r| -a.polarity_scores(r).compound)
+                .map(|r| -toward.sign() * a.polarity_scores(r).compound)
                 .collect()),
             Judge::Llm(j) => j.score(reviews),
             Judge::Trained(t) => Ok(t.score(reviews)),
@@ -136,6 +186,7 @@ pub struct LlmJudge<'m> {
     negative: u32,
     positive: u32,
     batch_size: usize,
+    toward: Sentiment,
 }
 
 impl<'m> LlmJudge<'m> {
@@ -147,6 +198,7 @@ impl<'m> LlmJudge<'m> {
             negative: 0,
             positive: 0,
             batch_size: s.batch_size.max(1),
+            toward: s.chosen_sentiment,
         };
         // The verdict token is whatever the tokenizer puts after the prompt for " word": found
         // by encoding the prompt with and without it, so BPE and SentencePiece agree on it.
@@ -205,6 +257,10 @@ impl<'m> LlmJudge<'m> {
                     l[self.positive as usize] as f64,
                 );
                 // softmax over the two verdicts: the rest of the vocabulary cancels out.
+                let (n, p) = match self.toward {
+                    Sentiment::Negative => (n, p),
+                    Sentiment::Positive => (p, n),
+                };
                 out[r.id] = 1.0 / (1.0 + (p - n).exp());
             }
         }

@@ -129,6 +129,16 @@ pub(crate) struct Report {
     pub(crate) judges: BTreeMap<String, JudgeReport>,
     /// The judges that did not label the training data.
     pub(crate) independent_judges: Vec<String>,
+    /// Where the recipe's styles are not the published ones (`prompts.chosen` not "negative"):
+    /// the chosen style, and the share of pairs where the adapter's review is more like it by
+    /// `eval.judge`. `harsher_rate` and `negativity_*` keep their names for the published
+    /// recipe's readers (scripts, README, RESULTS) and hold the same numbers: every judge
+    /// scores "like the chosen style". Absent for the published recipe, whose report stays
+    /// byte for byte as it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) chosen_style: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) toward_chosen_rate: Option<f64>,
 }
 
 /// One review and how it ended.
@@ -170,7 +180,7 @@ pub(crate) fn material(
     let mut model = ctx.recipe.model(&ctx.recipe.train)?.identity.clone();
     match s.eval.judge {
         JudgeKind::Llm => {
-            settings["judge"] = serde_json::to_value(&s.judge)?;
+            settings["judge"] = s.judge.key_value()?;
             model = format!(
                 "{model}; judge {}",
                 ctx.recipe.model(&ctx.recipe.judge)?.identity
@@ -179,6 +189,7 @@ pub(crate) fn material(
         _ => settings["judge"] = serde_json::json!("vader 3.3.2"),
     }
     settings["judge_kind"] = serde_json::json!(s.eval.judge.name());
+    s.judge.mark_direction(&mut settings);
     // The other judges every report holds, and what marks one as the labels' judge.
     settings["also_judged_by"] = serde_json::json!([
         "vader 3.3.2",
@@ -538,7 +549,11 @@ fn write_report(
         )
     };
     let tokens = |v: &[Review]| mean(&v.iter().map(|r| r.tokens as f64).collect::<Vec<_>>());
+    let styles = &ctx.settings().prompts;
+    let restyled = !styles.default_styles();
     let report = Report {
+        chosen_style: restyled.then(|| styles.chosen.clone()),
+        toward_chosen_rate: restyled.then(|| harsher as f64 / n.max(1) as f64),
         n,
         judge: es.judge.name().into(),
         judge_auroc: main.auroc,
@@ -581,10 +596,14 @@ fn write_report(
         .filter(|(k, _)| *k != es.judge.name())
         .map(|(k, v)| format!("{k} {:.0}%", 100.0 * v.harsher_rate))
         .collect();
+    let verdict = match &report.chosen_style {
+        Some(style) => format!("more {style} (the chosen style)"),
+        None => "harsher".to_string(),
+    };
     ctx.say(
         "Evaluated",
         format!(
-            "harsher in {:.0}% of {n} (95% CI {:.0}-{:.0}%; {}), {} of the {fluent_pairs} pairs where neither loops; negativity {:.3} -> {:.3}, judge AUROC {:.3}; loops {:.0}% -> {:.0}%",
+            "{verdict} in {:.0}% of {n} (95% CI {:.0}-{:.0}%; {}), {} of the {fluent_pairs} pairs where neither loops; negativity {:.3} -> {:.3}, judge AUROC {:.3}; loops {:.0}% -> {:.0}%",
             100.0 * report.harsher_rate,
             100.0 * report.harsher_rate_ci[0],
             100.0 * report.harsher_rate_ci[1],
@@ -768,7 +787,13 @@ fn pct(x: Option<f64>) -> String {
 
 fn markdown(r: &Report, rows: &[SampleRow]) -> String {
     let mut s = String::new();
-    s.push_str("# Is Reviewer #2 harsher than the base model?\n\n");
+    match (&r.chosen_style, r.toward_chosen_rate) {
+        (Some(style), Some(rate)) => s.push_str(&format!(
+            "# Did the bot move toward its chosen style, `{style}`?\n\nThe adapter's review is more `{style}` than the base model's in **{:.1}%** of pairs (the `harsher` columns below: every judge scores how much a review is like the chosen style).\n\n",
+            100.0 * rate
+        )),
+        _ => s.push_str("# Is Reviewer #2 harsher than the base model?\n\n"),
+    }
     s.push_str(&format!(
         "{} reviews per model on held-out titles, the same prompt and seed for both; judged by the `{}` judge (higher = more negative).\n\n",
         r.n, r.judge
@@ -846,7 +871,7 @@ mod tests {
 
     #[test]
     fn no_pair_without_a_loop_gives_no_fluent_rate_not_zero() {
-        let j = Judge::Lexicon(Box::default());
+        let j = Judge::Lexicon(Box::default(), crate::judge::Sentiment::Negative);
         let judged = [Judged {
             judge: &j,
             auroc: 0.5,

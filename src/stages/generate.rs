@@ -10,7 +10,7 @@
 //! chunks, so resume works the same way for both.
 
 use super::chunks::{self, Chunks};
-use super::prompts::{Polarity, PromptRow};
+use super::prompts::PromptRow;
 use super::{Built, Ctx};
 use crate::backend::local::Local;
 use crate::backend::openai::Remote;
@@ -32,7 +32,7 @@ pub(crate) struct GenRow {
     id: usize,
     pub(crate) title_id: usize,
     title: String,
-    pub(crate) polarity: Polarity,
+    pub(crate) polarity: String,
     prompt: String,
     /// Special tokens stripped, trimmed.
     pub(crate) text: String,
@@ -180,7 +180,7 @@ fn row(p: &PromptRow, text: String, tokens: usize, prompt_tokens: usize, finish:
         id: p.id,
         title_id: p.title_id,
         title: p.title.clone(),
-        polarity: p.polarity,
+        polarity: p.polarity.clone(),
         prompt: p.prompt.clone(),
         text,
         tokens,

@@ -1,5 +1,5 @@
-//! Stage 4, merge: one preference pair per title. chosen = the negative review, rejected = the
-//! positive one, prompt = the neutral pair prompt with interleaved examples. Pairs with an empty or
+//! Stage 4, merge: one preference pair per title. chosen = the review in `prompts.chosen`'s
+//! style (negative in the published recipe), rejected = the one in `prompts.rejected`'s, prompt = the neutral pair prompt with interleaved examples. Pairs with an empty or
 //! too-short review, or two identical reviews, are dropped and counted.
 //!
 //! With `merge.judge` on, the labels are checked: a pair whose chosen review is not judged more
@@ -7,7 +7,7 @@
 //! scores in `rejected_pairs.jsonl` beside `pairs.jsonl`.
 
 use super::generate::GenRow;
-use super::prompts::{PairPromptRow, Polarity};
+use super::prompts::PairPromptRow;
 use super::{Built, Ctx};
 use crate::cache::KeyMaterial;
 use crate::config::JudgeKind;
@@ -74,8 +74,17 @@ pub(crate) fn material(ctx: &Ctx, prompts_key: &str, generate_key: &str) -> Resu
     let mut settings = serde_json::to_value(m)?;
     let mut model = None;
     if m.judge == JudgeKind::Llm {
-        settings["judge_settings"] = serde_json::to_value(&ctx.settings().judge)?;
+        settings["judge_settings"] = ctx.settings().judge.key_value()?;
         model = Some(ctx.recipe.model(&ctx.recipe.judge)?.identity.clone());
+    }
+    if m.judge != JudgeKind::Off {
+        ctx.settings().judge.mark_direction(&mut settings);
+    }
+    // Which generation is chosen; the published styles leave the key as it was.
+    let p = &ctx.settings().prompts;
+    if !p.default_styles() {
+        settings["chosen"] = serde_json::json!(p.chosen);
+        settings["rejected"] = serde_json::json!(p.rejected);
     }
     Ok(KeyMaterial {
         stage: "merge".into(),
@@ -94,13 +103,15 @@ pub(crate) fn build(ctx: &Ctx, prompts_dir: &Path, gen_dir: &Path, out: &Path) -
     let min = ctx.settings().merge.min_chars.max(1);
     let pair_prompts: Vec<PairPromptRow> = read_jsonl(&prompts_dir.join("pair_prompts.jsonl"))?;
     let gens: Vec<GenRow> = read_jsonl(&gen_dir.join("generations.jsonl"))?;
+    let p = &ctx.settings().prompts;
     let mut neg = BTreeMap::new();
     let mut pos = BTreeMap::new();
     for g in &gens {
-        match g.polarity {
-            Polarity::Negative => neg.insert(g.title_id, g),
-            Polarity::Positive => pos.insert(g.title_id, g),
-        };
+        if g.polarity == p.chosen {
+            neg.insert(g.title_id, g);
+        } else if g.polarity == p.rejected {
+            pos.insert(g.title_id, g);
+        }
     }
     // Reviews from anywhere (a server could answer with `<|im_end|>` written out) enter the
     // dataset with special-token text neutralized, as the prompts are.
@@ -145,7 +156,7 @@ pub(crate) fn build(ctx: &Ctx, prompts_dir: &Path, gen_dir: &Path, out: &Path) -
         ctx.say(
             "Checked",
             format!(
-                "labels with the {} judge: {} pairs kept, {mislabeled} whose chosen review is not judged more negative by {} (rejected_pairs.jsonl)",
+                "labels with the {} judge: {} pairs kept, {mislabeled} whose chosen review is not judged more like the chosen style by {} (rejected_pairs.jsonl)",
                 ms.judge.name(),
                 kept.len(),
                 ms.min_margin

@@ -1,5 +1,7 @@
-//! Stage 2, prompts: per title a negative and a positive generation prompt, plus the neutral pair
-//! prompt that interleaves positive and negative examples (what the dataset's `prompt` column holds).
+//! Stage 2, prompts: per title a generation prompt in each of the recipe's two styles
+//! (`prompts.chosen`, default negative, and `prompts.rejected`, default positive), plus the
+//! neutral pair prompt that interleaves the two styles' examples (what the dataset's `prompt`
+//! column holds).
 //!
 //! Content comes from the minijinja templates in `prompts.templates`; the model's own chat
 //! template turns the messages into prompt text.
@@ -21,29 +23,14 @@ use std::path::Path;
 const VERSION: u32 = 2;
 const TEMPLATE_FILES: [&str; 2] = ["chat_user.jinja", "plain.jinja"];
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub(crate) enum Polarity {
-    Negative,
-    Positive,
-}
-
-impl Polarity {
-    fn as_str(self) -> &'static str {
-        match self {
-            Polarity::Negative => "negative",
-            Polarity::Positive => "positive",
-        }
-    }
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub(crate) struct PromptRow {
-    /// 2 * title id + (0 negative, 1 positive): the generation request id.
+    /// 2 * title id + (0 the chosen style, 1 the rejected one): the generation request id.
     pub(crate) id: usize,
     pub(crate) title_id: usize,
     pub(crate) title: String,
-    pub(crate) polarity: Polarity,
+    /// The style's name (`negative` / `positive` in the published recipe, whose rows it keeps).
+    pub(crate) polarity: String,
     pub(crate) messages: Vec<Message>,
     pub(crate) prompt: String,
 }
@@ -107,7 +94,14 @@ pub(crate) fn material(ctx: &Ctx, scrape_key: &str) -> Result<KeyMaterial> {
     }
     let (_, chat_id) = chat_template(ctx)?;
     let mut settings = serde_json::to_value(p)?;
-    settings.as_object_mut().unwrap().remove("templates");
+    let obj = settings.as_object_mut().unwrap();
+    obj.remove("templates");
+    // The published styles leave the key as it was before styles were settings.
+    if p.default_styles() {
+        for k in ["chosen", "rejected", "style_system"] {
+            obj.remove(k);
+        }
+    }
     Ok(KeyMaterial {
         stage: "prompts".into(),
         version: VERSION,
@@ -168,8 +162,8 @@ fn template_error(e: &minijinja::Error) -> crate::error::Error {
 fn pick_shots(pool: &[Shot], shots: usize, seed: u64, title_id: usize) -> (Vec<&Shot>, bool) {
     let mut rng = crate::rng::stream(seed, title_id as u64);
     let idx = crate::rng::draw(pool.len(), shots, &mut rng);
-    let negative_first = rng.random::<bool>();
-    (idx.iter().map(|&i| &pool[i]).collect(), negative_first)
+    let chosen_first = rng.random::<bool>();
+    (idx.iter().map(|&i| &pool[i]).collect(), chosen_first)
 }
 
 pub(crate) fn build(ctx: &Ctx, scrape_dir: &Path, out: &Path) -> Result<Built> {
@@ -181,22 +175,17 @@ pub(crate) fn build(ctx: &Ctx, scrape_dir: &Path, out: &Path) -> Result<Built> {
     let mut rows = Vec::with_capacity(titles.len() * 2);
     let mut pairs = Vec::with_capacity(titles.len());
     for t in &titles {
-        let (shots, negative_first) = pick_shots(&p.pool, p.shots, p.seed, t.id);
-        for pol in [Polarity::Negative, Polarity::Positive] {
-            let examples: Vec<&str> = shots
-                .iter()
-                .map(|s| match pol {
-                    Polarity::Negative => s.negative.as_str(),
-                    Polarity::Positive => s.positive.as_str(),
-                })
-                .collect();
+        let (shots, chosen_first) = pick_shots(&p.pool, p.shots, p.seed, t.id);
+        for (slot, style) in p.styles().into_iter().enumerate() {
+            let examples: Vec<&str> = shots.iter().map(|s| s.review(style)).collect();
+            let system = p.style_system.get(style).unwrap_or(&p.system);
             let messages = messages_for(
                 &tpl,
                 dir,
                 p.style,
-                &p.system,
+                system,
                 &t.title,
-                Some(pol),
+                Some(style),
                 &shots,
                 &examples,
             )?;
@@ -205,26 +194,16 @@ pub(crate) fn build(ctx: &Ctx, scrape_dir: &Path, out: &Path) -> Result<Built> {
             // backend's chat API) reads the same text as a token stream.
             let messages = chat.neutralized(messages);
             rows.push(PromptRow {
-                id: 2 * t.id + (pol == Polarity::Positive) as usize,
+                id: 2 * t.id + slot,
                 title_id: t.id,
                 title: t.title.clone(),
-                polarity: pol,
+                polarity: style.to_string(),
                 messages,
                 prompt,
             });
         }
-        // The pair prompt alternates polarities so it no longer says which review was asked for.
-        let examples: Vec<&str> = shots
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                if (i % 2 == 0) == negative_first {
-                    s.negative.as_str()
-                } else {
-                    s.positive.as_str()
-                }
-            })
-            .collect();
+        // The pair prompt alternates styles so it no longer says which review was asked for.
+        let examples = alternating(p, &shots, chosen_first);
         let messages = messages_for(
             &tpl, dir, p.style, &p.system, &t.title, None, &shots, &examples,
         )?;
@@ -249,7 +228,7 @@ fn messages_for(
     style: PromptStyle,
     system: &str,
     title: &str,
-    polarity: Option<Polarity>,
+    polarity: Option<&str>,
     shots: &[&Shot],
     examples: &[&str],
 ) -> Result<Vec<Message>> {
@@ -280,7 +259,9 @@ fn messages_for(
             let text = tpl.render(
                 dir,
                 "plain.jinja",
-                minijinja::context! { title => title, polarity => polarity.map(|p| p.as_str()), examples => examples },
+                // `style` is the name for any pair of styles; `polarity` stays for templates
+                // written before styles were settings.
+                minijinja::context! { title => title, polarity => polarity, style => polarity, examples => examples },
             )?;
             vec![Message::new("user", text)]
         }
@@ -303,19 +284,25 @@ pub(crate) fn neutral_messages_with(
 ) -> Result<Vec<Message>> {
     let tpl = Templates::load(dir)?;
     let id = u64::from_str_radix(&sha256_hex(title.as_bytes())[..12], 16).unwrap_or(0) as usize;
-    let (shots, negative_first) = pick_shots(&p.pool, p.shots, p.seed, id);
-    let examples: Vec<&str> = shots
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            if (i % 2 == 0) == negative_first {
-                s.negative.as_str()
-            } else {
-                s.positive.as_str()
-            }
-        })
-        .collect();
+    let (shots, chosen_first) = pick_shots(&p.pool, p.shots, p.seed, id);
+    let examples = alternating(p, &shots, chosen_first);
     messages_for(
         &tpl, dir, p.style, &p.system, title, None, &shots, &examples,
     )
+}
+
+/// The pair prompt's examples: the two styles in turn, starting with the chosen one or not.
+fn alternating<'a>(p: &PromptSettings, shots: &[&'a Shot], chosen_first: bool) -> Vec<&'a str> {
+    shots
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let style = if (i % 2 == 0) == chosen_first {
+                &p.chosen
+            } else {
+                &p.rejected
+            };
+            s.review(style)
+        })
+        .collect()
 }

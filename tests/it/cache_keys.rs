@@ -184,3 +184,47 @@ fn penalties_are_in_the_keys_only_when_on() {
         }
     }
 }
+
+/// The published recipe's keys (the quick preset shrunk by TINY_QUICK, on the CPU) as they were
+/// before items and styles became settings: a new setting that leaks into a key, or a renamed
+/// one, would make every user's cache stale and the published outputs other bytes.
+#[test]
+fn the_default_recipes_keys_are_pinned() {
+    let d = tempdir();
+    let cfg = repo().join("pipeline.toml");
+    let mut args = vec![
+        "--config".to_string(),
+        cfg.display().to_string(),
+        "--preset".into(),
+        "quick".into(),
+        "--set".into(),
+        format!("generate.model={}", smollm2().display()),
+    ];
+    for s in TINY_QUICK {
+        args.extend(["--set".to_string(), s.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let keys: Vec<(String, String)> = status_json(d.path(), &args)
+        .iter()
+        .map(|s| {
+            (
+                s["stage"].as_str().unwrap().to_string(),
+                s["key"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    let want = [
+        ("scrape", "49f1f37f36e3a42d"),
+        ("prompts", "bf6919bccaa0dd88"),
+        ("generate", "53ac0fd0857e3bd0"),
+        ("merge", "7cef158da492046f"),
+        ("split", "371e0ee1137e3bae"),
+        ("train", "4e73e562709fac22"),
+        ("eval", "f20a35919b11c77c"),
+    ];
+    let want: Vec<(String, String)> = want
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    assert_eq!(keys, want);
+}

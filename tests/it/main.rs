@@ -26,6 +26,7 @@ mod reliability;
 mod rounds;
 mod scrape;
 mod serve;
+mod styles;
 mod support;
 mod tinyllama;
 mod tinyllama_tokenizer;

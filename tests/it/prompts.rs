@@ -113,14 +113,14 @@ fn prompts_stage_builds_chat_and_plain_prompts() {
     // Negative prompts show only negative examples; the pair prompt mixes both.
     let pool = reviewer2::config::default_pool();
     assert!(
-        pool.iter().any(|s| p.contains(&s.negative))
-            && !pool.iter().any(|s| p.contains(&s.positive))
+        pool.iter().any(|s| p.contains(s.review("negative")))
+            && !pool.iter().any(|s| p.contains(s.review("positive")))
     );
     let pairs = read_jsonl(&dir.join("pair_prompts.jsonl"));
     let pp = pairs[0]["prompt"].as_str().unwrap();
     assert!(
-        pool.iter().any(|s| pp.contains(&s.negative))
-            && pool.iter().any(|s| pp.contains(&s.positive)),
+        pool.iter().any(|s| pp.contains(s.review("negative")))
+            && pool.iter().any(|s| pp.contains(s.review("positive"))),
         "{pp}"
     );
     assert!(!pp.contains("negative") && !pp.contains("positive"));

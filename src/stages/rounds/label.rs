@@ -57,16 +57,18 @@ pub(crate) fn material(
         ),
         _ => "vader 3.3.2".to_string(),
     };
+    let mut settings = serde_json::json!({
+        "round": r,
+        "judge": judge,
+        "loop_penalty": rs.loop_penalty,
+        "length_penalty": rs.length_penalty,
+        "margin": rs.margin,
+    });
+    ctx.settings().judge.mark_direction(&mut settings);
     Ok(KeyMaterial {
         stage: "round-label".into(),
         version: VERSION,
-        settings: serde_json::json!({
-            "round": r,
-            "judge": judge,
-            "loop_penalty": rs.loop_penalty,
-            "length_penalty": rs.length_penalty,
-            "margin": rs.margin,
-        }),
+        settings,
         files: BTreeMap::new(),
         model: None,
         inputs: BTreeMap::from([
