@@ -794,11 +794,16 @@ fn markdown(r: &Report, rows: &[SampleRow]) -> String {
         )),
         _ => s.push_str("# Is Reviewer #2 harsher than the base model?\n\n"),
     }
+    // The published recipe's text stays as it was; another recipe's names its own styles.
+    let (higher, bot) = match &r.chosen_style {
+        Some(style) => (format!("more `{style}`"), "the adapter"),
+        None => ("more negative".to_string(), "Reviewer #2"),
+    };
     s.push_str(&format!(
-        "{} reviews per model on held-out titles, the same prompt and seed for both; judged by the `{}` judge (higher = more negative).\n\n",
+        "{} reviews per model on held-out titles, the same prompt and seed for both; judged by the `{}` judge (higher = {higher}).\n\n",
         r.n, r.judge
     ));
-    s.push_str("| | base | Reviewer #2 |\n|---|---|---|\n");
+    s.push_str(&format!("| | base | {bot} |\n|---|---|---|\n"));
     s.push_str(&format!(
         "| mean negativity | {:.3} | {:.3} |\n| distinct-2 | {:.3} | {:.3} |\n| mean characters | {:.1} | {:.1} |\n| mean tokens | {:.1} | {:.1} |\n",
         r.negativity_base, r.negativity_adapter, r.distinct2_base, r.distinct2_adapter,
@@ -852,7 +857,9 @@ fn markdown(r: &Report, rows: &[SampleRow]) -> String {
         "- On the test pairs the adapter has eval loss {:.4} and reward accuracy {:.3}.\n\n",
         r.eval_loss, r.eval_reward_accuracy
     ));
-    s.push_str("## Side by side\n\n| title | base | Reviewer #2 |\n|---|---|---|\n");
+    s.push_str(&format!(
+        "## Side by side\n\n| title | base | {bot} |\n|---|---|---|\n"
+    ));
     let cell = |t: &str, sc: f64| format!("{} ({sc:.2})", t.replace('|', "\\|").replace('\n', " "));
     for row in rows.iter().filter(|r| r.sample == 0).take(8) {
         s.push_str(&format!(
