@@ -785,20 +785,30 @@ fn pct(x: Option<f64>) -> String {
     x.map_or("n/a".into(), |v| format!("{:.1}%", 100.0 * v))
 }
 
+/// eval.md's title, what a higher score means, and the adapter's column name: the published
+/// recipe's text as it was; another recipe's names its own chosen style.
+fn heading(r: &Report) -> (String, String, &'static str) {
+    match (&r.chosen_style, r.toward_chosen_rate) {
+        (Some(style), Some(rate)) => (
+            format!(
+                "# Did the bot move toward its chosen style, `{style}`?\n\nThe adapter's review is more `{style}` than the base model's in **{:.1}%** of pairs (the `harsher` columns below: every judge scores how much a review is like the chosen style).\n\n",
+                100.0 * rate
+            ),
+            format!("more `{style}`"),
+            "the adapter",
+        ),
+        _ => (
+            "# Is Reviewer #2 harsher than the base model?\n\n".to_string(),
+            "more negative".to_string(),
+            "Reviewer #2",
+        ),
+    }
+}
+
 fn markdown(r: &Report, rows: &[SampleRow]) -> String {
     let mut s = String::new();
-    match (&r.chosen_style, r.toward_chosen_rate) {
-        (Some(style), Some(rate)) => s.push_str(&format!(
-            "# Did the bot move toward its chosen style, `{style}`?\n\nThe adapter's review is more `{style}` than the base model's in **{:.1}%** of pairs (the `harsher` columns below: every judge scores how much a review is like the chosen style).\n\n",
-            100.0 * rate
-        )),
-        _ => s.push_str("# Is Reviewer #2 harsher than the base model?\n\n"),
-    }
-    // The published recipe's text stays as it was; another recipe's names its own styles.
-    let (higher, bot) = match &r.chosen_style {
-        Some(style) => (format!("more `{style}`"), "the adapter"),
-        None => ("more negative".to_string(), "Reviewer #2"),
-    };
+    let (heading, higher, bot) = heading(r);
+    s.push_str(&heading);
     s.push_str(&format!(
         "{} reviews per model on held-out titles, the same prompt and seed for both; judged by the `{}` judge (higher = {higher}).\n\n",
         r.n, r.judge
