@@ -16,6 +16,7 @@ mod hostile_api;
 mod hostile_files;
 mod hub_faults;
 mod judge;
+mod losses;
 mod model_files;
 mod openai_backend;
 mod penalties;
