@@ -75,6 +75,14 @@ fn announce(recipe: &Recipe, todo: &[Node], quiet: bool, yes: bool) -> Result<()
             if e.measured { "" } else { ", a guess" },
             crate::estimate::human(e.total)
         );
+        let t = &recipe.settings().train;
+        if needs(Stage::Train) && !t.loss.needs_reference() {
+            eprintln!(
+                "{:>12} train without reference log-probs (train-ref): train.loss = {} needs none",
+                "",
+                t.loss.describe()
+            );
+        }
         for s in e
             .stages
             .iter()

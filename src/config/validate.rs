@@ -337,7 +337,7 @@ impl Settings {
         check(!self.train.loss.is_unpaired(), "rounds.count", || {
             format!(
                 "rounds make pairs (chosen, rejected), but train.loss = \"{}\" trains on unpaired rows; use a pairwise loss",
-                self.train.loss.name()
+                self.train.loss.describe()
             )
         })?;
         check(self.eval.backend == Backend::Local, "rounds.count", || {

@@ -5,7 +5,7 @@
 //! - [`config`]: validation of `[train]` settings.
 //! - [`data`]: TRL-style tokenization and truncation.
 //! - [`logps`]: sequence log-probabilities of the training forward pass.
-//! - [`loss`]: sigmoid / hinge / ipo / robust / kto losses and rewards.
+//! - [`loss`]: TRL's preference losses (DPO's list, SimPO, ORPO, KTO) and rewards.
 //! - `optim`: AdamW and the learning-rate schedule, with checkpointable state.
 //! - [`trainer`]: the loop: reference log-probs, steps, eval, logs, checkpoints, resume.
 //! - `charts`: learning-curve PNGs.

@@ -5,7 +5,7 @@
 use super::config::{TrainSettings, TruncationMode};
 use super::data::{truncate, Example, RawRow, Truncation, TruncationReport};
 use super::logps::sequence_logps;
-use super::loss::{dpo_loss, kto_loss, PairLoss};
+use super::loss::{chosen_nll, kto_loss, preference_loss, LossParams, PairLogps, PairLoss};
 use super::optim::{lr_factor, AdamW};
 use crate::error::{bail, Context, Result};
 use crate::model::llama::{Checkpoint, Mode, TrainPass};
@@ -111,8 +111,12 @@ struct Acc {
     logps_r: Vec<f32>,
     logits_c: Vec<f32>,
     logits_r: Vec<f32>,
-    /// With `rpo_alpha`: the chosen responses' NLL, summed over batches weighted by rows.
+    /// With `rpo_alpha`, SimPO or ORPO: the chosen responses' NLL, summed over batches
+    /// weighted by rows.
     nll: Option<f64>,
+    /// The loss's own metrics (ORPO's log-odds), summed over batches weighted by rows.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    extra: std::collections::BTreeMap<String, f64>,
 }
 
 fn mean(v: &[f32]) -> f64 {
@@ -142,27 +146,11 @@ impl Acc {
         if let Some(nll) = self.nll {
             m.insert(k("nll_loss"), json!(nll / self.n.max(1.0)));
         }
+        for (name, v) in &self.extra {
+            m.insert(k(name), json!(v / self.n.max(1.0)));
+        }
         m
     }
-}
-
-/// TRL's `nll_loss` for `rpo_alpha`: the cross-entropy over every chosen token of the batch, so a
-/// long response weighs more than a short one. `pc` holds each chosen response's summed log-prob,
-/// or its per-token mean when the loss averages (then each is scaled back by its `counts`).
-fn chosen_nll(pc: &Tensor, counts: &[usize], average: bool) -> Result<Tensor> {
-    let total = counts.iter().sum::<usize>().max(1) as f64;
-    let sums = if average {
-        let n = Tensor::from_vec(
-            counts.iter().map(|&c| c as f32).collect::<Vec<_>>(),
-            counts.len(),
-            pc.device(),
-        )?
-        .to_dtype(pc.dtype())?;
-        (pc * n)?
-    } else {
-        pc.clone()
-    };
-    Ok((sums.sum_all()?.neg()? / total)?)
 }
 
 /// Trains the adapter attached to `model` ([`attach_lora`]).
@@ -307,7 +295,24 @@ impl Trainer<'_> {
             acc.logps_r.extend_from_slice(&lp[b..]);
             acc.logits_c.extend_from_slice(&pol.mean_logits[..b]);
             acc.logits_r.extend_from_slice(&pol.mean_logits[b..]);
-            let mut l = dpo_loss(s.loss, s.beta, s.label_smoothing, &pc, &pr, &rc, &rr)?;
+            let mut l = preference_loss(
+                &LossParams::of(s),
+                &PairLogps {
+                    pc: &pc,
+                    pr: &pr,
+                    rc: &rc,
+                    rr: &rr,
+                    chosen_tokens: &pol.tokens[..b],
+                    rejected_tokens: &pol.tokens[b..],
+                    averaged: average,
+                },
+            )?;
+            if let Some(nll) = l.nll {
+                *acc.nll.get_or_insert(0.0) += b as f64 * nll;
+            }
+            for (k, v) in &l.logs {
+                *acc.extra.entry(k.to_string()).or_insert(0.0) += b as f64 * v;
+            }
             for (c, r) in l.chosen_rewards.iter().zip(&l.rejected_rewards) {
                 acc.acc.push(if c > r { 1.0 } else { 0.0 });
             }

@@ -176,6 +176,9 @@ pub(crate) fn material(
     if t.rpo_alpha > 0.0 {
         settings["loss"]["rpo_alpha"] = serde_json::json!(t.rpo_alpha);
     }
+    for (k, v) in t.loss_params() {
+        settings["loss"][k] = v;
+    }
     super::generate::add_penalties(&mut settings["sampling"], g);
     let mut model = ctx.recipe.model(&ctx.recipe.train)?.identity.clone();
     match s.eval.judge {
@@ -682,9 +685,9 @@ pub(crate) fn build(ctx: &Ctx, inp: &Inputs, out: &Path) -> Result<Built> {
         None => data::load_dataset_for(
             inp.split
                 .context("the eval stage needs the split stage's output")?,
-            ts.loss,
+            ts.loss.first(),
         )?,
-        Some(p) => data::load_dataset_for(p, ts.loss)?,
+        Some(p) => data::load_dataset_for(p, ts.loss.first())?,
     };
     if raw.test.is_empty() {
         bail!("the dataset has no test rows: the eval stage judges on them (split.test must be at least 1)");
@@ -736,7 +739,12 @@ pub(crate) fn build(ctx: &Ctx, inp: &Inputs, out: &Path) -> Result<Built> {
     // The eval loss needs the reference (base) log-probs, then the adapter's.
     let prep = trainer::prepare(&model, ts, &[], &raw.test)?;
     let avg = ts.loss.averages_logps();
-    let ref_eval = trainer::reference_logps(&model, &prep.eval, ts.batch_size, avg)?;
+    // A reference-free loss (SimPO, ORPO, SFT) reads none: zeros stand in, unread.
+    let ref_eval = if ts.loss.needs_reference() {
+        trainer::reference_logps(&model, &prep.eval, ts.batch_size, avg)?
+    } else {
+        vec![(0.0, 0.0); prep.eval.len()]
+    };
     model.load_adapter(inp.adapter)?;
     let adapted = if remote {
         draw(

@@ -1,7 +1,8 @@
-//! Stage 6, train: DPO (or IPO, hinge, robust, KTO) with LoRA on the split just written, or on any
-//! preference Parquet named by `train.dataset`. Outputs the PEFT adapter, the metrics log
-//! (`metrics.jsonl`, TRL's names) and learning-curve charts. Reference log-probs are computed once
-//! and cached under `cache/train-ref/`; checkpoints live in `cache/train/<key>.partial/`.
+//! Stage 6, train: DPO (or any of TRL's preference losses, SimPO, ORPO, KTO) with LoRA on the
+//! split just written, or on any preference Parquet named by `train.dataset`. Outputs the PEFT
+//! adapter, the metrics log (`metrics.jsonl`, TRL's names) and learning-curve charts. Reference
+//! log-probs are computed once and cached under `cache/train-ref/`, unless the loss reads none
+//! (SimPO, ORPO, SFT); checkpoints live in `cache/train/<key>.partial/`.
 
 use super::{Built, Ctx};
 use crate::cache::{KeyMaterial, Lookup};
@@ -68,6 +69,13 @@ pub(crate) fn material(ctx: &Ctx, split_key: Option<&str>) -> Result<KeyMaterial
     if t.rpo_alpha == 0.0 {
         o.remove("rpo_alpha");
     }
+    // The losses' own settings only where the loss reads them (see `loss_params`).
+    for k in ["loss_weights", "simpo_gamma", "cpo_alpha", "discopop_tau"] {
+        o.remove(k);
+    }
+    for (k, v) in t.loss_params() {
+        o.insert(k.into(), v);
+    }
     Ok(KeyMaterial {
         stage: "train".into(),
         version: VERSION,
@@ -79,7 +87,7 @@ pub(crate) fn material(ctx: &Ctx, split_key: Option<&str>) -> Result<KeyMaterial
 }
 
 fn load_data(ctx: &Ctx, split_dir: Option<&Path>) -> Result<data::RawSplits> {
-    let loss = ctx.settings().train.loss;
+    let loss = ctx.settings().train.loss.first();
     match &ctx.recipe.train_dataset {
         None => {
             let dir = split_dir.context("the train stage needs the split stage's output")?;
@@ -181,13 +189,29 @@ pub(crate) fn build(ctx: &Ctx, split_dir: Option<&Path>, key: &str, out: &Path) 
             .collect::<Result<Vec<_>>>()?
         ),
     };
-    let (ref_train, ref_eval) = cached_reference(
-        ctx,
-        &model,
-        s,
-        &prep,
-        &crate::fsutil::sha256_hex(data_key.as_bytes()),
-    )?;
+    let (ref_train, ref_eval) = if s.loss.needs_reference() {
+        cached_reference(
+            ctx,
+            &model,
+            s,
+            &prep,
+            &crate::fsutil::sha256_hex(data_key.as_bytes()),
+        )?
+    } else {
+        // SimPO, ORPO and SFT read no reference: nothing is computed or cached, and zeros
+        // stand in, unread.
+        ctx.say(
+            "Skipping",
+            format!(
+                "reference log-probs: train.loss = {} needs none",
+                s.loss.describe()
+            ),
+        );
+        (
+            vec![(0.0, 0.0); prep.train.len()],
+            vec![(0.0, 0.0); prep.eval.len()],
+        )
+    };
     trainer::attach_lora(&mut model, s)?;
     let tr = trainer::Trainer {
         model: &model,

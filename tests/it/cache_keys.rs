@@ -228,3 +228,99 @@ fn the_default_recipes_keys_are_pinned() {
         .collect();
     assert_eq!(keys, want);
 }
+
+/// Switching the loss, or a loss's own setting, moves the train key (and eval's, downstream)
+/// and nothing before it; a setting the loss does not read moves nothing.
+#[test]
+fn the_loss_is_in_the_train_and_eval_keys_only() {
+    let d = tempdir();
+    let base = status_keys(d.path(), &[]);
+    let upstream = ["scrape", "prompts", "generate", "merge", "split"];
+    let mut seen = vec![base["train"].clone()];
+    for sets in [
+        &["train.loss=ipo"][..],
+        &["train.loss=simpo"],
+        &["train.loss=orpo"],
+        &["train.loss=[\"sigmoid\", \"sft\"]"],
+        &[
+            "train.loss=[\"sigmoid\", \"sft\"]",
+            "train.loss_weights=[1.0, 0.5]",
+        ],
+        &["train.loss=simpo", "train.simpo_gamma=1.0"],
+        &["train.loss=simpo", "train.cpo_alpha=0"],
+        &["train.loss=discopop"],
+        &["train.loss=discopop", "train.discopop_tau=0.1"],
+    ] {
+        let k = status_keys(d.path(), sets);
+        for s in upstream {
+            assert_eq!(k[s], base[s], "{sets:?} moved {s}");
+        }
+        assert!(!seen.contains(&k["train"]), "{sets:?}: train key {k}");
+        assert_ne!(k["eval"], base["eval"], "{sets:?}");
+        seen.push(k["train"].clone());
+    }
+    // SimPO's and DiscoPOP's settings are read by no other loss: not in its keys.
+    let unread = status_keys(
+        d.path(),
+        &[
+            "train.simpo_gamma=1.0",
+            "train.cpo_alpha=0",
+            "train.discopop_tau=0.1",
+        ],
+    );
+    assert_eq!(unread, base);
+}
+
+/// A reference-free loss computes no reference log-probs: no train-ref artifact, and the plan
+/// says so before anything is built.
+#[test]
+fn a_reference_free_run_builds_no_train_ref() {
+    let d = tempdir();
+    let cfg = repo().join("pipeline.toml");
+    let model = format!("generate.model={}", smollm2().display());
+    let work = d.path().join("w");
+    let mut args = vec![
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--preset",
+        "quick",
+        "--workdir",
+        work.to_str().unwrap(),
+        "--until",
+        "train",
+        "--set",
+        &model,
+    ];
+    for s in [
+        "scrape.count=4",
+        "split.train=2",
+        "split.test=1",
+        "generate.max_new_tokens=4",
+        "train.max_steps=1",
+        "train.batch_size=1",
+        "train.loss=orpo",
+    ] {
+        args.extend(["--set", s]);
+    }
+    let err = pipeline_ok(d.path(), &args);
+    assert!(
+        err.contains("train without reference log-probs (train-ref): train.loss = orpo needs none"),
+        "{err}"
+    );
+    assert!(built_dirs(&work, "train-ref").is_empty(), "{err}");
+    assert_eq!(built_dirs(&work, "train").len(), 1);
+    // ORPO's own metrics, by its trainer's names.
+    let metrics =
+        std::fs::read_to_string(built_dirs(&work, "train")[0].join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value =
+        serde_json::from_str(metrics.lines().rfind(|l| l.contains("\"loss\"")).unwrap()).unwrap();
+    for k in [
+        "nll_loss",
+        "log_odds_ratio",
+        "log_odds_chosen",
+        "rewards/accuracies",
+    ] {
+        assert!(last[k].as_f64().is_some_and(f64::is_finite), "{k}: {last}");
+    }
+}

@@ -277,7 +277,10 @@ fn a_value_outside_its_choices_is_refused_with_the_key_and_the_choices() {
         true,
     )
     .unwrap();
-    assert_eq!(l.settings.train.loss, reviewer2::dpo::config::Loss::Kto);
+    assert_eq!(
+        l.settings.train.loss,
+        reviewer2::dpo::config::Losses::one(reviewer2::dpo::config::Loss::Kto)
+    );
 }
 
 #[test]
@@ -417,4 +420,74 @@ fn rounds_settings_that_cannot_work_are_refused_by_name() {
     assert!(on(&["merge.judge=\"lexicon\"", "rounds.judge=\"lexicon\""]).is_ok());
     assert!(on(&["merge.judge=\"lexicon\"", "eval.judge=\"llm\""]).is_ok());
     assert!(load(&p, &["rounds.samples=1".into()], true).is_ok());
+}
+
+/// `train.loss` as a list, and every loss setting range-checked where it is parsed, the error
+/// naming its key.
+#[test]
+fn loss_lists_and_loss_settings_are_checked_by_key() {
+    use reviewer2::dpo::config::{Loss, Losses};
+    let d = tempdir();
+    let p = write(d.path(), "");
+    let ok = |sets: &[&str]| {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        load(&p, &sets, true).unwrap().settings.train
+    };
+    let t = ok(&[
+        "train.loss=[\"sigmoid\", \"sft\"]",
+        "train.loss_weights=[1.0, 0.5]",
+    ]);
+    assert_eq!(t.loss, Losses(vec![Loss::Sigmoid, Loss::Sft]));
+    assert_eq!(t.loss_weights, vec![1.0, 0.5]);
+    let t = ok(&["train.loss=simpo"]);
+    assert_eq!(
+        (t.simpo_gamma, t.cpo_alpha, t.discopop_tau),
+        (0.5, 1.0, 0.05)
+    );
+    assert!(!t.loss.needs_reference());
+    for (sets, key, why) in [
+        (&["train.loss=[]"][..], "train.loss", "empty list"),
+        (
+            &["train.loss=[\"sigmoid\", \"kto\"]"],
+            "train.loss",
+            "\"kto\"",
+        ),
+        (
+            &["train.loss=[\"simpo\", \"sft\"]"],
+            "train.loss",
+            "\"simpo\"",
+        ),
+        (
+            &["train.loss=[\"orpo\", \"sigmoid\"]"],
+            "train.loss",
+            "\"orpo\"",
+        ),
+        (
+            &[
+                "train.loss=[\"sigmoid\", \"sft\"]",
+                "train.loss_weights=[1.0]",
+            ],
+            "train.loss_weights",
+            "one weight per loss",
+        ),
+        (&["train.loss_weights=[-1.0]"], "train.loss_weights", ">= 0"),
+        (&["train.simpo_gamma=-0.1"], "train.simpo_gamma", ">= 0"),
+        (&["train.cpo_alpha=-1"], "train.cpo_alpha", ">= 0"),
+        (&["train.discopop_tau=0"], "train.discopop_tau", "> 0"),
+        (
+            &["train.loss=exo_pair"],
+            "train.label_smoothing",
+            "exo_pair",
+        ),
+        (
+            &["train.loss=orpo", "train.rpo_alpha=0.5"],
+            "train.rpo_alpha",
+            "own NLL",
+        ),
+        (&["train.loss=sigmod"], "train.loss", "sigmoid_norm"),
+    ] {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        let e = load(&p, &sets, true).unwrap_err().to_string();
+        assert!(e.contains(key) && e.contains(why), "{sets:?}: {e}");
+    }
 }

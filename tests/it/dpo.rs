@@ -445,7 +445,7 @@ fn rpo_alpha_adds_the_chosen_tokens_nll_and_keeps_them_likely() {
 #[test]
 fn kto_trains_on_unpaired_rows() {
     let s = TrainSettings {
-        loss: Loss::Kto,
+        loss: reviewer2::dpo::config::Losses::one(Loss::Kto),
         batch_size: 4,
         max_steps: 4,
         learning_rate: 1e-2,

@@ -17,6 +17,7 @@ mod hostile_files;
 mod hub_faults;
 mod items;
 mod judge;
+mod losses;
 mod model_files;
 mod openai_backend;
 mod penalties;

@@ -56,7 +56,7 @@ pub(crate) fn build(
     let mut s = ctx.settings().train.clone();
     s.max_steps = 0;
     s.epochs = rs.epochs;
-    let raw = data::load_dataset_for(label_dir, s.loss)?;
+    let raw = data::load_dataset_for(label_dir, s.loss.first())?;
     let mut model = ctx.recipe.load(&ctx.recipe.train)?;
     let prep = trainer::prepare(&model, &s, &raw.train, &raw.test)?;
     let avg = s.loss.averages_logps();
@@ -74,8 +74,18 @@ pub(crate) fn build(
     if rs.reference == RoundReference::Previous {
         model.load_adapter(adapter_dir)?;
     }
-    let ref_train = trainer::reference_logps(&model, &prep.train, s.batch_size, avg)?;
-    let ref_eval = trainer::reference_logps(&model, &prep.eval, s.batch_size, avg)?;
+    let (ref_train, ref_eval) = if s.loss.needs_reference() {
+        (
+            trainer::reference_logps(&model, &prep.train, s.batch_size, avg)?,
+            trainer::reference_logps(&model, &prep.eval, s.batch_size, avg)?,
+        )
+    } else {
+        // A reference-free loss reads none: zeros stand in, unread.
+        (
+            vec![(0.0, 0.0); prep.train.len()],
+            vec![(0.0, 0.0); prep.eval.len()],
+        )
+    };
     if rs.reference == RoundReference::Base {
         model.load_adapter(adapter_dir)?;
     }
