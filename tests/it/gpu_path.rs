@@ -41,38 +41,11 @@ fn the_gpu_choices_on_the_cpu_agree_with_f32_and_train() {
     args.extend_from_slice(&greedy);
     pipeline_ok(f32.path(), &args);
 
-    // Generation: bf16 greedy tokens agree with f32 on most prompts for the first tokens.
     let bf16 = tempdir();
     small_recipe(bf16.path(), 10, 6, 2, 12, train);
-    let mut args = vec!["run", "--until", "generate"];
-    args.extend_from_slice(&greedy);
-    args.extend_from_slice(&GPU);
-    pipeline_ok(bf16.path(), &args);
-    let a = read_jsonl(&status_path(f32.path(), "generate", &greedy).join("generations.jsonl"));
-    let mut with_gpu = greedy.to_vec();
-    with_gpu.extend_from_slice(&GPU);
-    let b = read_jsonl(&status_path(bf16.path(), "generate", &with_gpu).join("generations.jsonl"));
-    assert_eq!(a.len(), 20);
-    assert_eq!(a.len(), b.len());
-    let first_words = |v: &Value| -> Vec<String> {
-        v["text"]
-            .as_str()
-            .unwrap()
-            .split_whitespace()
-            .take(3)
-            .map(String::from)
-            .collect()
-    };
-    let agree = a
-        .iter()
-        .zip(&b)
-        .filter(|(x, y)| first_words(x) == first_words(y))
-        .count();
-    assert!(
-        agree * 4 >= a.len() * 3,
-        "the first words agree on only {agree} of {} prompts",
-        a.len()
-    );
+    if std::env::var_os("REVIEWER2_GPU_PATH_FULL").is_some() {
+        bf16_generation_agrees(f32.path(), bf16.path(), &greedy);
+    }
 
     // Training in bf16 on the f32 run's pairs: reference log-probs within bf16's tolerance of
     // f32's, and the eval loss falls from its step-0 baseline in three steps.
@@ -111,6 +84,41 @@ fn the_gpu_choices_on_the_cpu_agree_with_f32_and_train() {
     assert_eq!(
         summary["material"]["settings"]["dtype"], "bf16",
         "{summary}"
+    );
+}
+
+/// bf16 greedy tokens agree with f32 on most prompts for the first words. CI leaves this to
+/// `the_gpu_check_script_runs_dry_on_the_cpu` (the same agreement on 8 prompts) and runs it only
+/// with `REVIEWER2_GPU_PATH_FULL=1`: bf16 generation on the CPU cost most of this test's minutes.
+fn bf16_generation_agrees(f32: &Path, bf16: &Path, greedy: &[&str]) {
+    let mut args = vec!["run", "--until", "generate"];
+    args.extend_from_slice(greedy);
+    args.extend_from_slice(&GPU);
+    pipeline_ok(bf16, &args);
+    let a = read_jsonl(&status_path(f32, "generate", greedy).join("generations.jsonl"));
+    let mut with_gpu = greedy.to_vec();
+    with_gpu.extend_from_slice(&GPU);
+    let b = read_jsonl(&status_path(bf16, "generate", &with_gpu).join("generations.jsonl"));
+    assert_eq!(a.len(), 20);
+    assert_eq!(a.len(), b.len());
+    let first_words = |v: &Value| -> Vec<String> {
+        v["text"]
+            .as_str()
+            .unwrap()
+            .split_whitespace()
+            .take(3)
+            .map(String::from)
+            .collect()
+    };
+    let agree = a
+        .iter()
+        .zip(&b)
+        .filter(|(x, y)| first_words(x) == first_words(y))
+        .count();
+    assert!(
+        agree * 4 >= a.len() * 3,
+        "the first words agree on only {agree} of {} prompts",
+        a.len()
     );
 }
 
