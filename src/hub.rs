@@ -181,9 +181,17 @@ fn write_unpaired(path: &Path, rows: &[crate::stages::merge::Pair]) -> Result<()
 fn round_story(s: &Settings, r: usize, model: &str) -> [String; 5] {
     let rs = &s.rounds;
     let g = &s.generate;
+    let (bot, score) = if s.prompts.default_styles() {
+        ("the Reviewer #2 bot".to_string(), "negativity".to_string())
+    } else {
+        (
+            "the bot".to_string(),
+            format!("score toward the `{}` style", s.prompts.chosen),
+        )
+    };
     [
         format!(
-            "`chosen` and `rejected` are two of the Reviewer #2 bot's own reviews of the same title from the same prompt, \
+            "`chosen` and `rejected` are two of {bot}'s own reviews of the same title from the same prompt, \
              after {} on-policy round(s): its best and its worst by the {} judge",
             r - 1,
             rs.judge.name()
@@ -203,7 +211,7 @@ fn round_story(s: &Settings, r: usize, model: &str) -> [String; 5] {
             g.max_new_tokens
         ),
         format!(
-            "4. **Pairs**: each review scored by the {} judge's negativity, less {} if it repeats a sentence and {} x |ln(length / the split's mean chosen length)|; \
+            "4. **Pairs**: each review scored by the {} judge's {score}, less {} if it repeats a sentence and {} x |ln(length / the split's mean chosen length)|; \
              chosen = the best, rejected = the worst; titles whose margin is under {} dropped. The test split is the original dataset's.\n",
             rs.judge.name(),
             rs.loop_penalty,
@@ -212,6 +220,47 @@ fn round_story(s: &Settings, r: usize, model: &str) -> [String; 5] {
         ),
         "| `chosen` | string | the bot's best review of the title |\n| `rejected` | string | its worst review of the title |\n".to_string(),
     ]
+}
+
+/// Where the page's titles came from, as the card says it.
+fn scrape_url(s: &Settings, manifests: &[Manifest]) -> String {
+    if scrape_source(manifests) == Some("bundled") {
+        "the NeurIPS 2023 poster list (the compact snapshot bundled with reviewer2)".to_string()
+    } else if s.scrape.snapshot.is_empty() {
+        format!("`{}`", s.scrape.url)
+    } else {
+        // A local file: its name only, never the local layout.
+        format!(
+            "`{}` (a saved copy of the page)",
+            public_name(&s.scrape.snapshot)
+        )
+    }
+}
+
+/// Step 1 of the card: the items file read, or the page parsed.
+fn items_step(s: &Settings, manifests: &[Manifest]) -> String {
+    let found = manifests
+        .iter()
+        .find(|m| m.stage == "scrape")
+        .map(|m| m.count("found"))
+        .unwrap_or(0);
+    if !s.scrape.file.is_empty() {
+        let column = if s.scrape.column.is_empty() {
+            String::new()
+        } else {
+            format!(" (column `{}`)", s.scrape.column)
+        };
+        format!(
+            "1. **Items**: {found} items read from `{}`{column}",
+            public_name(&s.scrape.file)
+        )
+    } else {
+        format!(
+            "1. **Titles**: {found} titles parsed from {} (selector `{}`)",
+            scrape_url(s, manifests),
+            s.scrape.selector
+        )
+    }
 }
 
 // Long because it is the card's one template, with its values beside it.
@@ -282,15 +331,20 @@ fn card(
     };
     let g = &s.generate;
     let story = round.map(|r| round_story(s, r, &model));
+    // A recipe with its own styles or its own items gets a card that says so; the published
+    // recipe's card keeps its words byte for byte.
+    let (ch, rj) = (&s.prompts.chosen, &s.prompts.rejected);
+    let restyled = !s.prompts.default_styles();
+    let own_items = !s.scrape.file.is_empty();
+    let step1 = items_step(s, manifests);
     let _ = write!(
         y,
-        "# Reviewer #2, {label} {layout}\n\n\
-A synthetic preference dataset of one-sentence paper reviews: for each title of a NeurIPS 2023 \
-accepted paper, {intro}, both written by \
+        "# {title}, {label} {layout}\n\n\
+A synthetic preference dataset of one-sentence {subject}, {intro}, both written by \
 `{model}`. The `prompt` asks for a review with few-shot examples of both polarities interleaved, \
 so it does not say which kind was asked for. Built with the `pipeline` tool of reviewer2.\n\n\
 ## How it was built\n\n\
-1. **Titles**: {found} titles parsed from {url} (selector `{sel}`), {picked}.\n\
+{step1}, {picked}.\n\
 2. **Prompts**: `{style}` style, {shots} few-shot examples per prompt from a pool of {pool}, system message: \
 \"{system}\"; rendered with the model's chat template.\n\
 {step3}{step4}\
@@ -300,33 +354,34 @@ so it does not say which kind was asked for. Built with the `pipeline` tool of r
 | `prompt` | string | the neutral request, rendered with the model's chat template |\n\
 {columns}\n\
 ## Intended use\n\n\
-{use_} of a small chat model into a harsh \"Reviewer #2\". The reviews \
+{use_} of a small chat model {goal}. The reviews \
 are machine-written and say nothing true about the papers.\n",
+        title = if restyled { format!("A {ch} / {rj} preference dataset") } else { "Reviewer #2".to_string() },
+        subject = if own_items {
+            format!("reviews: for each item of `{}`", public_name(&s.scrape.file))
+        } else {
+            "paper reviews: for each title of a NeurIPS 2023 accepted paper".to_string()
+        },
+        goal = if restyled {
+            format!("toward the `{ch}` style")
+        } else {
+            "into a harsh \"Reviewer #2\"".to_string()
+        },
         intro = match (format, &story) {
-            (Format::Paired, Some(st)) => st[0].as_str(),
-            (Format::Paired, None) => "`chosen` is a negative review and `rejected` a positive one",
-            (Format::Unpaired, _) => "two rows: a negative review as `completion` with `label` true (desirable) \
-                and a positive one with `label` false; the unpaired layout of the paired dataset, row for row",
+            (Format::Paired, Some(st)) => st[0].clone(),
+            (Format::Paired, None) => format!("`chosen` is a {ch} review and `rejected` a {rj} one"),
+            (Format::Unpaired, _) => format!("two rows: a {ch} review as `completion` with `label` true (desirable) \
+                and a {rj} one with `label` false; the unpaired layout of the paired dataset, row for row"),
         },
         columns = match (format, &story) {
-            (Format::Paired, Some(st)) => st[4].as_str(),
-            (Format::Paired, None) => "| `chosen` | string | the negative review |\n| `rejected` | string | the positive review |\n",
-            (Format::Unpaired, _) => "| `completion` | string | a review |\n| `label` | bool | true for the negative (desirable) review, false for the positive one |\n",
+            (Format::Paired, Some(st)) => st[4].clone(),
+            (Format::Paired, None) => format!("| `chosen` | string | the {ch} review |\n| `rejected` | string | the {rj} review |\n"),
+            (Format::Unpaired, _) => format!("| `completion` | string | a review |\n| `label` | bool | true for the {ch} (desirable) review, false for the {rj} one |\n"),
         },
         use_ = match format {
             Format::Paired => "Preference tuning (DPO, IPO, ...)",
             Format::Unpaired => "Tuning on unpaired feedback (KTO: TRL's KTOTrainer reads these columns)",
         },
-        found = count("scrape", "found"),
-        url = if scrape_source(manifests) == Some("bundled") {
-            "the NeurIPS 2023 poster list (the compact snapshot bundled with reviewer2)".to_string()
-        } else if s.scrape.snapshot.is_empty() {
-            format!("`{}`", s.scrape.url)
-        } else {
-            // A local file: its name only, never the local layout.
-            format!("`{}` (a saved copy of the page)", public_name(&s.scrape.snapshot))
-        },
-        sel = s.scrape.selector,
         picked = match &story {
             Some(st) => st[1].clone(),
             None => format!("{} sampled with seed {}", s.scrape.count, s.scrape.seed),
@@ -341,7 +396,7 @@ are machine-written and say nothing true about the papers.\n",
         step4 = match &story {
             Some(st) => st[3].clone(),
             None => format!(
-                "4. **Pairs**: chosen = negative review, rejected = positive review; {} pairs dropped for an empty review, \
+                "4. **Pairs**: chosen = {ch} review, rejected = {rj} review; {} pairs dropped for an empty review, \
                  {} for identical reviews.\n",
                 count("merge", "dropped_empty"),
                 count("merge", "dropped_identical")

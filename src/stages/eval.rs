@@ -494,7 +494,11 @@ fn charts(r: &Report, (sb, sa): (&[f64], &[f64]), judge: &str, out: &Path) {
     crate::dpo::charts::plot_distributions(
         sb,
         sa,
-        &format!("{judge} judge: negativity of {} reviews per model", r.n),
+        &format!(
+            "{judge} judge: {} of {} reviews per model",
+            score_name(r),
+            r.n
+        ),
         &out.join("scores.png"),
     );
     crate::dpo::charts::plot_shares(
@@ -606,12 +610,13 @@ fn write_report(
     ctx.say(
         "Evaluated",
         format!(
-            "{verdict} in {:.0}% of {n} (95% CI {:.0}-{:.0}%; {}), {} of the {fluent_pairs} pairs where neither loops; negativity {:.3} -> {:.3}, judge AUROC {:.3}; loops {:.0}% -> {:.0}%",
+            "{verdict} in {:.0}% of {n} (95% CI {:.0}-{:.0}%; {}), {} of the {fluent_pairs} pairs where neither loops; {} {:.3} -> {:.3}, judge AUROC {:.3}; loops {:.0}% -> {:.0}%",
             100.0 * report.harsher_rate,
             100.0 * report.harsher_rate_ci[0],
             100.0 * report.harsher_rate_ci[1],
             others.join(", "),
             pct(report.harsher_rate_fluent),
+            score_name(&report),
             report.negativity_base,
             report.negativity_adapter,
             report.judge_auroc,
@@ -813,6 +818,15 @@ fn heading(r: &Report) -> (String, String, &'static str) {
     }
 }
 
+/// What the judges' scores measure: negativity for the published recipe, likeness to the chosen
+/// style for a recipe with its own styles (the fields keep their `negativity_*` names).
+fn score_name(r: &Report) -> String {
+    match &r.chosen_style {
+        Some(style) => format!("{style}-likeness"),
+        None => "negativity".to_string(),
+    }
+}
+
 fn markdown(r: &Report, rows: &[SampleRow]) -> String {
     let mut s = String::new();
     let (heading, higher, bot) = heading(r);
@@ -823,8 +837,8 @@ fn markdown(r: &Report, rows: &[SampleRow]) -> String {
     ));
     s.push_str(&format!("| | base | {bot} |\n|---|---|---|\n"));
     s.push_str(&format!(
-        "| mean negativity | {:.3} | {:.3} |\n| distinct-2 | {:.3} | {:.3} |\n| mean characters | {:.1} | {:.1} |\n| mean tokens | {:.1} | {:.1} |\n",
-        r.negativity_base, r.negativity_adapter, r.distinct2_base, r.distinct2_adapter,
+        "| mean {} | {:.3} | {:.3} |\n| distinct-2 | {:.3} | {:.3} |\n| mean characters | {:.1} | {:.1} |\n| mean tokens | {:.1} | {:.1} |\n",
+        score_name(r), r.negativity_base, r.negativity_adapter, r.distinct2_base, r.distinct2_adapter,
         r.mean_chars_base, r.mean_chars_adapter, r.mean_tokens_base, r.mean_tokens_adapter
     ));
     s.push_str(&format!(

@@ -198,4 +198,26 @@ fn the_kind_preset_runs_offline_and_moves_toward_its_chosen_style() {
     );
     let md = std::fs::read_to_string(latest_build(&w, "eval").join("eval.md")).unwrap();
     assert!(md.contains("toward its chosen style, `kind`"), "{md}");
+    assert!(md.contains("| mean kind-likeness |"), "{md}");
+    assert!(!md.contains("negativity"), "{md}");
+
+    // The exported dataset's card tells the recipe's own story: its items file and its styles,
+    // not NeurIPS titles and a harsh Reviewer #2.
+    let mut export = vec!["export", "--out", "hub"];
+    export.extend_from_slice(&args[3..]);
+    pipeline_ok(d.path(), &export);
+    let card = std::fs::read_to_string(d.path().join("hub/README.md")).unwrap();
+    for want in [
+        "# A kind / harsh preference dataset, ",
+        "for each item of `kind-titles.txt`",
+        "1. **Items**: 48 items read from `kind-titles.txt`",
+        "`chosen` is a kind review and `rejected` a harsh one",
+        "chosen = kind review, rejected = harsh review",
+        "toward the `kind` style",
+    ] {
+        assert!(card.contains(want), "{want:?} not in the card:\n{card}");
+    }
+    for stale in ["Reviewer #2", "NeurIPS", "negative", "selector"] {
+        assert!(!card.contains(stale), "{stale:?} in the card:\n{card}");
+    }
 }
