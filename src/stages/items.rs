@@ -124,65 +124,36 @@ fn utf8<'a>(bytes: &'a [u8], label: &str) -> Result<&'a str> {
     })
 }
 
-/// Records of RFC 4180 text: fields split at `delim`, a quoted field may hold the delimiter,
-/// line ends and `""` for a quote. Each record comes with the line it starts on; blank lines
-/// give no record (as Python's csv.DictReader skips them).
+/// Appended after the text before parsing: a last record of its own when every quoted field
+/// is closed, swallowed into a field when one is not (the csv crate ends an open quoted field at
+/// the end of input without a word, and a file whose quote never closes would silently become
+/// one long item).
+const SENTINEL: &str = "\u{1}reviewer2 end of file\u{1}";
+
+/// Records of RFC 4180 text (the csv crate): fields split at `delim`, a quoted field may hold the
+/// delimiter, line ends and `""` for a quote. Each record comes with the line it starts on; blank
+/// lines give no record (as Python's csv.DictReader skips them).
 fn records(text: &str, delim: u8, label: &str) -> Result<Vec<(usize, Vec<String>)>> {
-    let delim = delim as char;
+    let guarded = format!("{text}\n{SENTINEL}");
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(delim)
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(guarded.as_bytes());
     let mut out = Vec::new();
-    let (mut rec, mut field) = (Vec::new(), String::new());
-    let (mut line, mut start) = (1usize, 1usize);
-    let (mut quoted, mut in_quotes, mut any) = (false, false, false);
-    let mut chars = text.chars().peekable();
-    while let Some(ch) = chars.next() {
-        if in_quotes {
-            match ch {
-                '"' if chars.peek() == Some(&'"') => {
-                    chars.next();
-                    field.push('"');
-                }
-                '"' => in_quotes = false,
-                c => {
-                    if c == '\n' {
-                        line += 1;
-                    }
-                    field.push(c);
-                }
-            }
-            continue;
-        }
-        match ch {
-            '"' if field.is_empty() && !quoted => {
-                (quoted, in_quotes, any) = (true, true, true);
-            }
-            c if c == delim => {
-                rec.push(std::mem::take(&mut field));
-                (quoted, any) = (false, true);
-            }
-            '\r' if chars.peek() == Some(&'\n') => {}
-            '\n' => {
-                if any || !field.is_empty() {
-                    rec.push(std::mem::take(&mut field));
-                    out.push((start, std::mem::take(&mut rec)));
-                }
-                (quoted, any) = (false, false);
-                line += 1;
-                start = line;
-            }
-            c => {
-                field.push(c);
-                any = true;
-            }
+    for rec in reader.records() {
+        // The input is a &str already checked as UTF-8, so the reader has nothing to refuse.
+        let rec = rec.map_err(|e| crate::error::err!("{label}: {e}"))?;
+        let line = rec.position().map_or(0, |p| p.line() as usize);
+        out.push((line, rec.iter().map(str::to_string).collect::<Vec<_>>()));
+    }
+    match out.pop() {
+        Some((_, last)) if last.len() == 1 && last[0] == SENTINEL => Ok(out),
+        other => {
+            let start = other.map_or(1, |(line, _)| line);
+            bail!("{label}: line {start}: a quoted field never ends (a `\"` is missing)")
         }
     }
-    if in_quotes {
-        bail!("{label}: line {start}: a quoted field never ends (a `\"` is missing)");
-    }
-    if any || !field.is_empty() {
-        rec.push(field);
-        out.push((start, rec));
-    }
-    Ok(out)
 }
 
 fn delimited(text: &str, delim: u8, column: &str, label: &str, c: &mut Collect) -> Result<()> {
