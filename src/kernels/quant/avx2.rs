@@ -1,11 +1,13 @@
-//! The AVX2 + FMA + F16C kernels: activation quantization and one weight row against a few
-//! activation rows (`vpmaddubsw`, widened by `vpmaddwd`). The fallback of every x86-64 CPU
-//! since Haswell / Zen 1, and the path AVX-512 machines take with `REVIEWER2_QKERNEL=avx2`.
+//! The AVX2 + FMA + F16C kernels: activation quantization, one weight row against a few
+//! activation rows (`vpmaddubsw`, widened by `vpmaddwd`), and the tiled kernel (eight weight
+//! rows a register) for prefill and wide batches. The path of every x86-64 CPU since Haswell /
+//! Zen 1 without AVX-512 VNNI (Zen 2 and 3, Intel client parts), and the one AVX-512 machines
+//! take with `REVIEWER2_QKERNEL=avx2`.
 
 // Kernels index several per-row arrays with one counter.
 #![allow(clippy::needless_range_loop)]
 
-use super::{Format, Packed, QActs, GROUP, QK};
+use super::{Format, Packed, QActs, Tiles, GROUP, QK, TILE, TILE_ROWS};
 use std::arch::x86_64::*;
 
 /// [`super::quantize_row`] in AVX2: the same values (`vcvtps2dq` rounds half to even).
@@ -283,4 +285,185 @@ unsafe fn avx2_rows<const G: usize>(
 unsafe fn lo256_unused() -> __m256i {
     // SAFETY: a register-only AVX intrinsic; the CPU has AVX (this function's contract).
     unsafe { _mm256_setzero_si256() }
+}
+
+/// The AVX-512 VNNI tiled kernel's products in AVX2 (`super::avx512::tiled`): `out[(j0 + j) *
+/// w.rows + 16 tile + l] = w[16 tile + l] . x[j0 + j]` for `j < g <= 8`, `l < 16`, from the same
+/// tiled copy `t` of `w`, in two halves of eight rows (one 256-bit register each), up to four
+/// activation rows a pass.
+///
+/// Each block's integer sums are exact, as `vpdpbusd`'s are, and the float steps are the VNNI
+/// kernel's lane for lane (the scale product, then one FMA for the sum and one for Q4_1's
+/// minimum, block after block), so both kernels give the same bits: a prompt's text does not
+/// depend on whether the CPU has AVX-512.
+///
+/// # Safety
+/// - The CPU has AVX2, FMA and F16C ([`super::Kernel::available`] offers
+///   [`super::Kernel::Avx2`] only where it detected them).
+/// - `t` is `w`'s tiled copy (`Packed::tiles_unchecked`: `t.q` holds `rows / 16 * nb`
+///   tile-blocks of 256 bytes (Q4_1) or 512 (Q8_0); `t.d`, and `t.m` (Q4_1), `rows / 16 * nb *
+///   16` values), and `tile < w.rows / 16`.
+/// - `x.nb == w.nb` and `j0 + g <= x.rows`, `1 <= g <= 8` (others panic).
+/// - `out` is valid for writes of the 16 values at `(j0 + j) * w.rows + 16 tile` for every
+///   `j < g`, and nothing else reads or writes them during the call.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn tiled(
+    w: &Packed,
+    t: &Tiles,
+    x: &QActs,
+    tile: usize,
+    j0: usize,
+    g: usize,
+    out: *mut f32,
+) {
+    assert!((1..=TILE_ROWS).contains(&g) && j0 + g <= x.rows);
+    let mut j = 0;
+    while j < g {
+        let n = (g - j).min(4);
+        for half in 0..2 {
+            // SAFETY: this function's contract, for rows `j0 + j..j0 + j + n` (inside
+            // `j0..j0 + g`) and half `half < 2`: `half_tile::<N>`'s contract with `N = n`.
+            unsafe {
+                match (w.format, n) {
+                    (Format::Q4_1, 1) => half_q4_1::<1>(w, t, x, tile, half, j0 + j, out),
+                    (Format::Q4_1, 2) => half_q4_1::<2>(w, t, x, tile, half, j0 + j, out),
+                    (Format::Q4_1, 3) => half_q4_1::<3>(w, t, x, tile, half, j0 + j, out),
+                    (Format::Q4_1, _) => half_q4_1::<4>(w, t, x, tile, half, j0 + j, out),
+                    (Format::Q8_0, 1) => half_q8_0::<1>(w, t, x, tile, half, j0 + j, out),
+                    (Format::Q8_0, 2) => half_q8_0::<2>(w, t, x, tile, half, j0 + j, out),
+                    (Format::Q8_0, 3) => half_q8_0::<3>(w, t, x, tile, half, j0 + j, out),
+                    (Format::Q8_0, _) => half_q8_0::<4>(w, t, x, tile, half, j0 + j, out),
+                }
+            }
+        }
+        j += n;
+    }
+}
+
+/// Four activation bytes in every 32-bit lane.
+///
+/// # Safety
+/// The CPU has AVX; `p` is valid for reading 4 bytes (no alignment needed).
+#[inline(always)]
+unsafe fn bcast4(p: *const i8) -> __m256i {
+    // SAFETY: the 4 bytes at `p` are readable (unaligned) and the CPU has AVX, both by this
+    // function's contract.
+    unsafe { _mm256_set1_epi32((p as *const i32).read_unaligned()) }
+}
+
+/// [`tiled`] for Q4_1: rows `8 half..8 half + 8` of the tile against activation rows
+/// `j0..j0 + J`.
+///
+/// # Safety
+/// [`tiled`]'s contract for those rows (`j0 + J <= x.rows`), with `w.format == Q4_1` (so
+/// `t.m` is filled) and `half < 2`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn half_q4_1<const J: usize>(
+    w: &Packed,
+    t: &Tiles,
+    x: &QActs,
+    tile: usize,
+    half: usize,
+    j0: usize,
+    out: *mut f32,
+) {
+    // SAFETY: the CPU features, `tile < w.rows / 16`, `x.nb == nb`, `j0 + J <= x.rows` and the
+    // `out` elements are this function's contract. With `tb = tile * nb + b < (w.rows / 16) *
+    // nb`, the 32 bytes at `tb * 256 + 64 g + 32 half` (`g < 4`, `half < 2`) lie inside
+    // tile-block `tb`, and its 8 scales and minimums at `tb * 16 + 8 half` inside `t.d` and
+    // `t.m`; the 4 bytes at `4 k < 32` of block `b < nb` of activation row `j0 + j < x.rows` lie
+    // inside `x.q` (`x.rows * nb * 32`), and `(j0 + j) * nbp + b` inside `x.d` and `x.s`
+    // (`x.rows * nbp`). The 8 stores per row are elements the contract gives to this call.
+    unsafe {
+        let nb = w.nb;
+        let low = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); J];
+        for b in 0..nb {
+            let tb = tile * nb + b;
+            let p = t.q.as_ptr().add(tb * 256 + 32 * half);
+            // Nibble times byte pairs are at most 2 * 15 * 127 = 3810, so eight steps of them
+            // add up in 16 bits (30,480) before one widening.
+            let mut s16 = [_mm256_setzero_si256(); J];
+            for k in 0..8 {
+                let v = _mm256_loadu_si256(p.add(64 * (k % 4)) as *const __m256i);
+                let wk = if k < 4 {
+                    _mm256_and_si256(v, low)
+                } else {
+                    _mm256_and_si256(_mm256_srli_epi16(v, 4), low)
+                };
+                for j in 0..J {
+                    let xp = x.q.as_ptr().add(((j0 + j) * nb + b) * QK + 4 * k);
+                    s16[j] = _mm256_add_epi16(s16[j], _mm256_maddubs_epi16(wk, bcast4(xp)));
+                }
+            }
+            let at = tb * TILE + 8 * half;
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(t.d.as_ptr().add(at) as *const __m128i));
+            let mw = _mm256_cvtph_ps(_mm_loadu_si128(t.m.as_ptr().add(at) as *const __m128i));
+            for j in 0..J {
+                let xa = (j0 + j) * x.nbp + b;
+                let ia = _mm256_madd_epi16(s16[j], ones);
+                let dd = _mm256_mul_ps(dw, _mm256_set1_ps(*x.d.get_unchecked(xa)));
+                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia), dd, acc[j]);
+                // + m * (d_x * sum q_x)
+                acc[j] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*x.s.get_unchecked(xa)), acc[j]);
+            }
+        }
+        for j in 0..J {
+            _mm256_storeu_ps(out.add((j0 + j) * w.rows + tile * TILE + 8 * half), acc[j]);
+        }
+    }
+}
+
+/// [`tiled`] for Q8_0: rows `8 half..8 half + 8` of the tile against activation rows
+/// `j0..j0 + J`. `vpmaddubsw` takes one unsigned operand, so the products are |w| times the
+/// activation with w's sign (at most 2 * 128 * 127 = 32,512 a pair: no saturation), which is
+/// the exact sum that VNNI reaches through unsigned activations and a starting offset.
+///
+/// # Safety
+/// [`tiled`]'s contract for those rows (`j0 + J <= x.rows`), with `w.format == Q8_0` and
+/// `half < 2`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn half_q8_0<const J: usize>(
+    w: &Packed,
+    t: &Tiles,
+    x: &QActs,
+    tile: usize,
+    half: usize,
+    j0: usize,
+    out: *mut f32,
+) {
+    // SAFETY: as in `half_q4_1`, with 512-byte tile-blocks: the 32 bytes at `tb * 512 + 64 k +
+    // 32 half` (`k < 8`) lie inside tile-block `tb`, and its 8 scales at `tb * 16 + 8 half`
+    // inside `t.d`.
+    unsafe {
+        let nb = w.nb;
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); J];
+        for b in 0..nb {
+            let tb = tile * nb + b;
+            let p = t.q.as_ptr().add(tb * 512 + 32 * half);
+            let mut ia = [_mm256_setzero_si256(); J];
+            for k in 0..8 {
+                let wk = _mm256_loadu_si256(p.add(64 * k) as *const __m256i);
+                let aw = _mm256_abs_epi8(wk);
+                for j in 0..J {
+                    let xp = x.q.as_ptr().add(((j0 + j) * nb + b) * QK + 4 * k);
+                    let sx = _mm256_sign_epi8(bcast4(xp), wk);
+                    let p16 = _mm256_maddubs_epi16(aw, sx);
+                    ia[j] = _mm256_add_epi32(ia[j], _mm256_madd_epi16(p16, ones));
+                }
+            }
+            let at = tb * TILE + 8 * half;
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(t.d.as_ptr().add(at) as *const __m128i));
+            for j in 0..J {
+                let xa = (j0 + j) * x.nbp + b;
+                let dd = _mm256_mul_ps(dw, _mm256_set1_ps(*x.d.get_unchecked(xa)));
+                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[j]), dd, acc[j]);
+            }
+        }
+        for j in 0..J {
+            _mm256_storeu_ps(out.add((j0 + j) * w.rows + tile * TILE + 8 * half), acc[j]);
+        }
+    }
 }

@@ -58,8 +58,8 @@ pub(crate) struct Packed {
     /// Q8_0: `[rows, nb]` sums of the quants. The VNNI kernel multiplies unsigned activations
     /// (`q + 128`) and takes `128 * sum` back off.
     sums: Vec<i16>,
-    /// The same blocks sixteen rows side by side, for the tiled AVX-512 VNNI kernel; built
-    /// when that kernel runs here and the row count is whole tiles.
+    /// The same blocks sixteen rows side by side, for the tiled kernels (AVX-512 VNNI's, and
+    /// AVX2's in two halves of eight); built when one runs here and the row count is whole tiles.
     tiles: Option<Tiles>,
 }
 
@@ -77,7 +77,8 @@ const ROW_CHUNK: usize = 64;
 /// sums for sixteen rows build up in one register, its sixteen scales load as one vector, and
 /// nothing is shuffled or summed across lanes. The row layout's kernel spends four instructions
 /// on scales per `vpdpbusd`; this one one for eight, which is what makes prefill and wide
-/// batches on blocks pay (llama.cpp's repacked Q4_0x8 kernels work the same way).
+/// batches on blocks pay (llama.cpp's repacked Q4_0x8 kernels work the same way). AVX2's tiled
+/// kernel reads the same layout eight rows (one half of each 64 bytes) at a time.
 struct Tiles {
     /// `[rows / 16, nb]` tile-blocks. Q4_1: 4 x 64 bytes; byte `64 g + 4 l + e` holds element
     /// `4 g + e` of the tile's row `l` in its low nibble and element `16 + 4 g + e` in its high
@@ -344,7 +345,7 @@ impl Packed {
         let kernel = Kernel::get();
         let pool = super::spin_pool::SpinPool::global();
         #[cfg(target_arch = "x86_64")]
-        if let (Some(tiles), Kernel::Avx512Vnni) = (&self.tiles, kernel) {
+        if let (Some(tiles), Kernel::Avx512Vnni | Kernel::Avx2) = (&self.tiles, kernel) {
             // Tiles split across threads; activation rows in chunks that stay in cache while
             // a thread's tiles pass over them.
             let nt = self.rows / TILE;
@@ -361,16 +362,23 @@ impl Packed {
                     for tile in t0..t1 {
                         for j0 in (c0..c1).step_by(TILE_ROWS) {
                             let g = (c1 - j0).min(TILE_ROWS);
-                            // SAFETY: `avx512::tiled`'s contract holds. The kernel is
-                            // `Avx512Vnni`, offered only where the CPU has its features; `tiles`
-                            // is `self.tiles`, built from `self`, and `tile < nt`; `x.nb ==
-                            // self.nb` (asserted above) and `j0 + g <= c1 <= x.rows`; `x.qu` is
-                            // filled, since `QActs::quantize` fills it wherever tiles are built
-                            // (both follow `Kernel::tiled_available`, fixed for the process).
-                            // `out` holds `x.rows * self.rows` values (asserted above), and parts
-                            // own disjoint tiles, so each written element (row `j0 + j`, the 16
+                            // SAFETY: `avx512::tiled`'s and `avx2::tiled`'s contracts hold.
+                            // The kernel is `Avx512Vnni` or `Avx2`, offered only where the CPU
+                            // has its features; `tiles` is `self.tiles`, built from `self`, and
+                            // `tile < nt`; `x.nb == self.nb` (asserted above) and
+                            // `1 <= g <= 8`, `j0 + g <= c1 <= x.rows`; for VNNI, `x.qu` is
+                            // filled, since `QActs::quantize` fills it wherever that kernel runs
+                            // (both follow `Kernel::get`, fixed for the process). `out` holds
+                            // `x.rows * self.rows` values (asserted above), and parts own
+                            // disjoint tiles, so each written element (row `j0 + j`, the 16
                             // columns of `tile`) has this one writer and no reader.
-                            unsafe { avx512::tiled(self, tiles, x, tile, j0, g, dst.0) };
+                            unsafe {
+                                if kernel == Kernel::Avx512Vnni {
+                                    avx512::tiled(self, tiles, x, tile, j0, g, dst.0)
+                                } else {
+                                    avx2::tiled(self, tiles, x, tile, j0, g, dst.0)
+                                }
+                            };
                         }
                     }
                 }
@@ -439,7 +447,7 @@ unsafe impl Send for SendPtr {}
 ///
 /// The SIMD kernels read `q`, `qu`, `d` and `s` through raw pointers, in bounds by these
 /// invariants, which [`QActs::quantize`] establishes (and the empty default satisfies, with
-/// `rows == 0`): `q` holds `rows * nb * 32` quants; `qu` as many where the tiled kernel runs,
+/// `rows == 0`): `q` holds `rows * nb * 32` quants; `qu` as many where the VNNI tiled kernel runs,
 /// none otherwise; `d` and `s` `rows * nbp` values, `nbp` the multiple of 16 at or above `nb`,
 /// the padding zeros (so a kernel may load 16 from any block that is a multiple of 16).
 #[derive(Default)]
@@ -464,7 +472,8 @@ impl QActs {
         assert!(cols.is_multiple_of(QK) && x.len() == rows * cols);
         let nb = cols / QK;
         let nbp = nb.next_multiple_of(16);
-        let tiled = Kernel::tiled_available();
+        // Unsigned activations are only for VNNI's `vpdpbusd` (AVX2's tiles sign the bytes).
+        let tiled = Kernel::vnni_tiles();
         self.rows = rows;
         self.nb = nb;
         self.nbp = nbp;
@@ -618,8 +627,20 @@ impl Kernel {
         v
     }
 
-    /// Whether the tiled kernel (part of the AVX-512 VNNI one) runs here.
+    /// Whether a tiled kernel (AVX-512 VNNI's or AVX2's) runs here.
     fn tiled_available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            matches!(Kernel::get(), Kernel::Avx512Vnni | Kernel::Avx2)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// Whether the tiled kernel here is VNNI's, which reads unsigned activations (`QActs::qu`).
+    fn vnni_tiles() -> bool {
         #[cfg(target_arch = "x86_64")]
         {
             Kernel::get() == Kernel::Avx512Vnni

@@ -294,3 +294,79 @@ fn quant_speed() {
         );
     }
 }
+
+/// AVX2's tiled kernel gives exactly the bits of AVX-512 VNNI's (the same exact integer sums,
+/// the same float steps lane for lane), so a prompt's text does not depend on which of the two a
+/// CPU runs; and both are the portable reference's products to rounding. Whole tiles of Q4_1 and
+/// Q8_0, an odd block count (608 = 19 blocks), 1 to 9 activation rows (passes of one to four
+/// rows, and a second pass of eight).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn the_avx2_tiles_give_the_vnni_tiles_bits() {
+    let ks = Kernel::available();
+    assert!(
+        ks.contains(&Kernel::Avx2),
+        "an x86-64 CPU without AVX2, FMA and F16C"
+    );
+    // VNNI's Q8_0 tiles read `qu`, which `quantize` fills only when VNNI is the kernel in use.
+    let vnni = Kernel::get() == Kernel::Avx512Vnni;
+    let mut compared = 0;
+    for (rows, cols) in [(32, 576), (16, 608), (48, 1536)] {
+        let wf = rand_vec(rows * cols, 11);
+        let mats = [
+            Packed::from_ggml(Format::Q4_1, &q4_1_bytes(&wf), rows, cols),
+            Packed::quantize_q8_0(&wf, rows, cols),
+        ];
+        for m in [1, 2, 3, 4, 5, 8, 9] {
+            let xf = rand_vec(m * cols, 20 + m as u64);
+            let mut x = QActs::default();
+            x.quantize(&xf, m, cols);
+            for w in &mats {
+                let t = w.tiles_unchecked();
+                let run = |vnni_kernel: bool| {
+                    let mut out = vec![f32::NAN; m * rows];
+                    for tile in 0..rows / TILE {
+                        for j0 in (0..m).step_by(TILE_ROWS) {
+                            let g = (m - j0).min(TILE_ROWS);
+                            // SAFETY: `t` is `w`'s tiled copy, `tile < rows / 16`, `x` has
+                            // `w`'s block count and `j0 + g <= m` rows, `out` holds `m * rows`
+                            // values and this loop is its only user; AVX2 was asserted above,
+                            // and the VNNI kernel runs only where `Kernel::get()` is it (so its
+                            // features are there and `x.qu` is filled).
+                            unsafe {
+                                if vnni_kernel {
+                                    avx512::tiled(w, &t, &x, tile, j0, g, out.as_mut_ptr());
+                                } else {
+                                    avx2::tiled(w, &t, &x, tile, j0, g, out.as_mut_ptr());
+                                }
+                            }
+                        }
+                    }
+                    out
+                };
+                let got = run(false);
+                let want = Kernel::Portable.matmul(w, &x);
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                        "avx2 tiles {:?} {rows}x{cols} m={m} at {i}: {a} vs {b}",
+                        w.format
+                    );
+                }
+                if vnni {
+                    let v = run(true);
+                    let same = got.iter().zip(&v).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "{:?} {rows}x{cols} m={m}: AVX2 and VNNI tiles differ",
+                        w.format
+                    );
+                    compared += 1;
+                }
+            }
+        }
+    }
+    if vnni {
+        assert_eq!(compared, 42);
+    }
+}
