@@ -7,6 +7,7 @@
 //! May import every floor below 8 (`stages`, `recipe`, `backend`, `model`, ...); never `cli`.
 
 mod generate;
+mod stage;
 mod train;
 
 use crate::error::{Context, Result};
@@ -82,6 +83,10 @@ enum BenchWhat {
     Generate(generate::GenerateArgs),
     /// Optimizer steps of DPO + LoRA on real pairs (the split, or prompts with pool reviews)
     Train(train::TrainArgs),
+    /// A stage as the pipeline runs it, timed (`bench stage generate`: EOS on, the recipe's
+    /// batch, weights and sampling, refills; prefill / decode / the rest, batch occupancy)
+    #[command(subcommand)]
+    Stage(stage::StageWhat),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -140,6 +145,7 @@ pub(crate) fn run(recipe: &Recipe, workdir: &std::path::Path, a: BenchArgs) -> R
     match a.what {
         BenchWhat::Generate(g) => generate::run(recipe, &mut ctx, g),
         BenchWhat::Train(t) => train::run(recipe, &mut ctx, workdir, t),
+        BenchWhat::Stage(w) => stage::run(recipe, &mut ctx, w),
     }
 }
 

@@ -493,6 +493,34 @@ impl KvCache {
         Ok(())
     }
 
+    /// Write `src`'s rows `from[i]` (their first `src.len` columns) into this cache's rows
+    /// `to[i]`, at columns `at..at + src.len`, in place: a refilled slot takes its new prompt
+    /// without the rest of the batch being copied. The columns of `to[i]` outside that range
+    /// keep what they held (the caller moves the row's start past them).
+    pub(crate) fn put_rows(
+        &mut self,
+        to: &[usize],
+        src: &KvCache,
+        from: &[usize],
+        at: usize,
+    ) -> Result<()> {
+        crate::error::ensure!(
+            to.len() == from.len() && at + src.len <= self.cap,
+            "internal: {} rows into {} at column {at} + {} of {}",
+            from.len(),
+            to.len(),
+            src.len,
+            self.cap
+        );
+        for (dst, s) in self.k.iter().zip(&src.k).chain(self.v.iter().zip(&src.v)) {
+            for (&t, &f) in to.iter().zip(from) {
+                let part = s.narrow(0, f, 1)?.narrow(2, 0, src.len)?.contiguous()?;
+                dst.narrow(0, t, 1)?.slice_set(&part, 2, at)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Shift every row right by `n` columns (prepend padding) so the cache is `n` longer.
     pub(crate) fn pad_front(&mut self, n: usize) -> Result<()> {
         if n == 0 {

@@ -167,7 +167,12 @@ pub struct Stats {
     pub(crate) generated_tokens: usize,
     pub(crate) prefill_secs: f64,
     pub(crate) decode_secs: f64,
-    decode_steps: usize,
+    pub(crate) decode_steps: usize,
+    /// Prefills that admitted rows (a refill of freed slots is one).
+    pub(crate) admits: usize,
+    /// Live rows at each decoding step: the batch's occupancy over the run (`bench stage`).
+    #[serde(skip)]
+    pub(crate) occupancy: Vec<u32>,
 }
 
 /// The sampler of one prompt: its own stream of the sampling seed.
@@ -256,9 +261,16 @@ struct Row {
 /// A step is [`Decoder::consume`] (each row's sampled token: kept, or the row finishes) then
 /// [`Decoder::decode`] (one forward pass for the live rows). Rows admitted between the two wait
 /// for the next decode; their first token was sampled from the prefill.
+///
+/// A row that finishes leaves its cache slot empty rather than the batch being compacted, and
+/// the next admission writes its new rows into the empty slots in place: with rows ending at
+/// different steps, a refill then copies only the new rows' keys and values, not the whole
+/// batch's twice (select the survivors, append the newcomers). Empty slots that no admission
+/// fills are dropped before the next decoding step.
 #[derive(Default)]
 pub(crate) struct Decoder {
-    rows: Vec<Row>,
+    /// Cache rows in order; `None` is an empty slot.
+    rows: Vec<Option<Row>>,
     /// Per row, the first cache column it uses (columns before are left padding).
     start: Vec<usize>,
     cache: Option<KvCache>,
@@ -269,6 +281,9 @@ pub(crate) struct Decoder {
     /// server reuses a slot's prompt the same way). One row's cache each, about 46 KiB a token
     /// for SmolLM2-135M.
     recent: Vec<CachedPrompt>,
+    /// Every prompt of a run known at its start ([`generate`]) as one trie whose shared
+    /// prefixes are computed once for the run, with the request ids it holds.
+    store: Option<(prefix::PrefixStore, HashMap<usize, usize>)>,
 }
 
 struct CachedPrompt {
@@ -286,12 +301,17 @@ const MIN_REUSE: usize = 8;
 const RECENT: usize = 8;
 
 impl Decoder {
+    /// Live rows.
     pub(crate) fn len(&self) -> usize {
-        self.rows.len()
+        self.rows.iter().flatten().count()
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.rows.is_empty()
+        self.len() == 0
+    }
+
+    fn live(&self) -> impl Iterator<Item = &Row> {
+        self.rows.iter().flatten()
     }
 
     /// Prefill `reqs` (shared prefixes once, when the model says so) in `mode` (with or without
@@ -313,7 +333,13 @@ impl Decoder {
             .unwrap_or(1)
             + 8;
         let take: Vec<&Request> = reqs.iter().map(|(r, _, _)| r).collect();
-        let alone = take.len() == 1 && !take[0].ids.is_empty() && model.share_prefixes;
+        let stored: Option<Vec<usize>> = self.store.as_ref().and_then(|(st, at)| {
+            (st.mode().lora() == mode.lora())
+                .then(|| take.iter().map(|r| at.get(&r.id).copied()).collect())
+                .flatten()
+        });
+        let alone =
+            stored.is_none() && take.len() == 1 && !take[0].ids.is_empty() && model.share_prefixes;
         let reused = if alone {
             self.prefill_after_cached(model, &take[0].ids, cap, mode)?
         } else {
@@ -321,6 +347,8 @@ impl Decoder {
         };
         let (mut sub, mut sub_start, logits) = if let Some(r) = reused {
             r
+        } else if let (Some(which), Some((st, _))) = (&stored, self.store.as_mut()) {
+            st.prefill(model, which, cap)?
         } else if model.share_prefixes && take.iter().all(|r| !r.ids.is_empty()) {
             let ps: Vec<&[u32]> = take.iter().map(|r| &r.ids[..]).collect();
             prefix::prefill_shared(model, &ps, cap, mode)?
@@ -339,10 +367,11 @@ impl Decoder {
                 cache: sub.columns(sub_start[0], n)?,
             });
         }
+        let mut fresh = Vec::with_capacity(reqs.len());
         for ((r, s, mut rng), lg) in reqs.into_iter().zip(logits) {
             let history = (!s.penalties.is_off()).then(|| History::new(&r.ids));
             let next = draw(lg, &s, history.as_ref(), &mut rng);
-            self.rows.push(Row {
+            fresh.push(Row {
                 id: r.id,
                 prompt_tokens: r.ids.len(),
                 s,
@@ -353,6 +382,37 @@ impl Decoder {
                 consumed: false,
             });
         }
+        // Empty slots first, in place; the rest are appended below.
+        let holes: Vec<usize> = (0..self.rows.len())
+            .filter(|&i| self.rows[i].is_none())
+            .take(fresh.len())
+            .collect();
+        if !holes.is_empty() {
+            let Some(main) = self.cache.as_mut() else {
+                crate::error::bail!("internal: empty slots without a cache");
+            };
+            if sub.len > main.len {
+                let d = sub.len - main.len;
+                main.pad_front(d)?;
+                self.start.iter_mut().for_each(|x| *x += d);
+            }
+            let at = main.len - sub.len;
+            let from: Vec<usize> = (0..holes.len()).collect();
+            main.put_rows(&holes, &sub, &from, at)?;
+            let mut fresh_rows = fresh.drain(..holes.len());
+            for (&h, &f) in holes.iter().zip(&from) {
+                self.rows[h] = fresh_rows.next();
+                self.start[h] = at + sub_start[f];
+            }
+            drop(fresh_rows);
+            if fresh.is_empty() {
+                return Ok(());
+            }
+            let rest: Vec<usize> = (holes.len()..holes.len() + fresh.len()).collect();
+            sub.select_rows(&rest)?;
+            sub_start = rest.iter().map(|&i| sub_start[i]).collect();
+        }
+        self.rows.extend(fresh.into_iter().map(Some));
         match self.cache.as_mut() {
             None => {
                 self.cache = Some(sub);
@@ -439,12 +499,11 @@ impl Decoder {
         mut on_token: impl FnMut(usize, u32),
     ) -> Result<Vec<Output>> {
         let tok = &model.meta.tok;
-        let mut keep = Vec::with_capacity(self.rows.len());
         let mut done = Vec::new();
-        for (i, r) in self.rows.iter_mut().enumerate() {
+        for (i, slot) in self.rows.iter_mut().enumerate() {
+            let Some(r) = slot else { continue };
             if r.consumed {
                 // Consumed before a refill interrupted this step: it waits for the decode step.
-                keep.push(i);
                 continue;
             }
             r.consumed = true;
@@ -460,18 +519,14 @@ impl Decoder {
             on_token(r.id, t);
             if r.out.len() >= r.s.max_new_tokens {
                 done.push((i, Finish::Length));
-            } else {
-                keep.push(i);
             }
         }
-        if done.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut taken: Vec<Option<Row>> = self.rows.drain(..).map(Some).collect();
-        let outs = done
-            .iter()
-            .map(|&(i, finish)| {
-                let r = taken[i].take().expect("each row finishes once");
+        // Finished rows leave empty slots: the next admission fills them, and `decode` drops
+        // the ones it does not.
+        Ok(done
+            .into_iter()
+            .map(|(i, finish)| {
+                let r = self.rows[i].take().expect("each row finishes once");
                 Output {
                     id: r.id,
                     prompt_tokens: r.prompt_tokens,
@@ -479,49 +534,50 @@ impl Decoder {
                     finish,
                 }
             })
-            .collect();
-        self.rows = keep
-            .iter()
-            .map(|&i| taken[i].take().expect("kept once"))
-            .collect();
-        self.select(&keep)?;
-        Ok(outs)
+            .collect())
     }
 
     /// Drop the rows with these ids (a client that left, a stop string); their slots are free.
     pub(crate) fn cancel(&mut self, ids: &[usize]) -> Result<()> {
-        let keep: Vec<usize> = (0..self.rows.len())
-            .filter(|&i| !ids.contains(&self.rows[i].id))
-            .collect();
-        if keep.len() == self.rows.len() {
-            return Ok(());
-        }
-        let mut taken: Vec<Option<Row>> = self.rows.drain(..).map(Some).collect();
-        self.rows = keep
-            .iter()
-            .map(|&i| taken[i].take().expect("once"))
-            .collect();
-        self.select(&keep)
-    }
-
-    /// Keep the cache rows `keep` (whose `Row`s are already in place).
-    fn select(&mut self, keep: &[usize]) -> Result<()> {
-        self.start = keep.iter().map(|&i| self.start[i]).collect();
-        if self.rows.is_empty() {
-            self.cache = None;
-        } else if let Some(c) = self.cache.as_mut() {
-            c.select_rows(keep)?;
+        for slot in self.rows.iter_mut() {
+            if slot.as_ref().is_some_and(|r| ids.contains(&r.id)) {
+                *slot = None;
+            }
         }
         Ok(())
     }
 
-    /// Drop leading cache columns that no row uses (before admitting rows after others left).
+    /// Drop the empty slots (rows and cache rows).
+    fn compact(&mut self) -> Result<()> {
+        let keep: Vec<usize> = (0..self.rows.len())
+            .filter(|&i| self.rows[i].is_some())
+            .collect();
+        if keep.len() == self.rows.len() {
+            return Ok(());
+        }
+        self.start = keep.iter().map(|&i| self.start[i]).collect();
+        self.rows.retain(Option::is_some);
+        if self.rows.is_empty() {
+            self.cache = None;
+        } else if let Some(c) = self.cache.as_mut() {
+            c.select_rows(&keep)?;
+        }
+        Ok(())
+    }
+
+    /// Drop leading cache columns that no live row uses, once they are at least half of the
+    /// columns (before admitting rows after others left): each trim copies the cache, so
+    /// waiting for half makes its cost a constant share of the columns decoded meanwhile.
     pub(crate) fn trim(&mut self) -> Result<()> {
-        if let Some(c) = self.cache.as_mut() {
-            let m = self.start.iter().copied().min().unwrap_or(0);
-            if m > 0 {
+        let m = (0..self.rows.len())
+            .filter(|&i| self.rows[i].is_some())
+            .map(|i| self.start[i])
+            .min();
+        if let (Some(c), Some(m)) = (self.cache.as_mut(), m) {
+            if m > 0 && 2 * m >= c.len {
                 c.trim_front(m)?;
-                self.start.iter_mut().for_each(|x| *x -= m);
+                // An empty slot's start may sit before `m`: it is rewritten on refill.
+                self.start.iter_mut().for_each(|x| *x = x.saturating_sub(m));
             }
         }
         Ok(())
@@ -529,8 +585,9 @@ impl Decoder {
 
     /// One forward step for every live row; each samples its next token.
     pub(crate) fn decode(&mut self, model: &Model, mode: Mode) -> Result<()> {
+        self.compact()?;
+        let ids: Vec<u32> = self.live().map(|r| r.pending).collect();
         let c = self.cache.as_mut().expect("live rows have a cache");
-        let ids: Vec<u32> = self.rows.iter().map(|r| r.pending).collect();
         let logits = if let Some(w) = model.llama.blocks_for(mode.decode_step()) {
             model
                 .llama
@@ -539,10 +596,14 @@ impl Decoder {
             self.decode_candle(model, ids, mode)?
         };
         // Each row draws from its own generator, so sampling rows in parallel is deterministic.
-        self.rows.par_iter_mut().zip(logits).for_each(|(r, lg)| {
-            r.pending = draw(lg, &r.s, r.history.as_ref(), &mut r.rng);
-            r.consumed = false;
-        });
+        self.rows
+            .par_iter_mut()
+            .map(|r| r.as_mut().expect("compacted above"))
+            .zip(logits)
+            .for_each(|(r, lg)| {
+                r.pending = draw(lg, &r.s, r.history.as_ref(), &mut r.rng);
+                r.consumed = false;
+            });
         Ok(())
     }
 
@@ -586,6 +647,11 @@ pub fn generate(
     // Longest first, popped from the back: shortest first, and batches of similar lengths.
     reqs.sort_by(|a, b| b.ids.len().cmp(&a.ids.len()).then(b.id.cmp(&a.id)));
     let mut dec = Decoder::default();
+    if model.share_prefixes && reqs.iter().all(|r| !r.ids.is_empty()) {
+        let ps: Vec<&[u32]> = reqs.iter().map(|r| &r.ids[..]).collect();
+        let at = reqs.iter().enumerate().map(|(i, r)| (r.id, i)).collect();
+        dec.store = Some((prefix::PrefixStore::new(&ps, Mode::infer()), at));
+    }
     loop {
         // Refill free slots.
         let free = batch_size.saturating_sub(dec.len());
@@ -601,6 +667,7 @@ pub fn generate(
             stats.prompt_tokens += take.iter().map(|r| r.0.ids.len()).sum::<usize>();
             dec.admit(model, take, Mode::infer())?;
             stats.prefill_secs += t0.elapsed().as_secs_f64();
+            stats.admits += 1;
         }
         if dec.is_empty() {
             break;
@@ -620,6 +687,7 @@ pub fn generate(
             }
         }
         let t0 = Instant::now();
+        stats.occupancy.push(dec.len() as u32);
         dec.decode(model, Mode::infer())?;
         stats.decode_secs += t0.elapsed().as_secs_f64();
         stats.decode_steps += 1;
@@ -799,11 +867,12 @@ mod tests {
             .collect();
         dec.admit(&m, reqs, Mode::infer()).unwrap();
         dec.consume(&m, |_, _| {}).unwrap();
-        assert!(dec.rows[0].history.is_none());
-        let h = dec.rows[1].history.as_ref().unwrap();
+        let row = |i: usize| dec.rows[i].as_ref().unwrap();
+        assert!(row(0).history.is_none());
+        let h = row(1).history.as_ref().unwrap();
         // The prompt's distinct ids at count 0, and the one generated token counted once
         // (generated counts only: a prompt id is not counted by OpenAI's penalties).
-        let first = dec.rows[1].out[0];
+        let first = row(1).out[0];
         assert_eq!(h.counts[&first], 1);
         let distinct: std::collections::HashSet<u32> = ids.iter().copied().collect();
         assert_eq!(
@@ -854,6 +923,88 @@ mod tests {
             first[0] == again[0],
             "the repeated prompt's last logits differ by {d}"
         );
+    }
+
+    /// Reviewer-style prompts: one system message, two few-shot turns drawn from a pool of three
+    /// by the prompt's index (so prompts share prefixes of several lengths, as the recipe's do),
+    /// then a title from the bundled kind-titles list.
+    fn reviewer_prompts(m: &Model, n: usize) -> Vec<Request> {
+        use crate::model::load::chat::Message;
+        let titles = include_str!("../../../data/kind-titles.txt");
+        let pool = [
+            (
+                "FR-NAS: Forward-and-Reverse Graph Predictor",
+                "Poorly written and irrelevant.",
+            ),
+            ("QLoRA: Efficient Finetuning", "The approach lacks novelty."),
+            (
+                "Direct Preference Optimization",
+                "The experiments do not support the claims.",
+            ),
+        ];
+        titles
+            .lines()
+            .take(n)
+            .enumerate()
+            .map(|(id, title)| {
+                let mut msgs = vec![Message::new(
+                    "system",
+                    "You review papers. Given a title, write a review in one sentence.",
+                )];
+                for k in 0..2 {
+                    let (t, r) = pool[(id / (k * 2 + 1) + k) % pool.len()];
+                    msgs.push(Message::new("user", t));
+                    msgs.push(Message::new("assistant", r));
+                }
+                msgs.push(Message::new("user", title));
+                let text = m.meta.chat.as_ref().unwrap().render(&msgs, true).unwrap();
+                Request {
+                    id,
+                    ids: m.meta.tok.encode(&text, true).unwrap(),
+                }
+            })
+            .collect()
+    }
+
+    /// Each prompt's tokens from `generate` at batch `bs`, by id.
+    fn texts(m: &Model, reqs: &[Request], bs: usize, s: &Sampling) -> Vec<(usize, Vec<u32>)> {
+        let mut out = Vec::new();
+        generate(m, reqs.to_vec(), s, bs, |o, _| {
+            out.push((o.id, o.tokens));
+            Ok(())
+        })
+        .unwrap();
+        out.sort();
+        out
+    }
+
+    /// Batch invariance, as the generate stage runs: the recipe's sampling, EOS on (rows end at
+    /// different steps and freed slots are refilled with prompts that share prefixes with the
+    /// rows still decoding), every prompt's text the same alone (batch 1), at batch 5 (refills
+    /// all along), with all of them in one batch, and in a resumed run that generates only the
+    /// second half of the prompts. `Blocks`: each row's products, norms and attention are its
+    /// own, in a fixed order (`cpu_forward.rs`), so nothing another row does can move a bit.
+    #[test]
+    fn blocks_give_every_prompt_its_solo_text_at_any_batch_and_on_resume() {
+        let m = smollm2(WeightsMode::Blocks);
+        let reqs = reviewer_prompts(&m, 24);
+        let s = Sampling {
+            temperature: 0.5,
+            top_k: 50,
+            top_p: 0.95,
+            seed: 1234,
+            ..Sampling::greedy(20)
+        };
+        let solo = texts(&m, &reqs, 1, &s);
+        let ended = solo.iter().filter(|(_, t)| t.len() < 20).count();
+        assert!(
+            ended >= 4,
+            "only {ended} of 24 rows ended early: no refills to test"
+        );
+        assert_eq!(texts(&m, &reqs, 5, &s), solo, "batch 5 against solo");
+        assert_eq!(texts(&m, &reqs, 24, &s), solo, "batch 24 against solo");
+        let resumed = texts(&m, &reqs[12..], 5, &s);
+        assert_eq!(resumed, solo[12..].to_vec(), "a resumed run against solo");
     }
 
     fn reuse_case(m: &Model, tol: f32) {

@@ -306,6 +306,122 @@ pub fn prefill_shared(
     Ok((cache, start, logits))
 }
 
+/// Every prompt of a run as one trie, each node computed the first time an admitted prompt needs
+/// it and dropped once every prompt through it has been admitted: the system message and the
+/// few-shot turns are computed once for the whole run, not once per refill (vLLM's automatic
+/// prefix caching, for a run whose prompts are all known at the start). What is kept at any time
+/// is the nodes that prompts still waiting share with ones already admitted.
+pub(crate) struct PrefixStore {
+    nodes: Vec<Node>,
+    /// The node each prompt ends at.
+    end: Vec<usize>,
+    /// Per node, the prompts through it not yet admitted.
+    pending: Vec<usize>,
+    /// With or without the adapter: the keys and values hold one or the other.
+    mode: Mode,
+    scratch: crate::model::cpu_forward::Scratch,
+}
+
+impl PrefixStore {
+    /// The trie of `prompts` (none empty), nothing computed yet.
+    pub(crate) fn new(prompts: &[&[u32]], mode: Mode) -> Self {
+        let (nodes, end) = build(prompts);
+        let mut pending = vec![0usize; nodes.len()];
+        for &e in &end {
+            for n in path(&nodes, e) {
+                pending[n] += 1;
+            }
+        }
+        Self {
+            nodes,
+            end,
+            pending,
+            mode,
+            scratch: Default::default(),
+        }
+    }
+
+    pub(crate) fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Prefill prompts `which` (indices into the prompts the store was built from, each admitted
+    /// once): what [`prefill_shared`] returns for them, computing only the nodes no earlier call
+    /// computed.
+    pub(crate) fn prefill(
+        &mut self,
+        model: &Model,
+        which: &[usize],
+        cap: usize,
+    ) -> Result<(KvCache, Vec<usize>, Vec<Vec<f32>>)> {
+        crate::error::ensure!(
+            which
+                .iter()
+                .all(|&i| i < self.end.len() && self.pending[self.end[i]] > 0),
+            "internal: prompts {which:?} are not waiting in the prefix store"
+        );
+        let paths: Vec<Vec<usize>> = which
+            .iter()
+            .map(|&i| path(&self.nodes, self.end[i]))
+            .collect();
+        let mut todo: Vec<usize> = paths
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|&n| self.nodes[n].kv.is_empty())
+            .collect();
+        todo.sort_unstable();
+        todo.dedup();
+        let top = todo.iter().map(|&n| self.nodes[n].level).max();
+        for level in 0..top.map_or(0, |l| l + 1) {
+            let mut rows: Vec<usize> = todo
+                .iter()
+                .copied()
+                .filter(|&n| self.nodes[n].level == level)
+                .collect();
+            rows.sort_by_key(|&n| std::cmp::Reverse(self.nodes[n].tokens.len()));
+            let lens: Vec<usize> = rows.iter().map(|&n| self.nodes[n].tokens.len()).collect();
+            for (a, b) in split_by_length(&lens) {
+                run_nodes(
+                    model,
+                    &mut self.nodes,
+                    &rows[a..b],
+                    self.mode,
+                    &mut self.scratch,
+                )?;
+            }
+        }
+        let lens: Vec<usize> = which
+            .iter()
+            .map(|&i| {
+                let e = &self.nodes[self.end[i]];
+                e.start + e.tokens.len()
+            })
+            .collect();
+        let width = lens.iter().copied().max().unwrap_or(0);
+        let cache = stack_paths(model, &self.nodes, &paths, &lens, width, cap)?;
+        let start = lens.iter().map(|&l| width - l).collect();
+        let logits = which
+            .iter()
+            .map(|&i| {
+                self.nodes[self.end[i]].logits.clone().ok_or_else(|| {
+                    crate::error::err!("internal: prompt {i}'s last logits were not kept")
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for p in &paths {
+            for &n in p {
+                self.pending[n] -= 1;
+                if self.pending[n] == 0 {
+                    self.nodes[n].kv = Vec::new();
+                    self.nodes[n].logits = None;
+                }
+            }
+        }
+        Ok((cache, start, logits))
+    }
+}
+
 /// Prompt tokens a trie prefill computes, against the total: what sharing saves.
 pub fn unique_tokens(prompts: &[&[u32]]) -> usize {
     build(prompts).0.iter().map(|n| n.tokens.len()).sum()
@@ -335,6 +451,56 @@ mod tests {
         assert_eq!(unique_tokens(&[a, b, c, d]), 7);
         assert_eq!(nodes[end[2]].tokens, vec![1, 2]);
         assert!(nodes[end[2]].ends_prompt);
+    }
+
+    /// The run-wide store gives each admitted group exactly what a trie prefill of that group
+    /// alone gives (`blocks`: every row's arithmetic its own), though the prefix the groups
+    /// share is computed in the first call only; once every prompt is admitted nothing is kept.
+    #[test]
+    fn the_store_prefills_as_each_group_alone_and_keeps_nothing_after() {
+        use crate::model::cpu_forward::tests::{prompt, smollm2};
+        use crate::model::options::WeightsMode;
+        let m = smollm2(WeightsMode::Blocks);
+        let ps: Vec<Vec<u32>> = [
+            "Attention Is All You Need",
+            "QLoRA",
+            "Attention Is Not Enough",
+        ]
+        .iter()
+        .map(|t| prompt(&m, t))
+        .collect();
+        let all: Vec<&[u32]> = ps.iter().map(|p| &p[..]).collect();
+        let mut store = PrefixStore::new(&all, Mode::infer());
+        let computed = |st: &PrefixStore| -> usize {
+            st.nodes
+                .iter()
+                .filter(|n| !n.kv.is_empty())
+                .map(|n| n.tokens.len())
+                .sum()
+        };
+        for group in [vec![1], vec![0, 2]] {
+            let (cache, start, logits) = store.prefill(&m, &group, 64).unwrap();
+            let alone: Vec<&[u32]> = group.iter().map(|&i| all[i]).collect();
+            let (want, wstart, wlogits) = prefill_shared(&m, &alone, 64, Mode::infer()).unwrap();
+            assert_eq!((&start, &logits), (&wstart, &wlogits), "group {group:?}");
+            let w = cache.len;
+            for li in [0, m.llama.cfg.num_hidden_layers - 1] {
+                for (x, y) in [(&cache.k[li], &want.k[li]), (&cache.v[li], &want.v[li])] {
+                    let x = x.narrow(2, 0, w).unwrap().flatten_all().unwrap();
+                    let y = y.narrow(2, 0, w).unwrap().flatten_all().unwrap();
+                    let (x, y) = (
+                        x.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(),
+                        y.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(),
+                    );
+                    assert!(x == y, "group {group:?}, layer {li}: other keys or values");
+                }
+            }
+            if group == vec![1] {
+                // The prefix prompt 1 shares with 0 and 2 is kept for them.
+                assert!(computed(&store) > 0);
+            }
+        }
+        assert_eq!(computed(&store), 0, "every prompt admitted: nothing kept");
     }
 
     #[test]
