@@ -54,6 +54,21 @@ def direct_timings(port, workdir, n, new_tokens):
     return tot
 
 
+def start_server(model, port, parallel, threads):
+    """llama.cpp's server (tests/fixtures/llama_server.py) on `port` with `parallel` slots, ready."""
+    server = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "tests/fixtures/llama_server.py"), model, str(port),
+         "--parallel", str(parallel), "--threads", str(threads), "--alias", "smollm2",
+         "--ctx", str(parallel * 512), "--watch-stdin"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    line = server.stdout.readline().strip()
+    if line != f"ready {port}":
+        server.kill()
+        sys.exit(f"llama.cpp's server did not start ({line!r})")
+    return server
+
+
 def bench(pipeline, common, extra):
     out = subprocess.run(
         [pipeline, *common, "bench", "generate", "--json", *extra],
@@ -85,16 +100,8 @@ def main():
     peer = None
     for p in sizes:
         port = free_port()
-        server = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "tests/fixtures/llama_server.py"), a.model, str(port),
-             "--parallel", str(p), "--threads", str(a.threads), "--alias", "smollm2",
-             "--ctx", str(p * 512), "--watch-stdin"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        )
+        server = start_server(a.model, port, p, a.threads)
         try:
-            line = server.stdout.readline().strip()
-            if line != f"ready {port}":
-                sys.exit(f"llama.cpp's server did not start ({line!r})")
             r = bench(a.pipeline, common + [
                 "--set", f'generate.openai.endpoints=["http://127.0.0.1:{port}/v1"]',
                 "--set", "generate.openai.model=smollm2",

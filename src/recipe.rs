@@ -101,7 +101,11 @@ impl Recipe {
             .with_context(|| loaded.origin("generate.device"))?;
         let gen_dtype = g.dtype.resolve(&gen_device);
         let gen_load = LoadOptions {
-            weights: g.weights.mode(matches!(gen_spec, ModelSpec::Gguf(_))),
+            weights: g.weights.batch_mode(
+                matches!(gen_spec, ModelSpec::Gguf(_)),
+                &gen_device,
+                gen_dtype,
+            ),
             attention: g.attention,
             share_prefixes: g.prefix_sharing,
             dtype: gen_dtype,
@@ -114,7 +118,11 @@ impl Recipe {
         };
         let judge_spec = spec(judge_key, judge_text)?;
         let judge_load = LoadOptions {
-            weights: g.weights.mode(matches!(judge_spec, ModelSpec::Gguf(_))),
+            weights: g.weights.batch_mode(
+                matches!(judge_spec, ModelSpec::Gguf(_)),
+                &gen_load.device,
+                gen_dtype,
+            ),
             ..gen_load.clone()
         };
         let t = &s.train;
@@ -209,9 +217,9 @@ impl Recipe {
 
     /// The generation model for one person waiting on it (`sample`, `serve`), ready to take
     /// adapters when `adapters`. With `generate.weights = "auto"`, a GGUF on the CPU in f32
-    /// runs on its own blocks (`"blocks"`, or `"mixed"` without AVX-512 VNNI: several times
-    /// faster for a few streams, docs/PERF.md), where the batch stages keep dense weights
-    /// (every row its solo text).
+    /// runs on its own blocks (`"blocks"` where a tiled kernel runs, as for the batch stages;
+    /// `"mixed"` elsewhere, where the batch stages keep dense weights: several times faster
+    /// for a few streams, docs/PERF.md).
     /// Quantized weights held in the GGUF's RoPE layout (`"quantized"`) take no adapter: those
     /// load dense, as training does.
     pub(crate) fn load_interactive(&self, adapters: bool) -> Result<crate::model::load::Model> {

@@ -28,17 +28,30 @@ pub enum WeightsMode {
 
 impl WeightsMode {
     /// The text may depend on how rows are batched: candle's quantized matmul rounds
-    /// differently for one row than for several, and decoding on blocks (each row on its own)
-    /// turns the float-level differences of a batched prefill into other 8-bit roundings,
-    /// which can change a token at a near-tie. Dense weights give every row its solo text.
+    /// differently for one row than for several, and `Mixed` / `Q8` decode on blocks (each row
+    /// on its own) after a dense prefill whose float-level differences between batch shapes
+    /// become other 8-bit roundings, which can change a token at a near-tie. Dense weights give
+    /// every row its solo text, and so does `Blocks`: prefill and decoding both run in plain
+    /// Rust, every row's products, norms and attention its own in a fixed order (tested: solo,
+    /// batched with refills, and resumed give the same text).
     pub(crate) fn batch_dependent(self) -> bool {
-        !matches!(self, WeightsMode::Dense)
+        !matches!(self, WeightsMode::Dense | WeightsMode::Blocks)
+    }
+
+    /// How a GGUF loaded for the batch stages (generate, eval, rounds) with
+    /// `generate.weights = "auto"` is held: on the CPU in f32, on its blocks where a tiled
+    /// kernel runs (AVX-512 VNNI or AVX2: faster than dense f32 there, docs/PERF.md, and
+    /// batch-invariant as dense is); `None` keeps dense weights (a GPU, bf16, or a CPU
+    /// without AVX2).
+    pub(crate) fn batch_auto(dev: &Device, dtype: DType) -> Option<WeightsMode> {
+        (dev.is_cpu() && dtype == DType::F32 && quant::prefill_on_blocks_pays())
+            .then_some(WeightsMode::Blocks)
     }
 
     /// How a GGUF loaded for one person waiting (`sample`, `serve`) with
     /// `generate.weights = "auto"` is held: on the CPU in f32, on its blocks, prefill included
-    /// where the tiled AVX-512 VNNI kernel runs (`Blocks`: faster than dense gemm there), for
-    /// decoding only elsewhere (`Mixed`); `None` keeps the batch stages' dense weights.
+    /// where a tiled kernel runs (`Blocks`: faster than dense gemm there), for decoding only
+    /// elsewhere (`Mixed`); `None` keeps dense weights.
     pub(crate) fn interactive_auto(dev: &Device, dtype: DType) -> Option<WeightsMode> {
         if !(dev.is_cpu() && dtype == DType::F32) {
             return None;
@@ -118,9 +131,10 @@ impl DTypeChoice {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum WeightsChoice {
-    /// Dense f32 for the batch stages (every row its solo text, at any batch size); `Blocks`
-    /// (or `Mixed` without AVX-512 VNNI) for `sample` and `serve` on the CPU
-    /// (`Recipe::load_interactive`), several times faster for a few streams (docs/PERF.md).
+    /// For a GGUF on the CPU in f32: `Blocks` where a tiled kernel runs (AVX-512 VNNI or AVX2),
+    /// for the batch stages (every row its solo text, at any batch size) and for `sample` and
+    /// `serve`; elsewhere dense for the batch stages and `Mixed` for one person waiting
+    /// (`Recipe::load_interactive`). Dense for everything else. docs/PERF.md.
     #[default]
     Auto,
     Quantized,
@@ -134,6 +148,17 @@ pub(crate) enum WeightsChoice {
 }
 
 impl WeightsChoice {
+    /// The batch stages' weights: `auto` is [`WeightsMode::batch_auto`] for a GGUF, dense
+    /// otherwise; every other choice is [`WeightsChoice::mode`].
+    pub(crate) fn batch_mode(self, gguf: bool, dev: &Device, dtype: DType) -> WeightsMode {
+        match self {
+            WeightsChoice::Auto if gguf => {
+                WeightsMode::batch_auto(dev, dtype).unwrap_or(WeightsMode::Dense)
+            }
+            other => other.mode(gguf),
+        }
+    }
+
     /// Only GGUF files have quantized weights to keep; everything else is dense.
     pub(crate) fn mode(self, gguf: bool) -> WeightsMode {
         match self {
