@@ -11,8 +11,13 @@ use crate::stages::rounds::Step;
 use crate::stages::{Node, Stage};
 
 /// Effective FLOP/s of batched generation and of a checkpointed LoRA DPO step.
+#[derive(Clone, Copy)]
 struct Rates {
     generate: f64,
+    /// The generate stage's rate: on a GGUF's blocks (`weights = "blocks"`, `auto` on AVX2 and
+    /// AVX-512 VNNI CPUs, with the run-wide prefix store) this one; else `generate`'s. The eval
+    /// and the rounds' reviews run on dense weights at `generate`.
+    generate_blocks: f64,
     train: f64,
     measured: bool,
 }
@@ -21,14 +26,18 @@ fn rates(cuda: bool, cores: usize) -> Rates {
     if cuda {
         return Rates {
             generate: 2e12,
+            generate_blocks: 2e12,
             train: 5e13,
             measured: false,
         };
     }
     let cores = cores as f64;
     // docs/PERF.md: 2 * 135M params * ~150 tok/s at batch 16, and 6 * 135M * ~1000 tok / 6.8 s.
+    // On the blocks (2026-12-06): 300 reviews of (64 + 60) counted tokens in 16 to 21 s, about
+    // 5e11 at the slower end.
     Rates {
         generate: 4.0e10 * cores / 2.0,
+        generate_blocks: 5.0e11 * cores / 2.0,
         train: 1.2e11 * cores / 2.0,
         measured: true,
     }
@@ -50,23 +59,30 @@ pub(crate) struct Estimate {
 }
 
 /// The estimate for building `todo`. `params`: the generation and training models' parameter
-/// counts (None when unknown, e.g. a Hub model not downloaded yet).
+/// counts (None when unknown, e.g. a Hub model not downloaded yet). `blocks`: the generate stage
+/// runs on a GGUF's blocks.
 pub(crate) fn estimate(
     s: &Settings,
     todo: &[Node],
     params: (Option<u64>, Option<u64>),
     cuda: bool,
+    blocks: bool,
 ) -> Estimate {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
-    estimate_on(s, todo, params, cuda, cores)
+    let mut r = rates(cuda, cores);
+    if !blocks {
+        r.generate_blocks = r.generate;
+    }
+    estimate_with(s, todo, params, cuda, r)
 }
 
 /// A few-shot chat prompt is about 170 tokens, of which the shared prefix is computed once.
 const PROMPT_TOKENS: f64 = 60.0;
 
-/// [`estimate`] for a CPU with `cores` cores (the rates scale with them).
+/// [`estimate`] for a CPU with `cores` cores (the rates scale with them), dense weights.
+#[cfg(test)]
 fn estimate_on(
     s: &Settings,
     todo: &[Node],
@@ -74,7 +90,18 @@ fn estimate_on(
     cuda: bool,
     cores: usize,
 ) -> Estimate {
-    let r = rates(cuda, cores);
+    let mut r = rates(cuda, cores);
+    r.generate_blocks = r.generate;
+    estimate_with(s, todo, params, cuda, r)
+}
+
+fn estimate_with(
+    s: &Settings,
+    todo: &[Node],
+    params: (Option<u64>, Option<u64>),
+    cuda: bool,
+    r: Rates,
+) -> Estimate {
     let out: Vec<StageEstimate> = todo
         .iter()
         .map(|&node| {
@@ -182,12 +209,16 @@ fn stage(s: &Settings, st: Stage, params: (Option<u64>, Option<u64>), r: &Rates)
                     format!("{n} reviews on the openai backend's servers"),
                 )
             } else {
+                let stage_rate = Rates {
+                    generate: r.generate_blocks,
+                    ..*r
+                };
                 reviews(
                     s,
                     n,
                     PROMPT_TOKENS,
                     params.0,
-                    r,
+                    &stage_rate,
                     format!("{n} reviews of up to {} tokens", s.generate.max_new_tokens),
                 )
             }
@@ -266,6 +297,18 @@ mod tests {
         (quick.train.max_steps, quick.train.batch_size) = (20, 2);
         let q = estimate_on(&quick, &all, (Some(SMOLLM2), Some(SMOLLM2)), false, 2);
         assert!(q.total > 30.0 && q.total < 900.0, "{}", human(q.total));
+        // On the blocks the generate stage is counted at its own, faster rate; nothing else moves.
+        let gen = [Node::Stage(Stage::Generate), Node::Stage(Stage::Eval)];
+        let dense = estimate_on(&quick, &gen, (Some(SMOLLM2), Some(SMOLLM2)), false, 2);
+        let blocks = estimate_with(
+            &quick,
+            &gen,
+            (Some(SMOLLM2), Some(SMOLLM2)),
+            false,
+            rates(false, 2),
+        );
+        assert!(blocks.stages[0].seconds * 5.0 < dense.stages[0].seconds);
+        assert_eq!(blocks.stages[1].seconds, dense.stages[1].seconds);
         // An unknown model size is said, not guessed as zero.
         let u = estimate_on(
             &quick,

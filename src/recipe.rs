@@ -118,11 +118,8 @@ impl Recipe {
         };
         let judge_spec = spec(judge_key, judge_text)?;
         let judge_load = LoadOptions {
-            weights: g.weights.batch_mode(
-                matches!(judge_spec, ModelSpec::Gguf(_)),
-                &gen_load.device,
-                gen_dtype,
-            ),
+            // The llm judge scores through candle's forward: dense under `auto`, as before.
+            weights: g.weights.mode(matches!(judge_spec, ModelSpec::Gguf(_))),
             ..gen_load.clone()
         };
         let t = &s.train;

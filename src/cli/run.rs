@@ -65,7 +65,8 @@ fn announce(recipe: &Recipe, todo: &[Node], quiet: bool, yes: bool) -> Result<()
             .flatten(),
     );
     let cuda = recipe.generate.load.device.is_cuda() || recipe.train.load.device.is_cuda();
-    let e = crate::estimate::estimate(recipe.settings(), todo, p, cuda);
+    let blocks = recipe.generate.load.weights == crate::model::options::WeightsMode::Blocks;
+    let e = crate::estimate::estimate(recipe.settings(), todo, p, cuda, blocks);
     if !quiet {
         eprintln!(
             "{:>12} {} on the {} (estimate{}: {})",

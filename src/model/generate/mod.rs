@@ -317,6 +317,9 @@ impl Decoder {
     /// Prefill `reqs` (shared prefixes once, when the model says so) in `mode` (with or without
     /// the attached adapter, as their decode steps will run), sample each one's first token with
     /// its own sampler, and splice them into the batch.
+    // Long because one admission: the prefill's three sources (the run's store, a recent
+    // prompt's cache, a fresh trie) and the two ways into the batch (empty slots in place, then
+    // appended rows) share the sub-cache, its starts and the rows in one order.
     pub(crate) fn admit(
         &mut self,
         model: &Model,
