@@ -4,7 +4,8 @@ top-p 0.95, at most --max-new-tokens), EOS on, in batches of B sorted by length 
 orders them; a batch waits for its longest row, as `generate` does). Prints one JSON line per
 batch size: prompts/s and generated tokens/s over the wall time, tokenization included.
 
-Run from a virtualenv with torch, transformers and gguf (bench/stage_peers.py passes its path):
+Run from a virtualenv with torch, transformers, gguf and accelerate (transformers needs the last to
+load a GGUF; bench/stage_peers.py passes the virtualenv's python):
 
     python bench/hf_stage.py --gguf models/SmolLM2-135M-Instruct.Q4_1.gguf \
         --prompts WORKDIR/cache/prompts/<key>/prompts.jsonl --n 200 --batch-size 16,64

@@ -21,11 +21,10 @@ mid=(scrape.count=250 split.train=200 split.test=50 generate.max_new_tokens=64
   train.logging_steps=5 eval.samples=2)
 for loss in "${losses[@]}"; do
   echo "== $loss"
-  start=$(date +%s.%N)
+  start=$(date +%s)
   sets=()
   for kv in "${mid[@]}" "train.loss=$loss"; do sets+=(--set "$kv"); done
   "$bin" --workdir "$work" run --yes --preset quick "${sets[@]}" \
     2>&1 | tee "$work/$loss.log"
-  end=$(date +%s.%N)
-  echo "wall $(echo "$end - $start" | bc) s" | tee -a "$work/$loss.log"
+  echo "wall $(($(date +%s) - start)) s" | tee -a "$work/$loss.log"
 done
