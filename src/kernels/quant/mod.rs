@@ -345,7 +345,9 @@ impl Packed {
         let kernel = Kernel::get();
         let pool = super::spin_pool::SpinPool::global();
         #[cfg(target_arch = "x86_64")]
-        if let (Some(tiles), Kernel::Avx512Vnni | Kernel::Avx2) = (&self.tiles, kernel) {
+        if let (Some(tiles), Kernel::Avx512Vnni | Kernel::AvxVnni | Kernel::Avx2) =
+            (&self.tiles, kernel)
+        {
             // Tiles split across threads; activation rows in chunks that stay in cache while
             // a thread's tiles pass over them.
             let nt = self.rows / TILE;
@@ -362,21 +364,25 @@ impl Packed {
                     for tile in t0..t1 {
                         for j0 in (c0..c1).step_by(TILE_ROWS) {
                             let g = (c1 - j0).min(TILE_ROWS);
-                            // SAFETY: `avx512::tiled`'s and `avx2::tiled`'s contracts hold.
-                            // The kernel is `Avx512Vnni` or `Avx2`, offered only where the CPU
+                            // SAFETY: the three `tiled` kernels' contracts hold. The kernel
+                            // is `Avx512Vnni`, `AvxVnni` or `Avx2`, offered only where the CPU
                             // has its features; `tiles` is `self.tiles`, built from `self`, and
                             // `tile < nt`; `x.nb == self.nb` (asserted above) and
                             // `1 <= g <= 8`, `j0 + g <= c1 <= x.rows`; for VNNI, `x.qu` is
-                            // filled, since `QActs::quantize` fills it wherever that kernel runs
+                            // filled, since `QActs::quantize` fills it wherever those kernels run
                             // (both follow `Kernel::get`, fixed for the process). `out` holds
                             // `x.rows * self.rows` values (asserted above), and parts own
                             // disjoint tiles, so each written element (row `j0 + j`, the 16
                             // columns of `tile`) has this one writer and no reader.
                             unsafe {
-                                if kernel == Kernel::Avx512Vnni {
-                                    avx512::tiled(self, tiles, x, tile, j0, g, dst.0)
-                                } else {
-                                    avx2::tiled(self, tiles, x, tile, j0, g, dst.0)
+                                match kernel {
+                                    Kernel::Avx512Vnni => {
+                                        avx512::tiled(self, tiles, x, tile, j0, g, dst.0)
+                                    }
+                                    Kernel::AvxVnni => {
+                                        avxvnni::tiled(self, tiles, x, tile, j0, g, dst.0)
+                                    }
+                                    _ => avx2::tiled(self, tiles, x, tile, j0, g, dst.0),
                                 }
                             };
                         }
@@ -469,11 +475,16 @@ impl QActs {
     /// Quantize `x` (`[rows, cols]`, row-major) into this buffer, reusing its memory. Many
     /// rows (a prefill) are split across the thread pool.
     pub(crate) fn quantize(&mut self, x: &[f32], rows: usize, cols: usize) {
+        // Unsigned activations are only for VNNI's `vpdpbusd` (AVX2's tiles sign the bytes).
+        self.quantize_with(x, rows, cols, Kernel::vnni_tiles())
+    }
+
+    /// [`QActs::quantize`], with the unsigned copy `qu` filled where `tiled` (the tests fill
+    /// it whatever the kernel in use, to run every tiled kernel on the same activations).
+    fn quantize_with(&mut self, x: &[f32], rows: usize, cols: usize, tiled: bool) {
         assert!(cols.is_multiple_of(QK) && x.len() == rows * cols);
         let nb = cols / QK;
         let nbp = nb.next_multiple_of(16);
-        // Unsigned activations are only for VNNI's `vpdpbusd` (AVX2's tiles sign the bytes).
-        let tiled = Kernel::vnni_tiles();
         self.rows = rows;
         self.nb = nb;
         self.nbp = nbp;
@@ -524,9 +535,10 @@ impl QActs {
                 let xr = &x[row * cols..(row + 1) * cols];
                 #[cfg(target_arch = "x86_64")]
                 if simd {
-                    // SAFETY: `simd` means `Kernel::get()` is `Avx2` or `Avx512Vnni`, which
-                    // `Kernel::available` offers only where it detected AVX2, FMA and F16C;
-                    // `xr` is `cols = nb * 32` values, `qr` `cols` and `qur` `cols` or empty.
+                    // SAFETY: `simd` means `Kernel::get()` is `Avx2`, `AvxVnni` or
+                    // `Avx512Vnni`, which `Kernel::available` offers only where it detected AVX2,
+                    // FMA and F16C; `xr` is `cols = nb * 32` values, `qr` `cols` and `qur` `cols`
+                    // or empty.
                     unsafe { avx2::quantize_row(xr, qr, qur, dr, sr) };
                     continue;
                 }
@@ -571,12 +583,15 @@ pub(crate) enum Kernel {
     Portable,
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// AVX2's row kernel and 256-bit VNNI tiles (`avxvnni.rs`).
+    #[cfg(target_arch = "x86_64")]
+    AvxVnni,
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
 }
 
 impl Kernel {
-    /// The best kernel this CPU runs (`REVIEWER2_QKERNEL=portable|avx2|avx512vnni` picks
+    /// The best kernel this CPU runs (`REVIEWER2_QKERNEL=portable|avx2|avxvnni|avx512vnni` picks
     /// another, to compare them; one this CPU lacks, or an unknown name, is named in a warning
     /// and the best one runs).
     pub(crate) fn get() -> Kernel {
@@ -614,6 +629,9 @@ impl Kernel {
                 && is_x86_feature_detected!("f16c")
             {
                 v.push(Kernel::Avx2);
+                if avxvnni::detected() {
+                    v.push(Kernel::AvxVnni);
+                }
                 if is_x86_feature_detected!("avx512f")
                     && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("avx512vl")
@@ -627,11 +645,14 @@ impl Kernel {
         v
     }
 
-    /// Whether a tiled kernel (AVX-512 VNNI's or AVX2's) runs here.
+    /// Whether a tiled kernel (AVX-512 VNNI's, 256-bit VNNI's or AVX2's) runs here.
     fn tiled_available() -> bool {
         #[cfg(target_arch = "x86_64")]
         {
-            matches!(Kernel::get(), Kernel::Avx512Vnni | Kernel::Avx2)
+            matches!(
+                Kernel::get(),
+                Kernel::Avx512Vnni | Kernel::AvxVnni | Kernel::Avx2
+            )
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -639,11 +660,12 @@ impl Kernel {
         }
     }
 
-    /// Whether the tiled kernel here is VNNI's, which reads unsigned activations (`QActs::qu`).
+    /// Whether the tiled kernel here is a VNNI one, which reads unsigned activations
+    /// (`QActs::qu`).
     fn vnni_tiles() -> bool {
         #[cfg(target_arch = "x86_64")]
         {
-            Kernel::get() == Kernel::Avx512Vnni
+            matches!(Kernel::get(), Kernel::Avx512Vnni | Kernel::AvxVnni)
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -656,6 +678,8 @@ impl Kernel {
             Kernel::Portable => "portable",
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Kernel::AvxVnni => "avxvnni",
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Vnni => "avx512vnni",
         }
@@ -686,6 +710,10 @@ impl Kernel {
             // tests' `Kernel::matmul` on inputs of one width.
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => unsafe { avx2::avx2_row(w, r, x, j0, g, acc) },
+            // SAFETY: as for `Avx2`: `available()` offers `AvxVnni` only after `Avx2`, where it
+            // detected AVX2, FMA and F16C (its rows are AVX2's); same bounds.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::AvxVnni => unsafe { avx2::avx2_row(w, r, x, j0, g, acc) },
             // SAFETY: as for `Avx2`: `available()` offers `Avx512Vnni` only where it detected
             // AVX-512 F, BW, VL, DQ and VNNI besides AVX2, FMA and F16C; same bounds.
             #[cfg(target_arch = "x86_64")]
@@ -746,5 +774,7 @@ fn portable_row(w: &Packed, r: usize, x: &QActs, j0: usize, g: usize, acc: &mut 
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avxvnni;
 #[cfg(test)]
 mod tests;

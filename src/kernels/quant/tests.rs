@@ -295,21 +295,37 @@ fn quant_speed() {
     }
 }
 
-/// AVX2's tiled kernel gives exactly the bits of AVX-512 VNNI's (the same exact integer sums,
-/// the same float steps lane for lane), so a prompt's text does not depend on which of the two a
-/// CPU runs; and both are the portable reference's products to rounding. Whole tiles of Q4_1 and
-/// Q8_0, an odd block count (608 = 19 blocks), 1 to 9 activation rows (passes of one to four
-/// rows, and a second pass of eight).
+/// The tiled kernels give the same bits: AVX2's, the 256-bit VNNI one (in each encoding this
+/// CPU has: EVEX with AVX-512 VNNI + VL, VEX with AVX-VNNI) and AVX-512 VNNI's (the same exact
+/// integer sums, the same float steps lane for lane), so a prompt's text does not depend on
+/// which one a CPU runs; and AVX2's are the portable reference's products to rounding. Whole
+/// tiles of Q4_1 and Q8_0, an odd block count (608 = 19 blocks), 1 to 9 activation rows
+/// (passes of one to four rows, and a second pass of eight).
 #[cfg(target_arch = "x86_64")]
 #[test]
-fn the_avx2_tiles_give_the_vnni_tiles_bits() {
+fn the_tiled_kernels_give_the_same_bits() {
+    type Tiled = unsafe fn(&Packed, &Tiles, &QActs, usize, usize, usize, *mut f32);
     let ks = Kernel::available();
     assert!(
         ks.contains(&Kernel::Avx2),
         "an x86-64 CPU without AVX2, FMA and F16C"
     );
-    // VNNI's Q8_0 tiles read `qu`, which `quantize` fills only when VNNI is the kernel in use.
-    let vnni = Kernel::get() == Kernel::Avx512Vnni;
+    use std::arch::is_x86_feature_detected as has;
+    // Each entry runs only where its features were detected.
+    let mut others: Vec<(&str, Tiled)> = Vec::new();
+    if has!("avxvnni") {
+        others.push(("256-bit VNNI, VEX", avxvnni::tiled_vex));
+    }
+    if has!("avx512f") && has!("avx512vl") && has!("avx512vnni") {
+        others.push(("256-bit VNNI, EVEX", avxvnni::tiled_evex));
+    }
+    if ks.contains(&Kernel::Avx512Vnni) {
+        others.push(("AVX-512 VNNI", avx512::tiled));
+    }
+    eprintln!(
+        "AVX2 tiles against: {:?}",
+        others.iter().map(|o| o.0).collect::<Vec<_>>()
+    );
     let mut compared = 0;
     for (rows, cols) in [(32, 576), (16, 608), (48, 1536)] {
         let wf = rand_vec(rows * cols, 11);
@@ -320,31 +336,26 @@ fn the_avx2_tiles_give_the_vnni_tiles_bits() {
         for m in [1, 2, 3, 4, 5, 8, 9] {
             let xf = rand_vec(m * cols, 20 + m as u64);
             let mut x = QActs::default();
-            x.quantize(&xf, m, cols);
+            // With the unsigned copy the VNNI kernels read, whichever kernel is in use.
+            x.quantize_with(&xf, m, cols, true);
             for w in &mats {
                 let t = w.tiles_unchecked();
-                let run = |vnni_kernel: bool| {
+                let run = |kernel: Tiled| {
                     let mut out = vec![f32::NAN; m * rows];
                     for tile in 0..rows / TILE {
                         for j0 in (0..m).step_by(TILE_ROWS) {
                             let g = (m - j0).min(TILE_ROWS);
                             // SAFETY: `t` is `w`'s tiled copy, `tile < rows / 16`, `x` has
-                            // `w`'s block count and `j0 + g <= m` rows, `out` holds `m * rows`
-                            // values and this loop is its only user; AVX2 was asserted above,
-                            // and the VNNI kernel runs only where `Kernel::get()` is it (so its
-                            // features are there and `x.qu` is filled).
-                            unsafe {
-                                if vnni_kernel {
-                                    avx512::tiled(w, &t, &x, tile, j0, g, out.as_mut_ptr());
-                                } else {
-                                    avx2::tiled(w, &t, &x, tile, j0, g, out.as_mut_ptr());
-                                }
-                            }
+                            // `w`'s block count, `j0 + g <= m` rows and `qu` filled, `out`
+                            // holds `m * rows` values and this loop is its only user; AVX2 was
+                            // asserted above, and each other kernel is listed only where its
+                            // features were detected.
+                            unsafe { kernel(w, &t, &x, tile, j0, g, out.as_mut_ptr()) };
                         }
                     }
                     out
                 };
-                let got = run(false);
+                let got = run(avx2::tiled);
                 let want = Kernel::Portable.matmul(w, &x);
                 for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                     assert!(
@@ -353,12 +364,12 @@ fn the_avx2_tiles_give_the_vnni_tiles_bits() {
                         w.format
                     );
                 }
-                if vnni {
-                    let v = run(true);
+                for (name, kernel) in &others {
+                    let v = run(*kernel);
                     let same = got.iter().zip(&v).all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(
                         same,
-                        "{:?} {rows}x{cols} m={m}: AVX2 and VNNI tiles differ",
+                        "{:?} {rows}x{cols} m={m}: AVX2 and {name} tiles differ",
                         w.format
                     );
                     compared += 1;
@@ -366,7 +377,5 @@ fn the_avx2_tiles_give_the_vnni_tiles_bits() {
             }
         }
     }
-    if vnni {
-        assert_eq!(compared, 42);
-    }
+    assert_eq!(compared, 42 * others.len());
 }
