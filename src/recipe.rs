@@ -58,6 +58,27 @@ impl ModelPlan {
     pub(crate) fn dtype_name(&self) -> String {
         format!("{:?}", self.load.dtype).to_lowercase()
     }
+
+    /// What text sampled from this model depends on besides the model, for a stage's key: the
+    /// device, the dtype, the weights and, where those make the text depend on how rows are
+    /// batched, the batch size.
+    pub(crate) fn sampling_numerics(&self, batch_size: usize) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "device": self.device_name(),
+            "dtype": self.dtype_name(),
+            "weights": format!("{:?}", self.load.weights).to_lowercase(),
+        });
+        if self.load.weights.batch_dependent() {
+            v["batch_size"] = serde_json::json!(batch_size);
+        }
+        v
+    }
+
+    /// Whether it holds the weights as the training model does (then one loaded model serves
+    /// both).
+    pub(crate) fn same_weights_as(&self, other: &ModelPlan) -> bool {
+        self.load.weights == other.load.weights
+    }
 }
 
 pub(crate) struct Recipe {
@@ -68,6 +89,11 @@ pub(crate) struct Recipe {
     pub(crate) train_dataset: Option<PathBuf>,
     pub(crate) generate: ModelPlan,
     pub(crate) train: ModelPlan,
+    /// The training model as the eval stage and the rounds sample reviews from it (the adapter
+    /// fits it): `train.model` on the batch stages' weights (`generate.weights`: under `auto`,
+    /// a GGUF's blocks where a tiled kernel runs, several times faster than dense, docs/PERF.md).
+    /// Dense where those are dense or cannot take an adapter (`quantized`).
+    pub(crate) sampler: ModelPlan,
     /// The `llm` judge's model (`judge.model`, or generate.model), loaded as for generation.
     pub(crate) judge: ModelPlan,
     hub: HubAccess,
@@ -140,6 +166,19 @@ impl Recipe {
             dtype: t.dtype.resolve(&train_device),
             ..LoadOptions::new(train_device)
         };
+        let train_spec = spec(train_key, train_text)?;
+        let sampler_load = LoadOptions {
+            weights: match g.weights.batch_mode(
+                matches!(train_spec, ModelSpec::Gguf(_)),
+                &train_load.device,
+                train_load.dtype,
+            ) {
+                w if w.interleaved_rope() => WeightsMode::Dense,
+                w => w,
+            },
+            share_prefixes: g.prefix_sharing,
+            ..train_load.clone()
+        };
         Ok(Self {
             page,
             templates: loaded.resolve(&s.prompts.templates),
@@ -152,8 +191,14 @@ impl Recipe {
             },
             train: ModelPlan {
                 key: train_key,
-                spec: spec(train_key, train_text)?,
+                spec: train_spec.clone(),
                 load: train_load,
+                source: OnceCell::new(),
+            },
+            sampler: ModelPlan {
+                key: train_key,
+                spec: train_spec,
+                load: sampler_load,
                 source: OnceCell::new(),
             },
             judge: ModelPlan {

@@ -38,11 +38,11 @@ impl WeightsMode {
         !matches!(self, WeightsMode::Dense | WeightsMode::Blocks)
     }
 
-    /// How a GGUF loaded for the generate stage (the eval and the rounds sample from the
-    /// training model, dense) with `generate.weights = "auto"` is held: on the CPU in f32, on its blocks where a tiled
-    /// kernel runs (AVX-512 VNNI or AVX2: faster than dense f32 there, docs/PERF.md, and
-    /// batch-invariant as dense is); `None` keeps dense weights (a GPU, bf16, or a CPU
-    /// without AVX2).
+    /// How a GGUF loaded for the batch stages (the generate stage, and the eval's and the rounds'
+    /// sampling from the training model, `Recipe::sampler`) with `generate.weights = "auto"` is
+    /// held: on the CPU in f32, on its blocks where a tiled kernel runs (AVX-512 VNNI, AVX-VNNI or
+    /// AVX2: faster than dense f32 there, docs/PERF.md, and batch-invariant as dense is); `None`
+    /// keeps dense weights (a GPU, bf16, or a CPU without AVX2).
     pub(crate) fn batch_auto(dev: &Device, dtype: DType) -> Option<WeightsMode> {
         (dev.is_cpu() && dtype == DType::F32 && quant::prefill_on_blocks_pays())
             .then_some(WeightsMode::Blocks)

@@ -3,7 +3,8 @@
 //! On held-out titles (the test split's, or with `eval.titles = N` titles from the page that are
 //! in neither split) the base model and the adapter each write `eval.samples` reviews from the
 //! same prompt (the neutral, interleaved pair prompt the dataset's `prompt` column holds) with the
-//! same per-sample seeds. Judges score every review's negativity: `eval.judge` (the headline
+//! same per-sample seeds, on the batch stages' weights (`Recipe::sampler`: a GGUF's blocks where
+//! they pay; the eval loss stays on the training model's dense weights). Judges score every review's negativity: `eval.judge` (the headline
 //! numbers), and always the lexicon judge and the `trained` judge (fitted here on the train
 //! pairs), each validated on the test pairs (chosen against rejected: its AUROC), which nothing
 //! here tunes it on. A judge that labelled the training data (merge's label check, or an on-policy
@@ -173,6 +174,10 @@ pub(crate) fn material(
         "dtype": ctx.recipe.train.dtype_name(),
         "attention": t.attention,
     });
+    if s.eval.backend != Backend::Openai {
+        // What the local reviews are computed on.
+        settings["sampler"] = ctx.recipe.sampler.sampling_numerics(g.batch_size);
+    }
     if t.rpo_alpha > 0.0 {
         settings["loss"]["rpo_alpha"] = serde_json::json!(t.rpo_alpha);
     }
@@ -730,6 +735,13 @@ pub(crate) fn build(ctx: &Ctx, inp: &Inputs, out: &Path) -> Result<Built> {
         ),
     );
     let remote = es.backend == Backend::Openai;
+    // Local reviews come from the sampler's weights (blocks where they pay), the eval loss from
+    // the training model's; one model where those are the same.
+    let mut sampler = if remote || ctx.recipe.sampler.same_weights_as(&ctx.recipe.train) {
+        None
+    } else {
+        Some(ctx.recipe.load(&ctx.recipe.sampler)?)
+    };
     let base = if remote {
         draw(
             &servers(ctx, &es.served_base)?,
@@ -738,7 +750,8 @@ pub(crate) fn build(ctx: &Ctx, inp: &Inputs, out: &Path) -> Result<Built> {
             &sampling,
         )?
     } else {
-        draw(&Local::new(&model, batch), &prompts, es.samples, &sampling)?
+        let m = sampler.as_ref().unwrap_or(&model);
+        draw(&Local::new(m, batch), &prompts, es.samples, &sampling)?
     };
 
     // The eval loss needs the reference (base) log-probs, then the adapter's.
@@ -751,6 +764,9 @@ pub(crate) fn build(ctx: &Ctx, inp: &Inputs, out: &Path) -> Result<Built> {
         vec![(0.0, 0.0); prep.eval.len()]
     };
     model.load_adapter(inp.adapter)?;
+    if let Some(m) = &mut sampler {
+        m.load_adapter(inp.adapter)?;
+    }
     let adapted = if remote {
         draw(
             &servers(ctx, &es.served_adapter)?,
@@ -759,7 +775,8 @@ pub(crate) fn build(ctx: &Ctx, inp: &Inputs, out: &Path) -> Result<Built> {
             &sampling,
         )?
     } else {
-        draw(&Local::new(&model, batch), &prompts, es.samples, &sampling)?
+        let m = sampler.as_ref().unwrap_or(&model);
+        draw(&Local::new(m, batch), &prompts, es.samples, &sampling)?
     };
     let tr = trainer::Trainer {
         model: &model,

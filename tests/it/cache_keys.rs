@@ -123,6 +123,51 @@ fn quantized_generation_keys_on_batch_size_and_dense_does_not() {
     assert!(!d.path().join("cache/scrape").exists());
 }
 
+/// The eval's and the rounds' reviews come from `train.model` on the batch stages' weights
+/// (`generate.weights`): those weights are in their keys, with the batch size where the text
+/// depends on it (`mixed`) and without where it does not (`blocks`, dense). A generate model
+/// that is an HF folder is dense whatever the setting, so every key before them stays.
+#[test]
+fn eval_and_round_samples_key_on_the_weights_they_sample_on() {
+    let d = tempdir();
+    let folder = d.path().join("tiny");
+    tiny_folder(&folder, 64, 2);
+    let gen = format!("generate.model={}", folder.display());
+    let train = format!("train.model={}", smollm2().display());
+    let at = |w: &str, b: &str| {
+        status_keys(
+            d.path(),
+            &[
+                &gen,
+                &train,
+                "rounds.count=1",
+                &format!("generate.weights={w}"),
+                &format!("generate.batch_size={b}"),
+            ],
+        )
+    };
+    let (f8, b8, b16, m8, m16) = (
+        at("f32", "8"),
+        at("blocks", "8"),
+        at("blocks", "16"),
+        at("mixed", "8"),
+        at("mixed", "16"),
+    );
+    for stage in ["generate", "merge", "split", "train"] {
+        assert!(f8[stage].is_string(), "{f8}");
+        for k in [&b8, &b16, &m8, &m16] {
+            assert_eq!(k[stage], f8[stage], "{stage}");
+        }
+    }
+    for stage in ["eval", "round-1-sample"] {
+        assert!(f8[stage].is_string(), "{f8}");
+        assert_ne!(b8[stage], f8[stage], "{stage}: blocks against f32");
+        assert_eq!(b8[stage], b16[stage], "{stage}: blocks at batch 8 and 16");
+        assert_ne!(m8[stage], m16[stage], "{stage}: mixed at batch 8 and 16");
+        assert_ne!(m8[stage], b8[stage], "{stage}: mixed against blocks");
+    }
+}
+
 #[test]
 fn reference_log_probs_are_keyed_on_device_and_dtype() {
     let d = tempdir();
@@ -205,7 +250,8 @@ fn penalties_are_in_the_keys_only_when_on() {
 /// published outputs other bytes. Pinned when items and styles became settings (unchanged by
 /// them), and moved on purpose once since: `generate.weights = "auto"` runs a GGUF on its blocks
 /// on every CPU with AVX2 (issue 25), and the generate key says `blocks` without the batch size
-/// (the text no longer depends on it). A CPU without AVX2 keeps dense weights and other keys.
+/// (the text no longer depends on it); and again when the eval's reviews moved to those weights
+/// too (its key names them). A CPU without AVX2 keeps dense weights and other keys.
 #[test]
 fn the_default_recipes_keys_are_pinned() {
     let d = tempdir();
@@ -238,7 +284,7 @@ fn the_default_recipes_keys_are_pinned() {
         ("merge", "c3af6c2e888c8a0e"),
         ("split", "d159412d576e9921"),
         ("train", "87e6ca9d11858045"),
-        ("eval", "ec5f8c069a6fa5af"),
+        ("eval", "994f4d34853132d5"),
     ];
     let want: Vec<(String, String)> = want
         .iter()

@@ -592,7 +592,8 @@ fn real_model_learns_resumes_and_saves_a_peft_adapter() {
         d.path(),
         "max_steps = 24\neval_steps = 12\nsave_steps = 6\n",
     );
-    let out = pipeline_ok(d.path(), &["run"]);
+    // The eval stage is the eval tests' (`--until train` saves its minute here, twice).
+    let out = pipeline_ok(d.path(), &["run", "--until", "train"]);
     assert!(out.contains("Built train"), "{out}");
     let tdir = latest_build(&d.path().join("data"), "train");
     let log = read_jsonl(&tdir.join("metrics.jsonl"));
@@ -792,7 +793,10 @@ fn real_model_learns_resumes_and_saves_a_peft_adapter() {
     );
     copy_dir(&d.path().join("data"), &e.path().join("data"));
     std::fs::remove_dir_all(e.path().join("data/cache/train")).unwrap();
-    let mut child = pipeline_cmd(e.path()).args(["run", "-q"]).spawn().unwrap();
+    let mut child = pipeline_cmd(e.path())
+        .args(["run", "--until", "train", "-q"])
+        .spawn()
+        .unwrap();
     let t0 = std::time::Instant::now();
     loop {
         let found = std::fs::read_dir(e.path().join("data/cache/train"))
@@ -813,7 +817,7 @@ fn real_model_learns_resumes_and_saves_a_peft_adapter() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    let out = pipeline_ok(e.path(), &["run"]);
+    let out = pipeline_ok(e.path(), &["run", "--until", "train"]);
     assert!(
         out.contains("Resuming") && out.contains("checkpoint-1"),
         "{out}"

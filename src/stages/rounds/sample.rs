@@ -66,6 +66,7 @@ pub(crate) fn material(
         "device": ctx.recipe.train.device_name(),
         "dtype": ctx.recipe.train.dtype_name(),
         "attention": s.train.attention,
+        "sampler": ctx.recipe.sampler.sampling_numerics(g.batch_size),
     });
     super::super::generate::add_penalties(&mut settings["sampling"], g);
     // The eval's titles are left out of the draw.
@@ -95,7 +96,7 @@ pub(crate) fn build(
     let s = ctx.settings();
     let k = s.rounds.samples;
     let titles = super::titles(ctx, scrape_dir, r)?;
-    let mut model = ctx.recipe.load(&ctx.recipe.train)?;
+    let mut model = ctx.recipe.load(&ctx.recipe.sampler)?;
     let chat = model
         .meta
         .chat
