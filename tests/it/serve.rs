@@ -23,7 +23,8 @@ fn openai_clients_a_crowd_and_a_browser_get_reviews_from_both_models() {
         // Trained hard enough that the adapter changes the greedy review.
         "[train]\nmax_steps = 4\nbatch_size = 2\neval_steps = 2\nlogging_steps = 1\nlearning_rate = 1e-2\n\n[eval]\nsamples = 1\n",
     );
-    pipeline_ok(t.path(), &["run", "--until", "train"]);
+    // The whole run: the page below shows the eval's report.
+    pipeline_ok(t.path(), &["run"]);
 
     // `sample` takes the latest trained adapter by default too.
     let out = pipeline_ok(t.path(), &["sample", "--title", "Graph Neural Networks"]);
