@@ -33,7 +33,7 @@ fn ref_logps(workdir: &Path) -> Vec<(f64, f64)> {
 
 #[test]
 fn the_gpu_choices_on_the_cpu_agree_with_f32_and_train() {
-    let train = "[train]\nmax_steps = 3\nbatch_size = 2\nlogging_steps = 1\neval_steps = 3\nlearning_rate = 2e-3\n";
+    let train = "[train]\nmax_steps = 3\nbatch_size = 2\nlogging_steps = 1\neval_steps = 3\nlearning_rate = 2e-3\nmax_length = 128\nmax_prompt_length = 96\n";
     let greedy = ["--set", "generate.temperature=0"];
     let f32 = tempdir();
     small_recipe(f32.path(), 10, 6, 2, 12, train);
