@@ -71,11 +71,16 @@ impl ModelPlan {
         if self.load.weights.batch_dependent() {
             v["batch_size"] = serde_json::json!(batch_size);
         }
+        // `generate.prefix_sharing = false` prefills each prompt whole; named only when off, so
+        // the default recipe's keys stay.
+        if !self.load.share_prefixes {
+            v["prefix_sharing"] = serde_json::json!(false);
+        }
         v
     }
 
     /// Whether it holds the weights as the training model does (then one loaded model serves
-    /// both).
+    /// both, with the training model's prefix sharing: on).
     pub(crate) fn same_weights_as(&self, other: &ModelPlan) -> bool {
         self.load.weights == other.load.weights
     }
